@@ -1,0 +1,23 @@
+"""Flask-RESTful resources whose methods run in the background: 202, Location, poll."""
+
+from __future__ import annotations
+
+from .context import current_task as current_task
+from .exceptions import RestfulAsyncError as RestfulAsyncError
+from .exceptions import Saturated as Saturated
+from .exceptions import StoreUnavailable as StoreUnavailable
+from .exceptions import TaskCancelled as TaskCancelled
+from .exceptions import Unavailable as Unavailable
+from .executors import Executor as Executor
+from .executors import ThreadExecutor as ThreadExecutor
+from .extension import register_async as register_async
+from .resource import AsyncResource as AsyncResource
+from .status import TaskListResource as TaskListResource
+from .status import TaskStatusResource as TaskStatusResource
+from .stores import MemoryStore as MemoryStore
+from .stores import TaskStore as TaskStore
+from .task import Progress as Progress
+from .task import Task as Task
+from .task import TaskState as TaskState
+
+__version__ = "0.1.0"

@@ -1,0 +1,31 @@
+"""The library's exceptions: one root, each subclass carrying what a caller needs."""
+
+from __future__ import annotations
+
+
+class RestfulAsyncError(Exception):
+    """Root of every error this library raises on purpose."""
+
+
+class Unavailable(RestfulAsyncError):
+    """The task could not be accepted or read now; the client should retry later.
+
+    Answered as ``503`` with ``Retry-After: retry_after``.
+    """
+
+    def __init__(self, message: str, *, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+
+class Saturated(Unavailable):
+    """The executor's bounded backlog is full."""
+
+
+class StoreUnavailable(Unavailable):
+    """The task store did not answer (connection refused, timed out, locked too long)."""
+
+
+class TaskCancelled(RestfulAsyncError):
+    """Raised by :meth:`current_task.raise_if_cancelled` to end a task as ``cancelled``."""

@@ -1,0 +1,47 @@
+"""The executor contract: how an accepted task gets to run somewhere."""
+
+from __future__ import annotations
+
+import abc
+import typing as t
+
+if t.TYPE_CHECKING:
+    from flask import Flask
+    from flask_restful import Resource
+
+    from ..snapshot import RequestSnapshot
+    from ..task import Task
+
+
+class Executor(abc.ABC):
+    """Runs tasks away from the request thread.
+
+    Submitting is two steps so that nothing is left behind on rejection:
+    :meth:`acquire` reserves room (or raises
+    :class:`~flask_restful_async.exceptions.Saturated`) before the task is recorded
+    in the store, then :meth:`submit` hands the recorded task over. If recording
+    fails, :meth:`release` gives the room back.
+
+    Whatever runs the task calls :func:`flask_restful_async.runner.run_task`.
+    """
+
+    def acquire(self) -> None:
+        """Reserve room for one task, or raise ``Saturated``. Unbounded by default."""
+
+    def release(self) -> None:
+        """Give back a reservation that will not be submitted."""
+
+    @abc.abstractmethod
+    def submit(
+        self,
+        app: Flask,
+        task: Task,
+        snapshot: RequestSnapshot,
+        resource: Resource | None = None,
+    ) -> None:
+        """Run a recorded task. ``resource`` is the instance that accepted the
+        request; an executor that crosses processes ignores it and the runner
+        builds one in the worker."""
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Stop taking tasks and wait up to ``timeout`` seconds for running ones."""

@@ -1,0 +1,126 @@
+"""``register_async``: wire the status routes and the per-app state into an Api."""
+
+from __future__ import annotations
+
+import os
+import typing as t
+
+from flask import Flask
+from flask.sansio.blueprints import BlueprintSetupState
+from flask_restful import Api
+
+from .executors.base import Executor
+from .executors.threads import ThreadExecutor
+from .state import EXTENSION_KEY, AsyncState, OwnerCallable
+from .status import TaskListResource, TaskStatusResource
+from .stores import TaskStore, open_store
+
+STATUS_ENDPOINT = "restful_async_task"
+LIST_ENDPOINT = "restful_async_tasks"
+_TASK_ID_PART = "/<task_id>"
+
+#: Every config key the extension reads, with its default. The README's table
+#: mirrors this.
+DEFAULTS: dict[str, t.Any] = {
+    # Where task records live: memory:// (this process only).
+    "RESTFUL_ASYNC_STORE": "memory://",
+    # Tasks running at once in one process (the thread pool's size).
+    "RESTFUL_ASYNC_MAX_WORKERS": min(32, (os.cpu_count() or 1) + 4),
+    # Accepted tasks waiting for a worker, per process; beyond that, 503.
+    "RESTFUL_ASYNC_MAX_PENDING": 64,
+    # Seconds a finished task's result is kept; then the status URL answers 410.
+    "RESTFUL_ASYNC_RESULT_TTL": 24 * 3600,
+    # Seconds an expired task still answers 410 before it is forgotten (404).
+    "RESTFUL_ASYNC_TOMBSTONE_TTL": 24 * 3600,
+    # The Retry-After (seconds) sent with every 202.
+    "RESTFUL_ASYNC_RETRY_AFTER": 1,
+    # Seconds running tasks get to finish when the process exits.
+    "RESTFUL_ASYNC_SHUTDOWN_TIMEOUT": 30,
+}
+
+
+def register_async(
+    api: Api,
+    *,
+    url: str = "/tasks/<task_id>",
+    store: TaskStore | str | None = None,
+    executor: Executor | None = None,
+    owner: OwnerCallable | None = None,
+) -> None:
+    """Set up background tasks for ``api``: the status URL, the task list, the state.
+
+    ``url`` is the status route and must end in ``/<task_id>``; the task list is
+    served one level up (``/tasks``). ``store`` is a :class:`TaskStore` or a store
+    URL; ``executor`` an :class:`Executor` (a :class:`ThreadExecutor` sized by the
+    config by default); ``owner`` a callable, run in the request context, that
+    returns the caller's identity (str) or None. Keyword arguments win over the
+    ``RESTFUL_ASYNC_*`` config keys, which are read when the app is set up.
+
+    Works for an ``Api`` bound to an app or to a blueprint (then the state is made
+    when the blueprint is registered). Once per app.
+    """
+    if not url.endswith(_TASK_ID_PART):
+        raise ValueError(f"url must end with {_TASK_ID_PART!r}, got {url!r}")
+    if STATUS_ENDPOINT in api.endpoints:
+        raise RuntimeError("register_async was already called for this Api; call it once.")
+    if api.blueprint is None and api.app is None:
+        raise ValueError(
+            "register_async needs an Api bound to an app or a blueprint: call it after"
+            " Api(app) or api.init_app(app)."
+        )
+
+    def setup(app: Flask) -> None:
+        if EXTENSION_KEY in app.extensions:
+            raise RuntimeError(
+                f"register_async was already called for the app {app.name!r}: one Api"
+                " per app holds the task routes. Register your AsyncResources on that"
+                " Api, or call register_async only once."
+            )
+        app.extensions[EXTENSION_KEY] = _make_state(app, api, store, executor, owner)
+
+    if api.blueprint is not None:
+
+        def on_register(setup_state: BlueprintSetupState) -> None:
+            setup(t.cast(Flask, setup_state.app))
+
+        api.blueprint.record_once(on_register)
+    else:
+        setup(t.cast(Flask, api.app))
+
+    api.add_resource(TaskStatusResource, url, endpoint=STATUS_ENDPOINT)
+    api.add_resource(TaskListResource, url[: -len(_TASK_ID_PART)] or "/", endpoint=LIST_ENDPOINT)
+
+
+def _make_state(
+    app: Flask,
+    api: Api,
+    store: TaskStore | str | None,
+    executor: Executor | None,
+    owner: OwnerCallable | None,
+) -> AsyncState:
+    for key, value in DEFAULTS.items():
+        app.config.setdefault(key, value)
+    config = app.config
+    if store is None or isinstance(store, str):
+        store = open_store(store or config["RESTFUL_ASYNC_STORE"], app)
+    store.configure(
+        result_ttl=float(config["RESTFUL_ASYNC_RESULT_TTL"]),
+        tombstone_ttl=float(config["RESTFUL_ASYNC_TOMBSTONE_TTL"]),
+    )
+    if executor is None:
+        executor = ThreadExecutor(
+            max_workers=int(config["RESTFUL_ASYNC_MAX_WORKERS"]),
+            max_pending=int(config["RESTFUL_ASYNC_MAX_PENDING"]),
+            shutdown_timeout=float(config["RESTFUL_ASYNC_SHUTDOWN_TIMEOUT"]),
+        )
+    if owner is not None and not callable(owner):
+        raise TypeError("owner must be a callable that returns the caller's identity")
+    return AsyncState(
+        app=app,
+        api=api,
+        store=store,
+        executor=executor,
+        owner=owner,
+        status_resource=TaskStatusResource,
+        retry_after=int(config["RESTFUL_ASYNC_RETRY_AFTER"]),
+    )

@@ -1,0 +1,110 @@
+"""Building and storing responses: task results, status documents, errors."""
+
+from __future__ import annotations
+
+import json
+import typing as t
+from collections import OrderedDict
+
+from flask import Response, current_app, request
+from flask_restful import Api, Resource
+from flask_restful.representations.json import output_json
+from flask_restful.utils import unpack
+from werkzeug.exceptions import NotAcceptable
+from werkzeug.wrappers import Response as ResponseBase
+
+from .task import StoredResponse, Task
+
+JSON = "application/json"
+
+
+def dump_json(data: t.Any, code: int, headers: t.Any = None) -> Response:
+    """flask-restful's JSON representation, encoded with ``app.json``.
+
+    flask-restful's own ``output_json`` calls :func:`json.dumps` directly, so a
+    ``datetime``, ``Decimal`` or ``UUID`` in a result fails. This keeps its output
+    (``RESTFUL_JSON`` settings, indent in debug mode, trailing newline, key order)
+    and adds what Flask's JSON provider knows how to encode.
+    """
+    settings = dict(current_app.config.get("RESTFUL_JSON", {}))
+    if current_app.debug:
+        settings.setdefault("indent", 4)
+    settings.setdefault("sort_keys", False)
+    response = current_app.response_class(current_app.json.dumps(data, **settings) + "\n", code)
+    response.headers.extend(headers or {})
+    return response
+
+
+def render_result(api: Api, resource: Resource, rv: t.Any) -> ResponseBase:
+    """Turn a handler's return value into the response flask-restful would send.
+
+    This is ``Resource.dispatch_request``'s tail (per-resource representations)
+    followed by ``Api.output`` (``unpack`` and ``Api.make_response``), with the
+    default JSON representation swapped for :func:`dump_json`.
+    """
+    if isinstance(rv, ResponseBase):
+        return rv
+    data, code, headers = unpack(rv)
+    representations = resource.representations or OrderedDict()
+    mediatype = request.accept_mimetypes.best_match(representations)
+    if mediatype is not None and mediatype in representations:
+        response = _represent(representations[mediatype], data, code, headers)
+        response.headers["Content-Type"] = mediatype
+        return response
+    if api.default_mediatype is None:
+        mediatype = request.accept_mimetypes.best_match(api.representations)
+    else:
+        mediatype = request.accept_mimetypes.best_match(
+            api.representations, default=api.default_mediatype
+        )
+    if mediatype is None:
+        raise NotAcceptable()
+    if mediatype in api.representations:
+        response = _represent(api.representations[mediatype], data, code, headers)
+        response.headers["Content-Type"] = mediatype
+        return response
+    return api.make_response(data, code, headers)
+
+
+def _represent(
+    representation: t.Callable[..., ResponseBase], data: t.Any, code: int, headers: t.Any
+) -> ResponseBase:
+    if representation is output_json:
+        representation = dump_json
+    return representation(data, code, headers)
+
+
+def store_response(response: ResponseBase) -> StoredResponse:
+    """Serialize a response completely (a streamed body is read to the end)."""
+    try:
+        body = response.get_data()
+        headers = [(key, value) for key, value in response.headers.items()]
+        return StoredResponse(response.status_code, headers, body)
+    finally:
+        response.close()
+
+
+def stored_to_response(stored: StoredResponse) -> Response:
+    return current_app.response_class(stored.body, stored.status, stored.headers)
+
+
+def json_response(
+    code: int, document: t.Any, headers: t.Mapping[str, str] | None = None
+) -> Response:
+    response = current_app.response_class(json.dumps(document) + "\n", code, headers, mimetype=JSON)
+    return response
+
+
+def status_response(
+    task: Task, code: int, location: str | None, retry_after: int | None
+) -> Response:
+    headers = {"Cache-Control": "no-store"}
+    if location is not None:
+        headers["Location"] = location
+    if retry_after is not None:
+        headers["Retry-After"] = str(retry_after)
+    return json_response(code, task.status_document(), headers)
+
+
+def error_response(code: int, message: str, headers: t.Mapping[str, str] | None = None) -> Response:
+    return json_response(code, {"message": message}, headers)

@@ -1,0 +1,128 @@
+"""Running one task in a worker: fresh request context, handler, rendered response."""
+
+from __future__ import annotations
+
+import contextvars
+import inspect
+import os
+import secrets
+import socket
+import typing as t
+
+from flask import Flask, current_app, request
+from werkzeug.exceptions import HTTPException
+
+from .context import TaskHandle, _cv_task
+from .exceptions import RestfulAsyncError, TaskCancelled
+from .resource import Replay, _cv_replay
+from .responses import render_result, store_response
+from .state import get_state
+from .task import StoredResponse, TaskState
+
+if t.TYPE_CHECKING:
+    from flask_restful import Resource
+
+    from .snapshot import RequestSnapshot
+
+_INTERNAL_ERROR = StoredResponse(
+    500,
+    [("Content-Type", "application/json")],
+    b'{"message": "Internal Server Error"}\n',
+)
+
+_worker_id: tuple[int, str] | None = None
+
+
+def worker_id() -> str:
+    """This process's name in task records: host, pid and a random part (pids repeat)."""
+    global _worker_id
+    pid = os.getpid()
+    if _worker_id is None or _worker_id[0] != pid:
+        _worker_id = (pid, f"{socket.gethostname()}:{pid}:{secrets.token_hex(4)}")
+    return _worker_id[1]
+
+
+def run_task(
+    app: Flask, task_id: str, snapshot: RequestSnapshot, resource: Resource | None = None
+) -> None:
+    """Run a recorded task to its end and store the outcome.
+
+    Runs in a new, empty :mod:`contextvars` context, so nothing of a previous task
+    (or of the thread that called) can leak into this one. ``resource`` is the
+    instance that accepted the request; without it (another process) a new one is
+    made through the resource's view function.
+    """
+    contextvars.Context().run(_run_task, app, task_id, snapshot, resource)
+
+
+def abandon_task(app: Flask, task_id: str) -> None:
+    """Mark a task that will never run (its process is going away) as ``lost``."""
+    try:
+        get_state(app).store.finish(task_id, TaskState.LOST)
+    except RestfulAsyncError:
+        app.logger.warning("Could not mark task %s as lost", task_id, exc_info=True)
+
+
+def _run_task(
+    app: Flask, task_id: str, snapshot: RequestSnapshot, resource: Resource | None
+) -> None:
+    store = get_state(app).store
+    try:
+        if store.start(task_id, worker_id()) is None:
+            return  # cancelled (or forgotten) before it could start
+    except RestfulAsyncError:
+        app.logger.exception("Task %s could not be started", task_id)
+        return
+    _cv_task.set(TaskHandle(task_id, store))
+    outcome: TaskState = TaskState.FAILED
+    response: StoredResponse | None = _INTERNAL_ERROR
+    try:
+        outcome, response = _run_in_request(app, task_id, snapshot, resource)
+    except Exception:
+        app.logger.exception("Task %s failed", task_id)
+    finally:
+        try:
+            store.finish(task_id, outcome, response)
+        except RestfulAsyncError:
+            app.logger.exception("Task %s finished but its outcome could not be stored", task_id)
+
+
+def _run_in_request(
+    app: Flask, task_id: str, snapshot: RequestSnapshot, resource: Resource | None
+) -> tuple[TaskState, StoredResponse | None]:
+    ctx = snapshot.request_context(app)
+    ctx.push()
+    error: BaseException | None = None
+    try:
+        snapshot.restore_g()
+        try:
+            rv, resource = _call_handler(snapshot, resource)
+            return TaskState.SUCCEEDED, store_response(
+                render_result(get_state(app).api, resource, rv)
+            )
+        except TaskCancelled:
+            return TaskState.CANCELLED, None
+        except HTTPException as e:
+            return TaskState.FAILED, store_response(get_state(app).api.handle_error(e))
+        except Exception as e:
+            error = e
+            app.logger.exception("Task %s failed", task_id)
+            return TaskState.FAILED, _INTERNAL_ERROR
+    finally:
+        ctx.pop(error)
+
+
+def _call_handler(snapshot: RequestSnapshot, resource: Resource | None) -> tuple[t.Any, Resource]:
+    if resource is not None:
+        method = getattr(resource, snapshot.method)
+        return current_app.ensure_sync(method)(*snapshot.args, **snapshot.kwargs), resource
+    # Another process: make the resource as its view function would (with the
+    # resource_class_args/kwargs given to add_resource), skipping the decorators
+    # that already ran in the request thread.
+    view = inspect.unwrap(current_app.view_functions[snapshot.endpoint])
+    replay = Replay(snapshot.method, snapshot.args, snapshot.kwargs)
+    _cv_replay.set(replay)
+    rv = view(**(request.view_args or {}))
+    if replay.resource is None:
+        raise RuntimeError(f"endpoint {snapshot.endpoint!r} is not an AsyncResource")
+    return rv, replay.resource

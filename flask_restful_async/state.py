@@ -1,0 +1,98 @@
+"""Per-app state of the extension, kept in ``app.extensions`` and found through the app."""
+
+from __future__ import annotations
+
+import typing as t
+
+from flask import Flask, Response
+from flask_restful import Api, Resource
+
+from .exceptions import Unavailable
+from .responses import error_response, status_response
+from .snapshot import RequestSnapshot
+from .stores.base import TaskStore
+from .task import Task, new_task_id
+
+if t.TYPE_CHECKING:
+    from .executors.base import Executor
+
+EXTENSION_KEY = "restful_async"
+
+OwnerCallable = t.Callable[[], "str | None"]
+
+
+class AsyncState:
+    """What ``register_async`` set up for one app: the Api, store, executor, owner.
+
+    It keeps its app so that the submit path can hand the real app object (not the
+    ``current_app`` proxy) to a worker thread.
+    """
+
+    def __init__(
+        self,
+        *,
+        app: Flask,
+        api: Api,
+        store: TaskStore,
+        executor: Executor,
+        owner: OwnerCallable | None,
+        status_resource: type[Resource],
+        retry_after: int,
+    ) -> None:
+        self.app = app
+        self.api = api
+        self.store = store
+        self.executor = executor
+        self.owner = owner
+        self.status_resource = status_resource
+        self.retry_after = retry_after
+
+    def identity(self) -> str | None:
+        """The caller's identity by the ``owner`` callable (None without one)."""
+        if self.owner is None:
+            return None
+        identity = self.owner()
+        if identity is not None and not isinstance(identity, str):
+            raise TypeError(
+                f"the owner callable must return a str or None, not {type(identity).__name__}"
+            )
+        return identity
+
+    def location(self, task_id: str) -> str:
+        return self.api.url_for(self.status_resource, task_id=task_id)
+
+    def submit(
+        self,
+        resource: Resource,
+        method: str,
+        args: tuple[t.Any, ...],
+        kwargs: dict[str, t.Any],
+        body: bytes,
+    ) -> Response:
+        """Accept the current request as a task: record it, hand it over, answer 202.
+
+        Runs in the request thread after the resource's ``method_decorators``.
+        """
+        task = Task(id=new_task_id(), owner=self.identity())
+        snapshot = RequestSnapshot.capture(body, method, args, kwargs)
+        try:
+            self.executor.acquire()
+            try:
+                self.store.create(task)
+            except BaseException:
+                self.executor.release()
+                raise
+        except Unavailable as e:
+            return error_response(503, e.message, {"Retry-After": str(e.retry_after)})
+        self.executor.submit(self.app, task, snapshot, resource)
+        return status_response(task, 202, self.location(task.id), self.retry_after)
+
+
+def get_state(app: Flask) -> AsyncState:
+    try:
+        return t.cast(AsyncState, app.extensions[EXTENSION_KEY])
+    except KeyError:
+        raise RuntimeError(
+            "flask_restful_async is not set up for this app: call register_async(api)"
+            " for the Api that holds your AsyncResources."
+        ) from None

@@ -1,0 +1,181 @@
+"""``memory://``: a dict in this process. Fast, and only for a single process."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections import OrderedDict
+
+from ..task import Progress, StoredResponse, Task, TaskState
+from .base import TaskStore
+
+#: Expired results are looked for at most this often (seconds), by whichever
+#: request happens to create or finish a task: no thread of its own.
+PURGE_INTERVAL = 1.0
+
+
+class MemoryStore(TaskStore):
+    """Tasks in a dict guarded by one lock.
+
+    Every process has its own copy, so this store is wrong under ``gunicorn -w 4``
+    (the poll may reach another process). Use it for tests and single-process
+    servers; the SQLite store is the multi-process default.
+    """
+
+    url = "memory://"
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._tasks: dict[str, Task] = {}
+        # finished task ids in finishing order, so that expiry pops from the front
+        self._finished: OrderedDict[str, float] = OrderedDict()
+        self._tombstones: OrderedDict[str, float] = OrderedDict()
+        self._keys: dict[tuple[str | None, str], str] = {}
+        self._next_purge = 0.0
+
+    def _copy(self, task: Task) -> Task:
+        return dataclasses.replace(task)
+
+    def create(self, task: Task) -> Task:
+        with self._lock:
+            self._maybe_purge()
+            if task.idempotency_key is not None:
+                scope = (task.owner, task.idempotency_key)
+                existing_id = self._keys.get(scope)
+                existing = self._tasks.get(existing_id) if existing_id else None
+                if existing is not None:
+                    return self._copy(existing)
+                self._keys[scope] = task.id
+            self._tasks[task.id] = self._copy(task)
+            return task
+
+    def get(self, task_id: str) -> Task | None:
+        task = self._tasks.get(task_id)
+        if task is None:
+            return None
+        if not task.expired and self._is_expired(task, time.time()):
+            with self._lock:
+                self._expire(task_id)
+        return self._copy(task)
+
+    def start(self, task_id: str, worker: str) -> Task | None:
+        with self._lock:
+            task = self._tasks.get(task_id)
+            if task is None or task.state is not TaskState.QUEUED:
+                return None
+            task.state = TaskState.RUNNING
+            task.started_at = time.time()
+            task.worker = worker
+            return self._copy(task)
+
+    def set_progress(self, task_id: str, progress: Progress) -> bool:
+        with self._lock:
+            task = self._tasks.get(task_id)
+            if task is None:
+                return False
+            if task.state is TaskState.RUNNING:
+                task.progress = progress
+            return task.cancel_requested
+
+    def cancel_requested(self, task_id: str) -> bool:
+        task = self._tasks.get(task_id)
+        return task is not None and task.cancel_requested
+
+    def finish(
+        self, task_id: str, state: TaskState, response: StoredResponse | None = None
+    ) -> None:
+        with self._lock:
+            task = self._tasks.get(task_id)
+            if task is None or task.state.finished:
+                return
+            now = time.time()
+            task.state = state
+            task.finished_at = now
+            task.response = response
+            self._finished[task_id] = now
+            self._maybe_purge(now)
+
+    def request_cancel(self, task_id: str) -> Task | None:
+        with self._lock:
+            task = self._tasks.get(task_id)
+            if task is None or task.expired:
+                return None
+            if task.state is TaskState.QUEUED:
+                task.state = TaskState.CANCELLED
+                task.finished_at = time.time()
+                self._finished[task_id] = task.finished_at
+            task.cancel_requested = True
+            return self._copy(task)
+
+    def delete(self, task_id: str) -> None:
+        with self._lock:
+            self._forget(task_id)
+
+    def list(
+        self,
+        *,
+        owner: str | None,
+        state: TaskState | None = None,
+        limit: int = 50,
+        before: str | None = None,
+    ) -> list[Task]:
+        with self._lock:
+            candidates = list(reversed(self._tasks.values()))
+        found: list[Task] = []
+        skipping = before is not None
+        for task in candidates:
+            if skipping:
+                skipping = task.id != before
+                continue
+            if task.owner != owner or task.expired:
+                continue
+            if state is not None and task.state is not state:
+                continue
+            found.append(self._copy(task))
+            if len(found) >= limit:
+                break
+        return found
+
+    def purge_expired(self, now: float | None = None) -> int:
+        with self._lock:
+            return self._purge(time.time() if now is None else now)
+
+    def _maybe_purge(self, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        if now >= self._next_purge:
+            self._next_purge = now + PURGE_INTERVAL
+            self._purge(now)
+
+    def _purge(self, now: float) -> int:
+        changed = 0
+        while self._finished:
+            task_id, finished_at = next(iter(self._finished.items()))
+            if now - finished_at <= self.result_ttl:
+                break
+            self._expire(task_id)
+            changed += 1
+        while self._tombstones:
+            task_id, expired_at = next(iter(self._tombstones.items()))
+            if now - expired_at <= self.tombstone_ttl:
+                break
+            self._forget(task_id)
+            changed += 1
+        return changed
+
+    def _expire(self, task_id: str) -> None:
+        task = self._tasks.get(task_id)
+        self._finished.pop(task_id, None)
+        if task is None or task.expired:
+            return
+        task.expired = True
+        task.response = None
+        task.progress = None
+        self._tombstones[task_id] = time.time()
+
+    def _forget(self, task_id: str) -> None:
+        task = self._tasks.pop(task_id, None)
+        self._finished.pop(task_id, None)
+        self._tombstones.pop(task_id, None)
+        if task is not None and task.idempotency_key is not None:
+            self._keys.pop((task.owner, task.idempotency_key), None)

@@ -1,0 +1,110 @@
+"""The task record: its states, its progress, its stored final response."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import re
+import secrets
+import time
+import typing as t
+from datetime import UTC, datetime
+
+#: Task ids are 16 random bytes (128 bits) in URL-safe base64, without padding.
+TASK_ID_BYTES = 16
+_TASK_ID_RE = re.compile(r"[A-Za-z0-9_-]{22}")
+
+
+class TaskState(enum.StrEnum):
+    """Where a task is in its life. ``str`` values are what the status document shows."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    LOST = "lost"
+
+    @property
+    def finished(self) -> bool:
+        """True once the task will never change state again."""
+        return self not in (TaskState.QUEUED, TaskState.RUNNING)
+
+
+def new_task_id() -> str:
+    return secrets.token_urlsafe(TASK_ID_BYTES)
+
+
+def is_valid_task_id(value: str) -> bool:
+    """Tell ids we could have issued from anything else, without touching a store."""
+    return _TASK_ID_RE.fullmatch(value) is not None
+
+
+def isoformat(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    moment = datetime.fromtimestamp(timestamp, UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclasses.dataclass(frozen=True)
+class Progress:
+    """What the handler last reported through ``current_task.progress``."""
+
+    current: float
+    total: float | None = None
+    message: str | None = None
+
+    def to_dict(self) -> dict[str, t.Any]:
+        return {"current": self.current, "total": self.total, "message": self.message}
+
+    @classmethod
+    def from_dict(cls, data: t.Mapping[str, t.Any]) -> Progress:
+        return cls(data["current"], data.get("total"), data.get("message"))
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredResponse:
+    """A finished task's response, serialized in the worker: status, headers, body bytes."""
+
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+
+
+@dataclasses.dataclass
+class Task:
+    """One background run of a resource method, as every store keeps it.
+
+    Times are POSIX timestamps (seconds). ``response`` is set once the task has
+    finished with a response of its own (succeeded or failed). ``expired`` marks a
+    tombstone: the result is gone, only the fact that the task existed is kept.
+    """
+
+    id: str
+    state: TaskState = TaskState.QUEUED
+    created_at: float = dataclasses.field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+    progress: Progress | None = None
+    owner: str | None = None
+    idempotency_key: str | None = None
+    fingerprint: str | None = None
+    cancel_requested: bool = False
+    worker: str | None = None
+    response: StoredResponse | None = None
+    expired: bool = False
+
+    def status_document(self) -> dict[str, t.Any]:
+        """The JSON body clients see while polling (CONTRACT section 3)."""
+        doc: dict[str, t.Any] = {
+            "id": self.id,
+            "state": self.state.value,
+            "created_at": isoformat(self.created_at),
+            "started_at": isoformat(self.started_at),
+            "finished_at": isoformat(self.finished_at),
+            "progress": self.progress.to_dict() if self.progress is not None else None,
+        }
+        if self.cancel_requested:
+            doc["cancel_requested"] = True
+        return doc
