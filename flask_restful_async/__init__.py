@@ -21,3 +21,23 @@ from .task import Task as Task
 from .task import TaskState as TaskState
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "AsyncResource",
+    "Executor",
+    "MemoryStore",
+    "Progress",
+    "RestfulAsyncError",
+    "Saturated",
+    "StoreUnavailable",
+    "Task",
+    "TaskCancelled",
+    "TaskListResource",
+    "TaskState",
+    "TaskStatusResource",
+    "TaskStore",
+    "ThreadExecutor",
+    "Unavailable",
+    "current_task",
+    "register_async",
+]

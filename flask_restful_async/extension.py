@@ -34,8 +34,9 @@ DEFAULTS: dict[str, t.Any] = {
     "RESTFUL_ASYNC_TOMBSTONE_TTL": 24 * 3600,
     # The Retry-After (seconds) sent with every 202.
     "RESTFUL_ASYNC_RETRY_AFTER": 1,
-    # Seconds running tasks get to finish when the process exits.
-    "RESTFUL_ASYNC_SHUTDOWN_TIMEOUT": 30,
+    # Seconds running tasks get to finish when the process exits (keep it below
+    # gunicorn's graceful timeout, 30 s by default).
+    "RESTFUL_ASYNC_SHUTDOWN_TIMEOUT": 20,
 }
 
 
@@ -87,7 +88,10 @@ def register_async(
     else:
         setup(t.cast(Flask, api.app))
 
-    api.add_resource(TaskStatusResource, url, endpoint=STATUS_ENDPOINT)
+    # The path converter also catches ids with slashes, so that every malformed id
+    # gets the same JSON 404 instead of the router's HTML one.
+    status_rule = url[: -len(_TASK_ID_PART)] + "/<path:task_id>"
+    api.add_resource(TaskStatusResource, status_rule, endpoint=STATUS_ENDPOINT)
     api.add_resource(TaskListResource, url[: -len(_TASK_ID_PART)] or "/", endpoint=LIST_ENDPOINT)
 
 

@@ -67,14 +67,18 @@ class AsyncResource(Resource):
         # werkzeug then parses form and files from this cached copy.
         body = request.get_data(cache=True)
 
-        def accept(*accepted_args: t.Any, **accepted_kwargs: t.Any) -> t.Any:
-            return state.submit(self, method, accepted_args, accepted_kwargs, body)
-
-        functools.update_wrapper(accept, handler)
         if isinstance(self.method_decorators, Mapping):
             decorators = self.method_decorators.get(method, [])
         else:
             decorators = self.method_decorators
+        if not decorators:
+            return state.submit(self, method, args, kwargs, body)
+
+        def accept(*accepted_args: t.Any, **accepted_kwargs: t.Any) -> t.Any:
+            return state.submit(self, method, accepted_args, accepted_kwargs, body)
+
+        # Decorators may look at the function they wrap (name, docstring, markers).
+        functools.update_wrapper(accept, handler)
         for decorator in decorators:
             accept = decorator(accept)
         return accept(*args, **kwargs)

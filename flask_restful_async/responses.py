@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import typing as t
-from collections import OrderedDict
 
 from flask import Response, current_app, request
 from flask_restful import Api, Resource
@@ -26,12 +25,14 @@ def dump_json(data: t.Any, code: int, headers: t.Any = None) -> Response:
     (``RESTFUL_JSON`` settings, indent in debug mode, trailing newline, key order)
     and adds what Flask's JSON provider knows how to encode.
     """
-    settings = dict(current_app.config.get("RESTFUL_JSON", {}))
-    if current_app.debug:
+    app = current_app
+    settings = dict(app.config.get("RESTFUL_JSON") or ())
+    if app.debug:
         settings.setdefault("indent", 4)
     settings.setdefault("sort_keys", False)
-    response = current_app.response_class(current_app.json.dumps(data, **settings) + "\n", code)
-    response.headers.extend(headers or {})
+    response: Response = app.response_class(app.json.dumps(data, **settings) + "\n", code)
+    if headers:
+        response.headers.extend(headers)
     return response
 
 
@@ -45,12 +46,13 @@ def render_result(api: Api, resource: Resource, rv: t.Any) -> ResponseBase:
     if isinstance(rv, ResponseBase):
         return rv
     data, code, headers = unpack(rv)
-    representations = resource.representations or OrderedDict()
-    mediatype = request.accept_mimetypes.best_match(representations)
-    if mediatype is not None and mediatype in representations:
-        response = _represent(representations[mediatype], data, code, headers)
-        response.headers["Content-Type"] = mediatype
-        return response
+    representations = resource.representations
+    if representations:
+        mediatype = request.accept_mimetypes.best_match(representations)
+        if mediatype is not None and mediatype in representations:
+            response = _represent(representations[mediatype], data, code, headers)
+            response.headers["Content-Type"] = mediatype
+            return response
     if api.default_mediatype is None:
         mediatype = request.accept_mimetypes.best_match(api.representations)
     else:

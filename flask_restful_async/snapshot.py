@@ -57,11 +57,17 @@ class RequestSnapshot:
             for key, value in request.environ.items()
             if type(value) is str and key not in _TRANSFER_KEYS
         }
-        if not body and (request.content_length or "HTTP_TRANSFER_ENCODING" in request.environ):
+        chunked = "HTTP_TRANSFER_ENCODING" in request.environ
+        framed = chunked or "CONTENT_LENGTH" in request.environ
+        if not body and (request.content_length or chunked) and (request.form or request.files):
             # Something (a before_request hook) parsed the form before we could read
             # the raw body: encode the parsed fields and files again.
             body, content_type = _encode_parsed_form()
             environ["CONTENT_TYPE"] = content_type
+        if body or framed:
+            # The copy is replayed from a buffer of known length (a chunked upload
+            # included); an explicit "Content-Length: 0" stays 0, not None.
+            environ["CONTENT_LENGTH"] = str(len(body))
         return cls(
             environ=environ,
             body=body,
@@ -86,8 +92,6 @@ class RequestSnapshot:
                 "wsgi.input_terminated": True,
             }
         )
-        if self.body:
-            environ["CONTENT_LENGTH"] = str(len(self.body))
         return app.request_context(environ)
 
     def restore_g(self) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typing as t
 
-from flask import Flask, Response
+from flask import Flask, Response, request
 from flask_restful import Api, Resource
 
 from .exceptions import Unavailable
@@ -17,6 +17,10 @@ if t.TYPE_CHECKING:
     from .executors.base import Executor
 
 EXTENSION_KEY = "restful_async"
+
+_ID_PLACEHOLDER = "0" * 22
+# The Host header is the client's to choose: bound what it can make us remember.
+_MAX_LOCATION_PREFIXES = 64
 
 OwnerCallable = t.Callable[[], "str | None"]
 
@@ -46,6 +50,7 @@ class AsyncState:
         self.owner = owner
         self.status_resource = status_resource
         self.retry_after = retry_after
+        self._location_prefixes: dict[tuple[str, str], str] = {}
 
     def identity(self) -> str | None:
         """The caller's identity by the ``owner`` callable (None without one)."""
@@ -59,7 +64,21 @@ class AsyncState:
         return identity
 
     def location(self, task_id: str) -> str:
-        return self.api.url_for(self.status_resource, task_id=task_id)
+        """The status URL of a task, as ``api.url_for`` builds it for this request.
+
+        ``url_for`` is the slowest step of a submit, and the URL differs between
+        tasks only by the id: build it once per host and script root, then append.
+        """
+        key = (request.host, request.script_root)
+        prefix = self._location_prefixes.get(key)
+        if prefix is None:
+            url = self.api.url_for(self.status_resource, task_id=_ID_PLACEHOLDER)
+            if not url.endswith(_ID_PLACEHOLDER):
+                return self.api.url_for(self.status_resource, task_id=task_id)
+            prefix = url[: -len(_ID_PLACEHOLDER)]
+            if len(self._location_prefixes) < _MAX_LOCATION_PREFIXES:
+                self._location_prefixes[key] = prefix
+        return prefix + task_id
 
     def submit(
         self,

@@ -44,7 +44,7 @@ class ThreadExecutor(Executor):
     """
 
     def __init__(
-        self, max_workers: int = 8, max_pending: int = 64, shutdown_timeout: float = 30.0
+        self, max_workers: int = 8, max_pending: int = 64, shutdown_timeout: float = 20.0
     ) -> None:
         if max_workers < 1:
             raise ValueError("max_workers must be at least 1")

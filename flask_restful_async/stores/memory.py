@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import time
 from collections import OrderedDict
@@ -19,8 +18,8 @@ class MemoryStore(TaskStore):
     """Tasks in a dict guarded by one lock.
 
     Every process has its own copy, so this store is wrong under ``gunicorn -w 4``
-    (the poll may reach another process). Use it for tests and single-process
-    servers; the SQLite store is the multi-process default.
+    (the poll may reach another process): use it for tests and for servers that
+    run one process (``gunicorn -w 1 --threads N``).
     """
 
     url = "memory://"
@@ -34,8 +33,13 @@ class MemoryStore(TaskStore):
         self._keys: dict[tuple[str | None, str], str] = {}
         self._next_purge = 0.0
 
-    def _copy(self, task: Task) -> Task:
-        return dataclasses.replace(task)
+    @staticmethod
+    def _copy(task: Task) -> Task:
+        # A shallow copy is enough (Progress and StoredResponse are frozen) and,
+        # made this way, several times cheaper than dataclasses.replace.
+        copied = Task.__new__(Task)
+        copied.__dict__.update(task.__dict__)
+        return copied
 
     def create(self, task: Task) -> Task:
         with self._lock:
@@ -51,13 +55,13 @@ class MemoryStore(TaskStore):
             return task
 
     def get(self, task_id: str) -> Task | None:
-        task = self._tasks.get(task_id)
-        if task is None:
-            return None
-        if not task.expired and self._is_expired(task, time.time()):
-            with self._lock:
+        with self._lock:
+            task = self._tasks.get(task_id)
+            if task is None:
+                return None
+            if not task.expired and self._is_expired(task, time.time()):
                 self._expire(task_id)
-        return self._copy(task)
+            return self._copy(task)
 
     def start(self, task_id: str, worker: str) -> Task | None:
         with self._lock:
@@ -79,8 +83,9 @@ class MemoryStore(TaskStore):
             return task.cancel_requested
 
     def cancel_requested(self, task_id: str) -> bool:
-        task = self._tasks.get(task_id)
-        return task is not None and task.cancel_requested
+        with self._lock:
+            task = self._tasks.get(task_id)
+            return task is not None and task.cancel_requested
 
     def finish(
         self, task_id: str, state: TaskState, response: StoredResponse | None = None

@@ -1,0 +1,57 @@
+"""The classic "catch-all" asynchronous Flask-RESTful API, ported to flask_restful_async.
+
+Any GET path starts a slow job: it answers ``202 Accepted`` at once, with a
+``Location`` to poll (``/status/<task_id>``) and a ``Retry-After``. Polling answers
+202 and the task's status document (with its progress) while the job runs, then
+``200 "The answer is: <path>"``. The job takes 10 s; set ``CATCHALL_SECONDS`` for
+a quicker demo.
+
+Run it with Flask's development server (http://127.0.0.1:5000)::
+
+    python examples/catchall.py
+
+or with gunicorn, from the repository root::
+
+    gunicorn -w 1 --threads 4 -b 127.0.0.1:8000 examples.catchall:app
+
+then ``python examples/client.py http://127.0.0.1:8000/hello/world``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from flask import Flask
+from flask_restful import Api
+
+from flask_restful_async import AsyncResource, current_task, register_async
+
+#: How long the "intensive processing" takes (seconds), in STEPS steps.
+SECONDS = max(0.0, float(os.environ.get("CATCHALL_SECONDS", "10")))
+STEPS = 10
+
+app = Flask(__name__)
+app.logger.setLevel(logging.INFO)  # show the info lines below outside debug mode too
+api = Api(app)
+# Tasks are kept in memory, in this process: serve with ONE process (gunicorn -w 1,
+# with --threads for concurrency), or a poll may reach a process that never saw the task.
+register_async(api, url="/status/<task_id>")
+
+
+class CatchAll(AsyncResource):
+    def get(self, path: str = "") -> str:
+        # perform some intensive processing
+        app.logger.info("starting processing task, path: '%s'", path)
+        for step in range(1, STEPS + 1):
+            time.sleep(SECONDS / STEPS)
+            current_task.progress(step, total=STEPS, message=f"step {step} of {STEPS}")
+        app.logger.info("completed processing task, path: '%s'", path)
+        return f"The answer is: {path}"
+
+
+api.add_resource(CatchAll, "/<path:path>", "/")
+
+if __name__ == "__main__":
+    app.run(host="127.0.0.1", port=5000, debug=True)

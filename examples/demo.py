@@ -1,0 +1,114 @@
+"""``make demo``: serve examples/catchall.py with gunicorn on 127.0.0.1, run the client, stop.
+
+The job takes ``CATCHALL_SECONDS`` (3 by default here). The exit status is the
+client's: 0 when the final response is below 400.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from client import follow  # examples/client.py: this script's directory is on sys.path
+
+ROOT = Path(__file__).resolve().parent.parent
+HOST = "127.0.0.1"
+START_TIMEOUT = 15.0
+STOP_TIMEOUT = 10.0
+DEFAULT_SECONDS = "3"  # the job's length, unless CATCHALL_SECONDS is set
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def answers(port: int) -> bool:
+    """True once the app answers its (synchronous) task list at /status."""
+    connection = http.client.HTTPConnection(HOST, port, timeout=1)
+    try:
+        connection.request("GET", "/status")
+        with connection.getresponse() as response:
+            response.read()
+            return response.status == 200
+    except (OSError, http.client.HTTPException):
+        return False
+    finally:
+        connection.close()
+
+
+def start_server(port: int) -> subprocess.Popen[bytes]:
+    env = dict(os.environ)
+    env.setdefault("CATCHALL_SECONDS", DEFAULT_SECONDS)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    command = [sys.executable, "-m", "gunicorn", "-w", "1", "-k", "gthread", "--threads", "4"]
+    # --log-level warning: no boot chatter; the app's own log lines still show.
+    command += ["-b", f"{HOST}:{port}", "--log-level", "warning", "examples.catchall:app"]
+    # A session of its own: a Ctrl-C meant for us does not reach it; we stop it below.
+    return subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True)
+
+
+def wait_until_up(server: subprocess.Popen[bytes], port: int) -> str | None:
+    """None once the server answers, else what went wrong."""
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            return f"gunicorn exited with status {server.returncode}"
+        if answers(port):
+            return None
+        time.sleep(0.1)
+    return f"gunicorn did not answer in {START_TIMEOUT:g} s"
+
+
+def stop_server(server: subprocess.Popen[bytes]) -> None:
+    if server.poll() is None:
+        server.terminate()
+        try:
+            server.wait(STOP_TIMEOUT)
+            return
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server.pid, signal.SIGKILL)  # the arbiter and its worker
+    server.wait()
+
+
+def exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds through main's finally, which stops the server
+
+
+def main() -> int:
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
+    port = free_port()
+    base = f"http://{HOST}:{port}"
+    server = start_server(port)
+    try:
+        error = wait_until_up(server, port)
+        if error is not None:
+            print(f"error: {error}", flush=True)
+            return 2
+        seconds = os.environ.get("CATCHALL_SECONDS", DEFAULT_SECONDS)
+        print(
+            f"gunicorn serves examples/catchall.py on {base} (1 process, 4 threads).\n"
+            f"GET /hello/world starts a {seconds} s job: the server answers 202 Accepted at"
+            " once,\nthe client polls the Location every Retry-After seconds until the"
+            " answer is ready.\n",
+            flush=True,
+        )
+        return follow(base + "/hello/world")
+    except KeyboardInterrupt:
+        print("interrupted: stopping the server", flush=True)
+        return 130
+    finally:
+        stop_server(server)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""Shared fixtures: apps with the extension set up, and a poller with a deadline."""
+
+from __future__ import annotations
+
+import time
+import typing as t
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from flask_restful import Api
+from werkzeug.test import TestResponse
+
+from flask_restful_async import register_async
+from flask_restful_async.state import get_state
+
+AppFactory = t.Callable[..., tuple[Flask, Api]]
+
+
+@pytest.fixture
+def make_app() -> t.Iterator[AppFactory]:
+    """Build apps with ``register_async``; their executors are shut down afterwards."""
+    made: list[Flask] = []
+
+    def factory(**options: t.Any) -> tuple[Flask, Api]:
+        config = options.pop("config", {})
+        app = Flask(f"test_app_{len(made)}")
+        app.config.update(config)
+        api = Api(app)
+        register_async(api, **options)
+        made.append(app)
+        return app, api
+
+    yield factory
+    for app in made:
+        get_state(app).executor.shutdown(timeout=5)
+
+
+def wait_done(client: FlaskClient, location: str, timeout: float = 10.0) -> TestResponse:
+    """Poll ``location`` until it stops answering 202, or fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        response = client.get(location)
+        if response.status_code != 202:
+            return response
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{location} still 202 after {timeout}s: {response.json}")
+        time.sleep(0.005)
+
+
+def wait_for(predicate: t.Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.005)

@@ -1,0 +1,199 @@
+"""The examples: catchall.py through Flask's test client, client.py's follow(), demo.py."""
+
+from __future__ import annotations
+
+import http.client
+import http.server
+import importlib.util
+import io
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import types
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from flask import Flask
+
+from flask_restful_async.state import get_state
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+
+
+def load_example(name: str) -> types.ModuleType:
+    """Import examples/<name>.py afresh (examples/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"examples_{name}", EXAMPLES / f"{name}.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def catchall_app(monkeypatch: pytest.MonkeyPatch) -> Iterator[Flask]:
+    monkeypatch.setenv("CATCHALL_SECONDS", "0.3")
+    module = load_example("catchall")
+    app: Flask = module.app
+    app.config["TESTING"] = True
+    yield app
+    get_state(app).executor.shutdown(timeout=5)
+
+
+@pytest.mark.parametrize("path", ["some/path", ""])
+def test_catchall_answers_202_then_the_answer(catchall_app: Flask, path: str) -> None:
+    client = catchall_app.test_client()
+    response = client.get(f"/{path}")
+    assert response.status_code == 202
+    location = response.headers["Location"]
+    assert location.startswith("/status/")
+    assert response.headers["Retry-After"].isdigit()
+    assert response.get_json()["state"] in ("queued", "running")
+
+    progress = []
+    deadline = time.monotonic() + 10
+    while response.status_code == 202:
+        assert time.monotonic() < deadline, "the task did not finish in time"
+        time.sleep(0.02)
+        response = client.get(location)
+        if response.status_code == 202:
+            assert response.headers["Location"] == location
+            document = response.get_json()
+            assert document["id"] == location.rsplit("/", 1)[1]
+            if document["progress"] is not None:
+                progress.append(document["progress"])
+
+    assert response.status_code == 200
+    assert response.get_json() == f"The answer is: {path}"
+    assert progress, "no progress was seen while the task ran"
+    assert all(p["total"] == 10 and 1 <= p["current"] <= 10 for p in progress)
+    assert progress[0]["message"] == f"step {progress[0]['current']} of 10"
+    # the status routes are not swallowed by the catch-all route
+    assert client.get("/status").status_code == 200
+    assert client.get("/status/nope").status_code == 404
+
+
+class TinyHandler(http.server.BaseHTTPRequestHandler):
+    """200 at /ok, 202 at /accepted (to /ok), 202 at /forever (to itself), else 404."""
+
+    def do_GET(self) -> None:
+        if self.path == "/ok":
+            self.reply(200, b'"fine"', {"Content-Type": "application/json"})
+        elif self.path == "/accepted":
+            document = b'{"state": "running", "progress": {"current": 2.5, "total": 10}}'
+            self.reply(202, document, {"Location": "ok", "Retry-After": "0"})
+        elif self.path == "/forever":
+            self.reply(202, b"{}", {"Location": "/forever", "Retry-After": "0"})
+        else:
+            self.reply(404, b"no", {"Content-Type": "text/plain"})
+
+    def reply(self, status: int, body: bytes, headers: dict[str, str]) -> None:
+        self.send_response(status)
+        for name, value in {**headers, "Content-Length": str(len(body))}.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def tiny_server() -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), TinyHandler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+@pytest.fixture(scope="module")
+def client() -> types.ModuleType:
+    return load_example("client")
+
+
+@pytest.mark.parametrize(
+    ("path", "code", "last_lines"),
+    [
+        ("/ok", 0, ["200 OK  application/json", '"fine"']),
+        ("/missing", 1, ["404 Not Found  text/plain", "no"]),
+        ("/accepted", 0, ["200 OK  application/json", '"fine"']),
+    ],
+)
+def test_follow_exit_status(
+    client: types.ModuleType, tiny_server: str, path: str, code: int, last_lines: list[str]
+) -> None:
+    out = io.StringIO()
+    assert client.follow(tiny_server + path, timeout=10, out=out) == code
+    lines = out.getvalue().splitlines()
+    assert lines[0] == f"GET {tiny_server}{path}"
+    assert lines[-2:] == last_lines
+
+
+def test_follow_polls_with_retry_after(client: types.ModuleType, tiny_server: str) -> None:
+    out = io.StringIO()
+    assert client.follow(tiny_server + "/accepted", timeout=10, out=out) == 0
+    lines = out.getvalue().splitlines()
+    assert lines[1] == "202 Accepted  Location: ok  Retry-After: 0"
+    assert lines[2].split() == ["0.0s", "running", "2.5/10"]
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [("Retry-After: 3\r\n", 3), ("Retry-After: 0\r\n", 0.1), ("", 1), ("Retry-After: soon\r\n", 1)],
+)
+def test_retry_after(client: types.ModuleType, header: str, seconds: float) -> None:
+    headers = http.client.parse_headers(io.BytesIO(f"{header}\r\n".encode()))
+    assert client.retry_after(client.Reply(202, "Accepted", headers, b"")) == seconds
+
+
+def test_follow_times_out(client: types.ModuleType, tiny_server: str) -> None:
+    out = io.StringIO()
+    started = time.monotonic()
+    assert client.follow(tiny_server + "/forever", timeout=0.5, out=out) == 2
+    assert time.monotonic() - started < 2
+    assert out.getvalue().splitlines()[-1] == "error: no final response after 0.5 s"
+
+
+def test_follow_connection_refused(client: types.ModuleType) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, not listening: connections are refused
+        out = io.StringIO()
+        assert client.follow(f"http://127.0.0.1:{port}/", timeout=5, out=out) == 2
+    assert out.getvalue().splitlines()[-1].startswith("error: ")
+
+
+def test_demo() -> None:
+    env = {**os.environ, "CATCHALL_SECONDS": "1"}
+    demo = subprocess.Popen(
+        [sys.executable, str(EXAMPLES / "demo.py")],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        output, _ = demo.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        demo.terminate()  # demo.py stops its server on SIGTERM
+        try:
+            output, _ = demo.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            demo.kill()
+            output, _ = demo.communicate()
+        pytest.fail(f"demo.py did not finish in 60 s:\n{output}")
+    assert demo.returncode == 0, output
+    assert "202 ACCEPTED  Location: /status/" in output
+    assert "200 OK  application/json" in output
+    assert '"The answer is: hello/world"' in output

@@ -1,0 +1,108 @@
+"""The thread executor: lazy, bounded, fork-safe, and clean at exit."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+import typing as t
+
+import pytest
+from flask import request
+
+from flask_restful_async import AsyncResource, TaskState, ThreadExecutor
+from flask_restful_async.state import get_state
+
+from .conftest import AppFactory, wait_done
+
+
+class Echo(AsyncResource):
+    def post(self) -> t.Any:
+        return {"json": request.get_json(), "pid": os.getpid()}
+
+
+def test_no_thread_starts_before_the_first_submit(make_app: AppFactory) -> None:
+    app, api = make_app()
+    api.add_resource(Echo, "/echo")
+    executor = get_state(app).executor
+    assert isinstance(executor, ThreadExecutor)
+    assert executor.thread_count == 0
+    client = app.test_client()
+    wait_done(client, client.post("/echo", json=1).headers["Location"])
+    assert executor.thread_count == 1
+
+
+def test_a_pool_warmed_before_fork_works_in_the_child(make_app: AppFactory) -> None:
+    app, api = make_app()
+    api.add_resource(Echo, "/echo")
+    executor = get_state(app).executor
+    assert isinstance(executor, ThreadExecutor)
+    client = app.test_client()
+    wait_done(client, client.post("/echo", json="parent").headers["Location"])
+    assert executor.thread_count == 1
+
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through its exit code
+        code = 1
+        try:
+            child = app.test_client()
+            location = child.post("/echo", json="child").headers["Location"]
+            final = wait_done(child, location, timeout=10)
+            ok = final.json == {"json": "child", "pid": os.getpid()}
+            code = 0 if ok and executor.thread_count == 1 else 3
+        finally:
+            os._exit(code)
+
+    deadline = time.monotonic() + 20
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise AssertionError("the forked child did not finish its task in time")
+        time.sleep(0.01)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_shutdown_marks_waiting_tasks_lost_and_lets_running_ones_finish(
+    make_app: AppFactory,
+) -> None:
+    started = threading.Event()
+    release = threading.Event()
+
+    class Blocked(AsyncResource):
+        def post(self) -> t.Any:
+            started.set()
+            release.wait(10)
+            return {"finished": True}
+
+    app, api = make_app(config={"RESTFUL_ASYNC_MAX_WORKERS": 1, "RESTFUL_ASYNC_MAX_PENDING": 2})
+    api.add_resource(Blocked, "/blocked")
+    client = app.test_client()
+    locations = [client.post("/blocked").headers["Location"] for _ in range(3)]
+    assert started.wait(10)
+    store, executor = get_state(app).store, get_state(app).executor
+
+    stopper = threading.Thread(target=executor.shutdown, kwargs={"timeout": 10})
+    stopper.start()
+    time.sleep(0.05)
+    release.set()
+    stopper.join(10)
+    assert not stopper.is_alive()
+
+    states = [store.get(location.rsplit("/", 1)[1]) for location in locations]
+    assert [task.state if task else None for task in states] == [
+        TaskState.SUCCEEDED,
+        TaskState.LOST,
+        TaskState.LOST,
+    ]
+    assert client.post("/blocked").status_code == 503
+
+
+@pytest.mark.parametrize("kwargs", [{"max_workers": 0}, {"max_pending": -1}])
+def test_sizes_are_validated(kwargs: dict[str, int]) -> None:
+    with pytest.raises(ValueError, match="max_"):
+        ThreadExecutor(**kwargs)

@@ -1,0 +1,132 @@
+"""register_async: apps, blueprints, config, and errors of use."""
+
+from __future__ import annotations
+
+import typing as t
+
+import pytest
+from flask import Blueprint, Flask
+from flask_restful import Api
+
+from flask_restful_async import AsyncResource, MemoryStore, ThreadExecutor, register_async
+from flask_restful_async.extension import DEFAULTS
+from flask_restful_async.state import get_state
+
+from .conftest import wait_done
+
+
+class Hello(AsyncResource):
+    def get(self, name: str) -> t.Any:
+        return {"hello": name}
+
+
+def test_works_for_an_api_on_a_blueprint_with_a_prefix() -> None:
+    app = Flask(__name__)
+    blueprint = Blueprint("v1", __name__, url_prefix="/v1")
+    api = Api(blueprint)
+    register_async(api)
+    api.add_resource(Hello, "/hello/<name>")
+    app.register_blueprint(blueprint)
+    try:
+        client = app.test_client()
+        accepted = client.get("/v1/hello/bp")
+        assert accepted.status_code == 202
+        assert accepted.headers["Location"].startswith("/v1/tasks/")
+        assert wait_done(client, accepted.headers["Location"]).json == {"hello": "bp"}
+        assert client.get("/v1/tasks").status_code == 200
+    finally:
+        get_state(app).executor.shutdown(timeout=5)
+
+
+def test_a_custom_status_url_serves_the_list_one_level_up() -> None:
+    app = Flask(__name__)
+    api = Api(app)
+    register_async(api, url="/status/<task_id>")
+    api.add_resource(Hello, "/hello/<name>")
+    try:
+        client = app.test_client()
+        location = client.get("/hello/x").headers["Location"]
+        assert location.startswith("/status/")
+        wait_done(client, location)
+        listed = client.get("/status").json
+        assert listed is not None
+        assert len(listed["tasks"]) == 1
+    finally:
+        get_state(app).executor.shutdown(timeout=5)
+
+
+def test_twice_on_one_app_is_a_runtime_error_that_says_why() -> None:
+    app = Flask(__name__)
+    api = Api(app)
+    register_async(api)
+    with pytest.raises(RuntimeError, match="already called"):
+        register_async(api)
+    with pytest.raises(RuntimeError, match="already called for the app"):
+        register_async(Api(app), url="/jobs/<task_id>")
+
+
+def test_twice_through_two_blueprints_is_a_runtime_error() -> None:
+    app = Flask(__name__)
+    first, second = Blueprint("a", __name__), Blueprint("b", __name__, url_prefix="/b")
+    register_async(Api(first))
+    register_async(Api(second))
+    app.register_blueprint(first)
+    with pytest.raises(RuntimeError, match="already called for the app"):
+        app.register_blueprint(second)
+
+
+def test_the_url_must_end_with_the_task_id() -> None:
+    with pytest.raises(ValueError, match="<task_id>"):
+        register_async(Api(Flask(__name__)), url="/tasks/<id>")
+
+
+def test_an_unbound_api_is_refused_with_advice() -> None:
+    with pytest.raises(ValueError, match="init_app"):
+        register_async(Api())
+
+
+def test_an_unknown_store_url_names_the_supported_ones() -> None:
+    with pytest.raises(ValueError, match="memory://"):
+        register_async(Api(Flask(__name__)), store="mongodb://x")
+
+
+def test_config_defaults_are_set_and_keywords_win_over_config() -> None:
+    app = Flask(__name__)
+    app.config["RESTFUL_ASYNC_STORE"] = "nosuch://"
+    store = MemoryStore()
+    executor = ThreadExecutor(max_workers=2, max_pending=3)
+    register_async(Api(app), store=store, executor=executor)
+    state = get_state(app)
+    assert state.store is store
+    assert state.executor is executor
+    for key, value in DEFAULTS.items():
+        if key != "RESTFUL_ASYNC_STORE":
+            assert app.config[key] == value
+
+
+def test_the_default_executor_is_sized_by_config() -> None:
+    app = Flask(__name__)
+    app.config.update(RESTFUL_ASYNC_MAX_WORKERS=3, RESTFUL_ASYNC_MAX_PENDING=7)
+    register_async(Api(app))
+    executor = get_state(app).executor
+    assert isinstance(executor, ThreadExecutor)
+    assert (executor.max_workers, executor.max_pending) == (3, 7)
+
+
+def test_an_app_without_register_async_gets_a_clear_error() -> None:
+    app = Flask(__name__)
+    api = Api(app)
+    api.add_resource(Hello, "/hello/<name>")
+    app.config["PROPAGATE_EXCEPTIONS"] = True
+    with pytest.raises(RuntimeError, match="register_async"):
+        app.test_client().get("/hello/x")
+
+
+def test_a_non_string_identity_is_a_type_error() -> None:
+    app = Flask(__name__)
+    app.config["PROPAGATE_EXCEPTIONS"] = True
+    api = Api(app)
+    register_async(api, owner=lambda: 42)  # type: ignore[arg-type, return-value]
+    api.add_resource(Hello, "/hello/<name>")
+    with pytest.raises(TypeError, match="owner"):
+        app.test_client().get("/hello/x")

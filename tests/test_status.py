@@ -1,0 +1,203 @@
+"""The status URL (CONTRACT section 4) and the task list."""
+
+from __future__ import annotations
+
+import threading
+import time
+import typing as t
+
+import pytest
+from flask import request
+
+from flask_restful_async import AsyncResource, MemoryStore, Task, TaskState
+from flask_restful_async.state import get_state
+from flask_restful_async.task import new_task_id
+
+from .conftest import AppFactory, wait_done
+
+
+class Quick(AsyncResource):
+    def post(self) -> t.Any:
+        return {"ok": True}
+
+
+class CountingStore(MemoryStore):
+    """Counts lookups, to prove that malformed ids never reach the store."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lookups = 0
+
+    def get(self, task_id: str) -> Task | None:
+        self.lookups += 1
+        return super().get(task_id)
+
+
+@pytest.mark.parametrize(
+    "task_id",
+    ["x", "a" * 21, "a" * 23, "a" * 21 + "!", "..%2F..%2Fetc", "%00" * 8, "é" * 22],
+)
+def test_malformed_ids_are_404_without_a_store_lookup(make_app: AppFactory, task_id: str) -> None:
+    store = CountingStore()
+    app, _ = make_app(store=store)
+    response = app.test_client().get(f"/tasks/{task_id}")
+    assert response.status_code == 404
+    assert response.json == {"message": "No such task."}
+    assert response.headers["Cache-Control"] == "no-store"
+    assert store.lookups == 0
+
+
+def test_unknown_malformed_and_foreign_ids_get_the_same_404(make_app: AppFactory) -> None:
+    app, api = make_app(owner=lambda: request.headers.get("X-User"))
+    api.add_resource(Quick, "/quick")
+    client = app.test_client()
+    location = client.post("/quick", headers={"X-User": "alice"}).headers["Location"]
+    unknown = client.get(f"/tasks/{new_task_id()}", headers={"X-User": "alice"})
+    malformed = client.get("/tasks/nope", headers={"X-User": "alice"})
+    foreign = client.get(location, headers={"X-User": "mallory"})
+    anonymous = client.get(location)
+    for response in (unknown, malformed, foreign, anonymous):
+        assert response.status_code == 404
+        assert response.data == unknown.data
+        assert dict(response.headers) == dict(unknown.headers)
+    own = client.get(location, headers={"X-User": "alice"})
+    assert own.status_code in (200, 202)
+
+
+def test_cancelled_task_answers_409_with_its_status_document(make_app: AppFactory) -> None:
+    app, _ = make_app()
+    store = get_state(app).store
+    task = store.create(Task(id=new_task_id()))
+    store.request_cancel(task.id)
+    response = app.test_client().get(f"/tasks/{task.id}")
+    assert response.status_code == 409
+    assert response.json is not None
+    assert response.json["state"] == "cancelled"
+    assert response.headers["Cache-Control"] == "no-store"
+
+
+def test_lost_task_answers_500_with_its_status_document(make_app: AppFactory) -> None:
+    app, _ = make_app()
+    store = get_state(app).store
+    task = store.create(Task(id=new_task_id()))
+    store.start(task.id, "gone-worker")
+    store.finish(task.id, TaskState.LOST)
+    response = app.test_client().get(f"/tasks/{task.id}")
+    assert response.status_code == 500
+    assert response.json is not None
+    assert response.json["state"] == "lost"
+    assert response.headers["Cache-Control"] == "no-store"
+
+
+def test_queued_task_answers_202_with_location_and_retry_after(make_app: AppFactory) -> None:
+    app, _ = make_app(config={"RESTFUL_ASYNC_RETRY_AFTER": 3})
+    task = get_state(app).store.create(Task(id=new_task_id()))
+    response = app.test_client().get(f"/tasks/{task.id}")
+    assert response.status_code == 202
+    assert response.headers["Location"] == f"/tasks/{task.id}"
+    assert response.headers["Retry-After"] == "3"
+    assert response.json is not None
+    assert response.json["state"] == "queued"
+
+
+def test_results_expire_to_410_then_404_with_no_thread_of_their_own(
+    make_app: AppFactory,
+) -> None:
+    app, api = make_app(
+        config={"RESTFUL_ASYNC_RESULT_TTL": 0.2, "RESTFUL_ASYNC_TOMBSTONE_TTL": 0.2}
+    )
+    api.add_resource(Quick, "/quick")
+    client = app.test_client()
+    location = client.post("/quick").headers["Location"]
+    assert wait_done(client, location).status_code == 200
+    threads = threading.active_count()
+    time.sleep(0.25)
+    gone = client.get(location)
+    assert gone.status_code == 410
+    assert gone.json is not None
+    assert "message" in gone.json
+    assert gone.headers["Cache-Control"] == "no-store"
+    time.sleep(0.25)
+    get_state(app).store.purge_expired()
+    assert client.get(location).status_code == 404
+    assert threading.active_count() == threads
+
+
+def test_running_tasks_are_never_evicted(make_app: AppFactory) -> None:
+    release = threading.Event()
+
+    class Long(AsyncResource):
+        def post(self) -> t.Any:
+            release.wait(10)
+            return {"late": True}
+
+    app, api = make_app(config={"RESTFUL_ASYNC_RESULT_TTL": 0.05})
+    api.add_resource(Long, "/long")
+    api.add_resource(Quick, "/quick")
+    client = app.test_client()
+    location = client.post("/long").headers["Location"]
+    time.sleep(0.1)
+    for _ in range(3):  # finishing other tasks runs the purge
+        wait_done(client, client.post("/quick").headers["Location"])
+        time.sleep(0.06)
+    get_state(app).store.purge_expired()
+    assert client.get(location).status_code == 202
+    release.set()
+    assert wait_done(client, location).json == {"late": True}
+
+
+def test_task_list_is_newest_first_paginated_and_filtered(make_app: AppFactory) -> None:
+    app, api = make_app()
+    api.add_resource(Quick, "/quick")
+    client = app.test_client()
+    ids = []
+    for _ in range(5):
+        location = client.post("/quick").headers["Location"]
+        wait_done(client, location)
+        ids.append(location.rsplit("/", 1)[1])
+    newest_first = list(reversed(ids))
+
+    first = client.get("/tasks?limit=2")
+    assert first.status_code == 200
+    assert first.headers["Cache-Control"] == "no-store"
+    body = first.json
+    assert body is not None
+    assert [doc["id"] for doc in body["tasks"]] == newest_first[:2]
+    assert first.headers["Link"] == f'<{body["next"]}>; rel="next"'
+
+    second = client.get(body["next"]).json
+    assert second is not None
+    assert [doc["id"] for doc in second["tasks"]] == newest_first[2:4]
+    third = client.get(second["next"]).json
+    assert third is not None
+    assert [doc["id"] for doc in third["tasks"]] == newest_first[4:]
+    assert third["next"] is None
+
+    assert client.get("/tasks?state=running").json == {"tasks": [], "next": None}
+    succeeded = client.get("/tasks?state=succeeded").json
+    assert succeeded is not None
+    assert len(succeeded["tasks"]) == 5
+    assert "Link" not in client.get("/tasks").headers
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["limit=0", "limit=501", "limit=ten", "state=sleeping", "cursor=bad"],
+)
+def test_task_list_rejects_bad_parameters_with_400_json(make_app: AppFactory, query: str) -> None:
+    app, _ = make_app()
+    response = app.test_client().get(f"/tasks?{query}")
+    assert response.status_code == 400
+    assert response.json is not None
+    assert "message" in response.json
+
+
+def test_task_list_is_scoped_to_the_owner(make_app: AppFactory) -> None:
+    app, api = make_app(owner=lambda: request.headers.get("X-User"))
+    api.add_resource(Quick, "/quick")
+    client = app.test_client()
+    mine = client.post("/quick", headers={"X-User": "alice"}).headers["Location"]
+    client.post("/quick", headers={"X-User": "bob"})
+    listed = client.get("/tasks", headers={"X-User": "alice"}).json
+    assert listed is not None
+    assert [doc["id"] for doc in listed["tasks"]] == [mine.rsplit("/", 1)[1]]

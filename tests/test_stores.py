@@ -1,0 +1,175 @@
+"""The store contract: every store passes these tests (more stores join the fixture)."""
+
+from __future__ import annotations
+
+import threading
+import time
+import typing as t
+
+import pytest
+
+from flask_restful_async import MemoryStore, Progress, Task, TaskState, TaskStore
+from flask_restful_async.task import StoredResponse, new_task_id
+
+RESPONSE = StoredResponse(201, [("Content-Type", "application/json"), ("X-A", "b")], b"{}\n")
+
+
+@pytest.fixture(params=["memory"])
+def store(request: pytest.FixtureRequest) -> t.Iterator[TaskStore]:
+    made: TaskStore = MemoryStore()
+    made.configure(result_ttl=3600, tombstone_ttl=3600)
+    yield made
+    made.close()
+
+
+def new_task(**fields: t.Any) -> Task:
+    return Task(id=new_task_id(), **fields)
+
+
+def test_create_then_get_round_trips_every_field(store: TaskStore) -> None:
+    task = new_task(owner="alice", idempotency_key="POST /x k1", fingerprint="abc")
+    assert store.create(task) == task
+    found = store.get(task.id)
+    assert found == task
+    assert found is not task
+
+
+def test_get_unknown_is_none(store: TaskStore) -> None:
+    assert store.get(new_task_id()) is None
+
+
+def test_start_moves_queued_to_running_once(store: TaskStore) -> None:
+    task = store.create(new_task())
+    started = store.start(task.id, "w1")
+    assert started is not None
+    assert started.state is TaskState.RUNNING
+    assert started.worker == "w1"
+    assert started.started_at is not None
+    assert store.start(task.id, "w2") is None
+    assert store.start(new_task_id(), "w1") is None
+
+
+def test_progress_is_recorded_and_reports_the_cancel_flag(store: TaskStore) -> None:
+    task = store.create(new_task())
+    store.start(task.id, "w")
+    assert store.set_progress(task.id, Progress(1, 4, "a")) is False
+    found = store.get(task.id)
+    assert found is not None
+    assert found.progress == Progress(1, 4, "a")
+    store.request_cancel(task.id)
+    assert store.set_progress(task.id, Progress(2, 4, "b")) is True
+    assert store.cancel_requested(task.id) is True
+
+
+def test_finish_records_the_response_and_is_final(store: TaskStore) -> None:
+    task = store.create(new_task())
+    store.start(task.id, "w")
+    store.finish(task.id, TaskState.SUCCEEDED, RESPONSE)
+    found = store.get(task.id)
+    assert found is not None
+    assert found.state is TaskState.SUCCEEDED
+    assert found.response == RESPONSE
+    assert found.finished_at is not None
+    store.finish(task.id, TaskState.FAILED, None)
+    again = store.get(task.id)
+    assert again is not None
+    assert again.state is TaskState.SUCCEEDED
+
+
+def test_cancel_of_a_queued_task_is_immediate_and_start_then_refuses(store: TaskStore) -> None:
+    task = store.create(new_task())
+    cancelled = store.request_cancel(task.id)
+    assert cancelled is not None
+    assert cancelled.state is TaskState.CANCELLED
+    assert store.start(task.id, "w") is None
+
+
+def test_cancel_of_a_running_task_only_sets_the_flag(store: TaskStore) -> None:
+    task = store.create(new_task())
+    store.start(task.id, "w")
+    flagged = store.request_cancel(task.id)
+    assert flagged is not None
+    assert flagged.state is TaskState.RUNNING
+    assert flagged.cancel_requested
+    assert store.request_cancel(new_task_id()) is None
+
+
+def test_delete_forgets(store: TaskStore) -> None:
+    task = store.create(new_task())
+    store.delete(task.id)
+    assert store.get(task.id) is None
+
+
+def test_idempotency_key_returns_the_existing_task_per_owner(store: TaskStore) -> None:
+    first = store.create(new_task(owner="alice", idempotency_key="k"))
+    again = store.create(new_task(owner="alice", idempotency_key="k"))
+    other_owner = store.create(new_task(owner="bob", idempotency_key="k"))
+    assert again.id == first.id
+    assert other_owner.id != first.id
+
+
+def test_list_is_newest_first_owner_scoped_filtered_and_paged(store: TaskStore) -> None:
+    mine = []
+    for i in range(5):
+        mine.append(store.create(new_task(owner="alice", created_at=1000.0 + i)))
+        store.create(new_task(owner="bob", created_at=1000.5 + i))
+    newest = [task.id for task in reversed(mine)]
+    assert [task.id for task in store.list(owner="alice", limit=3)] == newest[:3]
+    assert [task.id for task in store.list(owner="alice", limit=3, before=newest[2])] == newest[3:]
+    store.start(mine[1].id, "w")
+    running = store.list(owner="alice", state=TaskState.RUNNING)
+    assert [task.id for task in running] == [mine[1].id]
+    assert store.list(owner=None) == []
+
+
+def test_finished_results_become_tombstones_then_disappear(store: TaskStore) -> None:
+    store.configure(result_ttl=0.1, tombstone_ttl=0.1)
+    done = store.create(new_task())
+    store.start(done.id, "w")
+    store.finish(done.id, TaskState.SUCCEEDED, RESPONSE)
+    running = store.create(new_task())
+    store.start(running.id, "w")
+    queued = store.create(new_task())
+    time.sleep(0.15)
+    assert store.purge_expired() >= 1
+    tombstone = store.get(done.id)
+    assert tombstone is not None
+    assert tombstone.expired
+    assert tombstone.response is None
+    time.sleep(0.15)
+    store.purge_expired()
+    assert store.get(done.id) is None
+    for task_id in (running.id, queued.id):
+        kept = store.get(task_id)
+        assert kept is not None
+        assert not kept.expired
+
+
+def test_racing_finish_and_cancel_lose_no_update(store: TaskStore) -> None:
+    tasks = [store.create(new_task()) for _ in range(50)]
+    for task in tasks:
+        store.start(task.id, "w")
+
+    def finish_all() -> None:
+        for task in tasks:
+            store.finish(task.id, TaskState.SUCCEEDED, RESPONSE)
+
+    def cancel_all() -> None:
+        for task in tasks:
+            store.request_cancel(task.id)
+
+    def progress_all() -> None:
+        for task in tasks:
+            store.set_progress(task.id, Progress(1))
+
+    threads = [threading.Thread(target=f) for f in (finish_all, cancel_all, progress_all)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    for task in tasks:
+        found = store.get(task.id)
+        assert found is not None
+        assert found.state is TaskState.SUCCEEDED
+        assert found.response == RESPONSE
+        assert found.cancel_requested

@@ -1,0 +1,39 @@
+"""The task record, its ids and its status document."""
+
+from __future__ import annotations
+
+import base64
+
+from flask_restful_async import Progress, Task, TaskState
+from flask_restful_async.task import is_valid_task_id, isoformat, new_task_id
+
+
+def test_ids_are_128_random_bits_url_safe() -> None:
+    ids = {new_task_id() for _ in range(1000)}
+    assert len(ids) == 1000
+    for task_id in ids:
+        assert is_valid_task_id(task_id)
+        assert len(base64.urlsafe_b64decode(task_id + "==")) == 16
+
+
+def test_only_ids_we_could_issue_are_valid() -> None:
+    for bad in ("", "short", "a" * 23, "a" * 21 + "/", "a" * 21 + "=", "a" * 21 + "\n"):
+        assert not is_valid_task_id(bad)
+
+
+def test_states_know_whether_they_are_final() -> None:
+    assert {s for s in TaskState if not s.finished} == {TaskState.QUEUED, TaskState.RUNNING}
+    assert TaskState("lost") is TaskState.LOST
+
+
+def test_status_document_shape_and_times() -> None:
+    task = Task(id="x" * 22, created_at=0.0, progress=Progress(3, 10, "crunching"))
+    assert task.status_document() == {
+        "id": "x" * 22,
+        "state": "queued",
+        "created_at": "1970-01-01T00:00:00.000Z",
+        "started_at": None,
+        "finished_at": None,
+        "progress": {"current": 3, "total": 10, "message": "crunching"},
+    }
+    assert isoformat(None) is None
