@@ -12,7 +12,7 @@ Run it with Flask's development server (http://127.0.0.1:5000)::
 
 or with gunicorn, from the repository root::
 
-    gunicorn -w 1 --threads 4 -b 127.0.0.1:8000 examples.catchall:app
+    gunicorn -w 4 --threads 4 -b 127.0.0.1:8000 examples.catchall:app
 
 then ``python examples/client.py http://127.0.0.1:8000/hello/world``.
 """
@@ -35,8 +35,8 @@ STEPS = 10
 app = Flask(__name__)
 app.logger.setLevel(logging.INFO)  # show the info lines below outside debug mode too
 api = Api(app)
-# Tasks are kept in memory, in this process: serve with ONE process (gunicorn -w 1,
-# with --threads for concurrency), or a poll may reach a process that never saw the task.
+# Tasks are kept in a SQLite file in the instance folder (examples/instance/), which
+# every process of this machine shares: any number of gunicorn workers will do.
 register_async(api, url="/status/<task_id>")
 
 

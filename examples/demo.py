@@ -49,7 +49,7 @@ def start_server(port: int) -> subprocess.Popen[bytes]:
     env = dict(os.environ)
     env.setdefault("CATCHALL_SECONDS", DEFAULT_SECONDS)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    command = [sys.executable, "-m", "gunicorn", "-w", "1", "-k", "gthread", "--threads", "4"]
+    command = [sys.executable, "-m", "gunicorn", "-w", "2", "-k", "gthread", "--threads", "4"]
     # --log-level warning: no boot chatter; the app's own log lines still show.
     command += ["-b", f"{HOST}:{port}", "--log-level", "warning", "examples.catchall:app"]
     # A session of its own: a Ctrl-C meant for us does not reach it; we stop it below.
@@ -96,7 +96,8 @@ def main() -> int:
             return 2
         seconds = os.environ.get("CATCHALL_SECONDS", DEFAULT_SECONDS)
         print(
-            f"gunicorn serves examples/catchall.py on {base} (1 process, 4 threads).\n"
+            f"gunicorn serves examples/catchall.py on {base}: 2 processes with 4 threads\n"
+            "each, sharing the task store (a SQLite file in examples/instance/).\n"
             f"GET /hello/world starts a {seconds} s job: the server answers 202 Accepted at"
             " once,\nthe client polls the Location every Retry-After seconds until the"
             " answer is ready.\n",

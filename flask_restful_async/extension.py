@@ -22,8 +22,12 @@ _TASK_ID_PART = "/<task_id>"
 #: Every config key the extension reads, with its default. The README's table
 #: mirrors this.
 DEFAULTS: dict[str, t.Any] = {
-    # Where task records live: memory:// (this process only).
-    "RESTFUL_ASYNC_STORE": "memory://",
+    # Where task records live: a SQLite file in the instance folder, shared by
+    # every process of this machine; memory:// (one process) or redis://.
+    "RESTFUL_ASYNC_STORE": "sqlite:///restful_async.db",
+    # Prefix of every key of a Redis store; the {...} hash tag keeps all keys in
+    # one Redis Cluster slot.
+    "RESTFUL_ASYNC_REDIS_PREFIX": "{restful_async}:",
     # Tasks running at once in one process (the thread pool's size).
     "RESTFUL_ASYNC_MAX_WORKERS": min(32, (os.cpu_count() or 1) + 4),
     # Accepted tasks waiting for a worker, per process; beyond that, 503.
@@ -32,8 +36,14 @@ DEFAULTS: dict[str, t.Any] = {
     "RESTFUL_ASYNC_RESULT_TTL": 24 * 3600,
     # Seconds an expired task still answers 410 before it is forgotten (404).
     "RESTFUL_ASYNC_TOMBSTONE_TTL": 24 * 3600,
+    # Seconds a process's lease lasts; renewed every third of it. A task whose
+    # process stopped renewing reads as lost after at most this long.
+    "RESTFUL_ASYNC_LEASE": 30,
     # The Retry-After (seconds) sent with every 202.
     "RESTFUL_ASYNC_RETRY_AFTER": 1,
+    # Largest request body (bytes) a task accepts; larger ones get 413 before a
+    # task exists. The body is held in memory until the task starts.
+    "RESTFUL_ASYNC_MAX_BODY": 10 * 1024 * 1024,
     # Seconds running tasks get to finish when the process exits (keep it below
     # gunicorn's graceful timeout, 30 s by default).
     "RESTFUL_ASYNC_SHUTDOWN_TIMEOUT": 20,
@@ -110,6 +120,7 @@ def _make_state(
     store.configure(
         result_ttl=float(config["RESTFUL_ASYNC_RESULT_TTL"]),
         tombstone_ttl=float(config["RESTFUL_ASYNC_TOMBSTONE_TTL"]),
+        lease=float(config["RESTFUL_ASYNC_LEASE"]),
     )
     if executor is None:
         executor = ThreadExecutor(
@@ -127,4 +138,5 @@ def _make_state(
         owner=owner,
         status_resource=TaskStatusResource,
         retry_after=int(config["RESTFUL_ASYNC_RETRY_AFTER"]),
+        max_body=int(config["RESTFUL_ASYNC_MAX_BODY"]),
     )

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 
 from flask import current_app, request
 from flask_restful import Resource
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from .state import get_state
 
@@ -63,9 +64,19 @@ class AsyncResource(Resource):
             return super().dispatch_request(*args, **kwargs)
 
         state = get_state(current_app)
+        # The body is held until the task starts: bound it before reading. werkzeug
+        # stops a chunked body at the limit without complaint, so read one byte
+        # more than allowed and refuse the body if that byte came: never a task
+        # with a silently truncated body.
+        limit = request.max_content_length
+        if limit is None or limit > state.max_body:
+            limit = state.max_body
+        request.max_content_length = limit + 1
         # Read the whole body first, before a decorator can consume the stream:
         # werkzeug then parses form and files from this cached copy.
         body = request.get_data(cache=True)
+        if len(body) > limit:
+            raise RequestEntityTooLarge()
 
         if isinstance(self.method_decorators, Mapping):
             decorators = self.method_decorators.get(method, [])

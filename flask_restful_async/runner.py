@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import contextvars
 import inspect
-import os
-import secrets
-import socket
 import typing as t
 
 from flask import Flask, current_app, request
@@ -14,6 +11,7 @@ from werkzeug.exceptions import HTTPException
 
 from .context import TaskHandle, _cv_task
 from .exceptions import RestfulAsyncError, TaskCancelled
+from .lease import worker_id
 from .resource import Replay, _cv_replay
 from .responses import render_result, store_response
 from .state import get_state
@@ -29,17 +27,6 @@ _INTERNAL_ERROR = StoredResponse(
     [("Content-Type", "application/json")],
     b'{"message": "Internal Server Error"}\n',
 )
-
-_worker_id: tuple[int, str] | None = None
-
-
-def worker_id() -> str:
-    """This process's name in task records: host, pid and a random part (pids repeat)."""
-    global _worker_id
-    pid = os.getpid()
-    if _worker_id is None or _worker_id[0] != pid:
-        _worker_id = (pid, f"{socket.gethostname()}:{pid}:{secrets.token_hex(4)}")
-    return _worker_id[1]
 
 
 def run_task(

@@ -8,6 +8,7 @@ from flask import Flask, Response, request
 from flask_restful import Api, Resource
 
 from .exceptions import Unavailable
+from .lease import LeaseKeeper, worker_id
 from .responses import error_response, status_response
 from .snapshot import RequestSnapshot
 from .stores.base import TaskStore
@@ -42,6 +43,7 @@ class AsyncState:
         owner: OwnerCallable | None,
         status_resource: type[Resource],
         retry_after: int,
+        max_body: int,
     ) -> None:
         self.app = app
         self.api = api
@@ -50,6 +52,10 @@ class AsyncState:
         self.owner = owner
         self.status_resource = status_resource
         self.retry_after = retry_after
+        self.max_body = max_body
+        # Only a process that holds tasks (threads) in a store that other
+        # processes read needs a lease.
+        self.lease = LeaseKeeper(app, store) if store.shared and executor.local else None
         self._location_prefixes: dict[tuple[str, str], str] = {}
 
     def identity(self) -> str | None:
@@ -92,9 +98,15 @@ class AsyncState:
 
         Runs in the request thread after the resource's ``method_decorators``.
         """
-        task = Task(id=new_task_id(), owner=self.identity())
+        task = Task(
+            id=new_task_id(),
+            owner=self.identity(),
+            worker=worker_id() if self.executor.local else None,
+        )
         snapshot = RequestSnapshot.capture(body, method, args, kwargs)
         try:
+            if self.lease is not None:
+                self.lease.ensure()
             self.executor.acquire()
             try:
                 self.store.create(task)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import typing as t
+from pathlib import Path
 
 import pytest
 from flask import Flask
@@ -18,13 +19,14 @@ AppFactory = t.Callable[..., tuple[Flask, Api]]
 
 
 @pytest.fixture
-def make_app() -> t.Iterator[AppFactory]:
-    """Build apps with ``register_async``; their executors are shut down afterwards."""
+def make_app(tmp_path: Path) -> t.Iterator[AppFactory]:
+    """Build apps with ``register_async``, each with an instance folder of its own
+    (where the default SQLite store lives); executors are shut down afterwards."""
     made: list[Flask] = []
 
     def factory(**options: t.Any) -> tuple[Flask, Api]:
         config = options.pop("config", {})
-        app = Flask(f"test_app_{len(made)}")
+        app = Flask(f"test_app_{len(made)}", instance_path=str(tmp_path / f"instance{len(made)}"))
         app.config.update(config)
         api = Api(app)
         register_async(api, **options)
@@ -33,7 +35,11 @@ def make_app() -> t.Iterator[AppFactory]:
 
     yield factory
     for app in made:
-        get_state(app).executor.shutdown(timeout=5)
+        state = get_state(app)
+        state.executor.shutdown(timeout=5)
+        if state.lease is not None:
+            state.lease.release()
+        state.store.close()
 
 
 def wait_done(client: FlaskClient, location: str, timeout: float = 10.0) -> TestResponse:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import typing as t
+from pathlib import Path
 
 import pytest
 from flask import Blueprint, Flask
@@ -20,8 +21,8 @@ class Hello(AsyncResource):
         return {"hello": name}
 
 
-def test_works_for_an_api_on_a_blueprint_with_a_prefix() -> None:
-    app = Flask(__name__)
+def test_works_for_an_api_on_a_blueprint_with_a_prefix(tmp_path: Path) -> None:
+    app = Flask(__name__, instance_path=str(tmp_path))
     blueprint = Blueprint("v1", __name__, url_prefix="/v1")
     api = Api(blueprint)
     register_async(api)
@@ -38,8 +39,8 @@ def test_works_for_an_api_on_a_blueprint_with_a_prefix() -> None:
         get_state(app).executor.shutdown(timeout=5)
 
 
-def test_a_custom_status_url_serves_the_list_one_level_up() -> None:
-    app = Flask(__name__)
+def test_a_custom_status_url_serves_the_list_one_level_up(tmp_path: Path) -> None:
+    app = Flask(__name__, instance_path=str(tmp_path))
     api = Api(app)
     register_async(api, url="/status/<task_id>")
     api.add_resource(Hello, "/hello/<name>")
@@ -55,8 +56,8 @@ def test_a_custom_status_url_serves_the_list_one_level_up() -> None:
         get_state(app).executor.shutdown(timeout=5)
 
 
-def test_twice_on_one_app_is_a_runtime_error_that_says_why() -> None:
-    app = Flask(__name__)
+def test_twice_on_one_app_is_a_runtime_error_that_says_why(tmp_path: Path) -> None:
+    app = Flask(__name__, instance_path=str(tmp_path))
     api = Api(app)
     register_async(api)
     with pytest.raises(RuntimeError, match="already called"):
@@ -65,8 +66,8 @@ def test_twice_on_one_app_is_a_runtime_error_that_says_why() -> None:
         register_async(Api(app), url="/jobs/<task_id>")
 
 
-def test_twice_through_two_blueprints_is_a_runtime_error() -> None:
-    app = Flask(__name__)
+def test_twice_through_two_blueprints_is_a_runtime_error(tmp_path: Path) -> None:
+    app = Flask(__name__, instance_path=str(tmp_path))
     first, second = Blueprint("a", __name__), Blueprint("b", __name__, url_prefix="/b")
     register_async(Api(first))
     register_async(Api(second))
@@ -75,23 +76,23 @@ def test_twice_through_two_blueprints_is_a_runtime_error() -> None:
         app.register_blueprint(second)
 
 
-def test_the_url_must_end_with_the_task_id() -> None:
+def test_the_url_must_end_with_the_task_id(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="<task_id>"):
-        register_async(Api(Flask(__name__)), url="/tasks/<id>")
+        register_async(Api(Flask(__name__, instance_path=str(tmp_path))), url="/tasks/<id>")
 
 
-def test_an_unbound_api_is_refused_with_advice() -> None:
+def test_an_unbound_api_is_refused_with_advice(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="init_app"):
         register_async(Api())
 
 
-def test_an_unknown_store_url_names_the_supported_ones() -> None:
+def test_an_unknown_store_url_names_the_supported_ones(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="memory://"):
-        register_async(Api(Flask(__name__)), store="mongodb://x")
+        register_async(Api(Flask(__name__, instance_path=str(tmp_path))), store="mongodb://x")
 
 
-def test_config_defaults_are_set_and_keywords_win_over_config() -> None:
-    app = Flask(__name__)
+def test_config_defaults_are_set_and_keywords_win_over_config(tmp_path: Path) -> None:
+    app = Flask(__name__, instance_path=str(tmp_path))
     app.config["RESTFUL_ASYNC_STORE"] = "nosuch://"
     store = MemoryStore()
     executor = ThreadExecutor(max_workers=2, max_pending=3)
@@ -104,8 +105,8 @@ def test_config_defaults_are_set_and_keywords_win_over_config() -> None:
             assert app.config[key] == value
 
 
-def test_the_default_executor_is_sized_by_config() -> None:
-    app = Flask(__name__)
+def test_the_default_executor_is_sized_by_config(tmp_path: Path) -> None:
+    app = Flask(__name__, instance_path=str(tmp_path))
     app.config.update(RESTFUL_ASYNC_MAX_WORKERS=3, RESTFUL_ASYNC_MAX_PENDING=7)
     register_async(Api(app))
     executor = get_state(app).executor
@@ -113,8 +114,8 @@ def test_the_default_executor_is_sized_by_config() -> None:
     assert (executor.max_workers, executor.max_pending) == (3, 7)
 
 
-def test_an_app_without_register_async_gets_a_clear_error() -> None:
-    app = Flask(__name__)
+def test_an_app_without_register_async_gets_a_clear_error(tmp_path: Path) -> None:
+    app = Flask(__name__, instance_path=str(tmp_path))
     api = Api(app)
     api.add_resource(Hello, "/hello/<name>")
     app.config["PROPAGATE_EXCEPTIONS"] = True
@@ -122,8 +123,8 @@ def test_an_app_without_register_async_gets_a_clear_error() -> None:
         app.test_client().get("/hello/x")
 
 
-def test_a_non_string_identity_is_a_type_error() -> None:
-    app = Flask(__name__)
+def test_a_non_string_identity_is_a_type_error(tmp_path: Path) -> None:
+    app = Flask(__name__, instance_path=str(tmp_path))
     app.config["PROPAGATE_EXCEPTIONS"] = True
     api = Api(app)
     register_async(api, owner=lambda: 42)  # type: ignore[arg-type, return-value]

@@ -2,24 +2,65 @@
 
 from __future__ import annotations
 
+import contextlib
+import secrets
 import threading
 import time
 import typing as t
+from pathlib import Path
 
 import pytest
 
 from flask_restful_async import MemoryStore, Progress, Task, TaskState, TaskStore
+from flask_restful_async.stores import SQLiteStore
 from flask_restful_async.task import StoredResponse, new_task_id
+
+from .services import require_redis
 
 RESPONSE = StoredResponse(201, [("Content-Type", "application/json"), ("X-A", "b")], b"{}\n")
 
 
-@pytest.fixture(params=["memory"])
-def store(request: pytest.FixtureRequest) -> t.Iterator[TaskStore]:
-    made: TaskStore = MemoryStore()
-    made.configure(result_ttl=3600, tombstone_ttl=3600)
-    yield made
-    made.close()
+# Redis db 15, under a prefix of each test's own, of which every key is deleted after.
+CONTRACT_REDIS_URL = "redis://127.0.0.1:6379/15"
+
+
+@contextlib.contextmanager
+def made_store(kind: str, tmp_path: Path) -> t.Iterator[TaskStore]:
+    if kind == "memory":
+        store: TaskStore = MemoryStore()
+    elif kind == "sqlite":
+        store = SQLiteStore(str(tmp_path / "tasks.db"))
+    else:
+        require_redis()
+        from flask_restful_async.stores.redis import RedisStore
+
+        store = RedisStore(CONTRACT_REDIS_URL, prefix=f"{{contract-{secrets.token_hex(6)}}}:")
+    store.configure(result_ttl=3600, tombstone_ttl=3600, lease=30)
+    try:
+        yield store
+    finally:
+        if kind == "redis":
+            import redis
+
+            with redis.Redis.from_url(CONTRACT_REDIS_URL) as client:
+                keys = list(client.scan_iter(match=f"{store.prefix}*"))  # type: ignore[attr-defined]
+                if keys:
+                    client.delete(*keys)
+        store.close()
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> t.Iterator[TaskStore]:
+    with made_store(request.param, tmp_path) as made:
+        made.renew_lease("w")  # the worker the tests start tasks as is alive
+        yield made
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def shared_store(request: pytest.FixtureRequest, tmp_path: Path) -> t.Iterator[TaskStore]:
+    """The stores that several processes share, and so keep leases."""
+    with made_store(request.param, tmp_path) as made:
+        yield made
 
 
 def new_task(**fields: t.Any) -> Task:
@@ -123,7 +164,7 @@ def test_list_is_newest_first_owner_scoped_filtered_and_paged(store: TaskStore) 
 
 
 def test_finished_results_become_tombstones_then_disappear(store: TaskStore) -> None:
-    store.configure(result_ttl=0.1, tombstone_ttl=0.1)
+    store.configure(result_ttl=0.1, tombstone_ttl=0.1, lease=30)
     done = store.create(new_task())
     store.start(done.id, "w")
     store.finish(done.id, TaskState.SUCCEEDED, RESPONSE)
@@ -173,3 +214,65 @@ def test_racing_finish_and_cancel_lose_no_update(store: TaskStore) -> None:
         assert found.state is TaskState.SUCCEEDED
         assert found.response == RESPONSE
         assert found.cancel_requested
+
+
+def test_an_active_task_of_a_worker_without_lease_reads_lost(shared_store: TaskStore) -> None:
+    store = shared_store
+    store.configure(result_ttl=3600, tombstone_ttl=3600, lease=0.2)
+    store.renew_lease("alive")
+    store.renew_lease("dying")
+    kept = store.create(new_task(worker="alive"))
+    queued = store.create(new_task(worker="dying"))
+    running = store.create(new_task(worker="dying"))
+    store.start(running.id, "dying")
+    celery_like = store.create(new_task(worker=None))
+    time.sleep(0.1)
+    store.renew_lease("alive")
+    time.sleep(0.15)
+    for task_id in (queued.id, running.id):
+        lost = store.get(task_id)
+        assert lost is not None
+        assert lost.state is TaskState.LOST
+        assert lost.finished_at is not None
+    for task_id in (kept.id, celery_like.id):
+        alive = store.get(task_id)
+        assert alive is not None
+        assert alive.state is TaskState.QUEUED
+    assert [task.id for task in store.list(owner=None, state=TaskState.LOST)] == [
+        running.id,
+        queued.id,
+    ]
+    # first outcome wins: a late finish of a lost task changes nothing
+    store.finish(running.id, TaskState.SUCCEEDED, RESPONSE)
+    late = store.get(running.id)
+    assert late is not None
+    assert late.state is TaskState.LOST
+
+
+def test_releasing_a_lease_loses_its_tasks_at_once(shared_store: TaskStore) -> None:
+    store = shared_store
+    store.renew_lease("leaving")
+    task = store.create(new_task(worker="leaving"))
+    store.release_lease("leaving")
+    lost = store.get(task.id)
+    assert lost is not None
+    assert lost.state is TaskState.LOST
+
+
+def test_purge_reclaims_in_batches_and_keeps_active_tasks(store: TaskStore) -> None:
+    store.configure(result_ttl=0.05, tombstone_ttl=0.05, lease=30)
+    store.renew_lease("w")
+    active = store.create(new_task(worker="w"))
+    done = []
+    for _ in range(30):
+        task = store.create(new_task())
+        store.start(task.id, "w")
+        store.finish(task.id, TaskState.SUCCEEDED, RESPONSE)
+        done.append(task)
+    time.sleep(0.15)
+    store.purge_expired()
+    store.purge_expired()
+    assert all(store.get(task.id) is None for task in done)
+    kept = store.get(active.id)
+    assert kept is not None
+    assert kept.state is TaskState.QUEUED

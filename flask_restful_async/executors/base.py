@@ -25,6 +25,10 @@ class Executor(abc.ABC):
     Whatever runs the task calls :func:`flask_restful_async.runner.run_task`.
     """
 
+    #: True when tasks run in the process that accepted them (threads): that
+    #: process then holds them, and keeps a lease in shared stores.
+    local: bool = False
+
     def acquire(self) -> None:
         """Reserve room for one task, or raise ``Saturated``. Unbounded by default."""
 

@@ -43,6 +43,8 @@ class ThreadExecutor(Executor):
     ``shutdown_timeout`` seconds to finish.
     """
 
+    local = True
+
     def __init__(
         self, max_workers: int = 8, max_pending: int = 64, shutdown_timeout: float = 20.0
     ) -> None:

@@ -3,42 +3,60 @@
 from __future__ import annotations
 
 import abc
+import dataclasses
 import time
 
 from ..task import Progress, StoredResponse, Task, TaskState
 
+ACTIVE_STATES = (TaskState.QUEUED, TaskState.RUNNING)
+
 
 class TaskStore(abc.ABC):
-    """Where task records live, shared by every thread (and, for durable stores,
+    """Where task records live, shared by every thread (and, for shared stores,
     every process) that submits, runs or polls tasks.
 
-    Implementations must make each method atomic: a state transition never loses a
-    concurrent write (a finish racing a cancel, a progress update racing a finish).
-    Methods raise :class:`~flask_restful_async.exceptions.StoreUnavailable` when the
-    backend cannot be reached; they never leave a half-written task.
+    Each method is atomic: a state transition never loses a concurrent write (a
+    finish racing a cancel, a progress update racing a finish). Methods raise
+    :class:`~flask_restful_async.exceptions.StoreUnavailable` when the backend
+    cannot be reached, and then have changed nothing.
+
+    Retention: a task that finished more than ``result_ttl`` seconds ago reads as a
+    tombstone (``expired=True``, no response; the status URL answers 410) and,
+    ``tombstone_ttl`` seconds later, as unknown (None). Queued and running tasks are
+    never evicted.
+
+    Liveness: a queued or running task records the ``worker`` (process) that holds
+    it, and every such process renews a lease of ``lease`` seconds. A task whose
+    worker's lease has lapsed reads as ``lost``, and is recorded so.
     """
 
-    #: Seconds a finished task's result is kept; set by the extension from
-    #: ``RESTFUL_ASYNC_RESULT_TTL``.
+    #: The URL this store was made from (``memory://``, ``sqlite:///…``, ``redis://…``).
+    url: str = ""
+    #: True when several processes see the same tasks (every store but memory://).
+    shared: bool = True
+    #: Seconds a finished task's result is kept (``RESTFUL_ASYNC_RESULT_TTL``).
     result_ttl: float = 24 * 3600
-    #: Seconds an expired task is still remembered (answers 410) before it is forgotten.
+    #: Seconds an expired task still reads as a tombstone (``RESTFUL_ASYNC_TOMBSTONE_TTL``).
     tombstone_ttl: float = 24 * 3600
+    #: Seconds a worker's lease lasts after each renewal (``RESTFUL_ASYNC_LEASE``).
+    lease: float = 30.0
 
-    def configure(self, *, result_ttl: float, tombstone_ttl: float) -> None:
+    def configure(self, *, result_ttl: float, tombstone_ttl: float, lease: float) -> None:
         self.result_ttl = result_ttl
         self.tombstone_ttl = tombstone_ttl
+        self.lease = lease
 
     @abc.abstractmethod
     def create(self, task: Task) -> Task:
         """Record a new queued task and return it.
 
-        If ``task.idempotency_key`` is set and a live task has the same key, owner
-        and fingerprint scope, return that task instead and record nothing.
+        If ``task.idempotency_key`` is set and a task of the same owner with the
+        same key exists, return that one instead and record nothing.
         """
 
     @abc.abstractmethod
     def get(self, task_id: str) -> Task | None:
-        """The task, a tombstone (``expired=True``) or None when unknown."""
+        """The task, a tombstone (``expired=True``) or None when unknown or gone."""
 
     @abc.abstractmethod
     def start(self, task_id: str, worker: str) -> Task | None:
@@ -56,7 +74,10 @@ class TaskStore(abc.ABC):
     def finish(
         self, task_id: str, state: TaskState, response: StoredResponse | None = None
     ) -> None:
-        """Record the end of a task (from queued or running) and its response."""
+        """Record the end of a task (from queued or running) and its response.
+
+        A task that has already finished keeps its first outcome.
+        """
 
     @abc.abstractmethod
     def request_cancel(self, task_id: str) -> Task | None:
@@ -75,25 +96,40 @@ class TaskStore(abc.ABC):
         limit: int = 50,
         before: str | None = None,
     ) -> list[Task]:
-        """Tasks of ``owner`` newest first, starting after the task id ``before``."""
+        """Live (not expired) tasks of ``owner``, newest first, after the task ``before``."""
+
+    @abc.abstractmethod
+    def renew_lease(self, worker: str) -> None:
+        """Say that ``worker`` is alive for ``lease`` more seconds."""
+
+    @abc.abstractmethod
+    def release_lease(self, worker: str) -> None:
+        """``worker`` is going away: its tasks that are still active become lost."""
 
     @abc.abstractmethod
     def purge_expired(self, now: float | None = None) -> int:
-        """Turn results past their retention into tombstones, drop old tombstones.
+        """Reclaim the space of expired results and old tombstones, in batches.
 
-        Returns how many records changed. Stores call it themselves, amortized over
-        normal traffic; it is public so a deployment can also run it on a schedule.
+        Reading already applies the retention rules, so this only frees space.
+        Called by the lease renewal and amortized over submits; returns how many
+        records changed.
         """
 
     def close(self) -> None:
         """Release connections; the store may be used again afterwards."""
 
-    def _is_expired(self, task: Task, now: float) -> bool:
-        return (
-            task.finished_at is not None
-            and task.state.finished
-            and now - task.finished_at > self.result_ttl
-        )
+    def retention_view(self, task: Task, now: float) -> Task | None:
+        """Apply the retention rules to a task as read: itself, a tombstone, or None."""
+        if task.finished_at is None or not task.state.finished:
+            return task
+        age = now - task.finished_at
+        if age <= self.result_ttl:
+            return task
+        if age > self.result_ttl + self.tombstone_ttl:
+            return None
+        if task.expired:
+            return task
+        return dataclasses.replace(task, expired=True, response=None, progress=None)
 
     @staticmethod
     def _now() -> float:

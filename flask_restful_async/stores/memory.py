@@ -19,10 +19,12 @@ class MemoryStore(TaskStore):
 
     Every process has its own copy, so this store is wrong under ``gunicorn -w 4``
     (the poll may reach another process): use it for tests and for servers that
-    run one process (``gunicorn -w 1 --threads N``).
+    run one process (``gunicorn -w 1 --threads N``). Its tasks die with the
+    process, so it keeps no leases.
     """
 
     url = "memory://"
+    shared = False
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -48,7 +50,7 @@ class MemoryStore(TaskStore):
                 scope = (task.owner, task.idempotency_key)
                 existing_id = self._keys.get(scope)
                 existing = self._tasks.get(existing_id) if existing_id else None
-                if existing is not None:
+                if existing is not None and not existing.expired:
                     return self._copy(existing)
                 self._keys[scope] = task.id
             self._tasks[task.id] = self._copy(task)
@@ -59,9 +61,7 @@ class MemoryStore(TaskStore):
             task = self._tasks.get(task_id)
             if task is None:
                 return None
-            if not task.expired and self._is_expired(task, time.time()):
-                self._expire(task_id)
-            return self._copy(task)
+            return self.retention_view(self._copy(task), time.time())
 
     def start(self, task_id: str, worker: str) -> Task | None:
         with self._lock:
@@ -127,20 +127,28 @@ class MemoryStore(TaskStore):
     ) -> list[Task]:
         with self._lock:
             candidates = list(reversed(self._tasks.values()))
+        now = time.time()
         found: list[Task] = []
         skipping = before is not None
         for task in candidates:
             if skipping:
                 skipping = task.id != before
                 continue
-            if task.owner != owner or task.expired:
+            if task.owner != owner or (state is not None and task.state is not state):
                 continue
-            if state is not None and task.state is not state:
+            view = self.retention_view(task, now)
+            if view is None or view.expired:
                 continue
-            found.append(self._copy(task))
+            found.append(self._copy(view))
             if len(found) >= limit:
                 break
         return found
+
+    def renew_lease(self, worker: str) -> None:
+        """Nothing to do: tasks of this store live and die with this process."""
+
+    def release_lease(self, worker: str) -> None:
+        """Nothing to do: tasks of this store live and die with this process."""
 
     def purge_expired(self, now: float | None = None) -> int:
         with self._lock:
@@ -158,29 +166,25 @@ class MemoryStore(TaskStore):
             task_id, finished_at = next(iter(self._finished.items()))
             if now - finished_at <= self.result_ttl:
                 break
-            self._expire(task_id)
+            del self._finished[task_id]
+            task = self._tasks.get(task_id)
+            if task is not None:
+                task.expired, task.response, task.progress = True, None, None
+                self._tombstones[task_id] = finished_at
             changed += 1
         while self._tombstones:
-            task_id, expired_at = next(iter(self._tombstones.items()))
-            if now - expired_at <= self.tombstone_ttl:
+            task_id, finished_at = next(iter(self._tombstones.items()))
+            if now - finished_at <= self.result_ttl + self.tombstone_ttl:
                 break
             self._forget(task_id)
             changed += 1
         return changed
-
-    def _expire(self, task_id: str) -> None:
-        task = self._tasks.get(task_id)
-        self._finished.pop(task_id, None)
-        if task is None or task.expired:
-            return
-        task.expired = True
-        task.response = None
-        task.progress = None
-        self._tombstones[task_id] = time.time()
 
     def _forget(self, task_id: str) -> None:
         task = self._tasks.pop(task_id, None)
         self._finished.pop(task_id, None)
         self._tombstones.pop(task_id, None)
         if task is not None and task.idempotency_key is not None:
-            self._keys.pop((task.owner, task.idempotency_key), None)
+            scope = (task.owner, task.idempotency_key)
+            if self._keys.get(scope) == task_id:
+                del self._keys[scope]

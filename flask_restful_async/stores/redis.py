@@ -1,0 +1,701 @@
+"""``redis://``: tasks in Redis, shared by every process and host that uses it.
+
+``RESTFUL_ASYNC_STORE = "redis://127.0.0.1:6379/0"`` (also ``rediss://`` for TLS
+and ``unix:///path/to/redis.sock?db=0``; a password in the URL is used but never
+shown again: :attr:`RedisStore.url` leaves it out). Needs redis-py:
+``pip install flask-restful-async[redis]``.
+
+Key layout, every key under the store's ``prefix`` (``{restful_async}:`` by default):
+
+``task:<id>``
+    A hash per task: its fields as strings (progress and response headers as
+    JSON, the response body as raw bytes). Queued and running tasks have no TTL;
+    finishing sets one of ``result_ttl + tombstone_ttl``, so Redis itself forgets
+    finished tasks.
+``owner:-`` / ``owner:=<owner>``
+    A sorted set per owner (``-`` for tasks without one): task ids scored by
+    ``created_at``, for :meth:`RedisStore.list`, newest first.
+``idem:-:<key>`` / ``idem:=<len(owner)>:<owner>:<key>``
+    The id of the task an idempotency key named; it gets the task's TTL when the
+    task finishes.
+``lease:<worker>``
+    Exists while ``worker`` renews its lease (``PX`` = ``lease`` seconds).
+``worker:<worker>``
+    A set of the queued and running tasks that ``worker`` holds, so that
+    :meth:`RedisStore.release_lease` finds them without scanning.
+``expiry``
+    A sorted set of when finished results expire (their body and headers are
+    then dropped, leaving a tombstone) and when the tombstones' index entries
+    can be pruned: :meth:`RedisStore.purge_expired` works through it in batches.
+
+Every change is one Lua script (one round trip, atomic), so a change is either
+whole or absent and concurrent changes never lose each other's writes.
+
+Redis Cluster: a script may only touch keys of one hash slot, and these scripts
+also reach keys named in a task record (its worker's lease, its idempotency key).
+The default prefix contains the hash tag ``{restful_async}``, so every key of the
+store hashes to the same slot: keep a ``{…}`` tag in any prefix you choose, and point the URL
+at the node that serves that slot (this store uses a plain, non-cluster client,
+which does not follow ``MOVED`` redirections). All task keys then live on one
+shard: the cluster gives you replication and failover for them, not more
+capacity. Apps that should use different shards use different tags.
+
+Deployment notes. Run Redis with ``maxmemory-policy noeviction``: an evicted lease
+makes its worker's tasks read as ``lost``, an evicted task reads as unknown.
+Without persistence (``appendonly yes`` or snapshots) a Redis restart forgets
+every task. Timestamps come from the clocks of the app servers (keep them in
+sync); the TTLs are counted by Redis.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+import urllib.parse
+from collections.abc import Iterator, Sequence
+
+try:
+    import redis
+    from redis.backoff import ExponentialWithJitterBackoff
+    from redis.exceptions import BusyLoadingError
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+    from redis.retry import Retry
+except ImportError as e:
+    raise ImportError(
+        "The redis:// task store needs redis-py: pip install flask-restful-async[redis]"
+    ) from e
+
+from ..exceptions import StoreUnavailable
+from ..task import Progress, StoredResponse, Task, TaskState
+from .base import TaskStore
+
+#: Index entries one list() script looks at, at most; it is called again from
+#: where it stopped until the page is full, so work per call stays bounded.
+LIST_SCAN = 200
+#: Expiry entries one purge script handles, and how many such batches one
+#: purge_expired() call runs at most.
+PURGE_BATCH = 500
+PURGE_MAX_BATCHES = 20
+#: Tasks one release_lease() script marks lost at a time.
+RELEASE_BATCH = 256
+
+# Each script starts with this. ARGV[1..5] are the same for every script that
+# uses it: the key prefix, the caller's clock, result_ttl (seconds), the TTL of a
+# finished task (milliseconds) and when a result finished now expires. Times
+# arrive as strings and are written back unchanged: Lua would format numbers with
+# 14 significant digits and so round the timestamps.
+_PRELUDE = """
+local prefix, now, result_ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local ttl_ms, result_due = ARGV[4], ARGV[5]
+local schedule = prefix .. 'expiry'
+local META = {'id', 'state', 'worker', 'ix', 'ik', 'finished_at', 'expired'}
+
+local function load(key)
+  local values = redis.call('HMGET', key, unpack(META))
+  if not values[1] then return nil end
+  local h = {}
+  for i, name in ipairs(META) do
+    if values[i] then h[name] = values[i] end
+  end
+  return h
+end
+
+local function is_active(state)
+  return state == 'queued' or state == 'running'
+end
+
+-- The same rule as TaskStore.retention_view: past result_ttl, a result is gone.
+local function is_expired(h)
+  if h['expired'] then return true end
+  if is_active(h['state']) or not h['finished_at'] then return false end
+  return tonumber(now) - tonumber(h['finished_at']) > result_ttl
+end
+
+-- An expiry entry names the owner index too, to prune it once the hash is gone.
+local function schedule_member(kind, id, ix)
+  return kind .. #id .. ':' .. id .. ix
+end
+
+-- End an active task: it gets its TTL (and so does its idempotency key), leaves
+-- its worker's set and is scheduled for expiry.
+local function conclude(key, h, state)
+  redis.call('HSET', key, 'state', state, 'finished_at', now)
+  h['state'], h['finished_at'] = state, now
+  redis.call('PEXPIRE', key, ttl_ms)
+  if h['ik'] and redis.call('GET', h['ik']) == h['id'] then
+    redis.call('PEXPIRE', h['ik'], ttl_ms)
+  end
+  if h['worker'] then
+    redis.call('SREM', prefix .. 'worker:' .. h['worker'], h['id'])
+  end
+  redis.call('ZADD', schedule, result_due, schedule_member('r', h['id'], h['ix']))
+end
+
+-- An active task whose worker no longer holds a lease is lost, and recorded so.
+local function check_lease(key, h)
+  local worker = h['worker']
+  if worker and is_active(h['state'])
+      and redis.call('EXISTS', prefix .. 'lease:' .. worker) == 0 then
+    conclude(key, h, 'lost')
+  end
+end
+"""
+
+# KEYS: task, owner index[, idempotency key]. ARGV[6..]: id, created_at, worker
+# ('' for none), then the hash's fields and values.
+_CREATE = (
+    _PRELUDE
+    + """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  -- This very task: a retried call whose first attempt did get through.
+  return {0, redis.call('HGETALL', KEYS[1])}
+end
+local id, worker = ARGV[6], ARGV[8]
+if KEYS[3] then
+  local existing = redis.call('GET', KEYS[3])
+  if existing then
+    local key = prefix .. 'task:' .. existing
+    local h = load(key)
+    if h then
+      check_lease(key, h)
+      if not is_expired(h) then return {0, redis.call('HGETALL', key)} end
+    end
+  end
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 10))
+redis.call('ZADD', KEYS[2], ARGV[7], id)
+if KEYS[3] then redis.call('SET', KEYS[3], id) end
+if worker ~= '' then
+  redis.call('SADD', prefix .. 'worker:' .. worker, id)
+  -- Only the living worker itself creates its tasks: if Redis lost its lease
+  -- (a restart without persistence, a flush), take it up again now rather than
+  -- let the new task read as lost until the next renewal.
+  redis.call('SET', prefix .. 'lease:' .. worker, '1', 'PX', ARGV[9], 'NX')
+end
+return {1}
+"""
+)
+
+# KEYS: task. ARGV[6]: worker. started_at is the caller's clock.
+_START = (
+    _PRELUDE
+    + """
+local h = load(KEYS[1])
+if not h then return false end
+local worker = ARGV[6]
+if h['state'] == 'running' and h['worker'] == worker
+    and redis.call('HGET', KEYS[1], 'started_at') == now then
+  -- This very call again (its reply was lost and redis-py retried it).
+  return redis.call('HGETALL', KEYS[1])
+end
+if h['state'] ~= 'queued' then return false end
+redis.call('HSET', KEYS[1], 'state', 'running', 'started_at', now, 'worker', worker)
+if h['worker'] and h['worker'] ~= worker then
+  redis.call('SREM', prefix .. 'worker:' .. h['worker'], h['id'])
+end
+redis.call('SADD', prefix .. 'worker:' .. worker, h['id'])
+return redis.call('HGETALL', KEYS[1])
+"""
+)
+
+# KEYS: task. ARGV[1]: progress as JSON.
+_SET_PROGRESS = """
+local found = redis.call('HMGET', KEYS[1], 'state', 'cancel')
+if not found[1] then return 0 end
+if found[1] == 'running' then redis.call('HSET', KEYS[1], 'progress', ARGV[1]) end
+if found[2] then return 1 end
+return 0
+"""
+
+# KEYS: task. ARGV[6..]: state, then '1', status, headers, body when there is a response.
+_FINISH = (
+    _PRELUDE
+    + """
+local h = load(KEYS[1])
+if not h or not is_active(h['state']) then return 0 end
+if ARGV[7] == '1' then
+  redis.call('HSET', KEYS[1], 'status', ARGV[8], 'headers', ARGV[9], 'body', ARGV[10])
+end
+conclude(KEYS[1], h, ARGV[6])
+return 1
+"""
+)
+
+# KEYS: task.
+_REQUEST_CANCEL = (
+    _PRELUDE
+    + """
+local h = load(KEYS[1])
+if not h then return false end
+check_lease(KEYS[1], h)
+if is_expired(h) then return false end
+redis.call('HSET', KEYS[1], 'cancel', '1')
+if h['state'] == 'queued' then conclude(KEYS[1], h, 'cancelled') end
+return redis.call('HGETALL', KEYS[1])
+"""
+)
+
+# KEYS: task.
+_DELETE = (
+    _PRELUDE
+    + """
+local h = load(KEYS[1])
+if not h then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', h['ix'], h['id'])
+if h['ik'] and redis.call('GET', h['ik']) == h['id'] then redis.call('DEL', h['ik']) end
+if h['worker'] then redis.call('SREM', prefix .. 'worker:' .. h['worker'], h['id']) end
+redis.call('ZREM', schedule, schedule_member('r', h['id'], h['ix']),
+  schedule_member('f', h['id'], h['ix']))
+return 1
+"""
+)
+
+# KEYS: task.
+_GET = (
+    _PRELUDE
+    + """
+local h = load(KEYS[1])
+if not h then return false end
+check_lease(KEYS[1], h)
+return redis.call('HGETALL', KEYS[1])
+"""
+)
+
+# KEYS: owner index. ARGV[6..]: cursor id ('' to start at the newest), the
+# cursor's score ('' if unknown), how many tasks are wanted, how many index
+# entries to look at at most, the state wanted ('' for any).
+# Returns {next cursor id or '', its score or '', task hashes...}.
+_LIST = (
+    _PRELUDE
+    + """
+local cursor, cursor_score = ARGV[6], ARGV[7]
+local want, scan, wanted_state = tonumber(ARGV[8]), tonumber(ARGV[9]), ARGV[10]
+local first = 0
+if cursor ~= '' then
+  local rank = redis.call('ZREVRANK', KEYS[1], cursor)
+  if rank then
+    first = rank + 1
+  elseif cursor_score ~= '' then
+    -- The cursor was deleted between two calls: go on after its score (tasks
+    -- created in the very same microsecond as it may then be skipped).
+    first = redis.call('ZCOUNT', KEYS[1], cursor_score, '+inf')
+  else
+    return {'', ''}
+  end
+end
+local entries = redis.call('ZREVRANGE', KEYS[1], first, first + scan - 1, 'WITHSCORES')
+local out = {'', ''}
+for i = 1, #entries, 2 do
+  local id = entries[i]
+  local key = prefix .. 'task:' .. id
+  local h = load(key)
+  if not h then
+    -- Redis expired (or evicted) the task: drop its index entry on the way.
+    redis.call('ZREM', KEYS[1], id)
+  else
+    check_lease(key, h)
+    if not is_expired(h) and (wanted_state == '' or h['state'] == wanted_state) then
+      out[#out + 1] = redis.call('HGETALL', key)
+    end
+  end
+  if #out - 2 >= want or (i + 1 == #entries and #entries == 2 * scan) then
+    out[1], out[2] = id, entries[i + 1]
+    return out
+  end
+end
+return out
+"""
+)
+
+# KEYS: lease, worker's set. ARGV[6..]: worker, batch size.
+_RELEASE = (
+    _PRELUDE
+    + """
+redis.call('DEL', KEYS[1])
+local ids = redis.call('SPOP', KEYS[2], ARGV[7])
+for _, id in ipairs(ids) do
+  local key = prefix .. 'task:' .. id
+  local h = load(key)
+  if h and is_active(h['state']) and h['worker'] == ARGV[6] then conclude(key, h, 'lost') end
+end
+return #ids
+"""
+)
+
+# KEYS: expiry schedule. ARGV[6..]: batch size, tombstone_ttl (seconds).
+# Returns {records changed, entries handled}.
+_PURGE = (
+    _PRELUDE
+    + """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES', 'LIMIT', 0, ARGV[6])
+local changed = 0
+for i = 1, #due, 2 do
+  local member = due[i]
+  local colon = string.find(member, ':', 2, true)
+  local size = tonumber(string.sub(member, 2, colon - 1))
+  local id = string.sub(member, colon + 1, colon + size)
+  local ix = string.sub(member, colon + size + 1)
+  local key = prefix .. 'task:' .. id
+  redis.call('ZREM', KEYS[1], member)
+  if redis.call('EXISTS', key) == 0 then
+    changed = changed + redis.call('ZREM', ix, id)
+  elseif string.sub(member, 1, 1) == 'r' then
+    -- The result expired: keep a tombstone, free the response.
+    redis.call('HDEL', key, 'status', 'headers', 'body', 'progress')
+    redis.call('HSET', key, 'expired', '1')
+    redis.call('ZADD', KEYS[1], tonumber(due[i + 1]) + tonumber(ARGV[7]),
+      schedule_member('f', id, ix))
+    changed = changed + 1
+  else
+    -- Redis has not expired the tombstone yet (clocks differ): look again then.
+    local pttl = redis.call('PTTL', key)
+    if pttl > 0 then
+      redis.call('ZADD', KEYS[1], tonumber(now) + pttl / 1000, member)
+    end
+  end
+end
+return {changed, #due / 2}
+"""
+)
+
+
+def _ms(seconds: float) -> int:
+    """Milliseconds for PX/PEXPIRE, at least 1 (0 would delete the key at once)."""
+    return max(1, round(seconds * 1000))
+
+
+def redact_url(url: str) -> str:
+    """``url`` without its password (in the authority part or the query string)."""
+    parts = urllib.parse.urlsplit(url)
+    netloc = parts.netloc
+    userinfo, at, host = netloc.rpartition("@")
+    if at:
+        username = userinfo.partition(":")[0]
+        netloc = f"{username}@{host}" if username else host
+    query = parts.query
+    if query:
+        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
+        query = urllib.parse.urlencode([(k, v) for k, v in pairs if k != "password"])
+    # Put together by hand: urlunsplit() would turn "unix:///path" into "unix:/path".
+    shown = f"{parts.scheme}://{netloc}{parts.path}"
+    if query:
+        shown += f"?{query}"
+    if parts.fragment:
+        shown += f"#{parts.fragment}"
+    return shown
+
+
+class RedisStore(TaskStore):
+    """Tasks in Redis: every process of every host that shares the URL sees them.
+
+    Each method is one round trip (besides :meth:`list` and :meth:`purge_expired`,
+    which work in bounded pages) and atomic. A server that is down or does not
+    answer makes a method raise :class:`~flask_restful_async.exceptions.StoreUnavailable`
+    within about ``socket_timeout`` seconds (a refused connection is retried once,
+    a timeout is not); other Redis errors propagate. The client connects lazily:
+    making the store does not touch the server.
+
+    :param url: ``redis://[user[:password]@]host[:port]/db``, ``rediss://…`` or
+        ``unix://[user[:password]@]/path?db=N``; any redis-py URL option works.
+    :param prefix: Put before every key. Keep a ``{hash tag}`` in it for Redis
+        Cluster (see the module documentation).
+    :param socket_timeout: Seconds to wait for a connection and for each reply.
+    """
+
+    shared = True
+
+    def __init__(
+        self, url: str, *, prefix: str = "{restful_async}:", socket_timeout: float = 2.0
+    ) -> None:
+        self.url = redact_url(url)
+        self.prefix = prefix
+        self._client = redis.Redis.from_url(
+            url,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=socket_timeout,
+            # One quick retry on a dropped connection (a pooled socket that a
+            # restarted server closed) and none on timeouts: a timeout already
+            # took socket_timeout, and retrying would multiply it. Every script
+            # is safe to run twice. (redis-py's own default from a URL is no
+            # retry at all; Redis() without a URL retries 10 times with backoff.)
+            retry=Retry(
+                ExponentialWithJitterBackoff(base=0.05, cap=0.25),
+                retries=1,
+                supported_errors=(RedisConnectionError,),
+            ),
+            # RESP2 works with every server version (RESP3's HELLO needs Redis 6)
+            # and is all these commands need. A ?protocol=3 in the URL wins.
+            protocol=2,
+        )
+        register = self._client.register_script
+        self._create = register(_CREATE)
+        self._start = register(_START)
+        self._set_progress = register(_SET_PROGRESS)
+        self._finish = register(_FINISH)
+        self._request_cancel = register(_REQUEST_CANCEL)
+        self._delete = register(_DELETE)
+        self._get = register(_GET)
+        self._list = register(_LIST)
+        self._release = register(_RELEASE)
+        self._purge = register(_PURGE)
+
+    # Key names. Owners and workers are arbitrary strings: the markers ("-" for
+    # no owner, "=" and a length otherwise) keep every (owner, key) pair apart.
+
+    def _task_key(self, task_id: str) -> str:
+        return f"{self.prefix}task:{task_id}"
+
+    def _owner_key(self, owner: str | None) -> str:
+        return f"{self.prefix}owner:-" if owner is None else f"{self.prefix}owner:={owner}"
+
+    def _idempotency_key(self, owner: str | None, key: str) -> str:
+        scope = "-" if owner is None else f"={len(owner)}:{owner}"
+        return f"{self.prefix}idem:{scope}:{key}"
+
+    def _lease_key(self, worker: str) -> str:
+        return f"{self.prefix}lease:{worker}"
+
+    def _worker_key(self, worker: str) -> str:
+        return f"{self.prefix}worker:{worker}"
+
+    @contextlib.contextmanager
+    def _reaching(self) -> Iterator[None]:
+        """Turn "Redis cannot be reached" into StoreUnavailable; let other errors through."""
+        try:
+            yield
+        except BusyLoadingError as e:
+            raise StoreUnavailable(
+                f"Redis at {self.url} is loading its data set", retry_after=5
+            ) from e
+        except (RedisConnectionError, RedisTimeoutError) as e:
+            raise StoreUnavailable(f"Redis at {self.url} did not answer: {e}") from e
+
+    def _clock(self, now: float) -> list[str | int]:
+        """The arguments every script's prelude reads (see _PRELUDE)."""
+        return [
+            self.prefix,
+            repr(now),
+            repr(float(self.result_ttl)),
+            _ms(self.result_ttl + self.tombstone_ttl),
+            repr(now + self.result_ttl),
+        ]
+
+    def create(self, task: Task) -> Task:
+        fields = _encode(task)
+        keys = [self._task_key(task.id), self._owner_key(task.owner)]
+        if task.idempotency_key is not None:
+            idempotency_key = self._idempotency_key(task.owner, task.idempotency_key)
+            keys.append(idempotency_key)
+            fields += [b"ik", idempotency_key.encode()]
+        fields += [b"ix", keys[1].encode()]
+        args = [
+            *self._clock(time.time()),
+            task.id,
+            repr(float(task.created_at)),
+            task.worker or "",
+            _ms(self.lease),
+            *fields,
+        ]
+        with self._reaching():
+            reply = self._create(keys=keys, args=args)
+        if reply[0] == 1:
+            return task
+        return _decode(reply[1])
+
+    def get(self, task_id: str) -> Task | None:
+        now = time.time()
+        with self._reaching():
+            reply = self._get(keys=[self._task_key(task_id)], args=self._clock(now))
+        if reply is None:
+            return None
+        return self.retention_view(_decode(reply), now)
+
+    def start(self, task_id: str, worker: str) -> Task | None:
+        args = [*self._clock(time.time()), worker]
+        with self._reaching():
+            reply = self._start(keys=[self._task_key(task_id)], args=args)
+        return None if reply is None else _decode(reply)
+
+    def set_progress(self, task_id: str, progress: Progress) -> bool:
+        with self._reaching():
+            reply = self._set_progress(
+                keys=[self._task_key(task_id)], args=[json.dumps(progress.to_dict())]
+            )
+        return bool(reply)
+
+    def cancel_requested(self, task_id: str) -> bool:
+        with self._reaching():
+            flag = self._client.hget(self._task_key(task_id), "cancel")
+        return flag is not None
+
+    def finish(
+        self, task_id: str, state: TaskState, response: StoredResponse | None = None
+    ) -> None:
+        if not state.finished:
+            # Finishing gives the record a TTL: an "active" one would then vanish.
+            raise ValueError(f"finish() needs a final state, not {state.value!r}")
+        args: list[str | int | bytes] = [*self._clock(time.time()), state.value]
+        if response is not None:
+            args += ["1", response.status, _encode_headers(response.headers), response.body]
+        else:
+            args.append("0")
+        with self._reaching():
+            self._finish(keys=[self._task_key(task_id)], args=args)
+
+    def request_cancel(self, task_id: str) -> Task | None:
+        now = time.time()
+        with self._reaching():
+            reply = self._request_cancel(keys=[self._task_key(task_id)], args=self._clock(now))
+        if reply is None:
+            return None
+        view = self.retention_view(_decode(reply), now)
+        return None if view is None or view.expired else view
+
+    def delete(self, task_id: str) -> None:
+        with self._reaching():
+            self._delete(keys=[self._task_key(task_id)], args=self._clock(time.time()))
+
+    def list(
+        self,
+        *,
+        owner: str | None,
+        state: TaskState | None = None,
+        limit: int = 50,
+        before: str | None = None,
+    ) -> list[Task]:
+        """Newest first (by ``created_at``; ties by id, descending), after ``before``.
+
+        A ``before`` id that is not (or no longer) in the owner's index gives an
+        empty list, as the end of the listing would.
+        """
+        found: list[Task] = []
+        if limit <= 0:
+            return found
+        now = time.time()
+        owner_key = self._owner_key(owner)
+        cursor, cursor_score = before or "", ""
+        while len(found) < limit:
+            args = [
+                *self._clock(now),
+                cursor,
+                cursor_score,
+                limit - len(found),
+                LIST_SCAN,
+                state.value if state is not None else "",
+            ]
+            with self._reaching():
+                reply = self._list(keys=[owner_key], args=args)
+            for raw in reply[2:]:
+                view = self.retention_view(_decode(raw), now)
+                if view is not None and not view.expired:
+                    found.append(view)
+            if not reply[0]:
+                break
+            cursor, cursor_score = reply[0].decode(), reply[1].decode()
+        return found[:limit]
+
+    def renew_lease(self, worker: str) -> None:
+        with self._reaching():
+            self._client.set(self._lease_key(worker), repr(time.time()), px=_ms(self.lease))
+
+    def release_lease(self, worker: str) -> None:
+        args = [*self._clock(time.time()), worker, RELEASE_BATCH]
+        keys = [self._lease_key(worker), self._worker_key(worker)]
+        with self._reaching():
+            while self._release(keys=keys, args=args) >= RELEASE_BATCH:
+                pass
+
+    def purge_expired(self, now: float | None = None) -> int:
+        """Drop expired results (keeping tombstones) and prune index entries of
+        tasks Redis has forgotten, at most ``PURGE_BATCH * PURGE_MAX_BATCHES`` per call.
+
+        The task hashes themselves expire by their Redis TTL.
+        """
+        now = time.time() if now is None else now
+        args = [*self._clock(now), PURGE_BATCH, repr(float(self.tombstone_ttl))]
+        changed = 0
+        with self._reaching():
+            for _ in range(PURGE_MAX_BATCHES):
+                done, handled = self._purge(keys=[f"{self.prefix}expiry"], args=args)
+                changed += int(done)
+                if handled < PURGE_BATCH:
+                    break
+        return changed
+
+    def close(self) -> None:
+        """Disconnect the pool's connections; the next call connects again."""
+        self._client.connection_pool.disconnect()
+
+
+def _encode_headers(headers: Sequence[tuple[str, str]]) -> str:
+    return json.dumps([[name, value] for name, value in headers])
+
+
+def _encode(task: Task) -> list[bytes]:
+    """The hash fields of a task, as alternating names and values."""
+    fields: dict[str, str | bytes] = {
+        "id": task.id,
+        "state": task.state.value,
+        "created_at": repr(float(task.created_at)),
+    }
+    if task.started_at is not None:
+        fields["started_at"] = repr(float(task.started_at))
+    if task.finished_at is not None:
+        fields["finished_at"] = repr(float(task.finished_at))
+    if task.progress is not None:
+        fields["progress"] = json.dumps(task.progress.to_dict())
+    for name in ("owner", "idempotency_key", "fingerprint", "worker"):
+        value = getattr(task, name)
+        if value is not None:
+            fields[name] = value
+    if task.cancel_requested:
+        fields["cancel"] = "1"
+    if task.response is not None:
+        fields["status"] = str(task.response.status)
+        fields["headers"] = _encode_headers(task.response.headers)
+        fields["body"] = task.response.body
+    if task.expired:
+        fields["expired"] = "1"
+    flat: list[bytes] = []
+    for name, value in fields.items():
+        flat.append(name.encode())
+        flat.append(value.encode() if isinstance(value, str) else value)
+    return flat
+
+
+def _decode(flat: Sequence[bytes]) -> Task:
+    """A task from HGETALL's alternating names and values."""
+    h = dict(zip(flat[::2], flat[1::2], strict=True))
+
+    def text(name: bytes) -> str | None:
+        value = h.get(name)
+        return None if value is None else value.decode()
+
+    def number(name: bytes) -> float | None:
+        value = h.get(name)
+        return None if value is None else float(value)
+
+    progress = h.get(b"progress")
+    response = None
+    if b"status" in h:
+        headers = [(str(k), str(v)) for k, v in json.loads(h[b"headers"])]
+        response = StoredResponse(int(h[b"status"]), headers, h[b"body"])
+    created_at = number(b"created_at")
+    return Task(
+        id=h[b"id"].decode(),
+        state=TaskState(h[b"state"].decode()),
+        created_at=created_at if created_at is not None else 0.0,
+        started_at=number(b"started_at"),
+        finished_at=number(b"finished_at"),
+        progress=Progress.from_dict(json.loads(progress)) if progress is not None else None,
+        owner=text(b"owner"),
+        idempotency_key=text(b"idempotency_key"),
+        fingerprint=text(b"fingerprint"),
+        cancel_requested=b"cancel" in h,
+        worker=text(b"worker"),
+        response=response,
+        expired=b"expired" in h,
+    )

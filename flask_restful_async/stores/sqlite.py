@@ -1,0 +1,470 @@
+"""``sqlite:///path``: the default store, a file shared by every process of one machine.
+
+Write-ahead logging lets readers (polls) run alongside the one writer, every
+transaction is a single short statement or ``BEGIN IMMEDIATE`` block, and each
+thread of each process has its own connection, as SQLite requires. Results
+survive restarts; a process that dies is detected through its lease.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+import threading
+import time
+import types
+import typing as t
+import weakref
+
+from ..exceptions import StoreUnavailable
+from ..task import Progress, StoredResponse, Task, TaskState
+from .base import TaskStore
+
+#: Records changed per statement when reclaiming space, so that no purge holds the
+#: write lock for long.
+PURGE_BATCH = 500
+#: Seconds between purges started by submits (the lease renewal purges too).
+PURGE_INTERVAL = 5.0
+#: Pages (4 KiB) the write-ahead log may grow to before a writer checkpoints it
+#: itself, paying for the fsync inside a request.
+WAL_AUTOCHECKPOINT_PAGES = 10_000
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tasks (
+    id TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    progress TEXT,
+    owner TEXT,
+    idempotency_key TEXT,
+    fingerprint TEXT,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    worker TEXT,
+    response_status INTEGER,
+    response_headers TEXT,
+    response_body BLOB,
+    expired INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS tasks_by_owner ON tasks (owner, created_at, id);
+CREATE INDEX IF NOT EXISTS tasks_by_finish ON tasks (finished_at) WHERE finished_at IS NOT NULL;
+CREATE UNIQUE INDEX IF NOT EXISTS tasks_by_key ON tasks (coalesce(owner, ''), idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+CREATE TABLE IF NOT EXISTS leases (
+    worker TEXT PRIMARY KEY,
+    expires_at REAL NOT NULL
+);
+"""
+
+_COLUMNS = (
+    "id, state, created_at, started_at, finished_at, progress, owner, idempotency_key,"
+    " fingerprint, cancel_requested, worker, response_status, response_headers,"
+    " response_body, expired"
+)
+# A task with, while it is active, the expiry of its worker's lease: one indexed
+# read per poll, and no lease lookup at all once the task has finished.
+_SELECT = (
+    "SELECT t.id, t.state, t.created_at, t.started_at, t.finished_at, t.progress, t.owner,"
+    " t.idempotency_key, t.fingerprint, t.cancel_requested, t.worker, t.response_status,"
+    " t.response_headers, t.response_body, t.expired,"
+    " CASE WHEN t.state IN ('queued', 'running')"
+    " THEN (SELECT l.expires_at FROM leases AS l WHERE l.worker = t.worker) END"
+    " FROM tasks AS t"
+)
+_ACTIVE = "('queued', 'running')"
+# True for a task whose worker holds no live lease (bind: now).
+_LAPSED = (
+    "(t.worker IS NOT NULL AND coalesce("
+    "(SELECT l.expires_at FROM leases AS l WHERE l.worker = t.worker), 0) < ?)"
+)
+
+
+class SQLiteStore(TaskStore):
+    """Tasks in one SQLite file, for every process and thread of one machine.
+
+    ``path`` is the database file; its folder is created if missing. ``timeout``
+    is how long a statement waits for another writer before the store reports
+    itself unavailable (503).
+    """
+
+    shared = True
+
+    def __init__(self, path: str, *, timeout: float = 5.0) -> None:
+        if sqlite3.sqlite_version_info < (3, 35, 0):
+            raise RuntimeError(
+                f"the sqlite store needs SQLite 3.35 or newer, this Python has"
+                f" {sqlite3.sqlite_version}"
+            )
+        self.path = os.path.abspath(path)
+        self.url = f"sqlite:///{self.path}"
+        self.timeout = timeout
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self._write_lock = threading.RLock()
+        self._next_purge = 0.0
+        _stores.add(self)
+
+    # -- connections -------------------------------------------------------------
+
+    def _connection(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is not None and self._local.pid == os.getpid():
+            return conn
+        # A connection must never cross a fork: the child opens its own (and leaves
+        # the parent's alone, as closing it could disturb the parent's locks).
+        conn = self._connect()
+        self._local.conn, self._local.pid = conn, os.getpid()
+        return conn
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            conn = sqlite3.connect(
+                self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False
+            )
+            conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
+            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                conn.execute("PRAGMA journal_mode = WAL")
+            # WAL with synchronous=NORMAL stays consistent on a crash; a power loss
+            # may lose the last commits, which a 202 client would then see as 404.
+            conn.execute("PRAGMA synchronous = NORMAL")
+            # Checkpoints (the only fsyncs in WAL mode) are run by the lease renewal
+            # through purge_expired; this limit only applies if none runs.
+            conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}")
+            conn.executescript(_SCHEMA)
+        except BaseException as e:
+            if _is_outage(e):
+                raise StoreUnavailable(f"The task store is not available: {e}") from e
+            raise
+        with self._lock:
+            self._connections.append(conn)
+        return conn
+
+    def _reading(self) -> _Access:
+        """The thread's connection, with outages raised as ``StoreUnavailable``."""
+        return _Access(self, None)
+
+    def _writing(self) -> _Access:
+        """The same for writes, which the threads of this process take in turns.
+
+        SQLite lets one writer in at a time and makes the others wait in a busy
+        handler that sleeps in steps of milliseconds; queueing on a Python lock
+        first keeps that for writers of other processes only.
+        """
+        return _Access(self, self._write_lock)
+
+    @contextlib.contextmanager
+    def _transaction(self) -> t.Iterator[sqlite3.Connection]:
+        """A write transaction that takes the write lock at once (no upgrade deadlock)."""
+        with self._writing() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def _after_fork(self) -> None:
+        # Locks held by threads that do not exist in the child would never be freed.
+        self._lock = threading.Lock()
+        self._write_lock = threading.RLock()
+
+    def close(self) -> None:
+        with self._lock:
+            connections, self._connections = self._connections, []
+        for conn in connections:
+            conn.close()
+        self._local = threading.local()
+
+    # -- reading -------------------------------------------------------------------
+
+    def _task(self, row: t.Sequence[t.Any]) -> Task:
+        status, headers, body = row[11], row[12], row[13]
+        return Task(
+            id=row[0],
+            state=TaskState(row[1]),
+            created_at=row[2],
+            started_at=row[3],
+            finished_at=row[4],
+            progress=Progress.from_dict(json.loads(row[5])) if row[5] is not None else None,
+            owner=row[6],
+            idempotency_key=row[7],
+            fingerprint=row[8],
+            cancel_requested=bool(row[9]),
+            worker=row[10],
+            response=(
+                StoredResponse(status, [tuple(h) for h in json.loads(headers)], bytes(body))
+                if status is not None
+                else None
+            ),
+            expired=bool(row[14]),
+        )
+
+    def _read(self, row: t.Sequence[t.Any], now: float) -> Task | None:
+        """A row of ``_SELECT`` as clients see it: lost if its lease lapsed, retention."""
+        task = self._task(row)
+        lease_expires = row[15]
+        if (
+            task.state in (TaskState.QUEUED, TaskState.RUNNING)
+            and task.worker is not None
+            and (lease_expires is None or lease_expires < now)
+        ):
+            self._mark_lost(task, now)
+        return self.retention_view(task, now)
+
+    def _mark_lost(self, task: Task, now: float) -> None:
+        with self._writing() as conn:
+            changed = conn.execute(
+                f"UPDATE tasks SET state = 'lost', finished_at = ?"
+                f" WHERE id = ? AND state IN {_ACTIVE} AND worker IS ?",
+                (now, task.id, task.worker),
+            ).rowcount
+        if changed:
+            task.state, task.finished_at = TaskState.LOST, now
+        else:  # someone else moved it on meanwhile: read what they wrote
+            fresh = self.get(task.id)
+            if fresh is not None:
+                task.__dict__.update(fresh.__dict__)
+
+    def get(self, task_id: str) -> Task | None:
+        with self._reading() as conn:
+            row = conn.execute(f"{_SELECT} WHERE t.id = ?", (task_id,)).fetchone()
+        return None if row is None else self._read(row, time.time())
+
+    # -- writing -------------------------------------------------------------------
+
+    def create(self, task: Task) -> Task:
+        now = time.time()
+        if now >= self._next_purge:
+            self._next_purge = now + PURGE_INTERVAL
+            self.purge_expired(now)
+        if task.idempotency_key is None:
+            # One statement, committed on its own: the common case stays one write.
+            with self._writing() as conn:
+                self._insert(conn, task)
+            return task
+        with self._transaction() as conn:
+            row = conn.execute(
+                f"{_SELECT} WHERE coalesce(t.owner, '') = coalesce(?, '')"
+                " AND t.idempotency_key = ?",
+                (task.owner, task.idempotency_key),
+            ).fetchone()
+            if row is not None:
+                existing = self.retention_view(self._task(row), now)
+                if existing is not None and not existing.expired:
+                    return existing
+                conn.execute("UPDATE tasks SET idempotency_key = NULL WHERE id = ?", (row[0],))
+            self._insert(conn, task)
+        return task
+
+    @staticmethod
+    def _insert(conn: sqlite3.Connection, task: Task) -> None:
+        conn.execute(
+            f"INSERT INTO tasks ({_COLUMNS}) VALUES"
+            " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, NULL, 0)",
+            (
+                task.id,
+                task.state.value,
+                task.created_at,
+                task.started_at,
+                task.finished_at,
+                json.dumps(task.progress.to_dict()) if task.progress is not None else None,
+                task.owner,
+                task.idempotency_key,
+                task.fingerprint,
+                int(task.cancel_requested),
+                task.worker,
+            ),
+        )
+
+    def start(self, task_id: str, worker: str) -> Task | None:
+        with self._writing() as conn:
+            row = conn.execute(
+                f"UPDATE tasks SET state = 'running', started_at = ?, worker = ?"
+                f" WHERE id = ? AND state = 'queued' RETURNING {_COLUMNS}",
+                (time.time(), worker, task_id),
+            ).fetchone()
+        return None if row is None else self._task(row)
+
+    def set_progress(self, task_id: str, progress: Progress) -> bool:
+        with self._writing() as conn:
+            row = conn.execute(
+                "UPDATE tasks SET progress = ? WHERE id = ? AND state = 'running'"
+                " RETURNING cancel_requested",
+                (json.dumps(progress.to_dict()), task_id),
+            ).fetchone()
+        return bool(row[0]) if row is not None else self.cancel_requested(task_id)
+
+    def cancel_requested(self, task_id: str) -> bool:
+        with self._reading() as conn:
+            row = conn.execute(
+                "SELECT cancel_requested FROM tasks WHERE id = ?", (task_id,)
+            ).fetchone()
+        return row is not None and bool(row[0])
+
+    def finish(
+        self, task_id: str, state: TaskState, response: StoredResponse | None = None
+    ) -> None:
+        status = headers = body = None
+        if response is not None:
+            status, headers, body = (
+                response.status,
+                json.dumps(response.headers),
+                response.body,
+            )
+        with self._writing() as conn:
+            conn.execute(
+                "UPDATE tasks SET state = ?, finished_at = ?, response_status = ?,"
+                f" response_headers = ?, response_body = ? WHERE id = ? AND state IN {_ACTIVE}",
+                (state.value, time.time(), status, headers, body, task_id),
+            )
+
+    def request_cancel(self, task_id: str) -> Task | None:
+        now = time.time()
+        with self._writing() as conn:
+            row = conn.execute(
+                "UPDATE tasks SET cancel_requested = 1,"
+                " finished_at = CASE WHEN state = 'queued' THEN ? ELSE finished_at END,"
+                " state = CASE WHEN state = 'queued' THEN 'cancelled' ELSE state END"
+                f" WHERE id = ? AND expired = 0 RETURNING {_COLUMNS}",
+                (now, task_id),
+            ).fetchone()
+        return None if row is None else self._task(row)
+
+    def delete(self, task_id: str) -> None:
+        with self._writing() as conn:
+            conn.execute("DELETE FROM tasks WHERE id = ?", (task_id,))
+
+    def list(
+        self,
+        *,
+        owner: str | None,
+        state: TaskState | None = None,
+        limit: int = 50,
+        before: str | None = None,
+    ) -> list[Task]:
+        now = time.time()
+        # Finished longer ago than this, a task is expired and not listed.
+        fresh_after = now - self.result_ttl
+        query = [f"{_SELECT} WHERE t.owner IS ? AND t.expired = 0"]
+        params: list[t.Any] = [owner]
+        query.append("AND (t.finished_at IS NULL OR t.finished_at >= ?)")
+        params.append(fresh_after)
+        # Filter on the state as read: an active task whose lease lapsed is lost.
+        if state in (TaskState.QUEUED, TaskState.RUNNING):
+            query.append(f"AND t.state = ? AND NOT {_LAPSED}")
+            params.extend([state.value, now])
+        elif state is TaskState.LOST:
+            query.append(f"AND (t.state = 'lost' OR (t.state IN {_ACTIVE} AND {_LAPSED}))")
+            params.append(now)
+        elif state is not None:
+            query.append("AND t.state = ?")
+            params.append(state.value)
+        if before is not None:
+            query.append(
+                "AND (t.created_at, t.id) < (SELECT created_at, id FROM tasks WHERE id = ?)"
+            )
+            params.append(before)
+        query.append("ORDER BY t.created_at DESC, t.id DESC LIMIT ?")
+        params.append(limit)
+        with self._reading() as conn:
+            rows = conn.execute(" ".join(query), params).fetchall()
+        tasks = (self._read(row, now) for row in rows)
+        return [task for task in tasks if task is not None and not task.expired]
+
+    # -- liveness and retention --------------------------------------------------
+
+    def renew_lease(self, worker: str) -> None:
+        with self._writing() as conn:
+            conn.execute(
+                "INSERT INTO leases (worker, expires_at) VALUES (?, ?)"
+                " ON CONFLICT (worker) DO UPDATE SET expires_at = excluded.expires_at",
+                (worker, time.time() + self.lease),
+            )
+
+    def release_lease(self, worker: str) -> None:
+        # A worker without a lease has lapsed: its active tasks read as lost now.
+        with self._writing() as conn:
+            conn.execute("DELETE FROM leases WHERE worker = ?", (worker,))
+
+    def purge_expired(self, now: float | None = None) -> int:
+        now = time.time() if now is None else now
+        with self._writing() as conn:
+            changed = conn.execute(
+                "DELETE FROM tasks WHERE id IN (SELECT id FROM tasks WHERE finished_at < ?"
+                " LIMIT ?)",
+                (now - self.result_ttl - self.tombstone_ttl, PURGE_BATCH),
+            ).rowcount
+            changed += conn.execute(
+                "UPDATE tasks SET expired = 1, response_status = NULL, response_headers = NULL,"
+                " response_body = NULL, progress = NULL, idempotency_key = NULL"
+                " WHERE id IN (SELECT id FROM tasks WHERE finished_at < ? AND expired = 0"
+                " LIMIT ?)",
+                (now - self.result_ttl, PURGE_BATCH),
+            ).rowcount
+            # A lapsed lease and a missing one mean the same: the worker is gone.
+            conn.execute("DELETE FROM leases WHERE expires_at < ?", (now - self.lease,))
+        # Copy the log into the database now, off the request path. A passive
+        # checkpoint lets writers go on meanwhile: no need for the write lock.
+        with self._reading() as conn:
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        return changed
+
+
+class _Access:
+    """A store's connection for one statement or transaction (a context manager):
+    outages come out as ``StoreUnavailable``; writers hold the write lock.
+
+    Written as a class rather than with ``contextlib``: it wraps every statement,
+    and this is several times cheaper.
+    """
+
+    __slots__ = ("_lock", "_store")
+
+    def __init__(self, store: SQLiteStore, lock: threading.RLock | None) -> None:
+        self._store, self._lock = store, lock
+
+    def __enter__(self) -> sqlite3.Connection:
+        if self._lock is not None:
+            self._lock.acquire()
+        try:
+            return self._store._connection()
+        except BaseException as e:
+            self.__exit__(type(e), e, e.__traceback__)
+            raise
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: types.TracebackType | None,
+    ) -> None:
+        if self._lock is not None:
+            self._lock.release()
+        if exc is not None and _is_outage(exc):
+            raise StoreUnavailable(f"The task store is not available: {exc}") from exc
+
+
+def _is_outage(exc: BaseException) -> bool:
+    # Locked past the timeout, disk full, I/O error, a folder that cannot be made,
+    # "file is not a database". Integrity and programming errors are bugs instead,
+    # and propagate as they are.
+    return isinstance(exc, (sqlite3.OperationalError, OSError)) or (
+        type(exc) is sqlite3.DatabaseError
+    )
+
+
+_stores: weakref.WeakSet[SQLiteStore] = weakref.WeakSet()
+
+
+def _reset_after_fork() -> None:
+    for store in list(_stores):
+        store._after_fork()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)

@@ -1,0 +1,571 @@
+"""What only the Redis store does: key layout, atomic scripts under load, leases,
+TTLs, and behaviour when Redis goes away and comes back.
+
+The shared contract (tests/test_stores.py) runs against RedisStore too; these
+tests add what it cannot see. They use database :data:`REDIS_DB` of the Redis on
+127.0.0.1:6379 with a random key prefix per test, and delete only their own keys
+(other test modules may use the same server at the same time). The outage test
+runs a second redis-server of its own on a free loopback port.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import typing as t
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from flask_restful_async import Progress, Task, TaskState
+from flask_restful_async.exceptions import StoreUnavailable
+from flask_restful_async.stores import redis as redis_store_module
+from flask_restful_async.stores.redis import LIST_SCAN, RELEASE_BATCH, RedisStore
+from flask_restful_async.task import StoredResponse, new_task_id
+
+from .services import REDIS_HOST, REDIS_PORT, port_open, require_redis, services_required
+
+#: The database these tests write to (one of services.REDIS_TEST_DBS); they never flush it.
+REDIS_DB = 14
+REDIS_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/{REDIS_DB}"
+RESPONSE = StoredResponse(200, [("Content-Type", "application/json")], b'{"ok": true}\n')
+
+
+def new_task(**fields: t.Any) -> Task:
+    return Task(id=new_task_id(), **fields)
+
+
+def new_prefix() -> str:
+    return f"{{restful_async_test_{secrets.token_hex(6)}}}:"
+
+
+@pytest.fixture
+def raw() -> Iterator[redis.Redis]:
+    """A plain client on the test database, to look behind the store's back."""
+    require_redis()
+    client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=REDIS_DB, socket_timeout=5)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def prefixes(raw: redis.Redis) -> Iterator[Callable[[], str]]:
+    """Hands out fresh key prefixes; deletes every key under them afterwards."""
+    made: list[str] = []
+
+    def make() -> str:
+        made.append(new_prefix())
+        return made[-1]
+
+    yield make
+    for prefix in made:
+        keys = list(raw.scan_iter(match=f"{prefix}*", count=1000))
+        if keys:
+            raw.delete(*keys)
+
+
+@pytest.fixture
+def prefix(prefixes: Callable[[], str]) -> str:
+    return prefixes()
+
+
+@pytest.fixture
+def store(prefix: str) -> Iterator[RedisStore]:
+    made = RedisStore(REDIS_URL, prefix=prefix)
+    made.configure(result_ttl=3600, tombstone_ttl=3600, lease=30)
+    yield made
+    made.close()
+
+
+def keys_under(raw: redis.Redis, prefix: str) -> set[bytes]:
+    return set(raw.scan_iter(match=f"{prefix}*", count=1000))
+
+
+def join_all(threads: list[threading.Thread], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    assert not any(thread.is_alive() for thread in threads), "threads did not finish in time"
+
+
+def sleep_until(deadline: float) -> None:
+    time.sleep(max(0.0, deadline - time.monotonic()))
+
+
+# --- construction -------------------------------------------------------------
+
+
+def test_url_leaves_the_password_out() -> None:
+    cases = {
+        "redis://user:secret@127.0.0.1:6379/14": "redis://user@127.0.0.1:6379/14",
+        "redis://:secret@127.0.0.1:6379/14": "redis://127.0.0.1:6379/14",
+        "rediss://127.0.0.1:6380/2": "rediss://127.0.0.1:6380/2",
+        "unix:///tmp/redis.sock?db=3&password=secret": "unix:///tmp/redis.sock?db=3",
+    }
+    for url, shown in cases.items():
+        made = RedisStore(url)  # connects lazily: no server needed
+        assert made.url == shown
+        assert made.shared
+        made.close()
+
+
+def test_missing_redis_py_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "redis", None)  # makes `import redis` fail
+    monkeypatch.delitem(sys.modules, "flask_restful_async.stores.redis")
+    with pytest.raises(ImportError, match=r"pip install flask-restful-async\[redis\]"):
+        importlib.import_module("flask_restful_async.stores.redis")
+
+
+# --- key layout ---------------------------------------------------------------
+
+
+def test_prefixes_keep_stores_apart_and_every_key_is_prefixed(
+    raw: redis.Redis, prefixes: Callable[[], str]
+) -> None:
+    prefix_a, prefix_b = prefixes(), prefixes()
+    a, b = RedisStore(REDIS_URL, prefix=prefix_a), RedisStore(REDIS_URL, prefix=prefix_b)
+    try:
+        before = set(raw.scan_iter(count=1000))
+        ids: dict[RedisStore, list[str]] = {}
+        for made in (a, b):
+            made.configure(result_ttl=3600, tombstone_ttl=3600, lease=30)
+            made.renew_lease("w")
+            done = made.create(new_task(owner="alice", idempotency_key="k", worker="w"))
+            made.start(done.id, "w")
+            made.set_progress(done.id, Progress(1, 2, "half"))
+            made.finish(done.id, TaskState.SUCCEEDED, RESPONSE)
+            cancelled = made.create(new_task(owner=None, idempotency_key="k"))
+            made.request_cancel(cancelled.id)
+            leaving = made.create(new_task(owner="bob", worker="leaving"))
+            made.renew_lease("leaving")
+            made.release_lease("leaving")
+            ids[made] = [done.id, cancelled.id, leaving.id]
+        assert a.purge_expired() == 0
+        assert b.purge_expired() == 0
+
+        # each store sees only its own tasks, even with the same owner and key
+        assert all(a.get(task_id) is None for task_id in ids[b])
+        assert all(b.get(task_id) is None for task_id in ids[a])
+        assert a.create(new_task(owner=None, idempotency_key="k")).id == ids[a][1]
+        assert b.create(new_task(owner=None, idempotency_key="k")).id == ids[b][1]
+        assert [task.id for task in a.list(owner=None)] == [ids[a][1]]
+        assert [task.id for task in b.list(owner="bob")] == [ids[b][2]]
+
+        written = set(raw.scan_iter(count=1000)) - before
+        assert written, "the stores wrote nothing"
+        outside = {key for key in written if not key.startswith((b"{restful_async_test_",))}
+        assert not outside, f"keys outside the prefixes: {outside}"
+        mine_a = {key for key in written if key.startswith(prefix_a.encode())}
+        mine_b = {key for key in written if key.startswith(prefix_b.encode())}
+        assert mine_a
+        assert mine_b
+        # every key either store wrote is under its own prefix: nothing else appeared
+        # but keys of other tests, which use other random prefixes
+        names_a = {key[len(prefix_a) :].split(b":")[0] for key in mine_a}
+        assert {b"task", b"owner", b"idem", b"lease", b"expiry"} <= names_a
+    finally:
+        a.close()
+        b.close()
+
+
+def test_the_default_prefix_is_a_cluster_hash_tag() -> None:
+    made = RedisStore(REDIS_URL)
+    assert made.prefix == "{restful_async}:"
+    made.close()
+
+
+# --- atomicity ----------------------------------------------------------------
+
+
+def test_concurrent_idempotent_creates_make_exactly_one_task(
+    store: RedisStore, raw: redis.Redis, prefix: str
+) -> None:
+    count = 20
+    barrier = threading.Barrier(count, timeout=10)
+    results: list[str] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def create() -> None:
+        task = new_task(owner="alice", idempotency_key="POST /orders k1")
+        barrier.wait()
+        try:
+            found = store.create(task)
+        except BaseException as e:  # reported by the main thread
+            with lock:
+                errors.append(e)
+            return
+        with lock:
+            results.append(found.id)
+
+    threads = [threading.Thread(target=create) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    join_all(threads)
+    assert not errors
+    assert len(results) == count
+    assert len(set(results)) == 1
+    assert raw.zcard(f"{prefix}owner:=alice") == 1
+    assert len(keys_under(raw, f"{prefix}task:")) == 1
+
+
+def test_a_retried_create_of_the_same_task_returns_it(store: RedisStore, raw: redis.Redis) -> None:
+    task = new_task(owner="alice", idempotency_key="k")
+    assert store.create(task) == task
+    assert store.create(task) == task
+    assert raw.zcard(f"{store.prefix}owner:=alice") == 1
+
+
+def test_a_retried_start_returns_the_task_and_a_second_start_does_not(
+    store: RedisStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # redis-py retries a call whose connection dropped; the script it runs twice
+    # tells "the same call again" (same worker, same clock) from a second start.
+    class FrozenClock:
+        now = 1_700_000_000.25
+
+        def time(self) -> float:
+            return self.now
+
+    clock = FrozenClock()
+    task = store.create(new_task())
+    monkeypatch.setattr(redis_store_module, "time", clock)
+    first = store.start(task.id, "w")
+    assert first is not None
+    assert first.started_at == clock.now
+    assert store.start(task.id, "w") == first
+    assert store.start(task.id, "w2") is None
+    clock.now += 1
+    assert store.start(task.id, "w") is None
+
+
+def test_other_redis_errors_propagate(store: RedisStore, raw: redis.Redis) -> None:
+    task_id = new_task_id()
+    raw.set(f"{store.prefix}task:{task_id}", "not a hash")
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        store.get(task_id)
+
+
+# --- encoding -----------------------------------------------------------------
+
+
+def test_every_field_round_trips_exactly(store: RedisStore) -> None:
+    store.renew_lease("w:1")
+    response = StoredResponse(
+        207, [("X-Ünïcode", "ä ☃"), ("Set-Cookie", "a=1"), ("Set-Cookie", "b=2")], bytes(range(256))
+    )
+    task = new_task(
+        owner="ö:wner",
+        idempotency_key="PUT /x/ü k",
+        fingerprint="f" * 64,
+        created_at=time.time(),
+        started_at=time.time() + 0.000_001,
+        finished_at=None,
+        progress=Progress(0.1 + 0.2, None, "héllo\nworld"),
+        cancel_requested=True,
+        worker="w:1",
+    )
+    assert store.create(task) == task
+    assert store.get(task.id) == task
+    store.start(task.id, "w:1")  # queued -> running
+    store.set_progress(task.id, Progress(3, 7))
+    store.finish(task.id, TaskState.FAILED, response)
+    found = store.get(task.id)
+    assert found is not None
+    assert found.response == response
+    assert found.progress == Progress(3, 7)
+    assert found.state is TaskState.FAILED
+    assert found.cancel_requested
+
+
+def test_owners_and_keys_do_not_collide(store: RedisStore) -> None:
+    pairs = [(None, "k"), ("", "k"), ("a:b", "c"), ("a", "b:c"), ("-", "k"), ("=1:a", "k")]
+    ids = {store.create(new_task(owner=owner, idempotency_key=key)).id for owner, key in pairs}
+    assert len(ids) == len(pairs)
+    for owner, _ in pairs:
+        assert len(store.list(owner=owner)) == 1
+
+
+# --- listing ------------------------------------------------------------------
+
+
+def test_list_pages_through_ties_in_a_fixed_order(store: RedisStore) -> None:
+    tied = [store.create(new_task(owner="o", created_at=1000.0)).id for _ in range(7)]
+    newer = store.create(new_task(owner="o", created_at=2000.0)).id
+    older = store.create(new_task(owner="o", created_at=10.0)).id
+    expected = [newer, *sorted(tied, reverse=True), older]
+    seen: list[str] = []
+    cursor: str | None = None
+    for _ in range(20):
+        page = store.list(owner="o", limit=2, before=cursor)
+        if not page:
+            break
+        seen += [task.id for task in page]
+        cursor = page[-1].id
+    assert seen == expected
+    assert store.list(owner="o", before=new_task_id()) == []
+
+
+def test_list_finds_sparse_matches_beyond_one_scan(store: RedisStore) -> None:
+    store.renew_lease("w")
+    total = 2 * LIST_SCAN + 50
+    ids = [store.create(new_task(created_at=1000.0 + i)).id for i in range(total)]
+    running = [ids[3], ids[LIST_SCAN + 7], ids[total - 2]]
+    for task_id in running:
+        store.start(task_id, "w")
+    found = store.list(owner=None, state=TaskState.RUNNING)
+    assert [task.id for task in found] == list(reversed(running))
+    assert [task.id for task in store.list(owner=None, limit=total + 10)] == ids[::-1]
+    assert len(store.list(owner=None, limit=LIST_SCAN + 1)) == LIST_SCAN + 1
+
+
+def test_list_skips_and_prunes_tasks_redis_has_forgotten(
+    store: RedisStore, raw: redis.Redis
+) -> None:
+    kept = store.create(new_task(owner="o", created_at=1.0))
+    gone = store.create(new_task(owner="o", created_at=2.0))
+    raw.delete(f"{store.prefix}task:{gone.id}")  # as an eviction would
+    assert [task.id for task in store.list(owner="o")] == [kept.id]
+    assert raw.zrange(f"{store.prefix}owner:=o", 0, -1) == [kept.id.encode()]
+
+
+# --- leases -------------------------------------------------------------------
+
+
+def test_a_lapsed_lease_reads_lost_and_is_recorded(
+    store: RedisStore, raw: redis.Redis, prefix: str
+) -> None:
+    lease = 0.3
+    store.configure(result_ttl=3600, tombstone_ttl=3600, lease=lease)
+    store.renew_lease("dying")
+    renewed_at = time.monotonic()
+    store.renew_lease("alive")
+    dying = store.create(new_task(worker="dying"))
+    store.start(dying.id, "dying")
+    alive = store.create(new_task(worker="alive"))
+    store.start(alive.id, "alive")
+    unowned = store.create(new_task(worker=None))
+
+    first = store.get(dying.id)
+    assert first is not None
+    assert first.state is TaskState.RUNNING
+    lost_after = None
+    deadline = renewed_at + lease + 1.0
+    while time.monotonic() < deadline:
+        store.renew_lease("alive")
+        found = store.get(dying.id)
+        assert found is not None
+        if found.state is TaskState.LOST:
+            lost_after = time.monotonic() - renewed_at
+            break
+        time.sleep(0.02)
+    assert lost_after is not None, "the task never read as lost"
+    assert lost_after <= lease + 0.5
+
+    # recorded, not just computed: another store object and Redis itself agree
+    other = RedisStore(REDIS_URL, prefix=prefix)
+    try:
+        again = other.get(dying.id)
+        assert again is not None
+        assert again.state is TaskState.LOST
+        assert again.finished_at is not None
+    finally:
+        other.close()
+    assert raw.hget(f"{prefix}task:{dying.id}", "state") == b"lost"
+    assert raw.pttl(f"{prefix}task:{dying.id}") > 0  # a finished task expires
+
+    kept = store.get(alive.id)
+    assert kept is not None
+    assert kept.state is TaskState.RUNNING
+    never_lost = store.get(unowned.id)
+    assert never_lost is not None
+    assert never_lost.state is TaskState.QUEUED
+
+
+def test_release_lease_loses_every_active_task_of_that_worker_only(store: RedisStore) -> None:
+    store.renew_lease("leaving")
+    store.renew_lease("staying")
+    mine = [store.create(new_task(worker="leaving")).id for _ in range(RELEASE_BATCH + 10)]
+    store.start(mine[0], "leaving")
+    finished = store.create(new_task(worker="leaving"))
+    store.start(finished.id, "leaving")
+    store.finish(finished.id, TaskState.SUCCEEDED, RESPONSE)
+    other = store.create(new_task(worker="staying"))
+    store.release_lease("leaving")
+    for task_id in mine:
+        found = store.get(task_id)
+        assert found is not None
+        assert found.state is TaskState.LOST, task_id
+    done = store.get(finished.id)
+    assert done is not None
+    assert done.state is TaskState.SUCCEEDED
+    kept = store.get(other.id)
+    assert kept is not None
+    assert kept.state is TaskState.QUEUED
+
+
+# --- retention ----------------------------------------------------------------
+
+
+def test_a_finished_task_expires_in_redis_tombstone_first(
+    store: RedisStore, raw: redis.Redis, prefix: str
+) -> None:
+    store.configure(result_ttl=0.2, tombstone_ttl=0.2, lease=30)
+    store.renew_lease("w")
+    task = store.create(new_task(owner="o", idempotency_key="k", worker="w"))
+    task_key = f"{prefix}task:{task.id}"
+    idempotency_key = f"{prefix}idem:=1:o:k"
+    assert raw.pttl(task_key) == -1
+    store.start(task.id, "w")
+    assert raw.pttl(task_key) == -1
+    assert raw.pttl(idempotency_key) == -1
+    store.finish(task.id, TaskState.SUCCEEDED, RESPONSE)
+    finished_at = time.monotonic()
+    assert 0 < raw.pttl(task_key) <= 400
+    assert 0 < raw.pttl(idempotency_key) <= 400
+
+    sleep_until(finished_at + 0.27)
+    tombstone = store.get(task.id)
+    assert tombstone is not None
+    assert tombstone.expired
+    assert tombstone.response is None
+    assert tombstone.progress is None
+    assert store.list(owner="o") == []
+    # a tombstone does not hold its idempotency key
+    assert store.create(new_task(owner="o", idempotency_key="k")).id != task.id
+
+    sleep_until(finished_at + 0.45)
+    assert store.get(task.id) is None
+    assert not raw.exists(task_key)
+    assert store.purge_expired() >= 1  # prunes the index entry Redis left behind
+    assert raw.zscore(f"{prefix}owner:=o", task.id) is None
+
+
+def test_purge_drops_expired_results_but_keeps_the_tombstone(
+    store: RedisStore, raw: redis.Redis
+) -> None:
+    store.renew_lease("w")
+    task = store.create(new_task())
+    store.start(task.id, "w")
+    store.finish(task.id, TaskState.SUCCEEDED, RESPONSE)
+    active = store.create(new_task(worker="w"))
+    assert store.purge_expired() == 0
+    assert store.purge_expired(now=time.time() + 3600 + 1) == 1
+    assert raw.hget(f"{store.prefix}task:{task.id}", "body") is None
+    tombstone = store.get(task.id)
+    assert tombstone is not None
+    assert tombstone.expired
+    assert tombstone.response is None
+    kept = store.get(active.id)
+    assert kept is not None
+    assert kept.state is TaskState.QUEUED
+
+
+def test_delete_forgets_the_task_its_index_entry_and_its_key(
+    store: RedisStore, raw: redis.Redis
+) -> None:
+    first = store.create(new_task(owner="o", idempotency_key="k"))
+    store.delete(first.id)
+    assert store.get(first.id) is None
+    assert raw.zcard(f"{store.prefix}owner:=o") == 0
+    assert store.create(new_task(owner="o", idempotency_key="k")).id != first.id
+    store.delete(new_task_id())  # unknown: nothing to do
+
+
+# --- Redis going away ---------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def redis_server(port: int, workdir: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """A throwaway redis-server on 127.0.0.1:port, without persistence; killed on exit."""
+    executable = shutil.which("redis-server")
+    if executable is None:
+        message = "redis-server is not installed"
+        if services_required():
+            pytest.fail(message)
+        pytest.skip(message)
+    process = subprocess.Popen(
+        [executable, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--daemonize", "no", "--dir", str(workdir)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while not port_open("127.0.0.1", port, timeout=0.2):
+            if process.poll() is not None:
+                raise AssertionError(f"redis-server exited with {process.returncode}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"redis-server did not listen on port {port} in time")
+            time.sleep(0.02)
+        yield process
+    finally:
+        process.kill()
+        process.wait(timeout=10)
+
+
+def assert_unavailable_within(bound: float, call: Callable[[], object]) -> None:
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable) as raised:
+        call()
+    elapsed = time.monotonic() - started
+    assert elapsed < bound, f"took {elapsed:.2f}s to give up"
+    assert isinstance(raised.value.__cause__, redis.ConnectionError | redis.TimeoutError)
+    assert raised.value.retry_after >= 1
+
+
+def test_a_down_server_is_unavailable_quickly_and_the_store_recovers(tmp_path: Path) -> None:
+    port = free_port()
+    made = RedisStore(f"redis://127.0.0.1:{port}/0")
+    try:
+        with redis_server(port, tmp_path) as server:
+            before = made.create(new_task(owner="o"))
+            assert made.get(before.id) == before
+            server.kill()
+            server.wait(timeout=10)
+            assert_unavailable_within(3.0, lambda: made.create(new_task(owner="o")))
+            assert_unavailable_within(3.0, lambda: made.get(before.id))
+            assert_unavailable_within(3.0, lambda: made.list(owner="o"))
+        with redis_server(port, tmp_path):
+            # the pooled connections are dead and the scripts unknown to the new
+            # server: the same store object gets past both
+            after = made.create(new_task(owner="o"))
+            assert made.get(after.id) == after
+            assert [task.id for task in made.list(owner="o")] == [after.id]
+    finally:
+        made.close()
+
+
+def test_a_server_that_never_answers_times_out(tmp_path: Path) -> None:
+    # A listening socket that never accepts: connecting works (the kernel queues
+    # it), replies never come. The store gives up after socket_timeout, once.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        made = RedisStore(f"redis://127.0.0.1:{port}/0", socket_timeout=0.5)
+        try:
+            assert_unavailable_within(1.5, lambda: made.get(new_task_id()))
+        finally:
+            made.close()
+
+
+def test_close_then_use_again(store: RedisStore) -> None:
+    task = store.create(new_task())
+    store.close()
+    assert store.get(task.id) == task

@@ -1,0 +1,136 @@
+"""The SQLite store: where its file lives, and what happens when it is busy."""
+
+from __future__ import annotations
+
+import sqlite3
+import typing as t
+from pathlib import Path
+
+import pytest
+from flask import Flask, request
+from flask_restful import Api
+
+from flask_restful_async import AsyncResource, TaskState, register_async
+from flask_restful_async.state import get_state
+from flask_restful_async.stores import SQLiteStore, open_store
+
+from .conftest import AppFactory, wait_done
+
+
+class Echo(AsyncResource):
+    def post(self) -> t.Any:
+        return {"echo": request.get_json()}
+
+
+def test_the_default_store_is_a_sqlite_file_in_the_instance_folder(make_app: AppFactory) -> None:
+    app, _ = make_app()
+    store = get_state(app).store
+    assert isinstance(store, SQLiteStore)
+    assert store.path == str(Path(app.instance_path) / "restful_async.db")
+
+
+def test_relative_paths_are_in_the_instance_folder_absolute_ones_are_not(tmp_path: Path) -> None:
+    app = Flask(__name__, instance_path=str(tmp_path / "instance"))
+    relative = open_store("sqlite:///sub/tasks.db", app)
+    absolute = open_store(f"sqlite:///{tmp_path}/abs.db", app)
+    assert isinstance(relative, SQLiteStore)
+    assert isinstance(absolute, SQLiteStore)
+    assert relative.path == str(tmp_path / "instance" / "sub" / "tasks.db")
+    assert absolute.path == str(tmp_path / "abs.db")
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///", "sqlite:///:memory:"])
+def test_urls_without_a_file_are_refused(url: str, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="names no file"):
+        open_store(url, Flask(__name__, instance_path=str(tmp_path)))
+
+
+def test_results_survive_a_new_store_on_the_same_file(make_app: AppFactory, tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/shared.db"
+    app, api = make_app(store=url)
+    api.add_resource(Echo, "/echo")
+    client = app.test_client()
+    location = client.post("/echo", json=[1, 2]).headers["Location"]
+    assert wait_done(client, location).json == {"echo": [1, 2]}
+    again, _ = make_app(store=url)
+    assert again.test_client().get(location).json == {"echo": [1, 2]}
+
+
+def test_a_locked_database_is_a_503_on_submit_and_leaves_no_task(tmp_path: Path) -> None:
+    path = tmp_path / "locked.db"
+    store = SQLiteStore(str(path), timeout=0.2)
+    app = Flask(__name__, instance_path=str(tmp_path))
+    api = Api(app)
+    register_async(api, store=store)
+    api.add_resource(Echo, "/echo")
+    client = app.test_client()
+    try:
+        location = client.post("/echo", json=1).headers["Location"]
+        wait_done(client, location)
+
+        blocker = sqlite3.connect(path, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")  # holds the write lock
+        try:
+            refused = client.post("/echo", json=2)
+            assert refused.status_code == 503
+            assert int(refused.headers["Retry-After"]) >= 1
+            assert refused.json is not None
+            assert "not available" in refused.json["message"]
+            assert client.get(location).status_code == 200  # readers are not blocked
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        tasks = store.list(owner=None)
+        assert [task.id for task in tasks] == [location.rsplit("/", 1)[1]]
+        assert tasks[0].state is TaskState.SUCCEEDED
+        assert client.post("/echo", json=3).status_code == 202
+    finally:
+        state = get_state(app)
+        state.executor.shutdown(timeout=5)
+        if state.lease is not None:
+            state.lease.release()
+        store.close()
+
+
+def test_a_database_that_cannot_be_opened_is_a_503_for_submit_poll_and_list(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "a-file").write_text("not a folder")
+    app = Flask(__name__, instance_path=str(tmp_path))
+    api = Api(app)
+    register_async(api, store=f"sqlite:///{tmp_path}/a-file/tasks.db")
+    api.add_resource(Echo, "/echo")
+    client = app.test_client()
+    for response in (
+        client.post("/echo", json=1),
+        client.get("/tasks/" + "a" * 22),
+        client.get("/tasks"),
+    ):
+        assert response.status_code == 503
+        assert response.json is not None
+        assert "message" in response.json
+        assert int(response.headers["Retry-After"]) >= 1
+    get_state(app).executor.shutdown(timeout=5)
+
+
+def test_a_forked_child_opens_its_own_connection(tmp_path: Path) -> None:
+    import os
+    import time
+
+    store = SQLiteStore(str(tmp_path / "fork.db"))
+    store.configure(result_ttl=60, tombstone_ttl=60, lease=30)
+    store.renew_lease("parent")
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - reports through the exit code
+        code = 1
+        try:
+            store.renew_lease("child")
+            code = 0
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 10
+    while not os.waitpid(pid, os.WNOHANG)[0]:
+        assert time.monotonic() < deadline, "child did not finish"
+        time.sleep(0.01)
+    store.renew_lease("parent")
+    store.close()
