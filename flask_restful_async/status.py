@@ -47,6 +47,32 @@ class TaskStatusResource(Resource):
             return not_found()
         return task_response(state, task)
 
+    def delete(self, task_id: str) -> Response:
+        """Cancel or forget a task.
+
+        Queued: ``200`` and the status document, state ``cancelled``; the handler
+        never runs. Running: ``202`` and the status document; the handler sees
+        ``current_task.cancelled``. Finished (or expired): ``204``, and the task is
+        forgotten.
+        """
+        state = get_state(current_app)
+        try:
+            task = find_task(state, task_id)
+            if task is None:
+                return not_found()
+            if not task.state.finished:
+                task = state.store.request_cancel(task.id)
+                if task is None:
+                    return not_found()
+                if task.state is TaskState.CANCELLED:
+                    return status_response(task, 200, None, None)
+                if not task.state.finished:
+                    return status_response(task, 202, state.location(task.id), state.retry_after)
+            state.store.delete(task.id)
+        except Unavailable as e:
+            return unavailable(e)
+        return current_app.response_class(status=204, headers=_NO_STORE)
+
 
 def find_task(state: AsyncState, task_id: str) -> Task | None:
     """The caller's task with that id, or None (never a store lookup for a bad id)."""

@@ -9,7 +9,7 @@ import typing as t
 import pytest
 from flask import request
 
-from flask_restful_async import AsyncResource, MemoryStore, Task, TaskState
+from flask_restful_async import AsyncResource, MemoryStore, Task, TaskState, current_task
 from flask_restful_async.state import get_state
 from flask_restful_async.task import new_task_id
 
@@ -201,3 +201,103 @@ def test_task_list_is_scoped_to_the_owner(make_app: AppFactory) -> None:
     listed = client.get("/tasks", headers={"X-User": "alice"}).json
     assert listed is not None
     assert [doc["id"] for doc in listed["tasks"]] == [mine.rsplit("/", 1)[1]]
+
+
+def test_delete_of_a_queued_task_cancels_it_and_the_handler_never_runs(
+    make_app: AppFactory,
+) -> None:
+    release = threading.Event()
+    ran: list[str] = []
+
+    class Blocking(AsyncResource):
+        def post(self) -> t.Any:
+            ran.append(request.get_data(as_text=True))
+            release.wait(10)
+            return {}
+
+    app, api = make_app(config={"RESTFUL_ASYNC_MAX_WORKERS": 1})
+    api.add_resource(Blocking, "/blocking")
+    client = app.test_client()
+    first = client.post("/blocking", data="first").headers["Location"]
+    queued = client.post("/blocking", data="second").headers["Location"]
+    deleted = client.delete(queued)
+    assert deleted.status_code == 200
+    assert deleted.json is not None
+    assert deleted.json["state"] == "cancelled"
+    assert deleted.headers["Cache-Control"] == "no-store"
+    release.set()
+    wait_done(client, first)
+    assert client.get(queued).status_code == 409
+    assert ran == ["first"]
+
+
+def test_delete_of_a_running_task_is_seen_by_the_handler(make_app: AppFactory) -> None:
+    started = threading.Event()
+
+    class Polite(AsyncResource):
+        def post(self) -> t.Any:
+            started.set()
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                current_task.raise_if_cancelled()
+                time.sleep(0.01)
+            return {"cancelled": False}
+
+    class Stubborn(AsyncResource):
+        def post(self) -> t.Any:
+            started.set()
+            deadline = time.monotonic() + 10
+            while not current_task.cancelled and time.monotonic() < deadline:
+                time.sleep(0.01)
+            return {"saw_cancel": current_task.cancelled}
+
+    app, api = make_app()
+    api.add_resource(Polite, "/polite")
+    api.add_resource(Stubborn, "/stubborn")
+    client = app.test_client()
+
+    location = client.post("/polite").headers["Location"]
+    assert started.wait(10)
+    response = client.delete(location)
+    assert response.status_code == 202
+    assert response.json is not None
+    assert response.json["cancel_requested"] is True
+    final = wait_done(client, location)
+    assert final.status_code == 409
+    assert final.json is not None
+    assert final.json["state"] == "cancelled"
+
+    started.clear()
+    location = client.post("/stubborn").headers["Location"]
+    assert started.wait(10)
+    assert client.delete(location).status_code == 202
+    final = wait_done(client, location)
+    assert final.status_code == 200
+    assert final.json == {"saw_cancel": True}
+    listed = client.get("/tasks?limit=1").json
+    assert listed is not None
+    assert listed["tasks"][0]["cancel_requested"] is True
+
+
+def test_delete_of_a_finished_task_forgets_it(make_app: AppFactory) -> None:
+    app, api = make_app()
+    api.add_resource(Quick, "/quick")
+    client = app.test_client()
+    location = client.post("/quick").headers["Location"]
+    wait_done(client, location)
+    response = client.delete(location)
+    assert response.status_code == 204
+    assert response.data == b""
+    assert client.get(location).status_code == 404
+    assert client.delete(location).status_code == 404
+
+
+def test_delete_by_another_owner_is_a_404_and_changes_nothing(make_app: AppFactory) -> None:
+    app, api = make_app(owner=lambda: request.headers.get("X-User"))
+    api.add_resource(Quick, "/quick")
+    client = app.test_client()
+    location = client.post("/quick", headers={"X-User": "alice"}).headers["Location"]
+    denied = client.delete(location, headers={"X-User": "mallory"})
+    assert denied.status_code == 404
+    assert denied.json == {"message": "No such task."}
+    assert client.get(location, headers={"X-User": "alice"}).status_code in (200, 202)
