@@ -69,7 +69,7 @@ class LeaseKeeper:
         while not stop.wait(self.store.lease / 3):
             try:
                 self.store.renew_lease(worker_id())
-                self.store.purge_expired()
+                self.store.maintain()
             except Exception:
                 # Whatever went wrong, keep trying: if this thread ended, every task
                 # of this (living) process would soon read as lost.

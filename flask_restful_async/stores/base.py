@@ -115,6 +115,11 @@ class TaskStore(abc.ABC):
         records changed.
         """
 
+    def maintain(self) -> None:
+        """Housekeeping that the lease renewal runs every ``lease / 3`` seconds, off
+        the request path: by default, :meth:`purge_expired`."""
+        self.purge_expired()
+
     def close(self) -> None:
         """Release connections; the store may be used again afterwards."""
 

@@ -74,6 +74,9 @@ _SELECT = (
     " THEN (SELECT l.expires_at FROM leases AS l WHERE l.worker = t.worker) END"
     " FROM tasks AS t"
 )
+_INSERT = (
+    f"INSERT INTO tasks ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, NULL, 0)"
+)
 _ACTIVE = "('queued', 'running')"
 # True for a task whose worker holds no live lease (bind: now).
 _LAPSED = (
@@ -133,7 +136,7 @@ class SQLiteStore(TaskStore):
             # may lose the last commits, which a 202 client would then see as 404.
             conn.execute("PRAGMA synchronous = NORMAL")
             # Checkpoints (the only fsyncs in WAL mode) are run by the lease renewal
-            # through purge_expired; this limit only applies if none runs.
+            # through maintain(); this limit only applies if none runs.
             conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}")
             conn.executescript(_SCHEMA)
         except BaseException as e:
@@ -265,8 +268,7 @@ class SQLiteStore(TaskStore):
     @staticmethod
     def _insert(conn: sqlite3.Connection, task: Task) -> None:
         conn.execute(
-            f"INSERT INTO tasks ({_COLUMNS}) VALUES"
-            " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, NULL, 0)",
+            _INSERT,
             (
                 task.id,
                 task.state.value,
@@ -409,11 +411,15 @@ class SQLiteStore(TaskStore):
             ).rowcount
             # A lapsed lease and a missing one mean the same: the worker is gone.
             conn.execute("DELETE FROM leases WHERE expires_at < ?", (now - self.lease,))
-        # Copy the log into the database now, off the request path. A passive
-        # checkpoint lets writers go on meanwhile: no need for the write lock.
+        return changed
+
+    def maintain(self) -> None:
+        """Purge, then copy the write-ahead log into the database: the one fsync of
+        WAL mode, done here (by the lease renewal) rather than inside a request. A
+        passive checkpoint lets writers go on meanwhile."""
+        self.purge_expired()
         with self._reading() as conn:
             conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-        return changed
 
 
 class _Access:
