@@ -13,6 +13,7 @@ from .executors import ThreadExecutor as ThreadExecutor
 from .extension import register_async as register_async
 from .resource import AsyncResource as AsyncResource
 from .status import TaskListResource as TaskListResource
+from .status import TaskResultResource as TaskResultResource
 from .status import TaskStatusResource as TaskStatusResource
 from .stores import MemoryStore as MemoryStore
 from .stores import TaskStore as TaskStore
@@ -33,6 +34,7 @@ __all__ = [
     "Task",
     "TaskCancelled",
     "TaskListResource",
+    "TaskResultResource",
     "TaskState",
     "TaskStatusResource",
     "TaskStore",

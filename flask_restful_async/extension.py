@@ -12,11 +12,12 @@ from flask_restful import Api
 from .executors.base import Executor
 from .executors.threads import ThreadExecutor
 from .state import EXTENSION_KEY, AsyncState, OwnerCallable
-from .status import TaskListResource, TaskStatusResource
+from .status import RESULT_SUFFIX, TaskListResource, TaskResultResource, TaskStatusResource
 from .stores import TaskStore, open_store
 
 STATUS_ENDPOINT = "restful_async_task"
 LIST_ENDPOINT = "restful_async_tasks"
+RESULT_ENDPOINT = "restful_async_result"
 _TASK_ID_PART = "/<task_id>"
 
 #: Every config key the extension reads, with its default. The README's table
@@ -39,8 +40,13 @@ DEFAULTS: dict[str, t.Any] = {
     # Seconds a process's lease lasts; renewed every third of it. A task whose
     # process stopped renewing reads as lost after at most this long.
     "RESTFUL_ASYNC_LEASE": 30,
-    # The Retry-After (seconds) sent with every 202.
+    # The Retry-After (seconds) of a 202 when the handler reports no progress.
     "RESTFUL_ASYNC_RETRY_AFTER": 1,
+    # The largest Retry-After (seconds) estimated from a handler's progress.
+    "RESTFUL_ASYNC_MAX_RETRY_AFTER": 30,
+    # Finished tasks answer 303 See Other to <status URL>/result, which serves
+    # the response, instead of serving it at the status URL itself.
+    "RESTFUL_ASYNC_RESULT_REDIRECT": False,
     # Largest request body (bytes) a task accepts; larger ones get 413 before a
     # task exists. The body is held in memory until the task starts.
     "RESTFUL_ASYNC_MAX_BODY": 10 * 1024 * 1024,
@@ -102,6 +108,7 @@ def register_async(
     # gets the same JSON 404 instead of the router's HTML one.
     status_rule = url[: -len(_TASK_ID_PART)] + "/<path:task_id>"
     api.add_resource(TaskStatusResource, status_rule, endpoint=STATUS_ENDPOINT)
+    api.add_resource(TaskResultResource, url + RESULT_SUFFIX, endpoint=RESULT_ENDPOINT)
     api.add_resource(TaskListResource, url[: -len(_TASK_ID_PART)] or "/", endpoint=LIST_ENDPOINT)
 
 
@@ -130,6 +137,12 @@ def _make_state(
         )
     if owner is not None and not callable(owner):
         raise TypeError("owner must be a callable that returns the caller's identity")
+    if owner is None and not app.debug:
+        app.logger.warning(
+            "register_async: no owner callable, so task ids are bearer tokens: whoever"
+            " learns a status URL can read that task's result and cancel it. Pass"
+            " register_async(api, owner=...) returning the caller's identity."
+        )
     return AsyncState(
         app=app,
         api=api,
@@ -138,5 +151,7 @@ def _make_state(
         owner=owner,
         status_resource=TaskStatusResource,
         retry_after=int(config["RESTFUL_ASYNC_RETRY_AFTER"]),
+        max_retry_after=int(config["RESTFUL_ASYNC_MAX_RETRY_AFTER"]),
+        result_redirect=bool(config["RESTFUL_ASYNC_RESULT_REDIRECT"]),
         max_body=int(config["RESTFUL_ASYNC_MAX_BODY"]),
     )

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import math
+import time
 import typing as t
 
 from flask import Flask, Response, request
@@ -43,6 +46,8 @@ class AsyncState:
         owner: OwnerCallable | None,
         status_resource: type[Resource],
         retry_after: int,
+        max_retry_after: int,
+        result_redirect: bool,
         max_body: int,
     ) -> None:
         self.app = app
@@ -52,6 +57,8 @@ class AsyncState:
         self.owner = owner
         self.status_resource = status_resource
         self.retry_after = retry_after
+        self.max_retry_after = max_retry_after
+        self.result_redirect = result_redirect
         self.max_body = max_body
         # Only a process that holds tasks (threads) in a store that other
         # processes read needs a lease.
@@ -103,20 +110,71 @@ class AsyncState:
             owner=self.identity(),
             worker=worker_id() if self.executor.local else None,
         )
+        key = request.headers.get("Idempotency-Key")
+        if key is not None:
+            if not _valid_idempotency_key(key):
+                return error_response(
+                    400,
+                    "Idempotency-Key must be 1 to 255 visible ASCII characters.",
+                )
+            # Keys are scoped by owner (in the store), method and path (here).
+            task.idempotency_key = f"{request.method} {request.path} {key}"
+            task.fingerprint = _fingerprint(body)
         snapshot = RequestSnapshot.capture(body, method, args, kwargs)
         try:
             if self.lease is not None:
                 self.lease.ensure()
             self.executor.acquire()
             try:
-                self.store.create(task)
+                recorded = self.store.create(task)
             except BaseException:
                 self.executor.release()
                 raise
         except Unavailable as e:
             return error_response(503, e.message, {"Retry-After": str(e.retry_after)})
+        if recorded.id != task.id:
+            # A repeat of an earlier submit: answer as it was answered, create nothing.
+            self.executor.release()
+            if recorded.fingerprint != task.fingerprint:
+                return error_response(
+                    422, "This Idempotency-Key was already used with a different request body."
+                )
+            return self.status(recorded, 202)
         self.executor.submit(self.app, task, snapshot, resource)
-        return status_response(task, 202, self.location(task.id), self.retry_after)
+        return self.status(task, 202)
+
+    def status(self, task: Task, code: int) -> Response:
+        """The status document as ``code``, with ``Location`` and ``Retry-After``."""
+        return status_response(task, code, self.location(task.id), self.retry_after_for(task))
+
+    def retry_after_for(self, task: Task) -> int:
+        """Seconds a client should wait before its next poll.
+
+        From the progress the handler reported, if any: the time the rest of the
+        work should take at the rate seen so far, at least 1 s and at most
+        ``RESTFUL_ASYNC_MAX_RETRY_AFTER``. Otherwise ``RESTFUL_ASYNC_RETRY_AFTER``.
+        """
+        progress = task.progress
+        if (
+            progress is None
+            or task.started_at is None
+            or not progress.total
+            or progress.current <= 0
+            or progress.current >= progress.total
+        ):
+            return self.retry_after
+        elapsed = time.time() - task.started_at
+        remaining = elapsed * (progress.total - progress.current) / progress.current
+        return max(1, min(self.max_retry_after, math.ceil(remaining)))
+
+
+def _valid_idempotency_key(key: str) -> bool:
+    return 0 < len(key) <= 255 and all("!" <= char <= "~" or char == " " for char in key)
+
+
+def _fingerprint(body: bytes) -> str:
+    """What tells a repeat from a different request under the same key."""
+    return hashlib.sha256(body).hexdigest()
 
 
 def get_state(app: Flask) -> AsyncState:

@@ -13,6 +13,7 @@ from .state import AsyncState, get_state
 from .task import Task, TaskState, is_valid_task_id
 
 NOT_FOUND_MESSAGE = "No such task."
+RESULT_SUFFIX = "/result"
 DEFAULT_LIST_LIMIT = 50
 MAX_LIST_LIMIT = 500
 
@@ -67,7 +68,7 @@ class TaskStatusResource(Resource):
                 if task.state is TaskState.CANCELLED:
                     return status_response(task, 200, None, None)
                 if not task.state.finished:
-                    return status_response(task, 202, state.location(task.id), state.retry_after)
+                    return state.status(task, 202)
             state.store.delete(task.id)
         except Unavailable as e:
             return unavailable(e)
@@ -87,14 +88,44 @@ def find_task(state: AsyncState, task_id: str) -> Task | None:
 def task_response(state: AsyncState, task: Task) -> Response:
     if task.expired:
         return error_response(410, "The result of this task has expired.", _NO_STORE)
-    if task.state in (TaskState.QUEUED, TaskState.RUNNING):
-        return status_response(task, 202, state.location(task.id), state.retry_after)
-    if task.response is not None:
-        response = stored_to_response(task.response)
-        response.headers["Cache-Control"] = "no-store"
-        return response
-    code = 409 if task.state is TaskState.CANCELLED else 500
-    return status_response(task, code, None, None)
+    if not task.state.finished:
+        return state.status(task, 202)
+    if task.response is None:
+        code = 409 if task.state is TaskState.CANCELLED else 500
+        return status_response(task, code, None, None)
+    if state.result_redirect:
+        return status_response(task, 303, state.location(task.id) + RESULT_SUFFIX, None)
+    return result_response(task)
+
+
+def result_response(task: Task) -> Response:
+    assert task.response is not None
+    response = stored_to_response(task.response)
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+class TaskResultResource(Resource):
+    """``<status URL>/result``: a finished task's response, on its own URL.
+
+    Where ``RESTFUL_ASYNC_RESULT_REDIRECT`` is on, the status URL of a finished
+    task answers ``303 See Other`` to here. An unfinished task answers ``404``
+    with its status document; expired ``410``; unknown or foreign ``404``.
+    """
+
+    def get(self, task_id: str) -> Response:
+        state = get_state(current_app)
+        try:
+            task = find_task(state, task_id)
+        except Unavailable as e:
+            return unavailable(e)
+        if task is None:
+            return not_found()
+        if task.expired:
+            return error_response(410, "The result of this task has expired.", _NO_STORE)
+        if task.response is None:
+            return status_response(task, 404, None, None)
+        return result_response(task)
 
 
 class TaskListResource(Resource):

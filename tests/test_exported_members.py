@@ -24,6 +24,7 @@ def test_exported_members_are_the_documented_ones() -> None:
         "Task",
         "TaskCancelled",
         "TaskListResource",
+        "TaskResultResource",
         "TaskState",
         "TaskStatusResource",
         "TaskStore",
