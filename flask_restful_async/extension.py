@@ -11,8 +11,8 @@ from flask_restful import Api
 
 from .executors.base import Executor
 from .executors.threads import ThreadExecutor
-from .state import EXTENSION_KEY, AsyncState, OwnerCallable
-from .status import RESULT_SUFFIX, TaskListResource, TaskResultResource, TaskStatusResource
+from .state import EXTENSION_KEY, RESULT_SUFFIX, AsyncState, OwnerCallable
+from .status import TaskListResource, TaskResultResource, TaskStatusResource
 from .stores import TaskStore, open_store
 
 STATUS_ENDPOINT = "restful_async_task"
@@ -44,6 +44,9 @@ DEFAULTS: dict[str, t.Any] = {
     "RESTFUL_ASYNC_RETRY_AFTER": 1,
     # The largest Retry-After (seconds) estimated from a handler's progress.
     "RESTFUL_ASYNC_MAX_RETRY_AFTER": 30,
+    # The longest a request may wait (seconds) for a task to finish, with
+    # ?wait=N or Prefer: wait=N; a waiting request holds one server thread.
+    "RESTFUL_ASYNC_MAX_WAIT": 30,
     # Finished tasks answer 303 See Other to <status URL>/result, which serves
     # the response, instead of serving it at the status URL itself.
     "RESTFUL_ASYNC_RESULT_REDIRECT": False,
@@ -153,5 +156,6 @@ def _make_state(
         retry_after=int(config["RESTFUL_ASYNC_RETRY_AFTER"]),
         max_retry_after=int(config["RESTFUL_ASYNC_MAX_RETRY_AFTER"]),
         result_redirect=bool(config["RESTFUL_ASYNC_RESULT_REDIRECT"]),
+        max_wait=int(config["RESTFUL_ASYNC_MAX_WAIT"]),
         max_body=int(config["RESTFUL_ASYNC_MAX_BODY"]),
     )

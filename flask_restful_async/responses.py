@@ -15,6 +15,8 @@ from werkzeug.wrappers import Response as ResponseBase
 from .task import StoredResponse, Task
 
 JSON = "application/json"
+#: Every answer about a task: it changes from one poll to the next.
+NO_STORE = {"Cache-Control": "no-store"}
 
 
 def dump_json(data: t.Any, code: int, headers: t.Any = None) -> Response:

@@ -9,6 +9,7 @@ import typing as t
 from flask import Flask, current_app, request
 from werkzeug.exceptions import HTTPException
 
+from . import waiting
 from .context import TaskHandle, _cv_task
 from .exceptions import RestfulAsyncError, TaskCancelled
 from .lease import worker_id
@@ -44,8 +45,10 @@ def run_task(
 
 def abandon_task(app: Flask, task_id: str) -> None:
     """Mark a task that will never run (its process is going away) as ``lost``."""
+    store = get_state(app).store
     try:
-        get_state(app).store.finish(task_id, TaskState.LOST)
+        store.finish(task_id, TaskState.LOST)
+        waiting.notify(store, task_id)
     except RestfulAsyncError:
         app.logger.warning("Could not mark task %s as lost", task_id, exc_info=True)
 
@@ -70,6 +73,7 @@ def _run_task(
     finally:
         try:
             store.finish(task_id, outcome, response)
+            waiting.notify(store, task_id)  # long-polls in this process wake at once
         except RestfulAsyncError:
             app.logger.exception("Task %s finished but its outcome could not be stored", task_id)
 

@@ -10,17 +10,20 @@ import typing as t
 from flask import Flask, Response, request
 from flask_restful import Api, Resource
 
+from . import waiting
 from .exceptions import Unavailable
 from .lease import LeaseKeeper, worker_id
-from .responses import error_response, status_response
+from .prefer import parse_prefer, respond_async, wait_seconds
+from .responses import NO_STORE, error_response, status_response, stored_to_response
 from .snapshot import RequestSnapshot
 from .stores.base import TaskStore
-from .task import Task, new_task_id
+from .task import Task, TaskState, new_task_id
 
 if t.TYPE_CHECKING:
     from .executors.base import Executor
 
 EXTENSION_KEY = "restful_async"
+RESULT_SUFFIX = "/result"
 
 _ID_PLACEHOLDER = "0" * 22
 # The Host header is the client's to choose: bound what it can make us remember.
@@ -48,6 +51,7 @@ class AsyncState:
         retry_after: int,
         max_retry_after: int,
         result_redirect: bool,
+        max_wait: int,
         max_body: int,
     ) -> None:
         self.app = app
@@ -59,11 +63,23 @@ class AsyncState:
         self.retry_after = retry_after
         self.max_retry_after = max_retry_after
         self.result_redirect = result_redirect
+        self.max_wait = max_wait
         self.max_body = max_body
         # Only a process that holds tasks (threads) in a store that other
         # processes read needs a lease.
         self.lease = LeaseKeeper(app, store) if store.shared and executor.local else None
         self._location_prefixes: dict[tuple[str, str], str] = {}
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop what this app started in this process: its task threads (giving
+        running tasks ``timeout`` seconds), its lease, its long-poll listener; then
+        close the store. For tests and embedding; a server process does the same
+        at exit by itself."""
+        self.executor.shutdown(timeout=timeout)
+        if self.lease is not None:
+            self.lease.release()
+        waiting.close(self.store)
+        self.store.close()
 
     def identity(self) -> str | None:
         """The caller's identity by the ``owner`` callable (None without one)."""
@@ -139,9 +155,62 @@ class AsyncState:
                 return error_response(
                     422, "This Idempotency-Key was already used with a different request body."
                 )
-            return self.status(recorded, 202)
-        self.executor.submit(self.app, task, snapshot, resource)
-        return self.status(task, 202)
+        else:
+            self.executor.submit(self.app, task, snapshot, resource)
+        return self.accepted(recorded)
+
+    def accepted(self, task: Task) -> Response:
+        """The answer to a submit: 202, or with ``Prefer: wait=N`` the task's final
+        response if it finishes within N seconds (RFC 7240)."""
+        prefs = parse_prefer(request.headers.getlist("Prefer"))
+        seconds = wait_seconds(prefs)
+        response: Response | None = None
+        if seconds:
+            try:
+                finished = self.wait(task, seconds)
+            except Unavailable:
+                finished = None  # the task is accepted: answer 202 all the same
+            if finished is not None and finished.state.finished:
+                response = self.task_response(finished)
+                response.headers["Preference-Applied"] = f"wait={min(seconds, self.max_wait)}"
+        if response is None:
+            response = self.status(task, 202)
+            if respond_async(prefs):
+                response.headers["Preference-Applied"] = "respond-async"
+        response.vary.add("Prefer")
+        return response
+
+    def task_response(self, task: Task) -> Response:
+        """What the status URL answers for ``task`` (CONTRACT section 4)."""
+        if task.expired:
+            return error_response(410, "The result of this task has expired.", NO_STORE)
+        if not task.state.finished:
+            return self.status(task, 202)
+        if task.response is None:
+            code = 409 if task.state is TaskState.CANCELLED else 500
+            return status_response(task, code, None, None)
+        if self.result_redirect:
+            return status_response(task, 303, self.location(task.id) + RESULT_SUFFIX, None)
+        return self.result_response(task)
+
+    @staticmethod
+    def result_response(task: Task) -> Response:
+        """The response a finished task's handler gave, as stored."""
+        assert task.response is not None
+        response = stored_to_response(task.response)
+        response.headers["Cache-Control"] = "no-store"
+        return response
+
+    def wait(self, task: Task, seconds: int) -> Task | None:
+        """``task`` once finished, or as it reads after ``seconds`` (capped by
+        ``RESTFUL_ASYNC_MAX_WAIT``); None if it went away meanwhile.
+
+        The request thread sleeps on a condition meanwhile: it holds no store
+        connection and no task worker.
+        """
+        if task.state.finished or task.expired or seconds <= 0:
+            return task
+        return waiting.wait_finished(self.store, task.id, min(seconds, self.max_wait))
 
     def status(self, task: Task, code: int) -> Response:
         """The status document as ``code``, with ``Location`` and ``Retry-After``."""

@@ -7,26 +7,25 @@ import typing as t
 from flask import Response, current_app, request
 from flask_restful import Resource
 
+from . import waiting
 from .exceptions import Unavailable
-from .responses import error_response, json_response, status_response, stored_to_response
+from .prefer import parse_prefer, wait_seconds
+from .responses import NO_STORE, error_response, json_response, status_response
 from .state import AsyncState, get_state
 from .task import Task, TaskState, is_valid_task_id
 
 NOT_FOUND_MESSAGE = "No such task."
-RESULT_SUFFIX = "/result"
 DEFAULT_LIST_LIMIT = 50
 MAX_LIST_LIMIT = 500
-
-_NO_STORE = {"Cache-Control": "no-store"}
 
 
 def not_found() -> Response:
     # One body for unknown, malformed and foreign ids: nothing tells them apart.
-    return error_response(404, NOT_FOUND_MESSAGE, _NO_STORE)
+    return error_response(404, NOT_FOUND_MESSAGE, NO_STORE)
 
 
 def unavailable(e: Unavailable) -> Response:
-    return error_response(503, e.message, {"Retry-After": str(e.retry_after), **_NO_STORE})
+    return error_response(503, e.message, {"Retry-After": str(e.retry_after), **NO_STORE})
 
 
 class TaskStatusResource(Resource):
@@ -39,14 +38,25 @@ class TaskStatusResource(Resource):
     """
 
     def get(self, task_id: str) -> Response:
+        """With ``?wait=N`` or ``Prefer: wait=N``, wait up to N seconds (at most
+        ``RESTFUL_ASYNC_MAX_WAIT``) for the task to finish before answering."""
         state = get_state(current_app)
+        wait, from_prefer = requested_wait()
+        if wait is None:
+            return error_response(400, "wait must be a whole number of seconds.", NO_STORE)
         try:
             task = find_task(state, task_id)
+            if task is not None and wait:
+                task = state.wait(task, wait)
         except Unavailable as e:
             return unavailable(e)
         if task is None:
             return not_found()
-        return task_response(state, task)
+        response = state.task_response(task)
+        if from_prefer and wait:
+            response.headers["Preference-Applied"] = f"wait={min(wait, state.max_wait)}"
+        response.vary.add("Prefer")
+        return response
 
     def delete(self, task_id: str) -> Response:
         """Cancel or forget a task.
@@ -66,13 +76,29 @@ class TaskStatusResource(Resource):
                 if task is None:
                     return not_found()
                 if task.state is TaskState.CANCELLED:
+                    waiting.notify(state.store, task.id)
                     return status_response(task, 200, None, None)
                 if not task.state.finished:
                     return state.status(task, 202)
             state.store.delete(task.id)
+            waiting.notify(state.store, task.id)
         except Unavailable as e:
             return unavailable(e)
-        return current_app.response_class(status=204, headers=_NO_STORE)
+        return current_app.response_class(status=204, headers=NO_STORE)
+
+
+def requested_wait() -> tuple[int | None, bool]:
+    """Seconds to wait from ``?wait=N`` (which wins) or ``Prefer: wait=N``, and
+    whether they came from ``Prefer``; 0 when neither asks; None when the query
+    parameter is not a whole number (a bad ``Prefer`` is ignored, as RFC 7240 says
+    preferences are)."""
+    query = request.args.get("wait")
+    if query is not None:
+        if not (query.isascii() and query.isdigit()) or len(query) > 10:
+            return None, False
+        return int(query), False
+    seconds = wait_seconds(parse_prefer(request.headers.getlist("Prefer")))
+    return (seconds, True) if seconds else (0, False)
 
 
 def find_task(state: AsyncState, task_id: str) -> Task | None:
@@ -83,26 +109,6 @@ def find_task(state: AsyncState, task_id: str) -> Task | None:
     if task is None or task.owner != state.identity():
         return None
     return task
-
-
-def task_response(state: AsyncState, task: Task) -> Response:
-    if task.expired:
-        return error_response(410, "The result of this task has expired.", _NO_STORE)
-    if not task.state.finished:
-        return state.status(task, 202)
-    if task.response is None:
-        code = 409 if task.state is TaskState.CANCELLED else 500
-        return status_response(task, code, None, None)
-    if state.result_redirect:
-        return status_response(task, 303, state.location(task.id) + RESULT_SUFFIX, None)
-    return result_response(task)
-
-
-def result_response(task: Task) -> Response:
-    assert task.response is not None
-    response = stored_to_response(task.response)
-    response.headers["Cache-Control"] = "no-store"
-    return response
 
 
 class TaskResultResource(Resource):
@@ -122,10 +128,10 @@ class TaskResultResource(Resource):
         if task is None:
             return not_found()
         if task.expired:
-            return error_response(410, "The result of this task has expired.", _NO_STORE)
+            return error_response(410, "The result of this task has expired.", NO_STORE)
         if task.response is None:
             return status_response(task, 404, None, None)
-        return result_response(task)
+        return state.result_response(task)
 
 
 class TaskListResource(Resource):
@@ -136,18 +142,18 @@ class TaskListResource(Resource):
         try:
             limit = int(request.args.get("limit", DEFAULT_LIST_LIMIT))
         except ValueError:
-            return error_response(400, "limit must be a whole number.", _NO_STORE)
+            return error_response(400, "limit must be a whole number.", NO_STORE)
         if not 1 <= limit <= MAX_LIST_LIMIT:
-            return error_response(400, f"limit must be between 1 and {MAX_LIST_LIMIT}.", _NO_STORE)
+            return error_response(400, f"limit must be between 1 and {MAX_LIST_LIMIT}.", NO_STORE)
         wanted = request.args.get("state")
         try:
             state_filter = TaskState(wanted) if wanted is not None else None
         except ValueError:
             names = ", ".join(s.value for s in TaskState)
-            return error_response(400, f"state must be one of: {names}.", _NO_STORE)
+            return error_response(400, f"state must be one of: {names}.", NO_STORE)
         cursor = request.args.get("cursor")
         if cursor is not None and not is_valid_task_id(cursor):
-            return error_response(400, "cursor is not valid.", _NO_STORE)
+            return error_response(400, "cursor is not valid.", NO_STORE)
         try:
             tasks = state.store.list(
                 owner=state.identity(), state=state_filter, limit=limit + 1, before=cursor
@@ -161,7 +167,7 @@ class TaskListResource(Resource):
             if wanted is not None:
                 query["state"] = wanted
             next_url = state.api.url_for(TaskListResource, **query)
-        headers = dict(_NO_STORE)
+        headers = dict(NO_STORE)
         if next_url is not None:
             headers["Link"] = f'<{next_url}>; rel="next"'
         return json_response(

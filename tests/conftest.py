@@ -35,11 +35,7 @@ def make_app(tmp_path: Path) -> t.Iterator[AppFactory]:
 
     yield factory
     for app in made:
-        state = get_state(app)
-        state.executor.shutdown(timeout=5)
-        if state.lease is not None:
-            state.lease.release()
-        state.store.close()
+        get_state(app).close()
 
 
 def wait_done(client: FlaskClient, location: str, timeout: float = 10.0) -> TestResponse:

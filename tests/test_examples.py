@@ -42,7 +42,7 @@ def catchall_app(monkeypatch: pytest.MonkeyPatch) -> Iterator[Flask]:
     app: Flask = module.app
     app.config["TESTING"] = True
     yield app
-    get_state(app).executor.shutdown(timeout=5)
+    get_state(app).close()
 
 
 @pytest.mark.parametrize("path", ["some/path", ""])

@@ -36,7 +36,7 @@ def test_works_for_an_api_on_a_blueprint_with_a_prefix(tmp_path: Path) -> None:
         assert wait_done(client, accepted.headers["Location"]).json == {"hello": "bp"}
         assert client.get("/v1/tasks").status_code == 200
     finally:
-        get_state(app).executor.shutdown(timeout=5)
+        get_state(app).close()
 
 
 def test_a_custom_status_url_serves_the_list_one_level_up(tmp_path: Path) -> None:
@@ -53,7 +53,7 @@ def test_a_custom_status_url_serves_the_list_one_level_up(tmp_path: Path) -> Non
         assert listed is not None
         assert len(listed["tasks"]) == 1
     finally:
-        get_state(app).executor.shutdown(timeout=5)
+        get_state(app).close()
 
 
 def test_twice_on_one_app_is_a_runtime_error_that_says_why(tmp_path: Path) -> None:

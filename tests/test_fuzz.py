@@ -45,11 +45,7 @@ def fuzz(tmp_path_factory: pytest.TempPathFactory) -> t.Iterator[tuple[FlaskClie
     location = client.post("/secret", headers={"X-User": "alice"}).headers["Location"]
     wait_done(client, location)
     yield client, location
-    state = get_state(app)
-    state.executor.shutdown(timeout=5)
-    if state.lease is not None:
-        state.lease.release()
-    state.store.close()
+    get_state(app).close()
 
 
 header_text = st.text(

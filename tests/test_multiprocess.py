@@ -129,11 +129,7 @@ LocalApp = t.Callable[..., Flask]
 
 def close_app(app: Flask) -> None:
     """Stop an in-test app's threads and lease, close its store (again is harmless)."""
-    state = get_state(app)
-    state.executor.shutdown(timeout=5)
-    if state.lease is not None:
-        state.lease.release()
-    state.store.close()
+    get_state(app).close()
 
 
 @pytest.fixture

@@ -85,11 +85,7 @@ def test_a_locked_database_is_a_503_on_submit_and_leaves_no_task(tmp_path: Path)
         assert tasks[0].state is TaskState.SUCCEEDED
         assert client.post("/echo", json=3).status_code == 202
     finally:
-        state = get_state(app)
-        state.executor.shutdown(timeout=5)
-        if state.lease is not None:
-            state.lease.release()
-        store.close()
+        get_state(app).close()
 
 
 def test_a_database_that_cannot_be_opened_is_a_503_for_submit_poll_and_list(
@@ -110,7 +106,7 @@ def test_a_database_that_cannot_be_opened_is_a_503_for_submit_poll_and_list(
         assert response.json is not None
         assert "message" in response.json
         assert int(response.headers["Retry-After"]) >= 1
-    get_state(app).executor.shutdown(timeout=5)
+    get_state(app).close()
 
 
 def test_a_forked_child_opens_its_own_connection(tmp_path: Path) -> None:

@@ -5,10 +5,21 @@ from __future__ import annotations
 import abc
 import dataclasses
 import time
+import typing as t
+from collections.abc import Callable
 
 from ..task import Progress, StoredResponse, Task, TaskState
 
 ACTIVE_STATES = (TaskState.QUEUED, TaskState.RUNNING)
+
+
+class StopSignal(t.Protocol):
+    """What :meth:`TaskStore.listen` watches to know when to return: a
+    :class:`threading.Event` will do."""
+
+    def is_set(self) -> bool: ...
+
+    def wait(self, timeout: float | None = None) -> bool: ...
 
 
 class TaskStore(abc.ABC):
@@ -122,6 +133,27 @@ class TaskStore(abc.ABC):
 
     def close(self) -> None:
         """Release connections; the store may be used again afterwards."""
+
+    # -- change notifications (long-polling, see flask_restful_async.waiting) --------
+
+    def listen(self, on_change: Callable[[str | None], None], stop: StopSignal) -> None:
+        """Report tasks ending in other processes, until ``stop`` is set.
+
+        Blocks: runs in a thread of its own (one per store per process, started by
+        :mod:`flask_restful_async.waiting`), on a connection of its own, never one
+        that the other methods use. Calls ``on_change(task_id)`` when that task may
+        have ended, ``on_change(None)`` when any task may have; and
+        ``on_change(None)`` as soon as it listens (and again after every
+        interruption), since whatever ended before was not seen. Spurious calls
+        are fine (waiters read the task again), missed ones are not. Returns
+        within a fraction of a second of ``stop`` being set, and never raises for
+        an outage: it keeps trying, with backoff, until stopped.
+
+        This default suits a store whose tasks only change in this process (the
+        runner tells waiters itself): there is nothing to listen to.
+        """
+        while not stop.wait(1.0):
+            pass
 
     def retention_view(self, task: Task, now: float) -> Task | None:
         """Apply the retention rules to a task as read: itself, a tombstone, or None."""

@@ -27,6 +27,9 @@ Key layout, every key under the store's ``prefix`` (``{restful_async}:`` by defa
     A sorted set of when finished results expire (their body and headers are
     then dropped, leaving a tombstone) and when the tombstones' index entries
     can be pruned: :meth:`RedisStore.purge_expired` works through it in batches.
+``finished``
+    Not a key: the pub/sub channel on which every script that ends a task
+    publishes its id, for :meth:`RedisStore.listen` (long-polling waiters).
 
 Every change is one Lua script (one round trip, atomic), so a change is either
 whole or absent and concurrent changes never lose each other's writes.
@@ -51,9 +54,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import random
 import time
 import urllib.parse
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 try:
     import redis
@@ -69,7 +74,7 @@ except ImportError as e:
 
 from ..exceptions import StoreUnavailable
 from ..task import Progress, StoredResponse, Task, TaskState
-from .base import TaskStore
+from .base import StopSignal, TaskStore
 
 #: Index entries one list() script looks at, at most; it is called again from
 #: where it stopped until the page is full, so work per call stays bounded.
@@ -80,6 +85,11 @@ PURGE_BATCH = 500
 PURGE_MAX_BATCHES = 20
 #: Tasks one release_lease() script marks lost at a time.
 RELEASE_BATCH = 256
+#: :meth:`RedisStore.listen`: seconds one read of the subscription waits (and so
+#: at most how long it takes to see that it should stop), and seconds between two
+#: PINGs on it; three intervals without any answer count as a lost connection.
+LISTEN_TIMEOUT = 0.25
+LISTEN_PING_INTERVAL = 5.0
 
 # Each script starts with this. ARGV[1..5] are the same for every script that
 # uses it: the key prefix, the caller's clock, result_ttl (seconds), the TTL of a
@@ -131,6 +141,9 @@ local function conclude(key, h, state)
     redis.call('SREM', prefix .. 'worker:' .. h['worker'], h['id'])
   end
   redis.call('ZADD', schedule, result_due, schedule_member('r', h['id'], h['ix']))
+  -- For long-polling waiters (RedisStore.listen). pcall: a user whom an ACL
+  -- forbids the channel still ends the task, and the waiters still poll.
+  redis.pcall('PUBLISH', prefix .. 'finished', h['id'])
 end
 
 -- An active task whose worker no longer holds a lease is lost, and recorded so.
@@ -628,6 +641,59 @@ class RedisStore(TaskStore):
     def close(self) -> None:
         """Disconnect the pool's connections; the next call connects again."""
         self._client.connection_pool.disconnect()
+
+    # -- change notifications --------------------------------------------------------
+
+    def listen(self, on_change: Callable[[str | None], None], stop: StopSignal) -> None:
+        """Call ``on_change(task_id)`` for every task that ends, in any process.
+
+        Every script that ends a task (finish, cancelling a queued task, a lapsed
+        lease found by any read, a released lease) publishes the task's id on the
+        channel ``<prefix>finished``; this subscribes to it on a connection of its
+        own, taken from the store's pool for as long as it listens. After each
+        (re)subscription it calls ``on_change(None)``: what was published while
+        it was not subscribed is lost. A connection that fails, or that answers
+        no PING for ``3 * LISTEN_PING_INTERVAL`` seconds, is replaced, with
+        backoff; nothing is raised.
+        """
+        channel = f"{self.prefix}finished"
+        failures = 0
+        while not stop.is_set():
+            pubsub = self._client.pubsub()  # type: ignore[no-untyped-call]
+            try:
+                pubsub.subscribe(channel)
+                heard = pinged = time.monotonic()
+                while not stop.is_set():
+                    message = pubsub.get_message(timeout=LISTEN_TIMEOUT)
+                    now = time.monotonic()
+                    if message is not None:
+                        heard = now
+                        if message["type"] == "message":
+                            data = message["data"]
+                            on_change(data.decode() if isinstance(data, bytes) else str(data))
+                        elif message["type"] == "subscribe":
+                            if failures:
+                                _logger.info("Listening to %s again", self.url)
+                            failures = 0
+                            on_change(None)  # what was published before was not seen
+                    if now - heard > 3 * LISTEN_PING_INTERVAL:
+                        raise RedisConnectionError("no answer to PING on the subscription")
+                    if now - pinged >= LISTEN_PING_INTERVAL:
+                        pubsub.ping()
+                        pinged = now
+            except Exception:
+                # Not only RedisError: close() disconnects every connection of the
+                # pool, this one too, possibly in the middle of a read.
+                failures += 1
+                if failures == 1:
+                    _logger.warning("Cannot listen to %s", self.url, exc_info=True)
+                stop.wait(min(2.0, 0.05 * 2 ** min(failures, 6)) * random.uniform(0.5, 1.0))
+            finally:
+                with contextlib.suppress(Exception):
+                    pubsub.close()
+
+
+_logger = logging.getLogger(__name__)
 
 
 def _encode_headers(headers: Sequence[tuple[str, str]]) -> str:

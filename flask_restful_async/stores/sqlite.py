@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import pathlib
+import random
 import sqlite3
 import threading
 import time
@@ -20,7 +23,7 @@ import weakref
 
 from ..exceptions import StoreUnavailable
 from ..task import Progress, StoredResponse, Task, TaskState
-from .base import TaskStore
+from .base import StopSignal, TaskStore
 
 #: Records changed per statement when reclaiming space, so that no purge holds the
 #: write lock for long.
@@ -30,6 +33,8 @@ PURGE_INTERVAL = 5.0
 #: Pages (4 KiB) the write-ahead log may grow to before a writer checkpoints it
 #: itself, paying for the fsync inside a request.
 WAL_AUTOCHECKPOINT_PAGES = 10_000
+#: Seconds between two looks at the database's change counter by :meth:`SQLiteStore.listen`.
+LISTEN_INTERVAL = 0.02
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -420,6 +425,67 @@ class SQLiteStore(TaskStore):
         self.purge_expired()
         with self._reading() as conn:
             conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
+    # -- change notifications --------------------------------------------------------
+
+    def listen(self, on_change: t.Callable[[str | None], None], stop: StopSignal) -> None:
+        """Call ``on_change(None)`` whenever another connection has committed.
+
+        Every ``LISTEN_INTERVAL`` seconds, reads ``PRAGMA data_version`` on a
+        connection of its own (which never writes, is not one of the store's, and
+        is closed on return). SQLite changes that number when *another*
+        connection, of this process or any other, has committed to the file: a
+        task that ended, but also progress, submits, lease renewals (and a
+        truncating checkpoint), so waiters are woken more often than needed and
+        read their task again. Each look is a read transaction of a few
+        microseconds on the shared-memory WAL index, ended at once: no disk
+        access, and nothing that holds back a checkpoint.
+        """
+        conn: sqlite3.Connection | None = None
+        version = None
+        failures = 0
+        try:
+            while not stop.is_set():
+                try:
+                    if conn is None:
+                        conn = sqlite3.connect(
+                            pathlib.Path(self.path).as_uri() + "?mode=rw",
+                            uri=True,
+                            timeout=1.0,
+                            isolation_level=None,
+                            check_same_thread=False,
+                        )
+                        version = _data_version(conn)
+                        if failures:
+                            _logger.info("Listening to %s again", self.url)
+                        failures = 0
+                        on_change(None)  # what changed before this was not seen
+                    else:
+                        current = _data_version(conn)
+                        if current != version:
+                            version = current
+                            on_change(None)
+                except (sqlite3.Error, OSError):
+                    if conn is not None:
+                        conn.close()
+                        conn = None
+                    failures += 1
+                    if failures == 1:
+                        _logger.warning("Cannot listen to %s", self.url, exc_info=True)
+                    stop.wait(min(2.0, 0.05 * 2 ** min(failures, 6)) * random.uniform(0.5, 1.0))
+                    continue
+                stop.wait(LISTEN_INTERVAL)
+        finally:
+            if conn is not None:
+                conn.close()
+
+
+def _data_version(conn: sqlite3.Connection) -> int:
+    # fetchall: the statement runs to its end, so the read transaction is over.
+    return int(conn.execute("PRAGMA data_version").fetchall()[0][0])
+
+
+_logger = logging.getLogger(__name__)
 
 
 class _Access:

@@ -1,0 +1,326 @@
+"""Long-polling: block a status request until its task finishes, or a deadline.
+
+``GET /tasks/<id>?wait=N`` reads the task and, while it is queued or running,
+blocks the request thread on a :class:`threading.Condition` (holding no store
+connection, reading nothing in a loop) until the task may have ended, reads it
+again, and so on until it has finished or ``N`` seconds have passed.
+
+Who wakes the waiters:
+
+- this process, directly: the runner calls :func:`notify` once a task has ended
+  (and the status URL once a ``DELETE`` has cancelled one), so a wait in the very
+  process that ran the task ends at once;
+- other processes, through the store: one thread per store per process runs
+  :meth:`TaskStore.listen <flask_restful_async.stores.base.TaskStore.listen>`
+  (SQLite: a look at ``PRAGMA data_version`` every 20 ms; Redis: a subscription to
+  the channel the task-ending scripts publish on) and calls :meth:`Waiters.notify`.
+  A store that only this process sees (``memory://``) gets no such thread.
+
+The listener thread is started by the first wait that has to block, and stops by
+itself ``linger`` seconds after the last wait ended (so a burst of polls does not
+start one per request, and an idle process holds no subscription, polls nothing);
+the next wait starts it again. It is a daemon thread, stopped at interpreter exit
+and by :func:`close` (call it where the store is closed); a forked child starts
+its own. Every wait also reads its task again every ``recheck`` seconds, whatever
+was heard: a task whose process died reads as ``lost`` only when read, and a
+notification lost in an outage costs at most that long.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+import time
+import weakref
+
+from .stores.base import TaskStore
+from .task import Task
+
+#: Seconds between two reads of a waited task when nothing was heard.
+RECHECK_INTERVAL = 5.0
+#: Seconds the listener thread keeps running after the last wait ended.
+LISTENER_LINGER = 10.0
+
+_logger = logging.getLogger(__name__)
+
+
+def _settled(task: Task | None) -> bool:
+    """True when there is nothing more to wait for: finished, expired or gone."""
+    return task is None or task.expired or task.state.finished
+
+
+class _Entry:
+    """The waits on one task id: a condition on the shared lock, and a counter
+    that every notification of that id bumps (so no wake-up is ever missed)."""
+
+    __slots__ = ("cond", "version", "waiters")
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self.cond = threading.Condition(lock)
+        self.version = 0
+        self.waiters = 0
+
+
+class _Listener:
+    """One run of a listener thread, and the stop signal its ``store.listen`` watches.
+
+    It reads as set once :meth:`Waiters.close` (or a fork, or interpreter exit)
+    retired it, or once nobody waited for ``linger`` seconds; from then on, for
+    good: a new wait starts a new listener.
+    """
+
+    def __init__(self, waiters: Waiters) -> None:
+        self._waiters = waiters
+        self._retired = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def retire(self) -> None:
+        self._retired.set()
+
+    def is_set(self) -> bool:
+        return self._retired.is_set() or self._waiters._should_stop(self)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        # Sleep, but look at the idle deadline at least once a second.
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.is_set():
+            remaining = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
+            if remaining <= 0:
+                return False
+            self._retired.wait(remaining)
+        return True
+
+
+class Waiters:
+    """The long-poll waits on one store in this process, and their listener thread.
+
+    Get the one for a store with :func:`waiters_for` (or use :func:`wait_finished`
+    and :func:`notify`); it keeps only a weak reference to the store.
+    """
+
+    def __init__(
+        self,
+        store: TaskStore,
+        *,
+        recheck: float = RECHECK_INTERVAL,
+        linger: float = LISTENER_LINGER,
+    ) -> None:
+        self._store = weakref.ref(store)
+        self.recheck = recheck
+        self.linger = linger
+        self._reset()
+        _all.add(self)
+
+    def _reset(self) -> None:
+        """A fresh start, also in a forked child: the parent's waits and listener
+        thread do not exist there, and its lock may have been held."""
+        self._lock = threading.Lock()
+        self._entries: dict[str, _Entry] = {}
+        self._waiting = 0
+        self._notices = 0  # notifications ever made, of any task
+        self._idle_since = time.monotonic()
+        self._listener: _Listener | None = None
+
+    @property
+    def waiting(self) -> int:
+        """How many waits are blocked (or about to block) right now."""
+        with self._lock:
+            return self._waiting
+
+    @property
+    def listening(self) -> bool:
+        """Whether a listener thread runs (or is about to) for this process."""
+        with self._lock:
+            listener = self._listener
+        return listener is not None and not listener.is_set()
+
+    def wait_finished(self, task_id: str, timeout: float) -> Task | None:
+        """The task once it has finished (or expired, or is unknown: None), or as
+        it reads after ``timeout`` seconds if it is still queued or running.
+
+        Raises ``StoreUnavailable`` as :meth:`TaskStore.get` does, from the first
+        read or from any later one.
+        """
+        store = self._store()
+        if store is None:
+            raise RuntimeError("the store of these waiters is gone")
+        deadline = time.monotonic() + timeout
+        notices = self._notices
+        task = store.get(task_id)
+        if _settled(task) or timeout <= 0:
+            return task
+        entry, seen, missed = self._enter(task_id, store, notices)
+        try:
+            while True:
+                # Read after taking note of the counter (``seen``): a notification
+                # from then on makes the wait below return at once. The read above
+                # will do if nothing at all was notified since it began: what
+                # happens from now on bumps the counter, the listener's start too.
+                if missed:
+                    task = store.get(task_id)
+                missed = True
+                remaining = deadline - time.monotonic()
+                if _settled(task) or remaining <= 0:
+                    return task
+                with self._lock:
+                    if entry.version == seen:
+                        entry.cond.wait(min(remaining, self.recheck))
+                    seen = entry.version
+        finally:
+            self._leave(task_id, entry)
+
+    def notify(self, task_id: str | None = None) -> None:
+        """Wake the waits on ``task_id`` (on every task when None) to read it again."""
+        with self._lock:
+            if task_id is None:
+                entries = list(self._entries.values())
+            else:
+                entry = self._entries.get(task_id)
+                entries = [] if entry is None else [entry]
+            self._notices += 1
+            for entry in entries:
+                entry.version += 1
+                entry.cond.notify_all()
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Stop the listener thread (waiting up to ``timeout`` seconds for it).
+
+        Waits that are blocked go on, with only :func:`notify` and their periodic
+        reads to wake them; the next wait starts a listener again.
+        """
+        with self._lock:
+            listener, self._listener = self._listener, None
+        if listener is None:
+            return
+        listener.retire()
+        thread = listener.thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    # -- bookkeeping ---------------------------------------------------------------
+
+    def _enter(self, task_id: str, store: TaskStore, notices: int) -> tuple[_Entry, int, bool]:
+        """Register a wait: its entry, the entry's counter now, and whether anything
+        was notified since ``notices`` was read (then the task must be read again)."""
+        with self._lock:
+            entry = self._entries.get(task_id)
+            if entry is None:
+                entry = self._entries[task_id] = _Entry(self._lock)
+            entry.waiters += 1
+            self._waiting += 1
+            if self._listener is None and store.shared and not _exiting:
+                self._start_listener(store)
+            return entry, entry.version, self._notices != notices
+
+    def _leave(self, task_id: str, entry: _Entry) -> None:
+        with self._lock:
+            entry.waiters -= 1
+            if entry.waiters == 0 and self._entries.get(task_id) is entry:
+                del self._entries[task_id]
+            self._waiting -= 1
+            if self._waiting == 0:
+                self._idle_since = time.monotonic()
+
+    def _start_listener(self, store: TaskStore) -> None:
+        """Start a listener thread; the caller holds the lock."""
+        listener = _Listener(self)
+        listener.thread = threading.Thread(
+            target=self._listen,
+            args=(store, listener),
+            name="restful-async-waiters",
+            daemon=True,
+        )
+        self._listener = listener
+        listener.thread.start()
+
+    def _should_stop(self, listener: _Listener) -> bool:
+        with self._lock:
+            if self._listener is not listener:
+                return True
+            if self._waiting == 0 and time.monotonic() - self._idle_since >= self.linger:
+                self._listener = None  # retired: the next wait starts another
+                listener.retire()
+                return True
+            return False
+
+    def _listen(self, store: TaskStore, listener: _Listener) -> None:
+        try:
+            while not listener.is_set():
+                try:
+                    store.listen(self.notify, listener)
+                except Exception:
+                    # A store's listen() should not raise; if one does, it is
+                    # logged and started again, never left to kill the thread.
+                    _logger.exception("Listening to %s failed", store.url)
+                    listener.wait(1.0)
+                else:
+                    # It returned: it saw the signal set, or (a faulty store)
+                    # did not block; either way, no busy loop.
+                    listener.wait(0.1)
+        finally:
+            with self._lock:
+                if self._listener is listener:
+                    self._listener = None
+
+
+# -- one per store per process -----------------------------------------------------
+
+_registry: weakref.WeakKeyDictionary[TaskStore, Waiters] = weakref.WeakKeyDictionary()
+_registry_lock = threading.Lock()
+_all: weakref.WeakSet[Waiters] = weakref.WeakSet()
+_exiting = False
+
+
+def waiters_for(store: TaskStore) -> Waiters:
+    """This process's :class:`Waiters` of ``store``, made on first use."""
+    found = _registry.get(store)
+    if found is not None:
+        return found
+    with _registry_lock:
+        found = _registry.get(store)
+        if found is None:
+            found = _registry[store] = Waiters(store)
+        return found
+
+
+def wait_finished(store: TaskStore, task_id: str, timeout: float) -> Task | None:
+    """:meth:`Waiters.wait_finished` on this process's waiters of ``store``."""
+    return waiters_for(store).wait_finished(task_id, timeout)
+
+
+def notify(store: TaskStore, task_id: str | None = None) -> None:
+    """Wake this process's waits on ``task_id`` of ``store`` (all when None).
+
+    Cheap when nothing ever waited on ``store`` here: one dictionary lookup.
+    """
+    found = _registry.get(store)
+    if found is not None:
+        found.notify(task_id)
+
+
+def close(store: TaskStore, timeout: float = 2.0) -> None:
+    """Stop this process's listener thread of ``store``, if one runs: call it where
+    the store is closed (a later wait starts one again)."""
+    found = _registry.get(store)
+    if found is not None:
+        found.close(timeout)
+
+
+def _close_all() -> None:
+    global _exiting
+    _exiting = True
+    for waiters in list(_all):
+        waiters.close(timeout=1.0)
+
+
+def _reset_after_fork() -> None:
+    global _registry_lock
+    _registry_lock = threading.Lock()
+    for waiters in list(_all):
+        waiters._reset()
+
+
+atexit.register(_close_all)
+os.register_at_fork(after_in_child=_reset_after_fork)
