@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import time
 import typing as t
 from pathlib import Path
@@ -15,7 +16,10 @@ from werkzeug.test import TestResponse
 from flask_restful_async import register_async
 from flask_restful_async.state import get_state
 
+from .services import require_redis
+
 AppFactory = t.Callable[..., tuple[Flask, Api]]
+ANY_STORE_REDIS_URL = "redis://127.0.0.1:6379/12"
 
 
 @pytest.fixture
@@ -36,6 +40,37 @@ def make_app(tmp_path: Path) -> t.Iterator[AppFactory]:
     yield factory
     for app in made:
         get_state(app).close()
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+def make_app_any_store(
+    request: pytest.FixtureRequest, make_app: AppFactory
+) -> t.Iterator[AppFactory]:
+    """``make_app`` on each store: memory, SQLite (the default), Redis (db 12, under
+    a prefix of the test's own, whose keys are deleted afterwards)."""
+    store: str | None = None
+    config: dict[str, t.Any] = {}
+    if request.param == "memory":
+        store = "memory://"
+    elif request.param == "redis":
+        require_redis()
+        store = ANY_STORE_REDIS_URL
+        config["RESTFUL_ASYNC_REDIS_PREFIX"] = f"{{any-store-{secrets.token_hex(6)}}}:"
+
+    def factory(**options: t.Any) -> tuple[Flask, Api]:
+        if store is not None:
+            options.setdefault("store", store)
+        options["config"] = {**config, **options.get("config", {})}
+        return make_app(**options)
+
+    yield factory
+    if request.param == "redis":
+        import redis
+
+        with redis.Redis.from_url(ANY_STORE_REDIS_URL) as client:
+            keys = list(client.scan_iter(match=config["RESTFUL_ASYNC_REDIS_PREFIX"] + "*"))
+            if keys:
+                client.delete(*keys)
 
 
 def wait_done(client: FlaskClient, location: str, timeout: float = 10.0) -> TestResponse:

@@ -36,11 +36,16 @@ class Quick(AsyncResource):
 GATE = threading.Event()
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["memory", "sqlite", "redis"])
 def app(request: pytest.FixtureRequest, tmp_path: Path) -> t.Iterator[Flask]:
-    """An app on each shared store, with the two resources above."""
+    """An app on each store, with the two resources above."""
     GATE.clear()
-    if request.param == "sqlite":
+    if request.param == "memory":
+        made = create_app(
+            str(tmp_path / "instance"), RESTFUL_ASYNC_STORE="memory://", RESTFUL_ASYNC_MAX_WAIT=5
+        )
+        yield from _with_resources(made)
+    elif request.param == "sqlite":
         made = create_app(str(tmp_path / "instance"), RESTFUL_ASYNC_MAX_WAIT=5)
         yield from _with_resources(made)
     else:

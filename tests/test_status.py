@@ -204,7 +204,7 @@ def test_task_list_is_scoped_to_the_owner(make_app: AppFactory) -> None:
 
 
 def test_delete_of_a_queued_task_cancels_it_and_the_handler_never_runs(
-    make_app: AppFactory,
+    make_app_any_store: AppFactory,
 ) -> None:
     release = threading.Event()
     ran: list[str] = []
@@ -215,7 +215,7 @@ def test_delete_of_a_queued_task_cancels_it_and_the_handler_never_runs(
             release.wait(10)
             return {}
 
-    app, api = make_app(config={"RESTFUL_ASYNC_MAX_WORKERS": 1})
+    app, api = make_app_any_store(config={"RESTFUL_ASYNC_MAX_WORKERS": 1})
     api.add_resource(Blocking, "/blocking")
     client = app.test_client()
     first = client.post("/blocking", data="first").headers["Location"]
@@ -231,7 +231,7 @@ def test_delete_of_a_queued_task_cancels_it_and_the_handler_never_runs(
     assert ran == ["first"]
 
 
-def test_delete_of_a_running_task_is_seen_by_the_handler(make_app: AppFactory) -> None:
+def test_delete_of_a_running_task_is_seen_by_the_handler(make_app_any_store: AppFactory) -> None:
     started = threading.Event()
 
     class Polite(AsyncResource):
@@ -251,7 +251,7 @@ def test_delete_of_a_running_task_is_seen_by_the_handler(make_app: AppFactory) -
                 time.sleep(0.01)
             return {"saw_cancel": current_task.cancelled}
 
-    app, api = make_app()
+    app, api = make_app_any_store()
     api.add_resource(Polite, "/polite")
     api.add_resource(Stubborn, "/stubborn")
     client = app.test_client()
@@ -279,8 +279,8 @@ def test_delete_of_a_running_task_is_seen_by_the_handler(make_app: AppFactory) -
     assert listed["tasks"][0]["cancel_requested"] is True
 
 
-def test_delete_of_a_finished_task_forgets_it(make_app: AppFactory) -> None:
-    app, api = make_app()
+def test_delete_of_a_finished_task_forgets_it(make_app_any_store: AppFactory) -> None:
+    app, api = make_app_any_store()
     api.add_resource(Quick, "/quick")
     client = app.test_client()
     location = client.post("/quick").headers["Location"]
@@ -292,8 +292,10 @@ def test_delete_of_a_finished_task_forgets_it(make_app: AppFactory) -> None:
     assert client.delete(location).status_code == 404
 
 
-def test_delete_by_another_owner_is_a_404_and_changes_nothing(make_app: AppFactory) -> None:
-    app, api = make_app(owner=lambda: request.headers.get("X-User"))
+def test_delete_by_another_owner_is_a_404_and_changes_nothing(
+    make_app_any_store: AppFactory,
+) -> None:
+    app, api = make_app_any_store(owner=lambda: request.headers.get("X-User"))
     api.add_resource(Quick, "/quick")
     client = app.test_client()
     location = client.post("/quick", headers={"X-User": "alice"}).headers["Location"]

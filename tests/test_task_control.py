@@ -27,8 +27,8 @@ class Echo(AsyncResource):
         return {"put": request.get_json()}
 
 
-def test_a_repeated_idempotency_key_answers_the_first_task(make_app: AppFactory) -> None:
-    app, api = make_app()
+def test_a_repeated_idempotency_key_answers_the_first_task(make_app_any_store: AppFactory) -> None:
+    app, api = make_app_any_store()
     api.add_resource(Echo, "/echo")
     client = app.test_client()
     headers = {"Idempotency-Key": "order-1"}
@@ -46,8 +46,8 @@ def test_a_repeated_idempotency_key_answers_the_first_task(make_app: AppFactory)
     assert other.headers["Location"] != first.headers["Location"]
 
 
-def test_the_same_key_with_another_body_is_422(make_app: AppFactory) -> None:
-    app, api = make_app()
+def test_the_same_key_with_another_body_is_422(make_app_any_store: AppFactory) -> None:
+    app, api = make_app_any_store()
     api.add_resource(Echo, "/echo")
     client = app.test_client()
     headers = {"Idempotency-Key": "k"}
@@ -60,8 +60,10 @@ def test_the_same_key_with_another_body_is_422(make_app: AppFactory) -> None:
 
 
 @pytest.mark.parametrize("key", ["", "x" * 256, "tab\there", "é"])
-def test_a_malformed_key_is_400_and_creates_nothing(make_app: AppFactory, key: str) -> None:
-    app, api = make_app()
+def test_a_malformed_key_is_400_and_creates_nothing(
+    make_app_any_store: AppFactory, key: str
+) -> None:
+    app, api = make_app_any_store()
     api.add_resource(Echo, "/echo")
     client = app.test_client()
     response = client.post("/echo", json=1, headers={"Idempotency-Key": key})
@@ -71,8 +73,8 @@ def test_a_malformed_key_is_400_and_creates_nothing(make_app: AppFactory, key: s
     assert get_state(app).store.list(owner=None) == []
 
 
-def test_keys_of_different_owners_never_meet(make_app: AppFactory) -> None:
-    app, api = make_app(owner=lambda: request.headers.get("X-User"))
+def test_keys_of_different_owners_never_meet(make_app_any_store: AppFactory) -> None:
+    app, api = make_app_any_store(owner=lambda: request.headers.get("X-User"))
     api.add_resource(Echo, "/echo")
     client = app.test_client()
     alice = client.post("/echo", json=1, headers={"Idempotency-Key": "k", "X-User": "alice"})
@@ -81,8 +83,8 @@ def test_keys_of_different_owners_never_meet(make_app: AppFactory) -> None:
     assert alice.headers["Location"] != bob.headers["Location"]
 
 
-def test_concurrent_duplicates_create_exactly_one_task(make_app: AppFactory) -> None:
-    app, api = make_app()
+def test_concurrent_duplicates_create_exactly_one_task(make_app_any_store: AppFactory) -> None:
+    app, api = make_app_any_store()
     api.add_resource(Echo, "/echo")
     barrier = threading.Barrier(20, timeout=10)
     locations: list[str] = []
@@ -106,7 +108,7 @@ def test_concurrent_duplicates_create_exactly_one_task(make_app: AppFactory) -> 
     assert len(get_state(app).store.list(owner=None)) == 1
 
 
-def test_retry_after_is_estimated_from_progress(make_app: AppFactory) -> None:
+def test_retry_after_is_estimated_from_progress(make_app_any_store: AppFactory) -> None:
     reported = threading.Event()
     release = threading.Event()
 
@@ -118,7 +120,7 @@ def test_retry_after_is_estimated_from_progress(make_app: AppFactory) -> None:
             release.wait(10)
             return {}
 
-    app, api = make_app(config={"RESTFUL_ASYNC_MAX_RETRY_AFTER": 30})
+    app, api = make_app_any_store(config={"RESTFUL_ASYNC_MAX_RETRY_AFTER": 30})
     api.add_resource(Slow, "/slow")
     client = app.test_client()
     location = client.post("/slow").headers["Location"]
@@ -130,7 +132,7 @@ def test_retry_after_is_estimated_from_progress(make_app: AppFactory) -> None:
     wait_done(client, location)
 
 
-def test_retry_after_is_capped(make_app: AppFactory) -> None:
+def test_retry_after_is_capped(make_app_any_store: AppFactory) -> None:
     reported = threading.Event()
     release = threading.Event()
 
@@ -142,7 +144,7 @@ def test_retry_after_is_capped(make_app: AppFactory) -> None:
             release.wait(10)
             return {}
 
-    app, api = make_app(config={"RESTFUL_ASYNC_MAX_RETRY_AFTER": 3})
+    app, api = make_app_any_store(config={"RESTFUL_ASYNC_MAX_RETRY_AFTER": 3})
     api.add_resource(Slow, "/slow")
     client = app.test_client()
     location = client.post("/slow").headers["Location"]
@@ -152,8 +154,8 @@ def test_retry_after_is_capped(make_app: AppFactory) -> None:
     wait_done(client, location)
 
 
-def test_the_result_redirect_mode(make_app: AppFactory) -> None:
-    app, api = make_app(config={"RESTFUL_ASYNC_RESULT_REDIRECT": True})
+def test_the_result_redirect_mode(make_app_any_store: AppFactory) -> None:
+    app, api = make_app_any_store(config={"RESTFUL_ASYNC_RESULT_REDIRECT": True})
     api.add_resource(Echo, "/echo")
     client = app.test_client()
     location = client.post("/echo", json=[1]).headers["Location"]
@@ -173,7 +175,7 @@ def test_the_result_redirect_mode(make_app: AppFactory) -> None:
 
 
 def test_the_result_url_without_redirect_mode_and_for_unfinished_tasks(
-    make_app: AppFactory,
+    make_app_any_store: AppFactory,
 ) -> None:
     release = threading.Event()
 
@@ -182,7 +184,7 @@ def test_the_result_url_without_redirect_mode_and_for_unfinished_tasks(
             release.wait(10)
             return {"late": True}
 
-    app, api = make_app()
+    app, api = make_app_any_store()
     api.add_resource(Waiting, "/waiting")
     client = app.test_client()
     location = client.post("/waiting").headers["Location"]
