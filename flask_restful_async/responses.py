@@ -110,5 +110,11 @@ def status_response(
     return json_response(code, task.status_document(), headers)
 
 
+def vary_on_prefer(response: ResponseBase) -> None:
+    """Add ``Prefer`` to ``Vary`` (cheaper than going through ``response.vary``)."""
+    existing = response.headers.get("Vary")
+    response.headers["Vary"] = f"{existing}, Prefer" if existing else "Prefer"
+
+
 def error_response(code: int, message: str, headers: t.Mapping[str, str] | None = None) -> Response:
     return json_response(code, {"message": message}, headers)

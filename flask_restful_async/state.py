@@ -14,7 +14,13 @@ from . import waiting
 from .exceptions import Unavailable
 from .lease import LeaseKeeper, worker_id
 from .prefer import parse_prefer, respond_async, wait_seconds
-from .responses import NO_STORE, error_response, status_response, stored_to_response
+from .responses import (
+    NO_STORE,
+    error_response,
+    status_response,
+    stored_to_response,
+    vary_on_prefer,
+)
 from .snapshot import RequestSnapshot
 from .stores.base import TaskStore
 from .task import Task, TaskState, new_task_id
@@ -162,7 +168,8 @@ class AsyncState:
     def accepted(self, task: Task) -> Response:
         """The answer to a submit: 202, or with ``Prefer: wait=N`` the task's final
         response if it finishes within N seconds (RFC 7240)."""
-        prefs = parse_prefer(request.headers.getlist("Prefer"))
+        values = request.headers.getlist("Prefer")
+        prefs = parse_prefer(values) if values else {}
         seconds = wait_seconds(prefs)
         response: Response | None = None
         if seconds:
@@ -177,7 +184,7 @@ class AsyncState:
             response = self.status(task, 202)
             if respond_async(prefs):
                 response.headers["Preference-Applied"] = "respond-async"
-        response.vary.add("Prefer")
+        vary_on_prefer(response)
         return response
 
     def task_response(self, task: Task) -> Response:

@@ -10,7 +10,7 @@ from flask_restful import Resource
 from . import waiting
 from .exceptions import Unavailable
 from .prefer import parse_prefer, wait_seconds
-from .responses import NO_STORE, error_response, json_response, status_response
+from .responses import NO_STORE, error_response, json_response, status_response, vary_on_prefer
 from .state import AsyncState, get_state
 from .task import Task, TaskState, is_valid_task_id
 
@@ -55,7 +55,7 @@ class TaskStatusResource(Resource):
         response = state.task_response(task)
         if from_prefer and wait:
             response.headers["Preference-Applied"] = f"wait={min(wait, state.max_wait)}"
-        response.vary.add("Prefer")
+        vary_on_prefer(response)
         return response
 
     def delete(self, task_id: str) -> Response:
@@ -97,7 +97,8 @@ def requested_wait() -> tuple[int | None, bool]:
         if not (query.isascii() and query.isdigit()) or len(query) > 10:
             return None, False
         return int(query), False
-    seconds = wait_seconds(parse_prefer(request.headers.getlist("Prefer")))
+    values = request.headers.getlist("Prefer")
+    seconds = wait_seconds(parse_prefer(values)) if values else None
     return (seconds, True) if seconds else (0, False)
 
 
