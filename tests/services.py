@@ -6,8 +6,14 @@ from a skip into a failure, so that CI never passes by skipping.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -41,3 +47,54 @@ def require_service(name: str, host: str, port: int) -> None:
 
 def require_redis() -> None:
     require_service("Redis", REDIS_HOST, REDIS_PORT)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def redis_answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as conn:
+            conn.sendall(b"PING\r\n")
+            return conn.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def redis_server(port: int, workdir: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """A redis-server of the test's own on 127.0.0.1:``port``, never the shared one.
+
+    No persistence, except that it loads ``workdir``'s dump.rdb if there is one
+    (written by ``SHUTDOWN SAVE``). Ready once it answers PING; killed and reaped
+    on exit. Skips (or fails, when services are required) without the binary.
+    """
+    executable = shutil.which("redis-server")
+    if executable is None:
+        message = "redis-server is not installed"
+        if services_required():
+            pytest.fail(message)
+        pytest.skip(message)
+    process = subprocess.Popen(
+        [executable, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--daemonize", "no", "--dir", str(workdir)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while not redis_answers(port):
+            if process.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {process.returncode}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server did not answer PING on port {port} in 10 s")
+            time.sleep(0.02)
+        yield process
+    finally:
+        process.kill()
+        process.wait(timeout=10)

@@ -18,13 +18,11 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
-import importlib.util
 import json
 import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -42,7 +40,14 @@ from flask_restful_async.task import Task, TaskState
 from .apps.tasks_app import REDIS_PREFIX_KEY, create_app
 from .conftest import wait_done
 from .servers import ROOT, Response, ServerError, http, poll_until_done, serve
-from .services import REDIS_HOST, REDIS_PORT, require_redis, services_required
+from .services import (
+    REDIS_HOST,
+    REDIS_PORT,
+    free_port,
+    redis_server,
+    require_redis,
+    services_required,
+)
 
 APP = "tests.apps.tasks_app:app"
 SERVER = "gunicorn-gthread"
@@ -55,15 +60,6 @@ STORES = ("sqlite", "redis")
 
 
 # -- stores ------------------------------------------------------------------------
-
-
-def redis_store_exists() -> bool:
-    return importlib.util.find_spec("flask_restful_async.stores.redis") is not None
-
-
-def require_redis_store() -> None:
-    if not redis_store_exists():
-        pytest.skip("flask_restful_async/stores/redis.py does not exist (yet)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +92,6 @@ class Store:
 @contextlib.contextmanager
 def redis_store(instance: Path) -> Iterator[Store]:
     """A Redis store under a fresh prefix, whose keys are deleted afterwards."""
-    require_redis_store()
     require_redis()
     import redis
 
@@ -199,12 +194,6 @@ def wait_for_state(client: FlaskClient, location: str, state: str, timeout: floa
         if time.monotonic() > deadline:
             raise AssertionError(f"{location} not {state} after {timeout} s: {response.json}")
         time.sleep(0.01)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # -- a. two processes, two apps, one store -------------------------------------------
@@ -514,39 +503,6 @@ def test_threads_of_a_new_process_agree_on_its_worker_id() -> None:
 # -- g. Redis unreachable, then back -------------------------------------------------
 
 
-@contextlib.contextmanager
-def redis_server(port: int, workdir: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """A throwaway redis-server on 127.0.0.1:``port``, killed and reaped at exit."""
-    command = [
-        *("redis-server", "--port", str(port), "--bind", "127.0.0.1"),
-        *("--save", "", "--appendonly", "no", "--dir", str(workdir)),
-    ]
-    proc = subprocess.Popen(
-        command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while not redis_answers(port):
-            if proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {proc.returncode}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"redis-server did not answer PING on port {port} in 10 s")
-            time.sleep(0.02)
-        yield proc
-    finally:
-        proc.kill()
-        proc.wait(timeout=10)
-
-
-def redis_answers(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as conn:
-            conn.sendall(b"PING\r\n")
-            return conn.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
 def assert_unavailable(response: t.Any) -> None:
     assert response.status_code == 503, response.get_data()
     assert int(response.headers["Retry-After"]) >= 1
@@ -560,7 +516,6 @@ def assert_unavailable(response: t.Any) -> None:
 @pytest.fixture
 def throwaway_redis(tmp_path: Path) -> tuple[int, Path]:
     """A free port and a folder for :func:`redis_server` (needs the redis store)."""
-    require_redis_store()
     if shutil.which("redis-server") is None:
         if services_required():
             pytest.fail("redis-server is not installed, and RESTFUL_ASYNC_REQUIRE_SERVICES=1")

@@ -10,12 +10,9 @@ runs a second redis-server of its own on a free loopback port.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import secrets
-import shutil
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -32,7 +29,13 @@ from flask_restful_async.stores import redis as redis_store_module
 from flask_restful_async.stores.redis import LIST_SCAN, RELEASE_BATCH, RedisStore
 from flask_restful_async.task import StoredResponse, new_task_id
 
-from .services import REDIS_HOST, REDIS_PORT, port_open, require_redis, services_required
+from .services import (
+    REDIS_HOST,
+    REDIS_PORT,
+    free_port,
+    redis_server,
+    require_redis,
+)
 
 #: The database these tests write to (one of services.REDIS_TEST_DBS); they never flush it.
 REDIS_DB = 14
@@ -482,41 +485,6 @@ def test_delete_forgets_the_task_its_index_entry_and_its_key(
 
 
 # --- Redis going away ---------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextlib.contextmanager
-def redis_server(port: int, workdir: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """A throwaway redis-server on 127.0.0.1:port, without persistence; killed on exit."""
-    executable = shutil.which("redis-server")
-    if executable is None:
-        message = "redis-server is not installed"
-        if services_required():
-            pytest.fail(message)
-        pytest.skip(message)
-    process = subprocess.Popen(
-        [executable, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--daemonize", "no", "--dir", str(workdir)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 10
-        while not port_open("127.0.0.1", port, timeout=0.2):
-            if process.poll() is not None:
-                raise AssertionError(f"redis-server exited with {process.returncode}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"redis-server did not listen on port {port} in time")
-            time.sleep(0.02)
-        yield process
-    finally:
-        process.kill()
-        process.wait(timeout=10)
 
 
 def assert_unavailable_within(bound: float, call: Callable[[], object]) -> None:

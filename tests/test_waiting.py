@@ -15,8 +15,6 @@ import dataclasses
 import os
 import random
 import secrets
-import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,7 +31,13 @@ from flask_restful_async.stores import SQLiteStore
 from flask_restful_async.task import new_task_id
 from flask_restful_async.waiting import Waiters, notify, wait_finished, waiters_for
 
-from .services import REDIS_HOST, REDIS_PORT, port_open, require_redis, services_required
+from .services import (
+    REDIS_HOST,
+    REDIS_PORT,
+    free_port,
+    redis_server,
+    require_redis,
+)
 
 #: The Redis database these tests use (one of services.REDIS_TEST_DBS).
 REDIS_DB = 12
@@ -480,36 +484,6 @@ def test_a_forked_child_waits_with_a_listener_of_its_own(shared: Made) -> None:
 
 
 # -- Redis going away, Redis ACLs ----------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextlib.contextmanager
-def redis_server(port: int, workdir: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """A redis-server of the test's own on 127.0.0.1:port; it loads ``workdir``'s
-    dump.rdb if there is one (written by SHUTDOWN SAVE). Killed on exit."""
-    executable = shutil.which("redis-server")
-    if executable is None:
-        message = "redis-server is not installed"
-        if services_required():
-            pytest.fail(message)
-        pytest.skip(message)
-    process = subprocess.Popen(
-        [executable, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--daemonize", "no", "--dir", str(workdir)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        wait_until(lambda: port_open("127.0.0.1", port, timeout=0.2), timeout=10)
-        yield process
-    finally:
-        process.kill()
-        process.wait(timeout=10)
 
 
 def test_the_redis_listener_gets_over_a_restart(tmp_path: Path) -> None:
