@@ -131,3 +131,9 @@ def test_a_non_string_identity_is_a_type_error(tmp_path: Path) -> None:
     api.add_resource(Hello, "/hello/<name>")
     with pytest.raises(TypeError, match="owner"):
         app.test_client().get("/hello/x")
+
+
+def test_every_config_key_is_in_the_readme_table() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    missing = [key for key in DEFAULTS if f"| `{key}` |" not in readme]
+    assert missing == []

@@ -47,8 +47,8 @@ def test_malformed_ids_are_404_without_a_store_lookup(make_app: AppFactory, task
     assert store.lookups == 0
 
 
-def test_unknown_malformed_and_foreign_ids_get_the_same_404(make_app: AppFactory) -> None:
-    app, api = make_app(owner=lambda: request.headers.get("X-User"))
+def test_unknown_malformed_and_foreign_ids_get_the_same_404(make_app_any_store: AppFactory) -> None:
+    app, api = make_app_any_store(owner=lambda: request.headers.get("X-User"))
     api.add_resource(Quick, "/quick")
     client = app.test_client()
     location = client.post("/quick", headers={"X-User": "alice"}).headers["Location"]
@@ -192,8 +192,8 @@ def test_task_list_rejects_bad_parameters_with_400_json(make_app: AppFactory, qu
     assert "message" in response.json
 
 
-def test_task_list_is_scoped_to_the_owner(make_app: AppFactory) -> None:
-    app, api = make_app(owner=lambda: request.headers.get("X-User"))
+def test_task_list_is_scoped_to_the_owner(make_app_any_store: AppFactory) -> None:
+    app, api = make_app_any_store(owner=lambda: request.headers.get("X-User"))
     api.add_resource(Quick, "/quick")
     client = app.test_client()
     mine = client.post("/quick", headers={"X-User": "alice"}).headers["Location"]
