@@ -45,8 +45,9 @@ DEFAULTS: dict[str, t.Any] = {
     # The largest Retry-After (seconds) estimated from a handler's progress.
     "RESTFUL_ASYNC_MAX_RETRY_AFTER": 30,
     # The longest a request may wait (seconds) for a task to finish, with
-    # ?wait=N or Prefer: wait=N; a waiting request holds one server thread.
-    "RESTFUL_ASYNC_MAX_WAIT": 30,
+    # ?wait=N or Prefer: wait=N; a waiting request holds one server thread. Below
+    # gunicorn's default --timeout (30 s), which would kill a sync worker.
+    "RESTFUL_ASYNC_MAX_WAIT": 20,
     # Finished tasks answer 303 See Other to <status URL>/result, which serves
     # the response, instead of serving it at the status URL itself.
     "RESTFUL_ASYNC_RESULT_REDIRECT": False,
