@@ -8,8 +8,13 @@ builds a fresh request context of its own from that copy.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import io
+import json
+import logging
+import math
 import sys
 import typing as t
 
@@ -21,6 +26,11 @@ from werkzeug.test import EnvironBuilder
 # Headers that described the original transfer, not the request itself: the copy
 # is replayed from a buffer with a known length.
 _TRANSFER_KEYS = frozenset({"CONTENT_LENGTH", "HTTP_TRANSFER_ENCODING", "HTTP_EXPECT"})
+
+_logger = logging.getLogger(__name__)
+
+#: The version of :meth:`RequestSnapshot.to_json`'s format; ``from_json`` refuses others.
+_JSON_VERSION = 1
 
 
 @dataclasses.dataclass
@@ -98,6 +108,93 @@ class RequestSnapshot:
         """Copy the submit-time ``g`` into the (fresh) ``g`` of the current context."""
         for name, value in self.g.items():
             setattr(g, name, value)
+
+    def to_json(self) -> str:
+        """This snapshot as a JSON document, for an executor that crosses processes.
+
+        The body travels as base64. ``args`` and ``kwargs`` must be JSON data (str,
+        int, finite float, bool, None, lists and str-keyed dicts of those) or this
+        raises :class:`TypeError`: the handler would otherwise get other values than
+        in-process. Entries of ``g`` that are not JSON data are dropped (their names
+        are logged at debug level): ``g`` often holds connections and clients.
+        """
+        for index, value in enumerate(self.args):
+            _require_json(value, f"view argument {index}")
+        for name, value in self.kwargs.items():
+            _require_json(value, f"view argument {name!r}")
+        g_values = {name: value for name, value in self.g.items() if _is_json(value)}
+        if len(g_values) != len(self.g):
+            dropped = sorted(set(self.g) - set(g_values))
+            _logger.debug("Not sent to the worker (not JSON data): g.%s", ", g.".join(dropped))
+        return json.dumps(
+            {
+                "v": _JSON_VERSION,
+                "environ": self.environ,
+                "body": base64.b64encode(self.body).decode("ascii"),
+                "endpoint": self.endpoint,
+                "method": self.method,
+                "args": list(self.args),
+                "kwargs": self.kwargs,
+                "g": g_values,
+            },
+            ensure_ascii=False,
+            allow_nan=False,
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> RequestSnapshot:
+        """The snapshot that :meth:`to_json` wrote; ``ValueError`` if ``text`` is not one."""
+        data = json.loads(text)
+        if not isinstance(data, dict) or data.get("v") != _JSON_VERSION:
+            raise ValueError("not a request snapshot of a known version")
+        try:
+            environ = data["environ"]
+            if not isinstance(environ, dict) or not all(
+                type(key) is str and type(value) is str for key, value in environ.items()
+            ):
+                raise ValueError("malformed request snapshot: environ must map str to str")
+            args, kwargs, g_values = data["args"], data["kwargs"], data["g"]
+            if not isinstance(args, list) or not isinstance(kwargs, dict):
+                raise ValueError(
+                    "malformed request snapshot: args must be a list, kwargs an object"
+                )
+            if not isinstance(g_values, dict):
+                raise ValueError("malformed request snapshot: g must be an object")
+            return cls(
+                environ=environ,
+                body=base64.b64decode(data["body"], validate=True),
+                endpoint=str(data["endpoint"]),
+                method=str(data["method"]),
+                args=tuple(args),
+                kwargs=kwargs,
+                g=g_values,
+            )
+        except (KeyError, TypeError, binascii.Error) as e:
+            raise ValueError(f"malformed request snapshot: {e!r}") from None
+
+
+def _is_json(value: t.Any) -> bool:
+    """Whether ``value`` survives a JSON round trip unchanged (types included)."""
+    kind = type(value)
+    if kind in (str, int, bool) or value is None:
+        return True
+    if kind is float:
+        return math.isfinite(value)
+    if kind is list:
+        return all(_is_json(item) for item in value)
+    if kind is dict:
+        return all(type(key) is str and _is_json(item) for key, item in value.items())
+    return False
+
+
+def _require_json(value: t.Any, what: str) -> None:
+    if not _is_json(value):
+        raise TypeError(
+            f"{what} ({type(value).__name__}) is not JSON data, so it cannot be sent to"
+            " another process: give the view JSON-compatible arguments (str, int, float,"
+            " bool, None, lists and dicts of them), or convert them in a method decorator"
+        )
 
 
 def _encode_parsed_form() -> tuple[bytes, str]:

@@ -162,7 +162,13 @@ class AsyncState:
                     422, "This Idempotency-Key was already used with a different request body."
                 )
         else:
-            self.executor.submit(self.app, task, snapshot, resource)
+            try:
+                self.executor.submit(self.app, task, snapshot, resource)
+            except Unavailable as e:
+                # An executor that cannot hand the task over (a broker that is down)
+                # has removed it from the store again: nothing is left behind.
+                self.executor.release()
+                return error_response(503, e.message, {"Retry-After": str(e.retry_after)})
         return self.accepted(recorded)
 
     def accepted(self, task: Task) -> Response:

@@ -1,0 +1,104 @@
+"""An app whose tasks run in Celery workers, for ``tests/test_celery.py``.
+
+Broker and task store are Redis database :data:`REDIS_DB` on 127.0.0.1:6379. Every
+key the app makes (the store's and the broker's, through kombu's
+``global_keyprefix``) starts with the prefix from ``CELERY_TEST_PREFIX``; tasks go
+to the queue named by ``CELERY_TEST_QUEUE``; ``CELERY_TEST_LEASE`` (seconds), if
+set, is the store's lease. A worker::
+
+    CELERY_TEST_PREFIX='{p}:' CELERY_TEST_QUEUE=q \\
+        celery -A tests.apps.celery_app worker -P threads -c 4 -Q q
+
+``POST /echo`` (an :class:`AsyncResource`) returns ``{"body": <body as text>,
+"header": <X-Echo>, "args": <query args, lists>, "pid": <pid>}``. With
+``?steps=N`` it first reports progress N times, ``?step=S`` seconds apart; with
+``?fail=CODE`` it aborts with that HTTP status instead.
+
+The module's ``celery`` (what ``celery -A`` finds) and ``flask_app`` are built on
+first access, from the environment; a test builds its own with :func:`create_app`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import typing as t
+
+from celery import Celery
+from flask import Flask, request
+from flask_restful import Api, abort
+
+from flask_restful_async import AsyncResource, current_task, register_async
+from flask_restful_async.celery import CeleryExecutor, make_celery
+from flask_restful_async.stores.redis import RedisStore
+
+REDIS_DB = 13
+REDIS_URL = f"redis://127.0.0.1:6379/{REDIS_DB}"
+PREFIX_ENV = "CELERY_TEST_PREFIX"
+QUEUE_ENV = "CELERY_TEST_QUEUE"
+#: Seconds of the store's lease (``RESTFUL_ASYNC_LEASE``), if set.
+LEASE_ENV = "CELERY_TEST_LEASE"
+
+
+class Echo(AsyncResource):
+    def post(self) -> dict[str, t.Any]:
+        fail = request.args.get("fail")
+        if fail:
+            abort(int(fail), message=f"failed with {fail} as asked")
+        steps = int(request.args.get("steps", "0"))
+        step = float(request.args.get("step", "0.1"))
+        for i in range(steps):
+            current_task.progress(i, total=steps, message="stepping")
+            time.sleep(step)
+        return {
+            "body": request.get_data(as_text=True),
+            "header": request.headers.get("X-Echo"),
+            "args": request.args.to_dict(flat=False),
+            "pid": os.getpid(),
+        }
+
+
+def create_app(
+    prefix: str, queue: str, broker_url: str = REDIS_URL
+) -> tuple[Flask, Celery, RedisStore]:
+    """A Flask app, its Celery app and its store: keys under ``prefix``, tasks to
+    ``queue``, messages through ``broker_url``."""
+    app = Flask(__name__)
+    app.config.update(
+        CELERY_BROKER_URL=broker_url,
+        CELERY_CONFIG={
+            # Every broker key under the test's prefix, so that it can delete them.
+            "broker_transport_options": {"global_keyprefix": f"{prefix}kombu:"},
+            # No pidbox (remote control) keys and no events: none of them is
+            # scoped by the prefix, and the tests do not use them.
+            "worker_enable_remote_control": False,
+            "worker_send_task_events": False,
+            "worker_hijack_root_logger": False,
+        },
+    )
+    if os.environ.get(LEASE_ENV):
+        app.config["RESTFUL_ASYNC_LEASE"] = float(os.environ[LEASE_ENV])
+    celery_app = make_celery(app)
+    store = RedisStore(REDIS_URL, prefix=prefix)
+    api = Api(app)
+    register_async(
+        api, store=store, executor=CeleryExecutor(celery_app, queue=queue), owner=lambda: None
+    )
+    api.add_resource(Echo, "/echo")
+    return app, celery_app, store
+
+
+_built: tuple[Flask, Celery, RedisStore] | None = None
+
+
+def __getattr__(name: str) -> t.Any:
+    # PEP 562: built on first access, so importing the module builds nothing.
+    global _built
+    if name not in ("celery", "flask_app"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if _built is None:
+        prefix, queue = os.environ.get(PREFIX_ENV), os.environ.get(QUEUE_ENV)
+        if not prefix or not queue:
+            raise RuntimeError(f"set {PREFIX_ENV} and {QUEUE_ENV} for tests.apps.celery_app")
+        _built = create_app(prefix, queue)
+    return _built[0] if name == "flask_app" else _built[1]

@@ -1,0 +1,342 @@
+"""Tasks run by a real Celery worker: ``flask_restful_async.celery``.
+
+The app is ``tests/apps/celery_app.py``. One worker subprocess (``-P threads -c 4``)
+serves the module, on a queue of its own; every Redis key (store and broker, db
+13) is under a prefix of the module's own and deleted afterwards, never flushing.
+The snapshot's JSON round trip is tested here too (no Celery needed for it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import typing as t
+from collections.abc import Iterator
+
+import pytest
+from flask import Flask, g
+from flask.testing import FlaskClient
+
+from flask_restful_async.snapshot import RequestSnapshot
+
+from .servers import ROOT
+from .services import REDIS_HOST, REDIS_PORT, free_port, require_redis
+
+#: Seconds the worker gets to start and run a first task.
+WORKER_READY_TIMEOUT = 20.0
+
+
+# -- the snapshot as JSON --------------------------------------------------------------
+
+
+def test_snapshot_json_round_trip() -> None:
+    app = Flask(__name__)
+    body = bytes(range(256)) + "naïve ☃".encode()
+    with app.test_request_context(
+        "/things/7?q=a&q=b",
+        method="PUT",
+        data=body,
+        headers={"X-Echo": "é", "Content-Type": "application/octet-stream"},
+    ):
+        g.user = {"id": 1, "roles": ["a", "b"]}
+        g.ratio = 0.5
+        snapshot = RequestSnapshot.capture(body, "put", (7, "x"), {"id": 7, "flag": None})
+    again = RequestSnapshot.from_json(snapshot.to_json())
+    assert again == snapshot
+    assert isinstance(again.args, tuple)
+    with again.request_context(app):
+        from flask import request
+
+        assert request.get_data() == body
+        assert request.args.getlist("q") == ["a", "b"]
+        assert request.headers["X-Echo"] == "é"
+
+
+def test_snapshot_json_drops_g_values_that_are_not_json(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    snapshot = RequestSnapshot(
+        environ={}, body=b"", endpoint="e", method="get", g={"ok": [1], "conn": object()}
+    )
+    with caplog.at_level(logging.DEBUG, logger="flask_restful_async.snapshot"):
+        again = RequestSnapshot.from_json(snapshot.to_json())
+    assert again.g == {"ok": [1]}
+    assert "g.conn" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs"),
+    [((object(),), {}), ((), {"when": float("nan")}), ((), {"pair": (1, 2)}), ((), {"d": {1: 2}})],
+)
+def test_snapshot_json_refuses_args_that_are_not_json(
+    args: tuple[t.Any, ...], kwargs: dict[str, t.Any]
+) -> None:
+    snapshot = RequestSnapshot(environ={}, body=b"", endpoint="e", method="get", args=args)
+    snapshot.kwargs = kwargs
+    with pytest.raises(TypeError, match="not JSON data"):
+        snapshot.to_json()
+
+
+@pytest.mark.parametrize("text", ["[]", '{"v": 99}', '{"v": 1}', '{"v": 1, "environ": {"a": 1}}'])
+def test_snapshot_from_json_refuses_other_documents(text: str) -> None:
+    with pytest.raises(ValueError, match="snapshot"):
+        RequestSnapshot.from_json(text)
+
+
+# -- a real worker -------------------------------------------------------------------
+
+
+class Worker(t.NamedTuple):
+    prefix: str
+    queue: str
+    process: subprocess.Popen[bytes]
+    log: t.IO[bytes]
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")[-4000:]
+
+
+def delete_keys(prefix: str) -> None:
+    import redis
+
+    with redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=13, socket_timeout=5) as client:
+        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        if keys:
+            client.delete(*keys)
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM (Celery's warm shutdown), a bounded wait, then SIGKILL to its session."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def run_worker(**env_extra: str) -> Iterator[Worker]:
+    """A ``celery worker`` subprocess on a fresh prefix and queue; stopped, and its
+    keys deleted, on exit."""
+    require_redis()
+    token = secrets.token_hex(6)
+    prefix = f"{{restful_async_celery_{token}}}:"
+    queue = f"restful_async_celery_{token}"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        "CELERY_TEST_PREFIX": prefix,
+        "CELERY_TEST_QUEUE": queue,
+        **env_extra,
+    }
+    env.pop("RESTFUL_ASYNC_REQUIRE_SERVICES", None)
+    command = [
+        sys.executable, "-m", "celery", "-A", "tests.apps.celery_app", "worker",
+        "-P", "threads", "-c", "4", "-Q", queue, "--without-gossip", "--without-mingle",
+        "--without-heartbeat", "-l", "warning",
+    ]  # fmt: skip
+    with tempfile.TemporaryFile() as log:
+        process = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            yield Worker(prefix, queue, process, log)
+        finally:
+            try:
+                stop(process)
+            finally:
+                delete_keys(prefix)
+
+
+@pytest.fixture(scope="module")
+def worker() -> Iterator[Worker]:
+    with run_worker() as running:
+        yield running
+
+
+@pytest.fixture
+def client(worker: Worker) -> Iterator[FlaskClient]:
+    """A test client of an in-process instance of the worker's app (same store, queue)."""
+    from flask_restful_async.state import get_state
+
+    from .apps.celery_app import create_app
+
+    app, _, _ = create_app(worker.prefix, worker.queue)
+    try:
+        yield app.test_client()
+    finally:
+        get_state(app).close()
+
+
+def poll(client: FlaskClient, worker: Worker, location: str, timeout: float = 10.0) -> t.Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        response = client.get(location)
+        if response.status_code != 202:
+            return response
+        if worker.process.poll() is not None:
+            pytest.fail(f"the worker exited with {worker.process.returncode}:\n{worker.output()}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"{location} still {response.json} after {timeout} s:\n{worker.output()}")
+        time.sleep(0.02)
+
+
+def submit(client: FlaskClient, path: str, **kwargs: t.Any) -> str:
+    response = client.post(path, **kwargs)
+    assert response.status_code == 202, response.get_data()
+    assert response.json is not None
+    assert response.json["state"] == "queued"
+    return str(response.headers["Location"])
+
+
+def test_worker_runs_the_task_with_the_request_intact(worker: Worker, client: FlaskClient) -> None:
+    body = "naïve ☃ " + "x" * 1000
+    location = submit(
+        client,
+        "/echo?a=1&a=2&b=%C3%A9",
+        data=body.encode(),
+        headers={"X-Echo": "hello", "Content-Type": "text/plain; charset=utf-8"},
+    )
+    # The first task also proves the worker is up: give it time to start.
+    response = poll(client, worker, location, timeout=WORKER_READY_TIMEOUT)
+    assert response.status_code == 200, response.get_data()
+    result = response.json
+    assert result["body"] == body
+    assert result["header"] == "hello"
+    assert result["args"] == {"a": ["1", "2"], "b": ["é"]}
+    assert result["pid"] == worker.process.pid != os.getpid()
+    assert response.headers["Cache-Control"] == "no-store"
+
+
+def test_http_exception_in_the_worker_keeps_its_status(worker: Worker, client: FlaskClient) -> None:
+    location = submit(client, "/echo?fail=409", data=b"")
+    response = poll(client, worker, location, timeout=WORKER_READY_TIMEOUT)
+    assert response.status_code == 409, response.get_data()
+    assert response.json["message"] == "failed with 409 as asked"
+
+
+def test_progress_is_visible_while_the_worker_runs(worker: Worker, client: FlaskClient) -> None:
+    location = submit(client, "/echo?steps=6&step=0.15", data=b"p")
+    deadline = time.monotonic() + WORKER_READY_TIMEOUT
+    seen: list[t.Any] = []
+    while True:
+        response = client.get(location)
+        if response.status_code != 202:
+            break
+        document = response.json
+        if document["state"] == "running" and document["progress"] is not None:
+            seen.append(document["progress"])
+        assert time.monotonic() < deadline, worker.output()
+        time.sleep(0.02)
+    assert response.status_code == 200, response.get_data()
+    assert seen, "no progress was seen while the task ran"
+    assert seen[-1]["total"] == 6
+    assert seen[-1]["message"] == "stepping"
+    assert [p["current"] for p in seen] == sorted(p["current"] for p in seen)
+
+
+def test_tasks_run_concurrently_in_the_worker(worker: Worker, client: FlaskClient) -> None:
+    started = time.monotonic()
+    locations = [submit(client, "/echo?steps=4&step=0.25", data=b"c") for _ in range(4)]
+    for location in locations:
+        assert poll(client, worker, location, timeout=WORKER_READY_TIMEOUT).status_code == 200
+    # Four 1-second tasks on four threads: far less than the 4 s they take in a row.
+    assert time.monotonic() - started < 3.5
+
+
+def test_broker_down_answers_503_and_leaves_no_task() -> None:
+    require_redis()
+    from flask_restful_async.state import get_state
+
+    from .apps.celery_app import create_app
+
+    prefix = f"{{restful_async_celery_{secrets.token_hex(6)}}}:"
+    # Nothing listens there: the publish fails after kombu's few quick retries.
+    app, _, store = create_app(prefix, "unused", broker_url=f"redis://127.0.0.1:{free_port()}/0")
+    try:
+        started = time.monotonic()
+        response = app.test_client().post("/echo", data=b"x")
+        assert time.monotonic() - started < 10
+        assert response.status_code == 503, response.get_data()
+        assert response.headers["Retry-After"] == "1"
+        assert "not available" in response.json["message"]
+        assert store.list(owner=None, limit=10) == []
+    finally:
+        get_state(app).close()
+        delete_keys(prefix)
+
+
+def test_submit_refuses_view_args_that_are_not_json() -> None:
+    from flask_restful_async.celery import CeleryExecutor
+    from flask_restful_async.snapshot import RequestSnapshot as Snapshot
+
+    from .apps.celery_app import create_app
+
+    app, celery_app, store = create_app("{unused}:", "unused")
+    executor = CeleryExecutor(celery_app)
+    snapshot = Snapshot(environ={}, body=b"", endpoint="echo", method="post", args=(object(),))
+
+    deleted: list[str] = []
+    store.delete = deleted.append  # type: ignore[method-assign]
+
+    class FakeTask:
+        id = "t" * 22
+
+    with pytest.raises(TypeError, match="not JSON data"):
+        executor.submit(app, FakeTask(), snapshot)  # type: ignore[arg-type]
+    assert deleted == ["t" * 22]
+
+
+def test_killed_worker_task_is_lost_within_the_lease() -> None:
+    from flask_restful_async.lease import worker_id
+    from flask_restful_async.state import get_state
+
+    from .apps.celery_app import create_app
+
+    lease = 1.0
+    with run_worker(CELERY_TEST_LEASE=str(lease)) as doomed:
+        app, _, store = create_app(doomed.prefix, doomed.queue)
+        try:
+            client = app.test_client()
+            location = submit(client, "/echo?steps=200&step=0.1", data=b"k")
+            task_id = location.rsplit("/", 1)[1]
+            deadline = time.monotonic() + WORKER_READY_TIMEOUT
+            while (response := client.get(location)).json["state"] != "running":
+                assert time.monotonic() < deadline, doomed.output()
+                time.sleep(0.02)
+            task = store.get(task_id)
+            assert task is not None
+            assert task.worker is not None
+            # The worker process took the task under its own name and lease.
+            assert f":{doomed.process.pid}:" in task.worker
+            assert task.worker != worker_id()
+            os.killpg(doomed.process.pid, signal.SIGKILL)
+            killed_at = time.monotonic()
+            doomed.process.wait(timeout=10)
+            while (response := client.get(location)).status_code == 202:
+                assert time.monotonic() - killed_at < lease + 3, response.json
+                time.sleep(0.05)
+            assert response.status_code == 500, response.get_data()
+            assert response.json["state"] == "lost"
+        finally:
+            get_state(app).close()
