@@ -31,11 +31,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from benchstores import bench_store
 from flask import Flask, request
 from flask_restful import Api, Resource
 
 from flask_restful_async import AsyncResource, TaskState, register_async
 from flask_restful_async.state import get_state
+from flask_restful_async.stores import TaskStore
 
 BODY = {"customer": 42, "items": [{"sku": f"sku-{i}", "qty": i} for i in range(10)]}
 RESULT = {"accepted": 10, "customer": 42, "total": 45}
@@ -70,7 +72,7 @@ class PlainResult(Resource):
         return RESULT
 
 
-def make_app(store: str) -> Flask:
+def make_app(store: TaskStore | str) -> Flask:
     app = Flask(__name__)
     app.config["RESTFUL_ASYNC_MAX_PENDING"] = 1_000_000
     api = Api(app)
@@ -99,7 +101,12 @@ def timed(operation: t.Callable[[], t.Any], requests: int) -> float:
     return (time.perf_counter() - start) / requests
 
 
-def run(store: str, rounds: int, requests: int) -> dict[str, float]:
+def run(url: str, rounds: int, requests: int) -> dict[str, float]:
+    with bench_store(url) as store:
+        return run_on(store, rounds, requests)
+
+
+def run_on(store: TaskStore | str, rounds: int, requests: int) -> dict[str, float]:
     app = make_app(store)
     client = app.test_client()
     location = client.post("/orders", json=BODY).headers["Location"]

@@ -8,6 +8,7 @@ interleaved rounds on both. Run with ``make bench``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -18,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from benchstores import bench_store
 from flask import Flask
 from flask_restful import Api
 
@@ -59,7 +61,7 @@ def fill(store: TaskStore, count: int) -> str:
     return ids[count // 2]
 
 
-def make_app(url: str, folder: str) -> Flask:
+def make_app(url: TaskStore | str, folder: str) -> Flask:
     app = Flask(__name__, instance_path=folder)
     api = Api(app)
     register_async(api, store=url)
@@ -79,8 +81,10 @@ def run(kind: str, rounds: int, requests: int, sizes: tuple[int, ...]) -> dict[i
     with tempfile.TemporaryDirectory() as folder:
         pollers: dict[int, t.Callable[[], t.Any]] = {}
         apps = []
+        stores = contextlib.ExitStack()
         for size in sizes:
-            app = make_app(store_url(kind, folder, f"n{size}"), folder)
+            url = store_url(kind, folder, f"n{size}")
+            app = make_app(stores.enter_context(bench_store(url)), folder)
             apps.append(app)
             store = get_state(app).store
             store.renew_lease("w")
@@ -96,7 +100,8 @@ def run(kind: str, rounds: int, requests: int, sizes: tuple[int, ...]) -> dict[i
                     poll()
                 samples[size].append((time.perf_counter() - start) / requests)
         for app in apps:
-            get_state(app).store.close()
+            get_state(app).close()
+        stores.close()
         return {size: statistics.median(values) for size, values in samples.items()}
 
 
