@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest bench clean
+.PHONY: demo demo-celery test lint typecheck pytest bench bench-celery clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,10 @@ $(STAMP): pyproject.toml
 # Start examples/catchall.py under gunicorn on 127.0.0.1, run the client, stop.
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
+
+# The same example on Celery: a worker and gunicorn, Redis (db 12) as broker and store.
+demo-celery: $(STAMP)
+	$(BIN)/python examples/demo_celery.py
 
 test: lint typecheck pytest
 
@@ -30,7 +34,14 @@ pytest: $(STAMP)
 
 # Benchmarks are not part of `make test`: they print figures, they do not assert.
 bench: $(STAMP)
-	$(BIN)/python tests/benchmarks/bench_overhead.py
+	$(BIN)/python tests/benchmarks/bench_overhead.py --store memory://
+	$(BIN)/python tests/benchmarks/bench_overhead.py --store sqlite:///$$(mktemp -d)/bench.db
+	$(BIN)/python tests/benchmarks/bench_overhead.py --store redis://127.0.0.1:6379/12
+	$(BIN)/python tests/benchmarks/bench_retention.py --stores memory sqlite redis://127.0.0.1:6379/12
+
+# Our CeleryExecutor against raw Celery, through one worker (Redis db 12).
+bench-celery: $(STAMP)
+	$(BIN)/python tests/benchmarks/bench_celery.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis *.egg-info

@@ -26,12 +26,23 @@ The app module builds both apps, and the workers import that same module::
 ``CELERY_CONFIG``
     A dict of any other Celery settings, by their lowercase names.
 
+and :class:`CeleryExecutor` reads these when it submits:
+
+``CELERY_MAX_MESSAGE_BODY``
+    Bytes (default :data:`DEFAULT_MAX_MESSAGE_BODY`, 256 KiB): a request body
+    larger than this does not travel in the message but through the task store
+    (see "Large bodies" below). ``None`` sends every body in the message.
+``CELERY_LARGE_BODY_TTL``
+    Seconds (default :data:`DEFAULT_LARGE_BODY_TTL`, a day) that such a body
+    waits in the store for a worker; a task whose body expired first fails (500).
+
 Design:
 
 - The message. A submit sends one message: the Celery task :data:`TASK_NAME` with
-  the arguments ``(task_id, snapshot_json)``, the request as
+  the arguments ``(task_id, snapshot_json, body_key)``: the request as
   :meth:`RequestSnapshot.to_json` wrote it (strings only, so Celery's default JSON
-  serializer carries it). The Celery task id is the store's task id. Nothing else
+  serializer carries it), and ``None`` unless the body went through the store
+  (see "Large bodies"). The Celery task id is the store's task id. Nothing else
   of the request crosses: the worker rebuilds the resource through the endpoint's
   view function (``run_task`` with ``resource=None``).
 - The app. ``make_celery`` stores the Flask app on the Celery app
@@ -54,12 +65,24 @@ Design:
   (AMQP at once, Redis after its visibility timeout): the store then refuses to
   start the task, no longer ``queued``, and the message is dropped. So a task
   runs at most once.
+- Large bodies. A body above ``CELERY_MAX_MESSAGE_BODY`` is put in the task
+  store (:meth:`TaskStore.put_blob`, under the task id) and the message carries
+  an empty body and that reference, as a third argument; the worker takes the
+  body back (:meth:`TaskStore.take_blob`, which deletes it) before running the
+  task. Brokers handle small messages best (Redis keeps them in memory, and
+  Celery's JSON would carry the body base64-encoded, a third larger).
+- Cancelling. The status URL's ``DELETE`` cancels a queued task in the store,
+  which is what keeps it from running: the worker refuses to start a task that
+  is no longer ``queued``. :meth:`CeleryExecutor.cancel` also revokes its
+  message (``control.revoke``), best effort: a worker that listens to remote
+  control then drops the message without even looking at the store.
 - Failure to publish (broker down) answers 503 with ``Retry-After``: the task the
   store had just recorded is deleted, so no half-submitted task remains.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import typing as t
 import weakref
@@ -74,12 +97,14 @@ except ImportError as e:  # pragma: no cover - depends on the installed extras
         "flask_restful_async.celery needs Celery: pip install flask-restful-async[celery]"
     ) from e
 
+from . import waiting
 from .exceptions import RestfulAsyncError, StoreUnavailable, Unavailable
 from .executors.base import Executor
 from .lease import LeaseKeeper
 from .runner import run_task
 from .snapshot import RequestSnapshot
 from .state import get_state
+from .task import StoredResponse, TaskState
 
 if t.TYPE_CHECKING:
     from flask import Flask
@@ -87,7 +112,14 @@ if t.TYPE_CHECKING:
 
     from .task import Task
 
-__all__ = ["TASK_NAME", "BrokerUnavailable", "CeleryExecutor", "make_celery"]
+__all__ = [
+    "DEFAULT_LARGE_BODY_TTL",
+    "DEFAULT_MAX_MESSAGE_BODY",
+    "TASK_NAME",
+    "BrokerUnavailable",
+    "CeleryExecutor",
+    "make_celery",
+]
 
 #: The name of the Celery task that runs a submitted task in a worker.
 TASK_NAME = "flask_restful_async.run"
@@ -96,6 +128,19 @@ TASK_NAME = "flask_restful_async.run"
 #: store did not answer), and how many retries before the message is dropped.
 LEASE_RETRY_DELAY = 2
 LEASE_RETRIES = 30
+
+#: Bytes of request body above which the body goes through the task store rather
+#: than in the message (``CELERY_MAX_MESSAGE_BODY``).
+DEFAULT_MAX_MESSAGE_BODY = 256 * 1024
+#: Seconds a body put in the store waits for its worker (``CELERY_LARGE_BODY_TTL``).
+DEFAULT_LARGE_BODY_TTL = 24 * 3600.0
+
+#: Where the task of a large body that the worker could not find back ends.
+_BODY_LOST = StoredResponse(
+    500,
+    [("Content-Type", "application/json")],
+    b'{"message": "The request body of this task was lost before it could run."}\n',
+)
 
 
 class BrokerUnavailable(Unavailable):
@@ -165,20 +210,43 @@ class CeleryExecutor(Executor):
         options: dict[str, t.Any] = {"task_id": task.id}
         if self.queue is not None:
             options["queue"] = self.queue
+        limit = app.config.get("CELERY_MAX_MESSAGE_BODY", DEFAULT_MAX_MESSAGE_BODY)
+        body_key: str | None = None
         try:
-            self._task.apply_async(args=(task.id, snapshot.to_json()), **options)
+            if limit is not None and len(snapshot.body) > limit:
+                ttl = app.config.get("CELERY_LARGE_BODY_TTL", DEFAULT_LARGE_BODY_TTL)
+                body_key = task.id
+                get_state(app).store.put_blob(body_key, snapshot.body, float(ttl))
+                snapshot = dataclasses.replace(snapshot, body=b"")
+            self._task.apply_async(args=(task.id, snapshot.to_json(), body_key), **options)
         except Exception as e:
-            _forget(app, task.id)
+            _forget(app, task.id, body_key)
             if isinstance(e, self._connection_errors()):
                 app.logger.warning("Could not send task %s to the broker: %r", task.id, e)
                 raise BrokerUnavailable("The task queue is not available; try again later.") from e
             raise
 
+    def cancel(self, app: Flask, task_id: str) -> None:
+        """Revoke the message of a cancelled queued task (``control.revoke``).
 
-def _forget(app: Flask, task_id: str) -> None:
+        Best effort: errors are logged, never raised, and a broker that does not
+        answer is given up on after one quick retry.
+        """
+        try:
+            with self.celery_app.connection_for_write() as connection:
+                connection.ensure_connection(max_retries=1, interval_start=0, timeout=2)
+                self.celery_app.control.revoke(task_id, connection=connection)
+        except Exception as e:
+            app.logger.warning("Could not revoke the message of task %s: %r", task_id, e)
+
+
+def _forget(app: Flask, task_id: str, body_key: str | None = None) -> None:
     """Delete a recorded task that was not sent: no half-submitted task is left."""
+    store = get_state(app).store
     try:
-        get_state(app).store.delete(task_id)
+        store.delete(task_id)
+        if body_key is not None:
+            store.take_blob(body_key)
     except RestfulAsyncError:
         app.logger.warning("Could not delete unsent task %s", task_id, exc_info=True)
 
@@ -208,6 +276,21 @@ def _bound_app(celery_app: Celery) -> Flask:
     return t.cast("Flask", flask_app)
 
 
+def _body_lost(flask_app: Flask, task_id: str) -> None:
+    """The body of a queued task expired (or was taken) before a worker ran it."""
+    flask_app.logger.error("The request body of task %s is no longer in the store", task_id)
+    store = get_state(flask_app).store
+    try:
+        task = store.get(task_id)
+        # Only a task still queued: one that another worker started (and died
+        # running) stays as it reads, lost; a cancelled one stays cancelled.
+        if task is not None and task.state is TaskState.QUEUED:
+            store.finish(task_id, TaskState.FAILED, _BODY_LOST)
+            waiting.notify(store, task_id)
+    except RestfulAsyncError:
+        flask_app.logger.warning("Could not mark task %s as failed", task_id, exc_info=True)
+
+
 def _register(celery_app: Celery) -> t.Any:
     """The Celery task :data:`TASK_NAME` of ``celery_app``, registered once."""
 
@@ -218,16 +301,23 @@ def _register(celery_app: Celery) -> t.Any:
         reject_on_worker_lost=False,
         ignore_result=True,
     )
-    def run(self: t.Any, task_id: str, snapshot_json: str) -> None:
+    def run(self: t.Any, task_id: str, snapshot_json: str, body_key: str | None = None) -> None:
         flask_app = _bound_app(celery_app)
         snapshot = RequestSnapshot.from_json(snapshot_json)
+        store = get_state(flask_app).store
         try:
             _lease(flask_app)
+            body = None if body_key is None else store.take_blob(body_key)
         except StoreUnavailable as e:
-            # Without a lease the task would read as lost at once: try again later
-            # (the task is still queued in the store).
-            flask_app.logger.warning("No lease for task %s yet: %s", task_id, e.message)
+            # Without a lease the task would read as lost at once (and without its
+            # body it cannot run): try again later (the task is still queued).
+            flask_app.logger.warning("Task %s cannot start yet: %s", task_id, e.message)
             raise self.retry(countdown=LEASE_RETRY_DELAY, max_retries=LEASE_RETRIES) from e
+        if body_key is not None:
+            if body is None:
+                _body_lost(flask_app, task_id)
+                return
+            snapshot = dataclasses.replace(snapshot, body=body)
         run_task(flask_app, task_id, snapshot, resource=None)
 
     return run

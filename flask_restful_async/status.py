@@ -77,6 +77,7 @@ class TaskStatusResource(Resource):
                     return not_found()
                 if task.state is TaskState.CANCELLED:
                     waiting.notify(state.store, task.id)
+                    state.executor.cancel(state.app, task.id)  # e.g. revoke its message
                     return status_response(task, 200, None, None)
                 if not task.state.finished:
                     return state.status(task, 202)

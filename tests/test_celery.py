@@ -3,12 +3,15 @@
 The app is ``tests/apps/celery_app.py``. One worker subprocess (``-P threads -c 4``)
 serves the module, on a queue of its own; every Redis key (store and broker, db
 13) is under a prefix of the module's own and deleted afterwards, never flushing.
-The snapshot's JSON round trip is tested here too (no Celery needed for it).
+A few tests run a worker of their own (one thread, the prefork pool, RabbitMQ as
+the broker: a unique queue and exchange, deleted afterwards). The snapshot's JSON
+round trip and the stores' blobs are tested here too (no Celery needed for them).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import secrets
@@ -25,12 +28,17 @@ from flask import Flask, g
 from flask.testing import FlaskClient
 
 from flask_restful_async.snapshot import RequestSnapshot
+from flask_restful_async.stores.memory import MemoryStore
 
 from .servers import ROOT
-from .services import REDIS_HOST, REDIS_PORT, free_port, require_redis
+from .services import REDIS_HOST, REDIS_PORT, free_port, require_redis, require_service
 
 #: Seconds the worker gets to start and run a first task.
 WORKER_READY_TIMEOUT = 20.0
+
+RABBITMQ_HOST, RABBITMQ_PORT = "127.0.0.1", 5672
+RABBITMQ_URL = f"amqp://guest:guest@{RABBITMQ_HOST}:{RABBITMQ_PORT}//"
+THREADS = ("-P", "threads", "-c", "4")
 
 
 # -- the snapshot as JSON --------------------------------------------------------------
@@ -129,9 +137,9 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 
 
 @contextlib.contextmanager
-def run_worker(**env_extra: str) -> Iterator[Worker]:
-    """A ``celery worker`` subprocess on a fresh prefix and queue; stopped, and its
-    keys deleted, on exit."""
+def run_worker(pool: tuple[str, ...] = THREADS, **env_extra: str) -> Iterator[Worker]:
+    """A ``celery worker`` subprocess on a fresh prefix and queue, its pool options
+    ``pool``; stopped, and its keys deleted, on exit."""
     require_redis()
     token = secrets.token_hex(6)
     prefix = f"{{restful_async_celery_{token}}}:"
@@ -146,7 +154,7 @@ def run_worker(**env_extra: str) -> Iterator[Worker]:
     env.pop("RESTFUL_ASYNC_REQUIRE_SERVICES", None)
     command = [
         sys.executable, "-m", "celery", "-A", "tests.apps.celery_app", "worker",
-        "-P", "threads", "-c", "4", "-Q", queue, "--without-gossip", "--without-mingle",
+        *pool, "-Q", queue, "--without-gossip", "--without-mingle",
         "--without-heartbeat", "-l", "warning",
     ]  # fmt: skip
     with tempfile.TemporaryFile() as log:
@@ -340,3 +348,226 @@ def test_killed_worker_task_is_lost_within_the_lease() -> None:
             assert response.json["state"] == "lost"
         finally:
             get_state(app).close()
+
+
+# -- the stores' blobs -----------------------------------------------------------------
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+def blob_store(request: pytest.FixtureRequest, tmp_path: t.Any) -> Iterator[t.Any]:
+    from flask_restful_async.stores.memory import MemoryStore
+    from flask_restful_async.stores.redis import RedisStore
+    from flask_restful_async.stores.sqlite import SQLiteStore
+
+    if request.param == "memory":
+        yield MemoryStore()
+    elif request.param == "sqlite":
+        sqlite_store = SQLiteStore(str(tmp_path / "tasks.db"))
+        yield sqlite_store
+        sqlite_store.close()
+    else:
+        require_redis()
+        prefix = f"{{restful_async_celery_{secrets.token_hex(6)}}}:"
+        store = RedisStore(f"redis://{REDIS_HOST}:{REDIS_PORT}/13", prefix=prefix)
+        try:
+            yield store
+        finally:
+            store.close()
+            delete_keys(prefix)
+
+
+def test_blobs_are_taken_once_and_expire(blob_store: t.Any) -> None:
+    data = bytes(range(256)) * 10
+    blob_store.put_blob("a", data, 60)
+    blob_store.put_blob("b", b"old", 60)
+    blob_store.put_blob("b", b"", 60)
+    assert blob_store.take_blob("a") == data
+    assert blob_store.take_blob("a") is None
+    assert blob_store.take_blob("b") == b""
+    assert blob_store.take_blob("never") is None
+    blob_store.put_blob("brief", b"x", 0.05)
+    time.sleep(0.1)
+    blob_store.purge_expired()
+    assert blob_store.take_blob("brief") is None
+
+
+# -- large bodies, cancelling, other pools and brokers ---------------------------------
+
+
+def test_large_body_goes_through_the_store(
+    worker: Worker, client: FlaskClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import redis
+
+    from flask_restful_async.celery import DEFAULT_MAX_MESSAGE_BODY
+    from flask_restful_async.state import get_state
+
+    assert client.application.config.get("CELERY_MAX_MESSAGE_BODY") is None
+    executor = get_state(client.application).executor
+    sent: list[tuple[t.Any, ...]] = []
+    apply_async = executor._task.apply_async  # type: ignore[attr-defined]
+
+    def spy(args: tuple[t.Any, ...], **options: t.Any) -> t.Any:
+        sent.append(args)
+        return apply_async(args=args, **options)
+
+    monkeypatch.setattr(executor._task, "apply_async", spy)  # type: ignore[attr-defined]
+    body = os.urandom(2 * 1024 * 1024)
+    location = submit(
+        client, "/echo?digest=1", data=body, headers={"Content-Type": "application/octet-stream"}
+    )
+    task_id = location.rsplit("/", 1)[1]
+    (args,) = sent
+    assert args[0] == task_id
+    assert args[2] == task_id
+    assert len(args[1].encode()) < 300 * 1024
+    assert RequestSnapshot.from_json(args[1]).body == b""
+    response = poll(client, worker, location, timeout=WORKER_READY_TIMEOUT)
+    assert response.status_code == 200, response.get_data()
+    assert response.json == {"sha256": hashlib.sha256(body).hexdigest(), "length": len(body)}
+    with redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=13) as r:
+        assert not r.exists(f"{worker.prefix}blob:{task_id}")
+    # At the limit, the body still travels in the message.
+    small = os.urandom(DEFAULT_MAX_MESSAGE_BODY)
+    location = submit(client, "/echo?digest=1", data=small)
+    assert sent[1][2] is None
+    assert RequestSnapshot.from_json(sent[1][1]).body == small
+    response = poll(client, worker, location)
+    assert response.json["sha256"] == hashlib.sha256(small).hexdigest()
+
+
+def test_a_lost_large_body_fails_only_a_queued_task() -> None:
+    from flask_restful_async.celery import _body_lost
+    from flask_restful_async.state import get_state
+    from flask_restful_async.task import Task, TaskState, new_task_id
+
+    from .apps.celery_app import create_app
+
+    app, _, _ = create_app("{unused}:", "unused")
+    store = get_state(app).store = MemoryStore()
+    queued, cancelled = new_task_id(), new_task_id()
+    for task_id in (queued, cancelled):
+        store.create(Task(id=task_id))
+    store.request_cancel(cancelled)
+    for task_id in (queued, cancelled):
+        _body_lost(app, task_id)
+    failed = store.get(queued)
+    assert failed is not None
+    assert failed.state is TaskState.FAILED
+    assert failed.response is not None
+    assert failed.response.status == 500
+    assert b"body of this task was lost" in failed.response.body
+    still = store.get(cancelled)
+    assert still is not None
+    assert still.state is TaskState.CANCELLED
+
+
+def test_cancelled_queued_task_never_runs(caplog: pytest.LogCaptureFixture) -> None:
+    import redis
+
+    from flask_restful_async.state import get_state
+
+    from .apps.celery_app import create_app
+
+    with run_worker(pool=("-P", "threads", "-c", "1")) as single:
+        app, _, store = create_app(single.prefix, single.queue)
+        try:
+            client = app.test_client()
+            busy = submit(client, "/echo?steps=10&step=0.1&mark=busy", data=b"1")
+            deadline = time.monotonic() + WORKER_READY_TIMEOUT
+            while client.get(busy).json["state"] != "running":
+                assert time.monotonic() < deadline, single.output()
+                time.sleep(0.02)
+            waiting = submit(client, "/echo?mark=waiting", data=b"2")
+            task_id = waiting.rsplit("/", 1)[1]
+            response = client.delete(waiting)
+            assert response.status_code == 200, response.get_data()
+            assert response.json["state"] == "cancelled"
+            with caplog.at_level(logging.WARNING):
+                get_state(app).executor.cancel(app, task_id)
+            assert "Could not revoke" not in caplog.text
+            # One thread, first come first served: once a later task has run, the
+            # cancelled one's message has been dealt with.
+            after = submit(client, "/echo?mark=after", data=b"3")
+            assert poll(client, single, busy).status_code == 200
+            assert poll(client, single, after).status_code == 200
+            task = store.get(task_id)
+            assert task is not None
+            assert task.state.value == "cancelled"
+            assert task.started_at is None
+            with redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=13) as r:
+                assert r.exists(f"{single.prefix}ran:busy", f"{single.prefix}ran:after") == 2
+                assert not r.exists(f"{single.prefix}ran:waiting")
+        finally:
+            get_state(app).close()
+
+
+def test_cancel_with_the_broker_down_only_logs(caplog: pytest.LogCaptureFixture) -> None:
+    from flask_restful_async.celery import CeleryExecutor
+
+    from .apps.celery_app import create_app
+
+    app, celery_app, _ = create_app(
+        "{unused}:", "unused", broker_url=f"redis://127.0.0.1:{free_port()}/0"
+    )
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING):
+        CeleryExecutor(celery_app).cancel(app, "t" * 22)
+    assert time.monotonic() - started < 10
+    assert "Could not revoke the message of task " + "t" * 22 in caplog.text
+
+
+def echo_round_trip(worker: Worker, broker_url: str | None = None) -> list[int]:
+    """Two echo tasks at once through ``worker``; the pids that ran them."""
+    from flask_restful_async.state import get_state
+
+    from .apps.celery_app import REDIS_URL, create_app
+
+    app, _, _ = create_app(worker.prefix, worker.queue, broker_url or REDIS_URL)
+    try:
+        client = app.test_client()
+        locations = [
+            submit(client, f"/echo?steps=8&step=0.25&n={n}", data=f"body {n}".encode())
+            for n in range(2)
+        ]
+        pids = []
+        for n, location in enumerate(locations):
+            response = poll(client, worker, location, timeout=WORKER_READY_TIMEOUT)
+            assert response.status_code == 200, response.get_data()
+            assert response.json["body"] == f"body {n}"
+            assert response.json["args"] == {"steps": ["8"], "step": ["0.25"], "n": [str(n)]}
+            pids.append(response.json["pid"])
+        return pids
+    finally:
+        get_state(app).close()
+
+
+def test_prefork_pool_keeps_leases_in_its_children() -> None:
+    # Tasks of 2 s with a lease of 1 s: they finish only if each child renews.
+    with run_worker(pool=("-P", "prefork", "-c", "2"), CELERY_TEST_LEASE="1.0") as forked:
+        pids = echo_round_trip(forked)
+    assert forked.process.pid not in pids
+    assert os.getpid() not in pids
+
+
+def delete_rabbitmq_queue(name: str) -> None:
+    from kombu import Connection
+
+    with Connection(RABBITMQ_URL, connect_timeout=5) as connection:
+        channel = connection.channel()
+        channel.queue_delete(name)
+        channel.exchange_delete(name)
+
+
+def test_rabbitmq_as_the_broker() -> None:
+    require_service("RabbitMQ", RABBITMQ_HOST, RABBITMQ_PORT)
+    require_redis()
+    queue = None
+    try:
+        with run_worker(CELERY_TEST_BROKER=RABBITMQ_URL) as rabbit:
+            queue = rabbit.queue
+            pids = echo_round_trip(rabbit, RABBITMQ_URL)
+        assert pids == [rabbit.process.pid] * 2
+    finally:
+        if queue is not None:
+            delete_rabbitmq_queue(queue)

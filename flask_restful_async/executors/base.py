@@ -47,5 +47,11 @@ class Executor(abc.ABC):
         request; an executor that crosses processes ignores it and the runner
         builds one in the worker."""
 
+    def cancel(self, app: Flask, task_id: str) -> None:
+        """A queued task was cancelled in the store: drop it from wherever it waits,
+        if the executor can. Best effort, never raises; the runner refuses to start
+        a task that is no longer queued, so this only saves the work of delivering
+        it. Nothing to do by default."""
+
     def shutdown(self, timeout: float | None = None) -> None:
         """Stop taking tasks and wait up to ``timeout`` seconds for running ones."""

@@ -126,6 +126,21 @@ class TaskStore(abc.ABC):
         records changed.
         """
 
+    # -- opaque blobs (large request bodies handed to another process) --------------
+
+    def put_blob(self, key: str, data: bytes, ttl: float) -> None:
+        """Keep ``data`` under ``key`` for up to ``ttl`` seconds (replacing any
+        blob of that key), for :meth:`take_blob` in any process that shares the
+        store. Used by executors whose messages should not carry large bodies.
+
+        Stores that cannot share blobs raise :class:`NotImplementedError`.
+        """
+        raise NotImplementedError(f"{type(self).__name__} keeps no blobs")
+
+    def take_blob(self, key: str) -> bytes | None:
+        """Remove and return the blob under ``key``; None if absent or expired."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no blobs")
+
     def maintain(self) -> None:
         """Housekeeping that the lease renewal runs every ``lease / 3`` seconds, off
         the request path: by default, :meth:`purge_expired`."""

@@ -34,6 +34,7 @@ class MemoryStore(TaskStore):
         self._tombstones: OrderedDict[str, float] = OrderedDict()
         self._keys: dict[tuple[str | None, str], str] = {}
         self._next_purge = 0.0
+        self._blobs: dict[str, tuple[bytes, float]] = {}
 
     @staticmethod
     def _copy(task: Task) -> Task:
@@ -150,6 +151,17 @@ class MemoryStore(TaskStore):
     def release_lease(self, worker: str) -> None:
         """Nothing to do: tasks of this store live and die with this process."""
 
+    def put_blob(self, key: str, data: bytes, ttl: float) -> None:
+        with self._lock:
+            self._blobs[key] = (bytes(data), time.time() + ttl)
+
+    def take_blob(self, key: str) -> bytes | None:
+        with self._lock:
+            entry = self._blobs.pop(key, None)
+        if entry is None or entry[1] < time.time():
+            return None
+        return entry[0]
+
     def purge_expired(self, now: float | None = None) -> int:
         with self._lock:
             return self._purge(time.time() if now is None else now)
@@ -162,6 +174,8 @@ class MemoryStore(TaskStore):
 
     def _purge(self, now: float) -> int:
         changed = 0
+        for key in [k for k, (_, until) in self._blobs.items() if until < now]:
+            del self._blobs[key]
         while self._finished:
             task_id, finished_at = next(iter(self._finished.items()))
             if now - finished_at <= self.result_ttl:

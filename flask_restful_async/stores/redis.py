@@ -23,6 +23,8 @@ Key layout, every key under the store's ``prefix`` (``{restful_async}:`` by defa
 ``worker:<worker>``
     A set of the queued and running tasks that ``worker`` holds, so that
     :meth:`RedisStore.release_lease` finds them without scanning.
+``blob:<key>``
+    An opaque blob (:meth:`RedisStore.put_blob`), with its own TTL.
 ``expiry``
     A sorted set of when finished results expire (their body and headers are
     then dropped, leaving a tombstone) and when the tombstones' index entries
@@ -620,6 +622,20 @@ class RedisStore(TaskStore):
         with self._reaching():
             while self._release(keys=keys, args=args) >= RELEASE_BATCH:
                 pass
+
+    def put_blob(self, key: str, data: bytes, ttl: float) -> None:
+        with self._reaching():
+            self._client.set(f"{self.prefix}blob:{key}", data, px=_ms(ttl))
+
+    def take_blob(self, key: str) -> bytes | None:
+        name = f"{self.prefix}blob:{key}"
+        with self._reaching():
+            # GET and DEL in one MULTI (GETDEL needs Redis 6.2).
+            pipe = self._client.pipeline(transaction=True)
+            pipe.get(name)
+            pipe.delete(name)
+            data, _ = pipe.execute()
+        return None if data is None else bytes(data)
 
     def purge_expired(self, now: float | None = None) -> int:
         """Drop expired results (keeping tombstones) and prune index entries of

@@ -58,6 +58,11 @@ CREATE INDEX IF NOT EXISTS tasks_by_owner ON tasks (owner, created_at, id);
 CREATE INDEX IF NOT EXISTS tasks_by_finish ON tasks (finished_at) WHERE finished_at IS NOT NULL;
 CREATE UNIQUE INDEX IF NOT EXISTS tasks_by_key ON tasks (coalesce(owner, ''), idempotency_key)
     WHERE idempotency_key IS NOT NULL;
+CREATE TABLE IF NOT EXISTS blobs (
+    key TEXT PRIMARY KEY,
+    data BLOB NOT NULL,
+    expires_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS leases (
     worker TEXT PRIMARY KEY,
     expires_at REAL NOT NULL
@@ -399,6 +404,27 @@ class SQLiteStore(TaskStore):
         with self._writing() as conn:
             conn.execute("DELETE FROM leases WHERE worker = ?", (worker,))
 
+    # -- opaque blobs ------------------------------------------------------------
+
+    def put_blob(self, key: str, data: bytes, ttl: float) -> None:
+        with self._writing() as conn:
+            conn.execute(
+                "INSERT INTO blobs (key, data, expires_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (key) DO UPDATE SET data = excluded.data,"
+                " expires_at = excluded.expires_at",
+                (key, sqlite3.Binary(data), time.time() + ttl),
+            )
+
+    def take_blob(self, key: str) -> bytes | None:
+        now = time.time()
+        with self._writing() as conn:
+            row = conn.execute(
+                "DELETE FROM blobs WHERE key = ? RETURNING data, expires_at", (key,)
+            ).fetchone()
+        if row is None or row[1] < now:
+            return None
+        return bytes(row[0])
+
     def purge_expired(self, now: float | None = None) -> int:
         now = time.time() if now is None else now
         with self._writing() as conn:
@@ -414,6 +440,11 @@ class SQLiteStore(TaskStore):
                 " LIMIT ?)",
                 (now - self.result_ttl, PURGE_BATCH),
             ).rowcount
+            conn.execute(
+                "DELETE FROM blobs WHERE key IN (SELECT key FROM blobs WHERE expires_at < ?"
+                " LIMIT ?)",
+                (now, PURGE_BATCH),
+            )
             # A lapsed lease and a missing one mean the same: the worker is gone.
             conn.execute("DELETE FROM leases WHERE expires_at < ?", (now - self.lease,))
         return changed

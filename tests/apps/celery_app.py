@@ -4,7 +4,8 @@ Broker and task store are Redis database :data:`REDIS_DB` on 127.0.0.1:6379. Eve
 key the app makes (the store's and the broker's, through kombu's
 ``global_keyprefix``) starts with the prefix from ``CELERY_TEST_PREFIX``; tasks go
 to the queue named by ``CELERY_TEST_QUEUE``; ``CELERY_TEST_LEASE`` (seconds), if
-set, is the store's lease. A worker::
+set, is the store's lease; ``CELERY_TEST_BROKER``, if set, the broker URL (Redis
+db :data:`REDIS_DB` otherwise). A worker::
 
     CELERY_TEST_PREFIX='{p}:' CELERY_TEST_QUEUE=q \\
         celery -A tests.apps.celery_app worker -P threads -c 4 -Q q
@@ -12,7 +13,9 @@ set, is the store's lease. A worker::
 ``POST /echo`` (an :class:`AsyncResource`) returns ``{"body": <body as text>,
 "header": <X-Echo>, "args": <query args, lists>, "pid": <pid>}``. With
 ``?steps=N`` it first reports progress N times, ``?step=S`` seconds apart; with
-``?fail=CODE`` it aborts with that HTTP status instead.
+``?fail=CODE`` it aborts with that HTTP status instead. ``?mark=NAME`` first
+sets the Redis key ``<prefix>ran:NAME`` (so a test can tell that it ran);
+``?digest=1`` answers the body's ``sha256`` and ``length`` instead of the body.
 
 The module's ``celery`` (what ``celery -A`` finds) and ``flask_app`` are built on
 first access, from the environment; a test builds its own with :func:`create_app`.
@@ -20,12 +23,14 @@ first access, from the environment; a test builds its own with :func:`create_app
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 import typing as t
 
+import redis
 from celery import Celery
-from flask import Flask, request
+from flask import Flask, current_app, request
 from flask_restful import Api, abort
 
 from flask_restful_async import AsyncResource, current_task, register_async
@@ -38,6 +43,7 @@ PREFIX_ENV = "CELERY_TEST_PREFIX"
 QUEUE_ENV = "CELERY_TEST_QUEUE"
 #: Seconds of the store's lease (``RESTFUL_ASYNC_LEASE``), if set.
 LEASE_ENV = "CELERY_TEST_LEASE"
+BROKER_ENV = "CELERY_TEST_BROKER"
 
 
 class Echo(AsyncResource):
@@ -45,11 +51,18 @@ class Echo(AsyncResource):
         fail = request.args.get("fail")
         if fail:
             abort(int(fail), message=f"failed with {fail} as asked")
+        mark = request.args.get("mark")
+        if mark:
+            with redis.Redis.from_url(REDIS_URL) as client:
+                client.set(f"{current_app.config['CELERY_TEST_PREFIX']}ran:{mark}", os.getpid())
         steps = int(request.args.get("steps", "0"))
         step = float(request.args.get("step", "0.1"))
         for i in range(steps):
             current_task.progress(i, total=steps, message="stepping")
             time.sleep(step)
+        if request.args.get("digest"):
+            data = request.get_data()
+            return {"sha256": hashlib.sha256(data).hexdigest(), "length": len(data)}
         return {
             "body": request.get_data(as_text=True),
             "header": request.headers.get("X-Echo"),
@@ -65,6 +78,7 @@ def create_app(
     ``queue``, messages through ``broker_url``."""
     app = Flask(__name__)
     app.config.update(
+        CELERY_TEST_PREFIX=prefix,
         CELERY_BROKER_URL=broker_url,
         CELERY_CONFIG={
             # Every broker key under the test's prefix, so that it can delete them.
@@ -76,6 +90,10 @@ def create_app(
             "worker_hijack_root_logger": False,
         },
     )
+    if broker_url.startswith("amqp"):
+        # The worker's event loop wakes for its timers, at most 10 s apart: the
+        # heartbeat check (every heartbeat / 3 s) makes a warm shutdown quick.
+        app.config["CELERY_CONFIG"]["broker_heartbeat"] = 2
     if os.environ.get(LEASE_ENV):
         app.config["RESTFUL_ASYNC_LEASE"] = float(os.environ[LEASE_ENV])
     celery_app = make_celery(app)
@@ -100,5 +118,5 @@ def __getattr__(name: str) -> t.Any:
         prefix, queue = os.environ.get(PREFIX_ENV), os.environ.get(QUEUE_ENV)
         if not prefix or not queue:
             raise RuntimeError(f"set {PREFIX_ENV} and {QUEUE_ENV} for tests.apps.celery_app")
-        _built = create_app(prefix, queue)
+        _built = create_app(prefix, queue, os.environ.get(BROKER_ENV) or REDIS_URL)
     return _built[0] if name == "flask_app" else _built[1]
