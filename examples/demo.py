@@ -6,43 +6,19 @@ client's: 0 when the final response is below 400.
 
 from __future__ import annotations
 
-import contextlib
-import http.client
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from client import follow  # examples/client.py: this script's directory is on sys.path
+from demo_support import HOST, answers, exit_on_sigterm, free_port, stop
 
 ROOT = Path(__file__).resolve().parent.parent
-HOST = "127.0.0.1"
 START_TIMEOUT = 15.0
-STOP_TIMEOUT = 10.0
 DEFAULT_SECONDS = "3"  # the job's length, unless CATCHALL_SECONDS is set
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
-def answers(port: int) -> bool:
-    """True once the app answers its (synchronous) task list at /status."""
-    connection = http.client.HTTPConnection(HOST, port, timeout=1)
-    try:
-        connection.request("GET", "/status")
-        with connection.getresponse() as response:
-            response.read()
-            return response.status == 200
-    except (OSError, http.client.HTTPException):
-        return False
-    finally:
-        connection.close()
 
 
 def start_server(port: int) -> subprocess.Popen[bytes]:
@@ -66,22 +42,6 @@ def wait_until_up(server: subprocess.Popen[bytes], port: int) -> str | None:
             return None
         time.sleep(0.1)
     return f"gunicorn did not answer in {START_TIMEOUT:g} s"
-
-
-def stop_server(server: subprocess.Popen[bytes]) -> None:
-    if server.poll() is None:
-        server.terminate()
-        try:
-            server.wait(STOP_TIMEOUT)
-            return
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(server.pid, signal.SIGKILL)  # the arbiter and its worker
-    server.wait()
-
-
-def exit_on_sigterm(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)  # unwinds through main's finally, which stops the server
 
 
 def main() -> int:
@@ -108,7 +68,7 @@ def main() -> int:
         print("interrupted: stopping the server", flush=True)
         return 130
     finally:
-        stop_server(server)
+        stop(server)
 
 
 if __name__ == "__main__":

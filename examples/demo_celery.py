@@ -12,7 +12,6 @@ well if the handler ran in a web process).
 from __future__ import annotations
 
 import contextlib
-import http.client
 import io
 import os
 import re
@@ -27,21 +26,14 @@ import typing as t
 from pathlib import Path
 
 from client import follow  # examples/client.py: this script's directory is on sys.path
+from demo_support import HOST, answers, exit_on_sigterm, free_port, stop
 
 ROOT = Path(__file__).resolve().parent.parent
-HOST = "127.0.0.1"
 REDIS_PORT = 6379
 REDIS_DB = 12
 REDIS_URL = f"redis://{HOST}:{REDIS_PORT}/{REDIS_DB}"
 START_TIMEOUT = 20.0
-STOP_TIMEOUT = 10.0
 DEFAULT_SECONDS = "3"  # the job's length, unless CATCHALL_SECONDS is set
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 def redis_up() -> bool:
@@ -50,20 +42,6 @@ def redis_up() -> bool:
             return True
     except OSError:
         return False
-
-
-def answers(port: int) -> bool:
-    """True once the app answers its (synchronous) task list at /status."""
-    connection = http.client.HTTPConnection(HOST, port, timeout=2)
-    try:
-        connection.request("GET", "/status")
-        with connection.getresponse() as response:
-            response.read()
-            return response.status == 200
-    except (OSError, http.client.HTTPException):
-        return False
-    finally:
-        connection.close()
 
 
 def start(command: list[str], env: dict[str, str], log: t.IO[bytes]) -> subprocess.Popen[bytes]:
@@ -77,21 +55,6 @@ def start(command: list[str], env: dict[str, str], log: t.IO[bytes]) -> subproce
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM (warm shutdown), a bounded wait, then SIGKILL to its whole session."""
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(STOP_TIMEOUT)
-            return
-        except subprocess.TimeoutExpired:
-            pass
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(STOP_TIMEOUT)
 
 
 def read(log: t.IO[bytes]) -> str:
@@ -166,10 +129,6 @@ class Tee(io.StringIO):
 
     def flush(self) -> None:
         sys.stdout.flush()
-
-
-def exit_on_sigterm(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)  # unwinds through main's finally, which stops the servers
 
 
 def main() -> int:

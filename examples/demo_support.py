@@ -1,0 +1,56 @@
+"""What the two demos (``make demo``, ``make demo-celery``) share: a free port, a
+readiness probe, stopping a server, and leaving cleanly on SIGTERM."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import os
+import signal
+import socket
+import subprocess
+
+HOST = "127.0.0.1"
+STOP_TIMEOUT = 10.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def answers(port: int) -> bool:
+    """True once the app answers its (synchronous) task list at /status."""
+    connection = http.client.HTTPConnection(HOST, port, timeout=2)
+    try:
+        connection.request("GET", "/status")
+        with connection.getresponse() as response:
+            response.read()
+            return response.status == 200
+    except (OSError, http.client.HTTPException):
+        return False
+    finally:
+        connection.close()
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM (a graceful stop), a bounded wait, then SIGKILL to its whole session
+    (a gunicorn arbiter and its workers, a Celery worker and its pool)."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(STOP_TIMEOUT)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(STOP_TIMEOUT)
+
+
+def exit_on_sigterm(signum: int, frame: object) -> None:
+    """Install with ``signal.signal(signal.SIGTERM, exit_on_sigterm)``: a SIGTERM then
+    unwinds through the demo's ``finally``, which stops its servers."""
+    raise SystemExit(128 + signum)
