@@ -10,11 +10,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from client import follow  # examples/client.py: this script's directory is on sys.path
-from demo_support import HOST, answers, exit_on_sigterm, free_port, stop
+from demo_support import HOST, exit_on_sigterm, free_port, stop, wait_for_web
 
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 15.0
@@ -32,25 +31,13 @@ def start_server(port: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True)
 
 
-def wait_until_up(server: subprocess.Popen[bytes], port: int) -> str | None:
-    """None once the server answers, else what went wrong."""
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            return f"gunicorn exited with status {server.returncode}"
-        if answers(port):
-            return None
-        time.sleep(0.1)
-    return f"gunicorn did not answer in {START_TIMEOUT:g} s"
-
-
 def main() -> int:
     signal.signal(signal.SIGTERM, exit_on_sigterm)
     port = free_port()
     base = f"http://{HOST}:{port}"
     server = start_server(port)
     try:
-        error = wait_until_up(server, port)
+        error = wait_for_web(server, port, START_TIMEOUT)
         if error is not None:
             print(f"error: {error}", flush=True)
             return 2

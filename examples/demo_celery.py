@@ -26,7 +26,7 @@ import typing as t
 from pathlib import Path
 
 from client import follow  # examples/client.py: this script's directory is on sys.path
-from demo_support import HOST, answers, exit_on_sigterm, free_port, stop
+from demo_support import HOST, exit_on_sigterm, free_port, stop, wait_for_web
 
 ROOT = Path(__file__).resolve().parent.parent
 REDIS_PORT = 6379
@@ -73,17 +73,6 @@ def wait_for_worker(worker: subprocess.Popen[bytes], log: t.IO[bytes]) -> str | 
             return None
         time.sleep(0.1)
     return f"the Celery worker was not ready in {START_TIMEOUT:g} s"
-
-
-def wait_for_web(server: subprocess.Popen[bytes], port: int) -> str | None:
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            return f"gunicorn exited with status {server.returncode}"
-        if answers(port):
-            return None
-        time.sleep(0.1)
-    return f"gunicorn did not answer in {START_TIMEOUT:g} s"
 
 
 def children(pid: int) -> list[int]:
@@ -167,7 +156,7 @@ def main() -> int:
             processes.append(worker)
             web = start(web_command, env, web_log)
             processes.append(web)
-            error = wait_for_worker(worker, worker_log) or wait_for_web(web, port)
+            error = wait_for_worker(worker, worker_log) or wait_for_web(web, port, START_TIMEOUT)
             if error is not None:
                 print(f"error: {error}", flush=True)
                 print(read(worker_log)[-3000:], read(web_log)[-3000:], sep="\n", flush=True)

@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import subprocess
+import time
 
 HOST = "127.0.0.1"
 STOP_TIMEOUT = 10.0
@@ -32,6 +33,18 @@ def answers(port: int) -> bool:
         return False
     finally:
         connection.close()
+
+
+def wait_for_web(server: subprocess.Popen[bytes], port: int, timeout: float) -> str | None:
+    """None once gunicorn answers on ``port``, else what went wrong."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            return f"gunicorn exited with status {server.returncode}"
+        if answers(port):
+            return None
+        time.sleep(0.1)
+    return f"gunicorn did not answer in {timeout:g} s"
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:

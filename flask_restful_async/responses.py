@@ -116,5 +116,10 @@ def vary_on_prefer(response: ResponseBase) -> None:
     response.headers["Vary"] = f"{existing}, Prefer" if existing else "Prefer"
 
 
+def expired_response() -> Response:
+    """A task whose result is past its retention time: 410, at every URL of the task."""
+    return error_response(410, "The result of this task has expired.", NO_STORE)
+
+
 def error_response(code: int, message: str, headers: t.Mapping[str, str] | None = None) -> Response:
     return json_response(code, {"message": message}, headers)

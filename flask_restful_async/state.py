@@ -15,8 +15,8 @@ from .exceptions import Unavailable
 from .lease import LeaseKeeper, worker_id
 from .prefer import parse_prefer, respond_async, wait_seconds
 from .responses import (
-    NO_STORE,
     error_response,
+    expired_response,
     status_response,
     stored_to_response,
     vary_on_prefer,
@@ -196,7 +196,7 @@ class AsyncState:
     def task_response(self, task: Task) -> Response:
         """What the status URL answers for ``task`` (CONTRACT section 4)."""
         if task.expired:
-            return error_response(410, "The result of this task has expired.", NO_STORE)
+            return expired_response()
         if not task.state.finished:
             return self.status(task, 202)
         if task.response is None:

@@ -10,7 +10,14 @@ from flask_restful import Resource
 from . import waiting
 from .exceptions import Unavailable
 from .prefer import parse_prefer, wait_seconds
-from .responses import NO_STORE, error_response, json_response, status_response, vary_on_prefer
+from .responses import (
+    NO_STORE,
+    error_response,
+    expired_response,
+    json_response,
+    status_response,
+    vary_on_prefer,
+)
 from .state import AsyncState, get_state
 from .task import Task, TaskState, is_valid_task_id
 
@@ -130,7 +137,7 @@ class TaskResultResource(Resource):
         if task is None:
             return not_found()
         if task.expired:
-            return error_response(410, "The result of this task has expired.", NO_STORE)
+            return expired_response()
         if task.response is None:
             return status_response(task, 404, None, None)
         return state.result_response(task)
