@@ -44,7 +44,8 @@ Design:
   serializer carries it), and ``None`` unless the body went through the store
   (see "Large bodies"). The Celery task id is the store's task id. Nothing else
   of the request crosses: the worker rebuilds the resource through the endpoint's
-  view function (``run_task`` with ``resource=None``).
+  view function (``run_task`` with ``resource=None``). Only the worker imports
+  :mod:`flask_restful_async.runner`; a web process that submits never loads it.
 - The app. ``make_celery`` stores the Flask app on the Celery app
   (``celery_app.flask_app``); the worker, which imported the app module, finds it
   there. No request ever ran in the worker, so nothing else could tell it.
@@ -101,7 +102,6 @@ from . import waiting
 from .exceptions import RestfulAsyncError, StoreUnavailable, Unavailable
 from .executors.base import Executor
 from .lease import LeaseKeeper
-from .runner import run_task
 from .snapshot import RequestSnapshot
 from .state import get_state
 from .task import StoredResponse, TaskState
@@ -302,6 +302,10 @@ def _register(celery_app: Celery) -> t.Any:
         ignore_result=True,
     )
     def run(self: t.Any, task_id: str, snapshot_json: str, body_key: str | None = None) -> None:
+        # Only a worker gets here: the web processes, which import this module to
+        # submit, never load the code that runs handlers.
+        from .runner import run_task
+
         flask_app = _bound_app(celery_app)
         snapshot = RequestSnapshot.from_json(snapshot_json)
         store = get_state(flask_app).store

@@ -3,15 +3,18 @@
 The app is ``tests/apps/celery_app.py``. One worker subprocess (``-P threads -c 4``)
 serves the module, on a queue of its own; every Redis key (store and broker, db
 13) is under a prefix of the module's own and deleted afterwards, never flushing.
-A few tests run a worker of their own (one thread, the prefork pool, RabbitMQ as
-the broker: a unique queue and exchange, deleted afterwards). The snapshot's JSON
-round trip and the stores' blobs are tested here too (no Celery needed for them).
+A few tests run a worker of their own (one thread, the prefork pool, remote
+control, RabbitMQ as the broker: a unique queue and exchange, deleted afterwards),
+and one serves the app with gunicorn to look inside the web process. The
+snapshot's JSON round trip and the stores' blobs are tested here too (no Celery
+needed for them).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import secrets
@@ -30,7 +33,7 @@ from flask.testing import FlaskClient
 from flask_restful_async.snapshot import RequestSnapshot
 from flask_restful_async.stores.memory import MemoryStore
 
-from .servers import ROOT
+from .servers import ROOT, http, poll_until_done, serve
 from .services import REDIS_HOST, REDIS_PORT, free_port, require_redis, require_service
 
 #: Seconds the worker gets to start and run a first task.
@@ -104,13 +107,17 @@ def test_snapshot_from_json_refuses_other_documents(text: str) -> None:
 class Worker(t.NamedTuple):
     prefix: str
     queue: str
+    #: The worker's node name (``-n``), for remote control's ``destination``.
+    nodename: str
     process: subprocess.Popen[bytes]
     log: t.IO[bytes]
 
-    def output(self) -> str:
+    def output(self, tail: int | None = 4000) -> str:
+        """What the worker logged: the last ``tail`` characters, or all of it."""
         self.log.flush()
         self.log.seek(0)
-        return self.log.read().decode(errors="replace")[-4000:]
+        text = self.log.read().decode(errors="replace")
+        return text if tail is None else text[-tail:]
 
 
 def delete_keys(prefix: str) -> None:
@@ -137,13 +144,16 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 
 
 @contextlib.contextmanager
-def run_worker(pool: tuple[str, ...] = THREADS, **env_extra: str) -> Iterator[Worker]:
-    """A ``celery worker`` subprocess on a fresh prefix and queue, its pool options
-    ``pool``; stopped, and its keys deleted, on exit."""
+def run_worker(
+    pool: tuple[str, ...] = THREADS, *, loglevel: str = "warning", **env_extra: str
+) -> Iterator[Worker]:
+    """A ``celery worker`` subprocess on a fresh prefix, queue and node name, its
+    pool options ``pool``; stopped, and its keys deleted, on exit."""
     require_redis()
     token = secrets.token_hex(6)
     prefix = f"{{restful_async_celery_{token}}}:"
     queue = f"restful_async_celery_{token}"
+    nodename = f"{queue}@localhost"
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
@@ -154,8 +164,8 @@ def run_worker(pool: tuple[str, ...] = THREADS, **env_extra: str) -> Iterator[Wo
     env.pop("RESTFUL_ASYNC_REQUIRE_SERVICES", None)
     command = [
         sys.executable, "-m", "celery", "-A", "tests.apps.celery_app", "worker",
-        *pool, "-Q", queue, "--without-gossip", "--without-mingle",
-        "--without-heartbeat", "-l", "warning",
+        *pool, "-Q", queue, "-n", nodename, "--without-gossip", "--without-mingle",
+        "--without-heartbeat", "-l", loglevel,
     ]  # fmt: skip
     with tempfile.TemporaryFile() as log:
         process = subprocess.Popen(
@@ -168,7 +178,7 @@ def run_worker(pool: tuple[str, ...] = THREADS, **env_extra: str) -> Iterator[Wo
             start_new_session=True,
         )
         try:
-            yield Worker(prefix, queue, process, log)
+            yield Worker(prefix, queue, nodename, process, log)
         finally:
             try:
                 stop(process)
@@ -350,6 +360,60 @@ def test_killed_worker_task_is_lost_within_the_lease() -> None:
             get_state(app).close()
 
 
+# -- the web process -----------------------------------------------------------------
+
+
+def test_the_web_process_never_runs_a_handler(worker: Worker) -> None:
+    """Served by gunicorn, the app only submits: every handler runs in the worker,
+    and the web process never imports the module that runs handlers."""
+    env = {"CELERY_TEST_PREFIX": worker.prefix, "CELERY_TEST_QUEUE": worker.queue}
+    # One gunicorn worker: the process that answers /probe is the one that
+    # took every submit and every poll.
+    with serve("gunicorn-gthread", "tests.apps.celery_app:flask_app", env=env, workers=1) as base:
+
+        def probe() -> dict[str, t.Any]:
+            status, _, body = http("GET", base + "/probe")
+            assert status == 200, body
+            return t.cast("dict[str, t.Any]", json.loads(body))
+
+        before = probe()
+        text = "naïve ☃ body"
+        large = os.urandom(300 * 1024)  # above the message limit: through the store
+        submits = [
+            ("/echo?a=1", text.encode(), {"Content-Type": "text/plain; charset=utf-8"}),
+            ("/echo?fail=409", b"", {}),
+            ("/echo?steps=2&step=0.05", b"", {}),
+            ("/echo?digest=1", large, {"Content-Type": "application/octet-stream"}),
+        ]
+        locations = []
+        for path, body, headers in submits:
+            status, answer, content = http("POST", base + path, body=body, headers=headers)
+            assert status == 202, content
+            locations.append(answer["location"])
+        results = []
+        for location in locations:
+            status, _, content = poll_until_done(base, location, timeout=WORKER_READY_TIMEOUT)
+            results.append((status, json.loads(content)))
+        after = probe()
+
+    assert [status for status, _ in results] == [200, 409, 200, 200], results
+    (_, echoed), (_, failed), (_, stepped), (_, digested) = results
+    assert echoed["body"] == text
+    assert echoed["args"] == {"a": ["1"]}
+    assert failed == {"message": "failed with 409 as asked"}
+    assert digested == {"sha256": hashlib.sha256(large).hexdigest(), "length": len(large)}
+    web_pid = before["pid"]
+    assert after["pid"] == web_pid, "the gunicorn worker was replaced during the test"
+    assert web_pid not in (os.getpid(), worker.process.pid)
+    assert echoed["pid"] == stepped["pid"] == worker.process.pid
+    assert before["handler_runs"] == after["handler_runs"] == 0
+    # The probe sees the package's modules (so the check below can fail) ...
+    assert {"flask_restful_async.celery", "flask_restful_async.resource"} <= set(after["modules"])
+    # ... and the runner is not among them, before or after the tasks.
+    assert "flask_restful_async.runner" not in before["modules"]
+    assert "flask_restful_async.runner" not in after["modules"], after["modules"]
+
+
 # -- the stores' blobs -----------------------------------------------------------------
 
 
@@ -500,6 +564,71 @@ def test_cancelled_queued_task_never_runs(caplog: pytest.LogCaptureFixture) -> N
                 assert not r.exists(f"{single.prefix}ran:waiting")
         finally:
             get_state(app).close()
+
+
+def test_revoke_reaches_a_worker_that_listens_to_remote_control() -> None:
+    """A worker with remote control drops a cancelled queued task's message itself,
+    without the store having to refuse it."""
+    import redis
+
+    from flask_restful_async.celery import TASK_NAME
+    from flask_restful_async.state import get_state
+
+    from .apps.celery_app import create_app
+
+    # One thread and a prefetch of one: while the first task runs (unacknowledged,
+    # as acks_late leaves it), the second message stays in the broker, so the
+    # worker receives it only after the revoke.
+    pool = ("-P", "threads", "-c", "1", "--prefetch-multiplier", "1")
+    with run_worker(pool, loglevel="info", CELERY_TEST_REMOTE_CONTROL="1") as listening:
+        app, celery_app, store = create_app(listening.prefix, listening.queue)
+        destination = [listening.nodename]
+        release = f"{listening.prefix}release:busy"
+        try:
+            # A revoke is a broadcast: only a worker already listening hears it.
+            deadline = time.monotonic() + WORKER_READY_TIMEOUT
+            while not celery_app.control.ping(destination=destination, timeout=0.5):
+                assert listening.process.poll() is None, listening.output()
+                assert time.monotonic() < deadline, listening.output()
+            client = app.test_client()
+            busy = submit(client, "/echo?mark=busy&hold=busy", data=b"1")
+            deadline = time.monotonic() + WORKER_READY_TIMEOUT
+            while client.get(busy).json["state"] != "running":
+                assert time.monotonic() < deadline, listening.output()
+                time.sleep(0.02)
+            waiting = submit(client, "/echo?mark=waiting", data=b"2")
+            task_id = waiting.rsplit("/", 1)[1]
+            response = client.delete(waiting)
+            assert response.status_code == 200, response.get_data()
+            assert response.json["state"] == "cancelled"
+
+            deadline = time.monotonic() + 5
+            while True:
+                revoked = celery_app.control.inspect(destination=destination, timeout=1).revoked()
+                if task_id in (revoked or {}).get(listening.nodename, []):
+                    break
+                assert time.monotonic() < deadline, (revoked, listening.output())
+            with redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=13) as r:
+                r.rpush(release, "go")
+            after = submit(client, "/echo?mark=after", data=b"3")
+            assert poll(client, listening, busy).status_code == 200
+            assert poll(client, listening, after).status_code == 200
+            # The worker took the message after the one before it, and dropped it.
+            log = listening.output(tail=None)
+            assert f"Discarding revoked task: {TASK_NAME}[{task_id}]" in log, log[-4000:]
+            task = store.get(task_id)
+            assert task is not None
+            assert task.state.value == "cancelled"
+            assert task.started_at is None
+            with redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=13) as r:
+                assert r.exists(f"{listening.prefix}ran:busy", f"{listening.prefix}ran:after") == 2
+                assert not r.exists(f"{listening.prefix}ran:waiting")
+        finally:
+            # Whatever failed, the held task ends now rather than at its timeout.
+            with redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=13) as r:
+                r.rpush(release, "go")
+            get_state(app).close()
+            celery_app.close()
 
 
 def test_cancel_with_the_broker_down_only_logs(caplog: pytest.LogCaptureFixture) -> None:

@@ -12,7 +12,6 @@ import typing as t
 import weakref
 
 from ..exceptions import Saturated
-from ..runner import abandon_task, run_task
 from .base import Executor
 
 if t.TYPE_CHECKING:
@@ -108,6 +107,11 @@ class ThreadExecutor(Executor):
                     self._exit_hook_registered = True
 
     def _work(self) -> None:
+        # Imported here, not at the top: every process imports this module (the
+        # package does), and one that hands its tasks to another executor
+        # (Celery) should never load the code that runs handlers.
+        from ..runner import run_task
+
         while True:
             job = self._queue.get()
             if job is None:
@@ -133,6 +137,8 @@ class ThreadExecutor(Executor):
             except queue.Empty:
                 break
             if job is not None:
+                from ..runner import abandon_task
+
                 abandon_task(job.app, job.task_id)
                 self._slots.release()
         for _ in threads:

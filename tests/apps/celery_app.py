@@ -5,7 +5,8 @@ key the app makes (the store's and the broker's, through kombu's
 ``global_keyprefix``) starts with the prefix from ``CELERY_TEST_PREFIX``; tasks go
 to the queue named by ``CELERY_TEST_QUEUE``; ``CELERY_TEST_LEASE`` (seconds), if
 set, is the store's lease; ``CELERY_TEST_BROKER``, if set, the broker URL (Redis
-db :data:`REDIS_DB` otherwise). A worker::
+db :data:`REDIS_DB` otherwise); ``CELERY_TEST_REMOTE_CONTROL=1`` makes a worker
+listen to remote control (``revoke``, ``inspect``). A worker::
 
     CELERY_TEST_PREFIX='{p}:' CELERY_TEST_QUEUE=q \\
         celery -A tests.apps.celery_app worker -P threads -c 4 -Q q
@@ -15,7 +16,13 @@ db :data:`REDIS_DB` otherwise). A worker::
 ``?steps=N`` it first reports progress N times, ``?step=S`` seconds apart; with
 ``?fail=CODE`` it aborts with that HTTP status instead. ``?mark=NAME`` first
 sets the Redis key ``<prefix>ran:NAME`` (so a test can tell that it ran);
-``?digest=1`` answers the body's ``sha256`` and ``length`` instead of the body.
+``?hold=NAME`` then waits (at most :data:`HOLD_TIMEOUT` seconds) until the test
+pushes to the Redis list ``<prefix>release:NAME``; ``?digest=1`` answers the
+body's ``sha256`` and ``length`` instead of the body.
+
+``GET /probe`` (a plain ``Resource``) tells what the process that answers has
+done: its pid, how many times ``Echo.post`` ran in it, and which modules of
+``flask_restful_async`` it has imported.
 
 The module's ``celery`` (what ``celery -A`` finds) and ``flask_app`` are built on
 first access, from the environment; a test builds its own with :func:`create_app`.
@@ -25,13 +32,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import time
 import typing as t
 
 import redis
 from celery import Celery
 from flask import Flask, current_app, request
-from flask_restful import Api, abort
+from flask_restful import Api, Resource, abort
 
 from flask_restful_async import AsyncResource, current_task, register_async
 from flask_restful_async.celery import CeleryExecutor, make_celery
@@ -44,17 +52,28 @@ QUEUE_ENV = "CELERY_TEST_QUEUE"
 #: Seconds of the store's lease (``RESTFUL_ASYNC_LEASE``), if set.
 LEASE_ENV = "CELERY_TEST_LEASE"
 BROKER_ENV = "CELERY_TEST_BROKER"
+REMOTE_CONTROL_ENV = "CELERY_TEST_REMOTE_CONTROL"
+#: Seconds a ``?hold=NAME`` task waits for its release at most.
+HOLD_TIMEOUT = 10
+
+#: The id of every task whose ``Echo.post`` ran in this process.
+handler_runs: list[str] = []
 
 
 class Echo(AsyncResource):
     def post(self) -> dict[str, t.Any]:
+        handler_runs.append(current_task.id)
         fail = request.args.get("fail")
         if fail:
             abort(int(fail), message=f"failed with {fail} as asked")
-        mark = request.args.get("mark")
-        if mark:
+        prefix = current_app.config["CELERY_TEST_PREFIX"]
+        mark, hold = request.args.get("mark"), request.args.get("hold")
+        if mark or hold:
             with redis.Redis.from_url(REDIS_URL) as client:
-                client.set(f"{current_app.config['CELERY_TEST_PREFIX']}ran:{mark}", os.getpid())
+                if mark:
+                    client.set(f"{prefix}ran:{mark}", os.getpid())
+                if hold:
+                    client.blpop([f"{prefix}release:{hold}"], timeout=HOLD_TIMEOUT)
         steps = int(request.args.get("steps", "0"))
         step = float(request.args.get("step", "0.1"))
         for i in range(steps):
@@ -71,6 +90,12 @@ class Echo(AsyncResource):
         }
 
 
+class Probe(Resource):
+    def get(self) -> dict[str, t.Any]:
+        ours = sorted(name for name in sys.modules if name.startswith("flask_restful_async"))
+        return {"pid": os.getpid(), "handler_runs": len(handler_runs), "modules": ours}
+
+
 def create_app(
     prefix: str, queue: str, broker_url: str = REDIS_URL
 ) -> tuple[Flask, Celery, RedisStore]:
@@ -83,9 +108,9 @@ def create_app(
         CELERY_CONFIG={
             # Every broker key under the test's prefix, so that it can delete them.
             "broker_transport_options": {"global_keyprefix": f"{prefix}kombu:"},
-            # No pidbox (remote control) keys and no events: none of them is
-            # scoped by the prefix, and the tests do not use them.
-            "worker_enable_remote_control": False,
+            # Remote control only for a test that asks for it (kombu puts its
+            # pidbox keys and channels under the prefix too), and no events.
+            "worker_enable_remote_control": os.environ.get(REMOTE_CONTROL_ENV) == "1",
             "worker_send_task_events": False,
             "worker_hijack_root_logger": False,
         },
@@ -103,6 +128,7 @@ def create_app(
         api, store=store, executor=CeleryExecutor(celery_app, queue=queue), owner=lambda: None
     )
     api.add_resource(Echo, "/echo")
+    api.add_resource(Probe, "/probe")
     return app, celery_app, store
 
 
