@@ -44,6 +44,7 @@ __all__ = [
     "MAX_WAIT_SECONDS",
     "Preference",
     "parse_prefer",
+    "request_prefer",
     "respond_async",
     "wait_seconds",
 ]
@@ -95,6 +96,17 @@ def parse_prefer(values: t.Iterable[str]) -> dict[str, Preference]:
             if pref is not None and pref.name not in prefs:
                 prefs[pref.name] = pref
     return prefs
+
+
+def request_prefer(environ: t.Mapping[str, t.Any]) -> dict[str, Preference]:
+    """The preferences of a WSGI request.
+
+    A WSGI server joins repeated ``Prefer`` fields into one ``HTTP_PREFER`` value
+    (as werkzeug's ``request.headers.getlist`` would find it, but without going
+    through every header of the request).
+    """
+    value = environ.get("HTTP_PREFER")
+    return parse_prefer((value,)) if value else {}
 
 
 def wait_seconds(prefs: t.Mapping[str, Preference]) -> int | None:

@@ -17,6 +17,8 @@ from .task import StoredResponse, Task
 JSON = "application/json"
 #: Every answer about a task: it changes from one poll to the next.
 NO_STORE = {"Cache-Control": "no-store"}
+#: What the status URL answers also depends on ``Prefer: wait`` (RFC 7240 section 2).
+POLLED = {**NO_STORE, "Vary": "Prefer"}
 
 
 def dump_json(data: t.Any, code: int, headers: t.Any = None) -> Response:
@@ -88,8 +90,23 @@ def store_response(response: ResponseBase) -> StoredResponse:
         response.close()
 
 
-def stored_to_response(stored: StoredResponse) -> Response:
-    return current_app.response_class(stored.body, stored.status, stored.headers)
+def stored_to_response(stored: StoredResponse, *, vary_on_prefer: bool = False) -> Response:
+    """A finished task's stored response, marked ``Cache-Control: no-store`` (and
+    ``Vary: Prefer`` where asked), its headers assembled in one pass."""
+    headers: list[tuple[str, str]] = []
+    vary: list[str] = []
+    for name, value in stored.headers:
+        lowered = name.lower()
+        if lowered == "vary":
+            vary.append(value)
+        elif lowered != "cache-control":
+            headers.append((name, value))
+    headers.append(("Cache-Control", "no-store"))
+    if vary_on_prefer:
+        vary.append("Prefer")
+    if vary:
+        headers.append(("Vary", ", ".join(vary)))
+    return current_app.response_class(stored.body, stored.status, headers)
 
 
 def json_response(
@@ -100,9 +117,14 @@ def json_response(
 
 
 def status_response(
-    task: Task, code: int, location: str | None, retry_after: int | None
+    task: Task,
+    code: int,
+    location: str | None,
+    retry_after: int | None,
+    *,
+    vary_on_prefer: bool = False,
 ) -> Response:
-    headers = {"Cache-Control": "no-store"}
+    headers = dict(POLLED) if vary_on_prefer else dict(NO_STORE)
     if location is not None:
         headers["Location"] = location
     if retry_after is not None:
@@ -110,15 +132,11 @@ def status_response(
     return json_response(code, task.status_document(), headers)
 
 
-def vary_on_prefer(response: ResponseBase) -> None:
-    """Add ``Prefer`` to ``Vary`` (cheaper than going through ``response.vary``)."""
-    existing = response.headers.get("Vary")
-    response.headers["Vary"] = f"{existing}, Prefer" if existing else "Prefer"
-
-
-def expired_response() -> Response:
+def expired_response(*, vary_on_prefer: bool = False) -> Response:
     """A task whose result is past its retention time: 410, at every URL of the task."""
-    return error_response(410, "The result of this task has expired.", NO_STORE)
+    return error_response(
+        410, "The result of this task has expired.", POLLED if vary_on_prefer else NO_STORE
+    )
 
 
 def error_response(code: int, message: str, headers: t.Mapping[str, str] | None = None) -> Response:

@@ -13,13 +13,12 @@ from flask_restful import Api, Resource
 from . import waiting
 from .exceptions import Unavailable
 from .lease import LeaseKeeper, worker_id
-from .prefer import parse_prefer, respond_async, wait_seconds
+from .prefer import request_prefer, respond_async, wait_seconds
 from .responses import (
     error_response,
     expired_response,
     status_response,
     stored_to_response,
-    vary_on_prefer,
 )
 from .snapshot import RequestSnapshot
 from .stores.base import TaskStore
@@ -132,7 +131,7 @@ class AsyncState:
             owner=self.identity(),
             worker=worker_id() if self.executor.local else None,
         )
-        key = request.headers.get("Idempotency-Key")
+        key = request.environ.get("HTTP_IDEMPOTENCY_KEY")
         if key is not None:
             if not _valid_idempotency_key(key):
                 return error_response(
@@ -174,8 +173,7 @@ class AsyncState:
     def accepted(self, task: Task) -> Response:
         """The answer to a submit: 202, or with ``Prefer: wait=N`` the task's final
         response if it finishes within N seconds (RFC 7240)."""
-        values = request.headers.getlist("Prefer")
-        prefs = parse_prefer(values) if values else {}
+        prefs = request_prefer(request.environ)
         seconds = wait_seconds(prefs)
         response: Response | None = None
         if seconds:
@@ -190,29 +188,29 @@ class AsyncState:
             response = self.status(task, 202)
             if respond_async(prefs):
                 response.headers["Preference-Applied"] = "respond-async"
-        vary_on_prefer(response)
         return response
 
     def task_response(self, task: Task) -> Response:
-        """What the status URL answers for ``task`` (CONTRACT section 4)."""
+        """What the status URL answers for ``task`` (CONTRACT section 4). Every
+        answer carries ``Vary: Prefer``: ``Prefer: wait`` can change it."""
         if task.expired:
-            return expired_response()
+            return expired_response(vary_on_prefer=True)
         if not task.state.finished:
             return self.status(task, 202)
         if task.response is None:
             code = 409 if task.state is TaskState.CANCELLED else 500
-            return status_response(task, code, None, None)
+            return status_response(task, code, None, None, vary_on_prefer=True)
         if self.result_redirect:
-            return status_response(task, 303, self.location(task.id) + RESULT_SUFFIX, None)
-        return self.result_response(task)
+            return status_response(
+                task, 303, self.location(task.id) + RESULT_SUFFIX, None, vary_on_prefer=True
+            )
+        return stored_to_response(task.response, vary_on_prefer=True)
 
     @staticmethod
     def result_response(task: Task) -> Response:
         """The response a finished task's handler gave, as stored."""
         assert task.response is not None
-        response = stored_to_response(task.response)
-        response.headers["Cache-Control"] = "no-store"
-        return response
+        return stored_to_response(task.response)
 
     def wait(self, task: Task, seconds: int) -> Task | None:
         """``task`` once finished, or as it reads after ``seconds`` (capped by
@@ -227,7 +225,13 @@ class AsyncState:
 
     def status(self, task: Task, code: int) -> Response:
         """The status document as ``code``, with ``Location`` and ``Retry-After``."""
-        return status_response(task, code, self.location(task.id), self.retry_after_for(task))
+        return status_response(
+            task,
+            code,
+            self.location(task.id),
+            self.retry_after_for(task),
+            vary_on_prefer=True,
+        )
 
     def retry_after_for(self, task: Task) -> int:
         """Seconds a client should wait before its next poll.

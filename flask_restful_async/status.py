@@ -9,14 +9,13 @@ from flask_restful import Resource
 
 from . import waiting
 from .exceptions import Unavailable
-from .prefer import parse_prefer, wait_seconds
+from .prefer import request_prefer, wait_seconds
 from .responses import (
     NO_STORE,
     error_response,
     expired_response,
     json_response,
     status_response,
-    vary_on_prefer,
 )
 from .state import AsyncState, get_state
 from .task import Task, TaskState, is_valid_task_id
@@ -62,7 +61,6 @@ class TaskStatusResource(Resource):
         response = state.task_response(task)
         if from_prefer and wait:
             response.headers["Preference-Applied"] = f"wait={min(wait, state.max_wait)}"
-        vary_on_prefer(response)
         return response
 
     def delete(self, task_id: str) -> Response:
@@ -100,13 +98,13 @@ def requested_wait() -> tuple[int | None, bool]:
     whether they came from ``Prefer``; 0 when neither asks; None when the query
     parameter is not a whole number (a bad ``Prefer`` is ignored, as RFC 7240 says
     preferences are)."""
-    query = request.args.get("wait")
+    environ = request.environ
+    query = request.args.get("wait") if environ.get("QUERY_STRING") else None
     if query is not None:
         if not (query.isascii() and query.isdigit()) or len(query) > 10:
             return None, False
         return int(query), False
-    values = request.headers.getlist("Prefer")
-    seconds = wait_seconds(parse_prefer(values)) if values else None
+    seconds = wait_seconds(request_prefer(environ))
     return (seconds, True) if seconds else (0, False)
 
 

@@ -30,7 +30,10 @@ class TaskState(enum.StrEnum):
     @property
     def finished(self) -> bool:
         """True once the task will never change state again."""
-        return self not in (TaskState.QUEUED, TaskState.RUNNING)
+        return self not in _ACTIVE_STATES
+
+
+_ACTIVE_STATES = frozenset((TaskState.QUEUED, TaskState.RUNNING))
 
 
 class _RandomBytes:

@@ -36,6 +36,12 @@ WAL_AUTOCHECKPOINT_PAGES = 10_000
 #: Seconds between two looks at the database's change counter by :meth:`SQLiteStore.listen`.
 LISTEN_INTERVAL = 0.02
 
+#: The layout of the file, kept in ``PRAGMA user_version``.
+SCHEMA_VERSION = 1
+
+# Tasks are small rows in a WITHOUT ROWID table (the id is the b-tree's key, so a
+# submit writes two pages: the table's and the owner index's) and responses,
+# which can be large, live in a table of their own.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
     id TEXT PRIMARY KEY,
@@ -49,15 +55,18 @@ CREATE TABLE IF NOT EXISTS tasks (
     fingerprint TEXT,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     worker TEXT,
-    response_status INTEGER,
-    response_headers TEXT,
-    response_body BLOB,
     expired INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS tasks_by_owner ON tasks (owner, created_at, id);
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS tasks_by_owner ON tasks (owner, created_at);
 CREATE INDEX IF NOT EXISTS tasks_by_finish ON tasks (finished_at) WHERE finished_at IS NOT NULL;
 CREATE UNIQUE INDEX IF NOT EXISTS tasks_by_key ON tasks (coalesce(owner, ''), idempotency_key)
     WHERE idempotency_key IS NOT NULL;
+CREATE TABLE IF NOT EXISTS results (
+    id TEXT PRIMARY KEY,
+    status INTEGER NOT NULL,
+    headers TEXT NOT NULL,
+    body BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS blobs (
     key TEXT PRIMARY KEY,
     data BLOB NOT NULL,
@@ -66,28 +75,29 @@ CREATE TABLE IF NOT EXISTS blobs (
 CREATE TABLE IF NOT EXISTS leases (
     worker TEXT PRIMARY KEY,
     expires_at REAL NOT NULL
-);
+) WITHOUT ROWID;
 """
 
 _COLUMNS = (
     "id, state, created_at, started_at, finished_at, progress, owner, idempotency_key,"
-    " fingerprint, cancel_requested, worker, response_status, response_headers,"
-    " response_body, expired"
+    " fingerprint, cancel_requested, worker"
 )
-# A task with, while it is active, the expiry of its worker's lease: one indexed
-# read per poll, and no lease lookup at all once the task has finished.
+# What UPDATE ... RETURNING gives back: a task's row, laid out as _SELECT's, without
+# its response.
+_RETURNING = f"RETURNING {_COLUMNS}, NULL, NULL, NULL, expired"
+# A task with its response and, while it is active, the expiry of its worker's
+# lease: one read per poll, and no lease lookup once the task has finished.
 _SELECT = (
     "SELECT t.id, t.state, t.created_at, t.started_at, t.finished_at, t.progress, t.owner,"
-    " t.idempotency_key, t.fingerprint, t.cancel_requested, t.worker, t.response_status,"
-    " t.response_headers, t.response_body, t.expired,"
+    " t.idempotency_key, t.fingerprint, t.cancel_requested, t.worker, r.status,"
+    " r.headers, r.body, t.expired,"
     " CASE WHEN t.state IN ('queued', 'running')"
     " THEN (SELECT l.expires_at FROM leases AS l WHERE l.worker = t.worker) END"
-    " FROM tasks AS t"
+    " FROM tasks AS t LEFT JOIN results AS r ON r.id = t.id"
 )
-_INSERT = (
-    f"INSERT INTO tasks ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, NULL, 0)"
-)
+_INSERT = f"INSERT INTO tasks ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _ACTIVE = "('queued', 'running')"
+_STATES = {state.value: state for state in TaskState}
 # True for a task whose worker holds no live lease (bind: now).
 _LAPSED = (
     "(t.worker IS NOT NULL AND coalesce("
@@ -148,7 +158,7 @@ class SQLiteStore(TaskStore):
             # Checkpoints (the only fsyncs in WAL mode) are run by the lease renewal
             # through maintain(); this limit only applies if none runs.
             conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}")
-            conn.executescript(_SCHEMA)
+            _ensure_schema(conn, self.path)
         except BaseException as e:
             if _is_outage(e):
                 raise StoreUnavailable(f"The task store is not available: {e}") from e
@@ -196,26 +206,26 @@ class SQLiteStore(TaskStore):
 
     # -- reading -------------------------------------------------------------------
 
-    def _task(self, row: t.Sequence[t.Any]) -> Task:
-        status, headers, body = row[11], row[12], row[13]
+    @staticmethod
+    def _task(row: t.Sequence[t.Any]) -> Task:
+        # On every poll: plain lookups rather than Enum calls and generic code.
+        status, headers, progress = row[11], row[12], row[5]
         return Task(
-            id=row[0],
-            state=TaskState(row[1]),
-            created_at=row[2],
-            started_at=row[3],
-            finished_at=row[4],
-            progress=Progress.from_dict(json.loads(row[5])) if row[5] is not None else None,
-            owner=row[6],
-            idempotency_key=row[7],
-            fingerprint=row[8],
-            cancel_requested=bool(row[9]),
-            worker=row[10],
-            response=(
-                StoredResponse(status, [tuple(h) for h in json.loads(headers)], bytes(body))
-                if status is not None
-                else None
-            ),
-            expired=bool(row[14]),
+            row[0],
+            _STATES[row[1]],
+            row[2],
+            row[3],
+            row[4],
+            Progress.from_dict(json.loads(progress)) if progress is not None else None,
+            row[6],
+            row[7],
+            row[8],
+            row[9] == 1,
+            row[10],
+            StoredResponse(status, [(k, v) for k, v in json.loads(headers)], row[13])
+            if status is not None
+            else None,
+            row[14] == 1,
         )
 
     def _read(self, row: t.Sequence[t.Any], now: float) -> Task | None:
@@ -298,7 +308,7 @@ class SQLiteStore(TaskStore):
         with self._writing() as conn:
             row = conn.execute(
                 f"UPDATE tasks SET state = 'running', started_at = ?, worker = ?"
-                f" WHERE id = ? AND state = 'queued' RETURNING {_COLUMNS}",
+                f" WHERE id = ? AND state = 'queued' {_RETURNING}",
                 (time.time(), worker, task_id),
             ).fetchone()
         return None if row is None else self._task(row)
@@ -322,19 +332,18 @@ class SQLiteStore(TaskStore):
     def finish(
         self, task_id: str, state: TaskState, response: StoredResponse | None = None
     ) -> None:
-        status = headers = body = None
-        if response is not None:
-            status, headers, body = (
-                response.status,
-                json.dumps(response.headers),
-                response.body,
-            )
-        with self._writing() as conn:
-            conn.execute(
-                "UPDATE tasks SET state = ?, finished_at = ?, response_status = ?,"
-                f" response_headers = ?, response_body = ? WHERE id = ? AND state IN {_ACTIVE}",
-                (state.value, time.time(), status, headers, body, task_id),
-            )
+        headers = json.dumps(response.headers) if response is not None else None
+        with self._transaction() as conn:
+            changed = conn.execute(
+                f"UPDATE tasks SET state = ?, finished_at = ? WHERE id = ? AND state IN {_ACTIVE}",
+                (state.value, time.time(), task_id),
+            ).rowcount
+            if changed and response is not None:
+                conn.execute(
+                    "INSERT OR REPLACE INTO results (id, status, headers, body)"
+                    " VALUES (?, ?, ?, ?)",
+                    (task_id, response.status, headers, response.body),
+                )
 
     def request_cancel(self, task_id: str) -> Task | None:
         now = time.time()
@@ -343,14 +352,15 @@ class SQLiteStore(TaskStore):
                 "UPDATE tasks SET cancel_requested = 1,"
                 " finished_at = CASE WHEN state = 'queued' THEN ? ELSE finished_at END,"
                 " state = CASE WHEN state = 'queued' THEN 'cancelled' ELSE state END"
-                f" WHERE id = ? AND expired = 0 RETURNING {_COLUMNS}",
+                f" WHERE id = ? AND expired = 0 {_RETURNING}",
                 (now, task_id),
             ).fetchone()
         return None if row is None else self._task(row)
 
     def delete(self, task_id: str) -> None:
-        with self._writing() as conn:
+        with self._transaction() as conn:
             conn.execute("DELETE FROM tasks WHERE id = ?", (task_id,))
+            conn.execute("DELETE FROM results WHERE id = ?", (task_id,))
 
     def list(
         self,
@@ -427,19 +437,28 @@ class SQLiteStore(TaskStore):
 
     def purge_expired(self, now: float | None = None) -> int:
         now = time.time() if now is None else now
-        with self._writing() as conn:
+        with self._transaction() as conn:
+            # Past the tombstone: forget the task. Past the result's retention: keep
+            # a tombstone without the response (its row in results goes too).
             changed = conn.execute(
                 "DELETE FROM tasks WHERE id IN (SELECT id FROM tasks WHERE finished_at < ?"
                 " LIMIT ?)",
                 (now - self.result_ttl - self.tombstone_ttl, PURGE_BATCH),
             ).rowcount
             changed += conn.execute(
-                "UPDATE tasks SET expired = 1, response_status = NULL, response_headers = NULL,"
-                " response_body = NULL, progress = NULL, idempotency_key = NULL"
+                "UPDATE tasks SET expired = 1, progress = NULL, idempotency_key = NULL"
                 " WHERE id IN (SELECT id FROM tasks WHERE finished_at < ? AND expired = 0"
                 " LIMIT ?)",
                 (now - self.result_ttl, PURGE_BATCH),
             ).rowcount
+            # Responses of tasks that expired or went: those of this purge and any
+            # left by an earlier one (each statement stops at a batch).
+            conn.execute(
+                "DELETE FROM results WHERE rowid IN (SELECT r.rowid FROM results AS r"
+                " LEFT JOIN tasks AS t ON t.id = r.id WHERE t.id IS NULL OR t.expired = 1"
+                " LIMIT ?)",
+                (2 * PURGE_BATCH,),
+            )
             conn.execute(
                 "DELETE FROM blobs WHERE key IN (SELECT key FROM blobs WHERE expires_at < ?"
                 " LIMIT ?)",
@@ -517,6 +536,35 @@ def _data_version(conn: sqlite3.Connection) -> int:
 
 
 _logger = logging.getLogger(__name__)
+
+
+def _ensure_schema(conn: sqlite3.Connection, path: str) -> None:
+    """Create the tables in a new file; refuse a file of another layout."""
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version == SCHEMA_VERSION:
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        tables = conn.execute("SELECT count(*) FROM sqlite_schema WHERE type = 'table'").fetchone()[
+            0
+        ]
+        if version == 0 and tables == 0:
+            # Statement by statement: executescript would commit the transaction.
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+        if version not in (0, SCHEMA_VERSION) or (version == 0 and tables):
+            raise RuntimeError(
+                f"{path} is not a task store of this version of flask_restful_async"
+                f" (layout {version}, expected {SCHEMA_VERSION}): point"
+                " RESTFUL_ASYNC_STORE at another file, or remove this one"
+            )
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
 
 
 class _Access:

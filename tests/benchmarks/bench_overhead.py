@@ -42,6 +42,10 @@ from flask_restful_async.stores import TaskStore
 BODY = {"customer": 42, "items": [{"sku": f"sku-{i}", "qty": i} for i in range(10)]}
 RESULT = {"accepted": 10, "customer": 42, "total": 45}
 
+#: Requests per block: each ratio compares two blocks timed one right after the other.
+BLOCK = 200
+
+
 # Open except while the request-thread cost of a submit is timed.
 GATE = threading.Event()
 GATE.set()
@@ -101,12 +105,41 @@ def timed(operation: t.Callable[[], t.Any], requests: int) -> float:
     return (time.perf_counter() - start) / requests
 
 
-def run(url: str, rounds: int, requests: int) -> dict[str, float]:
+def run(url: str, rounds: int, requests: int, block: int = BLOCK) -> Figures:
     with bench_store(url) as store:
-        return run_on(store, rounds, requests)
+        return run_on(store, rounds, requests, block)
 
 
-def run_on(store: TaskStore | str, rounds: int, requests: int) -> dict[str, float]:
+class Figures(t.NamedTuple):
+    """Medians over rounds of the mean time per request, and medians of ratios."""
+
+    seconds: dict[str, float]
+    ratios: dict[str, float]
+
+
+def paired(
+    reference: t.Callable[[], t.Any],
+    measured: t.Callable[[], t.Any],
+    requests: int,
+    block: int,
+) -> tuple[list[float], list[float], list[float]]:
+    """Alternate blocks of ``reference`` and ``measured`` requests.
+
+    This machine's speed drifts by 10-20 % over seconds (other processes,
+    frequency, caches); a ratio of two blocks timed back to back cancels most of
+    that, where a ratio of two long runs minutes apart would not.
+    """
+    references, measures, ratios = [], [], []
+    for _ in range(max(1, requests // block)):
+        before = timed(reference, block)
+        after = timed(measured, block)
+        references.append(before)
+        measures.append(after)
+        ratios.append(after / before)
+    return references, measures, ratios
+
+
+def run_on(store: TaskStore | str, rounds: int, requests: int, block: int = BLOCK) -> Figures:
     app = make_app(store)
     client = app.test_client()
     location = client.post("/orders", json=BODY).headers["Location"]
@@ -114,45 +147,65 @@ def run_on(store: TaskStore | str, rounds: int, requests: int) -> dict[str, floa
     assert client.get(location).json == RESULT
     assert client.get("/plain/result").json == RESULT
 
+    def plain_post() -> None:
+        client.post("/plain/orders", json=BODY)
+
     def submit() -> None:
         assert client.post("/orders", json=BODY).status_code == 202
 
     samples: dict[str, list[float]] = {}
+    ratios: dict[str, list[float]] = {}
+
+    def add(name: str, values: list[float]) -> None:
+        samples.setdefault(name, []).extend(values)
+
     for _ in range(rounds):
-        round_samples = {
-            "plain POST": timed(lambda: client.post("/plain/orders", json=BODY), requests)
-        }
         GATE.clear()
         start = time.perf_counter()
-        round_samples["submit"] = timed(submit, requests)
+        posts, submits, submit_ratios = paired(plain_post, submit, requests, block)
         GATE.set()
         drain(app)
-        round_samples["submit+run"] = (time.perf_counter() - start) / requests
-        round_samples["submit, work alongside"] = timed(submit, requests)
+        # From the first submit to the last task's end, without the plain POSTs.
+        elapsed = time.perf_counter() - start - sum(posts) * block
+        add("submit+run", [elapsed / (len(submits) * block)])
+        add("plain POST", posts)
+        add("submit", submits)
+        ratios.setdefault("submit / plain POST", []).extend(submit_ratios)
+        posts, alongside, alongside_ratios = paired(plain_post, submit, requests, block)
         drain(app)
-        round_samples["plain GET"] = timed(lambda: client.get("/plain/result"), requests)
-        round_samples["poll"] = timed(lambda: client.get(location), requests)
-        for name, value in round_samples.items():
-            samples.setdefault(name, []).append(value)
+        add("submit, work alongside", alongside)
+        ratios.setdefault("submit, work alongside / plain POST", []).extend(alongside_ratios)
+        gets, polls, poll_ratios = paired(
+            lambda: client.get("/plain/result"), lambda: client.get(location), requests, block
+        )
+        add("plain GET", gets)
+        add("poll", polls)
+        ratios.setdefault("poll / plain GET", []).extend(poll_ratios)
     get_state(app).executor.shutdown(timeout=10)
-    return {name: statistics.median(values) for name, values in samples.items()}
+    seconds = {name: statistics.median(values) for name, values in samples.items()}
+    medians = {name: statistics.median(values) for name, values in ratios.items()}
+    medians["submit+run / plain POST"] = seconds["submit+run"] / seconds["plain POST"]
+    return Figures(seconds, medians)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--block", type=int, default=BLOCK)
     parser.add_argument("--store", default="memory://")
     options = parser.parse_args()
-    medians = run(options.store, options.rounds, options.requests)
-    print(f"store {options.store}: median of {options.rounds} interleaved rounds")
-    for name, seconds in medians.items():
-        print(f"  {name:<24} {seconds * 1e6:8.1f} µs/request")
-    post, get = medians["plain POST"], medians["plain GET"]
-    print(f"  submit / plain POST                 = {medians['submit'] / post:.2f}")
-    print(f"  poll / plain GET                    = {medians['poll'] / get:.2f}")
-    print(f"  submit, work alongside / plain POST = {medians['submit, work alongside'] / post:.2f}")
-    print(f"  submit+run / plain POST             = {medians['submit+run'] / post:.2f}")
+    figures = run(options.store, options.rounds, options.requests, options.block)
+    pairs = options.rounds * max(1, options.requests // options.block)
+    print(
+        f"store {options.store}: {options.rounds} rounds of {options.requests} requests"
+        f" per operation, in blocks of {options.block}"
+    )
+    for name, seconds in figures.seconds.items():
+        print(f"  {name:<24} {seconds * 1e6:8.1f} µs/request (median over blocks)")
+    for name, ratio in figures.ratios.items():
+        print(f"  {name:<36} = {ratio:.2f}")
+    print(f"  (ratios: medians over {pairs} pairs of adjacent blocks; submit+run: of medians)")
 
 
 if __name__ == "__main__":
