@@ -130,3 +130,29 @@ def test_a_forked_child_opens_its_own_connection(tmp_path: Path) -> None:
         time.sleep(0.01)
     store.renew_lease("parent")
     store.close()
+
+
+@pytest.mark.parametrize("layout", ["other tables", "a later version"])
+def test_a_file_of_another_layout_is_refused_with_a_503(
+    tmp_path: Path, layout: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "tasks.db"
+    with sqlite3.connect(path) as conn:
+        if layout == "other tables":
+            conn.execute("CREATE TABLE tasks (id TEXT PRIMARY KEY, response_body BLOB)")
+        else:
+            conn.execute("PRAGMA user_version = 999")
+    conn.close()
+    app = Flask(__name__)
+    api = Api(app)
+    register_async(api, store=f"sqlite:///{path}")
+    api.add_resource(Echo, "/echo")
+    response = app.test_client().post("/echo", json={"a": 1})
+    assert response.status_code == 503
+    assert "is not a task store of this version" in response.json["message"]
+    assert response.headers["Retry-After"]
+    assert "is not a task store of this version" in caplog.text
+    with sqlite3.connect(path) as conn:  # untouched
+        assert conn.execute("PRAGMA user_version").fetchone()[0] in (0, 999)
+    conn.close()
+    get_state(app).close()

@@ -37,11 +37,12 @@ WAL_AUTOCHECKPOINT_PAGES = 10_000
 LISTEN_INTERVAL = 0.02
 
 #: The layout of the file, kept in ``PRAGMA user_version``.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Tasks are small rows in a WITHOUT ROWID table (the id is the b-tree's key, so a
-# submit writes two pages: the table's and the owner index's) and responses,
-# which can be large, live in a table of their own.
+# submit writes two pages: the table's and the owner index's). Responses, which
+# can be large, live in a table of their own, found by their rowid (``result``):
+# one more b-tree step for a poll, no index to keep.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
     id TEXT PRIMARY KEY,
@@ -55,14 +56,15 @@ CREATE TABLE IF NOT EXISTS tasks (
     fingerprint TEXT,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     worker TEXT,
-    expired INTEGER NOT NULL DEFAULT 0
+    expired INTEGER NOT NULL DEFAULT 0,
+    result INTEGER
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS tasks_by_owner ON tasks (owner, created_at);
 CREATE INDEX IF NOT EXISTS tasks_by_finish ON tasks (finished_at) WHERE finished_at IS NOT NULL;
 CREATE UNIQUE INDEX IF NOT EXISTS tasks_by_key ON tasks (coalesce(owner, ''), idempotency_key)
     WHERE idempotency_key IS NOT NULL;
 CREATE TABLE IF NOT EXISTS results (
-    id TEXT PRIMARY KEY,
+    id INTEGER PRIMARY KEY,
     status INTEGER NOT NULL,
     headers TEXT NOT NULL,
     body BLOB NOT NULL
@@ -93,10 +95,12 @@ _SELECT = (
     " r.headers, r.body, t.expired,"
     " CASE WHEN t.state IN ('queued', 'running')"
     " THEN (SELECT l.expires_at FROM leases AS l WHERE l.worker = t.worker) END"
-    " FROM tasks AS t LEFT JOIN results AS r ON r.id = t.id"
+    " FROM tasks AS t LEFT JOIN results AS r ON r.id = t.result"
 )
+_GET = f"{_SELECT} WHERE t.id = ?"
 _INSERT = f"INSERT INTO tasks ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _ACTIVE = "('queued', 'running')"
+_ACTIVE_VALUES = frozenset(("queued", "running"))
 _STATES = {state.value: state for state in TaskState}
 # True for a task whose worker holds no live lease (bind: now).
 _LAPSED = (
@@ -126,6 +130,8 @@ class SQLiteStore(TaskStore):
         self.timeout = timeout
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
+        # Connections a forked child inherited: never used, never closed by it.
+        self._inherited: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
         self._write_lock = threading.RLock()
         self._next_purge = 0.0
@@ -134,16 +140,14 @@ class SQLiteStore(TaskStore):
     # -- connections -------------------------------------------------------------
 
     def _connection(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is not None and self._local.pid == os.getpid():
-            return conn
-        # A connection must never cross a fork: the child opens its own (and leaves
-        # the parent's alone, as closing it could disturb the parent's locks).
-        conn = self._connect()
-        self._local.conn, self._local.pid = conn, os.getpid()
+        try:
+            conn: sqlite3.Connection = self._local.conn
+        except AttributeError:
+            conn = self._local.conn = self._connect()
         return conn
 
     def _connect(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = None
         try:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
             conn = sqlite3.connect(
@@ -160,6 +164,8 @@ class SQLiteStore(TaskStore):
             conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}")
             _ensure_schema(conn, self.path)
         except BaseException as e:
+            if conn is not None:
+                conn.close()
             if _is_outage(e):
                 raise StoreUnavailable(f"The task store is not available: {e}") from e
             raise
@@ -196,6 +202,12 @@ class SQLiteStore(TaskStore):
         # Locks held by threads that do not exist in the child would never be freed.
         self._lock = threading.Lock()
         self._write_lock = threading.RLock()
+        # A connection must never cross a fork: the child opens its own. It keeps
+        # the parent's open but untouched, since closing one could checkpoint or
+        # remove the write-ahead log under the parent's feet.
+        self._inherited += self._connections
+        self._connections = []
+        self._local = threading.local()
 
     def close(self) -> None:
         with self._lock:
@@ -222,7 +234,7 @@ class SQLiteStore(TaskStore):
             row[8],
             row[9] == 1,
             row[10],
-            StoredResponse(status, [(k, v) for k, v in json.loads(headers)], row[13])
+            StoredResponse(status, _decode_headers(headers), row[13])
             if status is not None
             else None,
             row[14] == 1,
@@ -231,13 +243,14 @@ class SQLiteStore(TaskStore):
     def _read(self, row: t.Sequence[t.Any], now: float) -> Task | None:
         """A row of ``_SELECT`` as clients see it: lost if its lease lapsed, retention."""
         task = self._task(row)
-        lease_expires = row[15]
-        if (
-            task.state in (TaskState.QUEUED, TaskState.RUNNING)
-            and task.worker is not None
-            and (lease_expires is None or lease_expires < now)
-        ):
-            self._mark_lost(task, now)
+        if row[1] in _ACTIVE_VALUES:
+            lease_expires = row[15]
+            if task.worker is not None and (lease_expires is None or lease_expires < now):
+                self._mark_lost(task, now)
+            else:
+                return task
+        elif row[4] is not None and now - row[4] <= self.result_ttl:  # the common case
+            return task
         return self.retention_view(task, now)
 
     def _mark_lost(self, task: Task, now: float) -> None:
@@ -255,8 +268,13 @@ class SQLiteStore(TaskStore):
                 task.__dict__.update(fresh.__dict__)
 
     def get(self, task_id: str) -> Task | None:
-        with self._reading() as conn:
-            row = conn.execute(f"{_SELECT} WHERE t.id = ?", (task_id,)).fetchone()
+        # The hot path of every poll: the connection without _Access's wrapping.
+        try:
+            row = self._connection().execute(_GET, (task_id,)).fetchone()
+        except BaseException as e:
+            if _is_outage(e):
+                raise StoreUnavailable(f"The task store is not available: {e}") from e
+            raise
         return None if row is None else self._read(row, time.time())
 
     # -- writing -------------------------------------------------------------------
@@ -332,18 +350,20 @@ class SQLiteStore(TaskStore):
     def finish(
         self, task_id: str, state: TaskState, response: StoredResponse | None = None
     ) -> None:
-        headers = json.dumps(response.headers) if response is not None else None
         with self._transaction() as conn:
+            result = None
+            if response is not None:
+                result = conn.execute(
+                    "INSERT INTO results (status, headers, body) VALUES (?, ?, ?)",
+                    (response.status, _encode_headers(response.headers), response.body),
+                ).lastrowid
             changed = conn.execute(
-                f"UPDATE tasks SET state = ?, finished_at = ? WHERE id = ? AND state IN {_ACTIVE}",
-                (state.value, time.time(), task_id),
+                "UPDATE tasks SET state = ?, finished_at = ?, result = ?"
+                f" WHERE id = ? AND state IN {_ACTIVE}",
+                (state.value, time.time(), result, task_id),
             ).rowcount
-            if changed and response is not None:
-                conn.execute(
-                    "INSERT OR REPLACE INTO results (id, status, headers, body)"
-                    " VALUES (?, ?, ?, ?)",
-                    (task_id, response.status, headers, response.body),
-                )
+            if not changed and result is not None:
+                conn.execute("DELETE FROM results WHERE id = ?", (result,))
 
     def request_cancel(self, task_id: str) -> Task | None:
         now = time.time()
@@ -359,8 +379,8 @@ class SQLiteStore(TaskStore):
 
     def delete(self, task_id: str) -> None:
         with self._transaction() as conn:
-            conn.execute("DELETE FROM tasks WHERE id = ?", (task_id,))
-            conn.execute("DELETE FROM results WHERE id = ?", (task_id,))
+            row = conn.execute("DELETE FROM tasks WHERE id = ? RETURNING result", (task_id,))
+            _drop_results(conn, row.fetchall())
 
     def list(
         self,
@@ -439,26 +459,24 @@ class SQLiteStore(TaskStore):
         now = time.time() if now is None else now
         with self._transaction() as conn:
             # Past the tombstone: forget the task. Past the result's retention: keep
-            # a tombstone without the response (its row in results goes too).
-            changed = conn.execute(
+            # a tombstone without the response. Either way the response goes.
+            gone = conn.execute(
                 "DELETE FROM tasks WHERE id IN (SELECT id FROM tasks WHERE finished_at < ?"
-                " LIMIT ?)",
+                " LIMIT ?) RETURNING result",
                 (now - self.result_ttl - self.tombstone_ttl, PURGE_BATCH),
-            ).rowcount
-            changed += conn.execute(
-                "UPDATE tasks SET expired = 1, progress = NULL, idempotency_key = NULL"
-                " WHERE id IN (SELECT id FROM tasks WHERE finished_at < ? AND expired = 0"
-                " LIMIT ?)",
+            ).fetchall()
+            expired = conn.execute(
+                "SELECT result, id FROM tasks WHERE finished_at < ? AND expired = 0 LIMIT ?",
                 (now - self.result_ttl, PURGE_BATCH),
-            ).rowcount
-            # Responses of tasks that expired or went: those of this purge and any
-            # left by an earlier one (each statement stops at a batch).
-            conn.execute(
-                "DELETE FROM results WHERE rowid IN (SELECT r.rowid FROM results AS r"
-                " LEFT JOIN tasks AS t ON t.id = r.id WHERE t.id IS NULL OR t.expired = 1"
-                " LIMIT ?)",
-                (2 * PURGE_BATCH,),
+            ).fetchall()
+            conn.executemany(
+                "UPDATE tasks SET expired = 1, progress = NULL, idempotency_key = NULL,"
+                " result = NULL WHERE id = ?",
+                [(row[1],) for row in expired],
             )
+            _drop_results(conn, expired)
+            changed = len(gone) + len(expired)
+            _drop_results(conn, gone)
             conn.execute(
                 "DELETE FROM blobs WHERE key IN (SELECT key FROM blobs WHERE expires_at < ?"
                 " LIMIT ?)",
@@ -530,6 +548,32 @@ class SQLiteStore(TaskStore):
                 conn.close()
 
 
+def _encode_headers(headers: t.Sequence[tuple[str, str]]) -> str:
+    """Names and values joined by NUL characters, which HTTP does not allow in
+    either; JSON (which starts with "[") for anything that has one anyway. Read
+    back on every poll, where this is several times cheaper than JSON."""
+    parts = [part for header in headers for part in header]
+    if any("\x00" in part for part in parts) or (parts and parts[0].startswith("[")):
+        return json.dumps(headers)
+    return "\x00".join(parts)
+
+
+def _decode_headers(text: str) -> list[tuple[str, str]]:
+    if text.startswith("["):
+        return [(name, value) for name, value in json.loads(text)]
+    if not text:
+        return []
+    parts = text.split("\x00")
+    return list(zip(parts[::2], parts[1::2], strict=True))
+
+
+def _drop_results(conn: sqlite3.Connection, rows: t.Iterable[t.Sequence[t.Any]]) -> None:
+    """Delete the responses whose ids are the first column of ``rows``."""
+    conn.executemany(
+        "DELETE FROM results WHERE id = ?", [(row[0],) for row in rows if row[0] is not None]
+    )
+
+
 def _data_version(conn: sqlite3.Connection) -> int:
     # fetchall: the statement runs to its end, so the read transaction is over.
     return int(conn.execute("PRAGMA data_version").fetchall()[0][0])
@@ -555,11 +599,15 @@ def _ensure_schema(conn: sqlite3.Connection, path: str) -> None:
                 if statement.strip():
                     conn.execute(statement)
         if version not in (0, SCHEMA_VERSION) or (version == 0 and tables):
-            raise RuntimeError(
+            # Not a passing outage, but a deployment to mend: logged loudly, and
+            # answered 503 like any store that cannot serve.
+            message = (
                 f"{path} is not a task store of this version of flask_restful_async"
                 f" (layout {version}, expected {SCHEMA_VERSION}): point"
                 " RESTFUL_ASYNC_STORE at another file, or remove this one"
             )
+            _logger.error("%s", message)
+            raise StoreUnavailable(message)
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
     except BaseException:
         conn.execute("ROLLBACK")
