@@ -142,6 +142,8 @@ class AsyncState:
             task.idempotency_key = f"{request.method} {request.path} {key}"
             task.fingerprint = _fingerprint(body)
         snapshot = RequestSnapshot.capture(body, method, args, kwargs)
+        # With Prefer (perhaps wait=N), the task as created counts as a first read.
+        ticket = waiting.ticket(self.store) if "HTTP_PREFER" in request.environ else None
         try:
             if self.lease is not None:
                 self.lease.ensure()
@@ -168,9 +170,9 @@ class AsyncState:
                 # has removed it from the store again: nothing is left behind.
                 self.executor.release()
                 return error_response(503, e.message, {"Retry-After": str(e.retry_after)})
-        return self.accepted(recorded)
+        return self.accepted(recorded, ticket)
 
-    def accepted(self, task: Task) -> Response:
+    def accepted(self, task: Task, ticket: int | None = None) -> Response:
         """The answer to a submit: 202, or with ``Prefer: wait=N`` the task's final
         response if it finishes within N seconds (RFC 7240)."""
         prefs = request_prefer(request.environ)
@@ -178,7 +180,7 @@ class AsyncState:
         response: Response | None = None
         if seconds:
             try:
-                finished = self.wait(task, seconds)
+                finished = self.wait(task, seconds, ticket)
             except Unavailable:
                 finished = None  # the task is accepted: answer 202 all the same
             if finished is not None and finished.state.finished:
@@ -212,16 +214,22 @@ class AsyncState:
         assert task.response is not None
         return stored_to_response(task.response)
 
-    def wait(self, task: Task, seconds: int) -> Task | None:
+    def wait(self, task: Task, seconds: int, ticket: int | None = None) -> Task | None:
         """``task`` once finished, or as it reads after ``seconds`` (capped by
         ``RESTFUL_ASYNC_MAX_WAIT``); None if it went away meanwhile.
 
-        The request thread sleeps on a condition meanwhile: it holds no store
-        connection and no task worker.
+        With ``ticket`` (:func:`waiting.ticket`, taken before ``task`` was read or
+        written), ``task`` counts as the first read. The request thread sleeps on
+        a condition meanwhile: it holds no store connection and no task worker.
         """
         if task.state.finished or task.expired or seconds <= 0:
             return task
-        return waiting.wait_finished(self.store, task.id, min(seconds, self.max_wait))
+        return waiting.wait_finished(
+            self.store,
+            task.id,
+            min(seconds, self.max_wait),
+            read=None if ticket is None else (ticket, task),
+        )
 
     def status(self, task: Task, code: int) -> Response:
         """The status document as ``code``, with ``Location`` and ``Retry-After``."""

@@ -51,9 +51,11 @@ class TaskStatusResource(Resource):
         if wait is None:
             return error_response(400, "wait must be a whole number of seconds.", NO_STORE)
         try:
+            # Taken before the read: the wait reads again only if a task ended since.
+            ticket = waiting.ticket(state.store) if wait else None
             task = find_task(state, task_id)
             if task is not None and wait:
-                task = state.wait(task, wait)
+                task = state.wait(task, wait, ticket)
         except Unavailable as e:
             return unavailable(e)
         if task is None:

@@ -136,10 +136,24 @@ class Waiters:
             listener = self._listener
         return listener is not None and not listener.is_set()
 
-    def wait_finished(self, task_id: str, timeout: float) -> Task | None:
+    def ticket(self) -> int:
+        """A mark to take *before* reading a task that may then be waited on: pass
+        both to :meth:`wait_finished`, which then reads again only if something
+        was notified in between (an int read under the GIL: no lock needed)."""
+        return self._notices
+
+    def wait_finished(
+        self,
+        task_id: str,
+        timeout: float,
+        *,
+        read: tuple[int, Task | None] | None = None,
+    ) -> Task | None:
         """The task once it has finished (or expired, or is unknown: None), or as
         it reads after ``timeout`` seconds if it is still queued or running.
 
+        ``read`` is ``(ticket, task)``: the task as the caller read it after taking
+        :meth:`ticket`, which saves the first read when nothing ended meanwhile.
         Raises ``StoreUnavailable`` as :meth:`TaskStore.get` does, from the first
         read or from any later one.
         """
@@ -147,8 +161,11 @@ class Waiters:
         if store is None:
             raise RuntimeError("the store of these waiters is gone")
         deadline = time.monotonic() + timeout
-        notices = self._notices
-        task = store.get(task_id)
+        if read is None:
+            notices = self._notices
+            task = store.get(task_id)
+        else:
+            notices, task = read
         if _settled(task) or timeout <= 0:
             return task
         entry, seen, missed = self._enter(task_id, store, notices)
@@ -285,9 +302,20 @@ def waiters_for(store: TaskStore) -> Waiters:
         return found
 
 
-def wait_finished(store: TaskStore, task_id: str, timeout: float) -> Task | None:
+def wait_finished(
+    store: TaskStore,
+    task_id: str,
+    timeout: float,
+    *,
+    read: tuple[int, Task | None] | None = None,
+) -> Task | None:
     """:meth:`Waiters.wait_finished` on this process's waiters of ``store``."""
-    return waiters_for(store).wait_finished(task_id, timeout)
+    return waiters_for(store).wait_finished(task_id, timeout, read=read)
+
+
+def ticket(store: TaskStore) -> int:
+    """:meth:`Waiters.ticket` of this process's waiters of ``store``."""
+    return waiters_for(store).ticket()
 
 
 def notify(store: TaskStore, task_id: str | None = None) -> None:

@@ -261,6 +261,53 @@ def test_a_blocked_wait_reads_nothing_and_holds_no_connection(
     assert 1 <= len(reads) <= 3, reads
 
 
+def test_a_read_made_after_a_ticket_is_not_made_again(
+    made: Made, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = made.store
+    task = running_task(store)
+    waiters = waiters_for(store)
+    # the listener (of a shared store) runs already, so that its start is no news
+    warm = running_task(store)
+    warming = later(0, lambda: wait_finished(store, warm.id, 5))
+    wait_until(lambda: waiters.waiting == 1 and (listening(waiters) or not store.shared))
+    store.finish(warm.id, TaskState.SUCCEEDED)
+    notify(store, warm.id)
+    warming.join(5)
+    time.sleep(0.1)  # the listener's own notice of that finish has come in
+
+    reads: list[str] = []
+    get = store.get
+
+    def counting_get(task_id: str) -> Task | None:
+        reads.append(task_id)
+        return get(task_id)
+
+    monkeypatch.setattr(store, "get", counting_get)
+    ticket = waiting.ticket(store)
+    as_read = store.get(task.id)
+    later(0.2, lambda: (store.finish(task.id, TaskState.SUCCEEDED), notify(store, task.id)))
+    got = wait_finished(store, task.id, 5, read=(ticket, as_read))
+    assert got is not None
+    assert got.state is TaskState.SUCCEEDED
+    # the caller's read, then one after the finish: none at the start of the wait
+    assert reads.count(task.id) == 2
+
+
+def test_news_between_a_ticket_and_the_wait_is_not_missed(made: Made) -> None:
+    store = made.store
+    task = running_task(store)
+    ticket = waiting.ticket(store)
+    as_read = store.get(task.id)
+    store.finish(task.id, TaskState.SUCCEEDED)
+    notify(store, task.id)
+    started = time.monotonic()
+    got = wait_finished(store, task.id, 5, read=(ticket, as_read))
+    assert got is not None
+    assert got.state is TaskState.SUCCEEDED
+    assert time.monotonic() - started < 0.5
+
+
 def test_fifty_waits_on_fifty_tasks_each_end_with_their_own(made: Made) -> None:
     store = made.store
     count = 50
