@@ -35,7 +35,7 @@ import threading
 import time
 import weakref
 
-from .stores.base import TaskStore
+from .stores.base import Ending, TaskStore
 from .task import Task
 
 #: Seconds between two reads of a waited task when nothing was heard.
@@ -55,12 +55,14 @@ class _Entry:
     """The waits on one task id: a condition on the shared lock, and a counter
     that every notification of that id bumps (so no wake-up is ever missed)."""
 
-    __slots__ = ("cond", "version", "waiters")
+    __slots__ = ("cond", "ending", "version", "waiters")
 
     def __init__(self, lock: threading.Lock) -> None:
         self.cond = threading.Condition(lock)
         self.version = 0
         self.waiters = 0
+        # How the task ended, when the last news of it said (see Ending).
+        self.ending: Ending | None = None
 
 
 class _Listener:
@@ -176,7 +178,12 @@ class Waiters:
                 # will do if nothing at all was notified since it began: what
                 # happens from now on bumps the counter, the listener's start too.
                 if missed:
-                    task = store.get(task_id)
+                    ending = entry.ending
+                    if ending is not None and task is not None:
+                        # The news carried the end: what a read would give now.
+                        task = store.retention_view(ending.apply(task), time.time())
+                    else:
+                        task = store.get(task_id)
                 missed = True
                 remaining = deadline - time.monotonic()
                 if _settled(task) or remaining <= 0:
@@ -188,8 +195,9 @@ class Waiters:
         finally:
             self._leave(task_id, entry)
 
-    def notify(self, task_id: str | None = None) -> None:
-        """Wake the waits on ``task_id`` (on every task when None) to read it again."""
+    def notify(self, task_id: str | None = None, ending: Ending | None = None) -> None:
+        """Wake the waits on ``task_id`` (on every task when None) to read it again,
+        or, given how it ended, to take that instead of reading it."""
         with self._lock:
             if task_id is None:
                 entries = list(self._entries.values())
@@ -198,6 +206,7 @@ class Waiters:
                 entries = [] if entry is None else [entry]
             self._notices += 1
             for entry in entries:
+                entry.ending = ending
                 entry.version += 1
                 entry.cond.notify_all()
 

@@ -28,7 +28,7 @@ import pytest
 
 from flask_restful_async import MemoryStore, Task, TaskState, TaskStore, waiting
 from flask_restful_async.stores import SQLiteStore
-from flask_restful_async.task import new_task_id
+from flask_restful_async.task import StoredResponse, new_task_id
 from flask_restful_async.waiting import Waiters, notify, wait_finished, waiters_for
 
 from .services import (
@@ -403,6 +403,51 @@ def test_a_cancel_through_another_connection_ends_a_wait(shared: Made) -> None:
     assert got is not None
     assert got.state is TaskState.CANCELLED
     assert woke - cancelled_at[0] < CROSS_PROCESS_BOUND
+
+
+@pytest.mark.parametrize("size", [100, 10_000])
+def test_a_redis_finish_announces_a_small_response_with_its_id(
+    tmp_path: Path, size: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flask_restful_async.stores.redis import ANNOUNCED_RESPONSE_MAX
+
+    with made_store("redis", tmp_path) as made:
+        store, other = made.store, made.another()
+        other.renew_lease(WORKER)
+        task = other.create(Task(id=new_task_id(), owner="alice"))
+        started = other.start(task.id, WORKER)
+        assert started is not None
+        response = StoredResponse(201, [("Content-Type", "text/plain"), ("X-A", "b")], b"x" * size)
+        reads: list[str] = []
+        get = store.get
+
+        def counting_get(task_id: str) -> Task | None:
+            reads.append(task_id)
+            return get(task_id)
+
+        monkeypatch.setattr(store, "get", counting_get)
+        finishing = later(0.3, lambda: other.finish(task.id, TaskState.SUCCEEDED, response))
+        got = wait_finished(store, task.id, 5)
+        finishing.join(5)
+        assert got == get(task.id)  # as a read gives it, to the last field
+        assert got is not None
+        assert got.response == response
+        assert got.owner == "alice"
+        # the first read, one when the listener came up; one more for a large body
+        announced = size <= ANNOUNCED_RESPONSE_MAX
+        assert reads.count(task.id) == (2 if announced else 3)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"\0", b"id\0succeeded\0", b"id\0nope\0" + b"1.0\x00200\x00[]\x00", b"a\0b\0c\0d\0e\0f"],
+)
+def test_a_garbled_announcement_is_news_of_some_task(data: bytes) -> None:
+    from flask_restful_async.stores.redis import _announce
+
+    calls: list[tuple[str | None, object]] = []
+    _announce(lambda task_id, ending=None: calls.append((task_id, ending)), data)
+    assert calls == [(None, None)]
 
 
 # -- across processes --------------------------------------------------------------------

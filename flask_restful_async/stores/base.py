@@ -6,11 +6,32 @@ import abc
 import dataclasses
 import time
 import typing as t
-from collections.abc import Callable
 
 from ..task import Progress, StoredResponse, Task, TaskState
 
 ACTIVE_STATES = (TaskState.QUEUED, TaskState.RUNNING)
+
+
+@dataclasses.dataclass(frozen=True)
+class Ending:
+    """How a task ended, as a store may announce it along with its id, so that a
+    waiter need not read the task again (see :meth:`TaskStore.listen`)."""
+
+    state: TaskState
+    finished_at: float
+    response: StoredResponse | None
+
+    def apply(self, task: Task) -> Task:
+        """``task`` (as read while it ran) as it ended."""
+        return dataclasses.replace(
+            task, state=self.state, finished_at=self.finished_at, response=self.response
+        )
+
+
+class ChangeCallback(t.Protocol):
+    """What :meth:`TaskStore.listen` calls: ``(task_id, ending)``, see there."""
+
+    def __call__(self, task_id: str | None, ending: Ending | None = None) -> None: ...
 
 
 class StopSignal(t.Protocol):
@@ -151,13 +172,15 @@ class TaskStore(abc.ABC):
 
     # -- change notifications (long-polling, see flask_restful_async.waiting) --------
 
-    def listen(self, on_change: Callable[[str | None], None], stop: StopSignal) -> None:
+    def listen(self, on_change: ChangeCallback, stop: StopSignal) -> None:
         """Report tasks ending in other processes, until ``stop`` is set.
 
         Blocks: runs in a thread of its own (one per store per process, started by
         :mod:`flask_restful_async.waiting`), on a connection of its own, never one
         that the other methods use. Calls ``on_change(task_id)`` when that task may
-        have ended, ``on_change(None)`` when any task may have; and
+        have ended, or ``on_change(task_id, ending)`` when it did and the store
+        knows how (the waiters then need not read it again);
+        ``on_change(None)`` when any task may have; and
         ``on_change(None)`` as soon as it listens (and again after every
         interruption), since whatever ended before was not seen. Spurious calls
         are fine (waiters read the task again), missed ones are not. Returns

@@ -60,7 +60,7 @@ import logging
 import random
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 try:
     import redis
@@ -76,7 +76,7 @@ except ImportError as e:
 
 from ..exceptions import StoreUnavailable
 from ..task import Progress, StoredResponse, Task, TaskState
-from .base import StopSignal, TaskStore
+from .base import ChangeCallback, Ending, StopSignal, TaskStore
 
 #: Index entries one list() script looks at, at most; it is called again from
 #: where it stopped until the page is full, so work per call stays bounded.
@@ -92,6 +92,9 @@ RELEASE_BATCH = 256
 #: PINGs on it; three intervals without any answer count as a lost connection.
 LISTEN_TIMEOUT = 0.25
 LISTEN_PING_INTERVAL = 5.0
+#: Bytes of response (headers and body) up to which a finish publishes the
+#: response itself to every listening process, sparing waiters a read.
+ANNOUNCED_RESPONSE_MAX = 4096
 
 # Each script starts with this. ARGV[1..5] are the same for every script that
 # uses it: the key prefix, the caller's clock, result_ttl (seconds), the TTL of a
@@ -132,7 +135,7 @@ end
 
 -- End an active task: it gets its TTL (and so does its idempotency key), leaves
 -- its worker's set and is scheduled for expiry.
-local function conclude(key, h, state)
+local function conclude(key, h, state, news)
   redis.call('HSET', key, 'state', state, 'finished_at', now)
   h['state'], h['finished_at'] = state, now
   redis.call('PEXPIRE', key, ttl_ms)
@@ -145,7 +148,7 @@ local function conclude(key, h, state)
   redis.call('ZADD', schedule, result_due, schedule_member('r', h['id'], h['ix']))
   -- For long-polling waiters (RedisStore.listen). pcall: a user whom an ACL
   -- forbids the channel still ends the task, and the waiters still poll.
-  redis.pcall('PUBLISH', prefix .. 'finished', h['id'])
+  redis.pcall('PUBLISH', prefix .. 'finished', news or h['id'])
 end
 
 -- An active task whose worker no longer holds a lease is lost, and recorded so.
@@ -230,10 +233,15 @@ _FINISH = (
     + """
 local h = load(KEYS[1])
 if not h or not is_active(h['state']) then return 0 end
+local news = nil
 if ARGV[7] == '1' then
   redis.call('HSET', KEYS[1], 'status', ARGV[8], 'headers', ARGV[9], 'body', ARGV[10])
+  if ARGV[11] == '1' then
+    -- A small response goes out with the news: waiters need not read it back.
+    news = table.concat({h['id'], ARGV[6], now, ARGV[8], ARGV[9], ARGV[10]}, '\0')
+  end
 end
-conclude(KEYS[1], h, ARGV[6])
+conclude(KEYS[1], h, ARGV[6], news)
 return 1
 """
 )
@@ -554,7 +562,9 @@ class RedisStore(TaskStore):
             raise ValueError(f"finish() needs a final state, not {state.value!r}")
         args: list[str | int | bytes] = [*self._clock(time.time()), state.value]
         if response is not None:
-            args += ["1", response.status, _encode_headers(response.headers), response.body]
+            headers = _encode_headers(response.headers)
+            small = len(headers) + len(response.body) <= ANNOUNCED_RESPONSE_MAX
+            args += ["1", response.status, headers, response.body, "1" if small else "0"]
         else:
             args.append("0")
         with self._reaching():
@@ -660,13 +670,16 @@ class RedisStore(TaskStore):
 
     # -- change notifications --------------------------------------------------------
 
-    def listen(self, on_change: Callable[[str | None], None], stop: StopSignal) -> None:
+    def listen(self, on_change: ChangeCallback, stop: StopSignal) -> None:
         """Call ``on_change(task_id)`` for every task that ends, in any process.
 
         Every script that ends a task (finish, cancelling a queued task, a lapsed
         lease found by any read, a released lease) publishes the task's id on the
-        channel ``<prefix>finished``; this subscribes to it on a connection of its
-        own, taken from the store's pool for as long as it listens. After each
+        channel ``<prefix>finished``; a finish with a response of at most
+        :data:`ANNOUNCED_RESPONSE_MAX` bytes publishes the response with it, and
+        the waiters get it as an :class:`Ending`, with no read of their own. This
+        subscribes to the channel on a connection of its own, taken from the
+        store's pool for as long as it listens. After each
         (re)subscription it calls ``on_change(None)``: what was published while
         it was not subscribed is lost. A connection that fails, or that answers
         no PING for ``3 * LISTEN_PING_INTERVAL`` seconds, is replaced, with
@@ -685,8 +698,7 @@ class RedisStore(TaskStore):
                     if message is not None:
                         heard = now
                         if message["type"] == "message":
-                            data = message["data"]
-                            on_change(data.decode() if isinstance(data, bytes) else str(data))
+                            _announce(on_change, message["data"])
                         elif message["type"] == "subscribe":
                             if failures:
                                 _logger.info("Listening to %s again", self.url)
@@ -710,6 +722,31 @@ class RedisStore(TaskStore):
 
 
 _logger = logging.getLogger(__name__)
+
+
+def _announce(on_change: ChangeCallback, data: bytes) -> None:
+    """Pass on a message of the ``finished`` channel: a task id, or a task id,
+    state, finish time, status, headers and body joined by NUL characters (the
+    body, last, may hold more of them)."""
+    if b"\0" not in data:
+        on_change(data.decode())
+        return
+    try:
+        task_id, state, finished_at, status, headers, body = data.split(b"\0", 5)
+        ending = Ending(
+            TaskState(state.decode()),
+            float(finished_at),
+            StoredResponse(int(status), _decode_headers(headers), body),
+        )
+    except ValueError:
+        # Not ours to understand: treat it as news of some task.
+        on_change(None)
+        return
+    on_change(task_id.decode(), ending)
+
+
+def _decode_headers(data: bytes) -> list[tuple[str, str]]:
+    return [(str(name), str(value)) for name, value in json.loads(data)]
 
 
 def _encode_headers(headers: Sequence[tuple[str, str]]) -> str:
@@ -763,7 +800,7 @@ def _decode(flat: Sequence[bytes]) -> Task:
     progress = h.get(b"progress")
     response = None
     if b"status" in h:
-        headers = [(str(k), str(v)) for k, v in json.loads(h[b"headers"])]
+        headers = _decode_headers(h[b"headers"])
         response = StoredResponse(int(h[b"status"]), headers, h[b"body"])
     created_at = number(b"created_at")
     return Task(

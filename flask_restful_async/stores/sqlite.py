@@ -23,7 +23,7 @@ import weakref
 
 from ..exceptions import StoreUnavailable
 from ..task import Progress, StoredResponse, Task, TaskState
-from .base import StopSignal, TaskStore
+from .base import ChangeCallback, StopSignal, TaskStore
 
 #: Records changed per statement when reclaiming space, so that no purge holds the
 #: write lock for long.
@@ -496,7 +496,7 @@ class SQLiteStore(TaskStore):
 
     # -- change notifications --------------------------------------------------------
 
-    def listen(self, on_change: t.Callable[[str | None], None], stop: StopSignal) -> None:
+    def listen(self, on_change: ChangeCallback, stop: StopSignal) -> None:
         """Call ``on_change(None)`` whenever another connection has committed.
 
         Every ``LISTEN_INTERVAL`` seconds, reads ``PRAGMA data_version`` on a

@@ -4,16 +4,25 @@ One Celery worker subprocess (``-P threads -c 4``) serves this module; Redis
 database 12 on 127.0.0.1:6379 is the broker, our task store and (for the raw task
 only) Celery's result backend, every key under a fresh prefix, deleted at the end.
 
-- ``ours``: ``POST /noop`` (an :class:`AsyncResource` returning a small JSON)
-  through an in-process Flask test client, then ``GET <Location>?wait=10`` until
-  the result: a task through :class:`CeleryExecutor` and the store.
-- ``raw``: ``apply_async`` of an equivalent no-op task of the same Celery app,
-  then ``AsyncResult.get(timeout=10)``.
+Four ways through, one after the other in every iteration (so the machine's
+drift hits all alike):
 
-Latency: the median of N sequential round trips each, interleaved in rounds.
-Throughput: N tasks submitted back to back, then all awaited (tasks/s), the
-median of a few alternating rounds. Run with ``make bench-celery``; prints
-figures, asserts nothing. Needs Redis.
+- ``raw``: ``apply_async`` of a no-op task of the same Celery app, then
+  ``AsyncResult.get(timeout=10)`` (Celery's result backend, on Redis pub/sub).
+- ``executor``: the same round trip through our executor: the task recorded in
+  the store, handed to :class:`CeleryExecutor` (the message carries the request),
+  replayed in the worker through the ``AsyncResource`` and its ``Api``, its
+  response stored, and awaited as a long-poll does (news on Redis pub/sub). What
+  Flask does around a request in the web process is left out, as raw Celery has
+  no such part; the worker's replay of the request is in.
+- ``http, Prefer: wait``: ``POST /noop`` with ``Prefer: wait=10`` through an
+  in-process Flask test client: one request answers with the result.
+- ``http, POST + GET ?wait``: ``POST /noop``, then ``GET <Location>?wait=10``.
+
+Latency: the median of N sequential round trips each. Throughput: N tasks
+submitted back to back, then all awaited (tasks/s), the median of a few runs
+in alternating order. Run with ``make bench-celery``; prints figures, asserts
+nothing. Needs Redis.
 
 The worker imports this module as ``tests.benchmarks.bench_celery`` and builds
 its apps from ``BENCH_CELERY_PREFIX`` and ``BENCH_CELERY_QUEUE``.
@@ -45,6 +54,7 @@ from flask_restful import Api  # noqa: E402
 from flask_restful_async import AsyncResource, register_async  # noqa: E402
 from flask_restful_async.celery import CeleryExecutor, make_celery  # noqa: E402
 from flask_restful_async.stores.redis import RedisStore  # noqa: E402
+from flask_restful_async.task import Task  # noqa: E402
 
 REDIS_DB = 12
 REDIS_URL = f"redis://127.0.0.1:6379/{REDIS_DB}"
@@ -103,20 +113,77 @@ def __getattr__(name: str) -> t.Any:
     return _built[1]
 
 
-# -- the two round trips ---------------------------------------------------------------
+# -- the round trips -------------------------------------------------------------------
 
 
-def ours_submit(client: FlaskClient) -> str:
-    response = client.post("/noop", json={})
-    if response.status_code != 202:
+def ours_submit(client: FlaskClient, headers: dict[str, str] | None = None) -> t.Any:
+    response = client.post("/noop", json={}, headers=headers)
+    if response.status_code not in (200, 202):
         raise RuntimeError(f"submit answered {response.status_code}: {response.get_data()!r}")
-    return str(response.headers["Location"])
+    return response
 
 
 def ours_wait(client: FlaskClient, location: str) -> None:
-    response = client.get(location + "?wait=10")
+    check(client.get(location + "?wait=10"))
+
+
+def check(response: t.Any) -> None:
     if response.status_code != 200 or response.get_json() != RESULT:
-        raise RuntimeError(f"{location} answered {response.status_code}: {response.get_data()!r}")
+        raise RuntimeError(f"answered {response.status_code}: {response.get_data()!r}")
+
+
+def http_two_requests(client: FlaskClient) -> None:
+    ours_wait(client, ours_submit(client).headers["Location"])
+
+
+def http_prefer_wait(client: FlaskClient) -> None:
+    check(ours_submit(client, {"Prefer": "wait=10"}))
+
+
+class Executor:
+    """Submit and await through the executor and the store, as ``AsyncState.submit``
+    and a long-poll do, without a request through Flask in this process.
+
+    The request is one context pushed for the whole run: in a web process, Flask
+    has made it before any of this library's code runs.
+    """
+
+    def __init__(self, app: Flask) -> None:
+        from flask_restful_async.state import get_state
+
+        self.app = app
+        self.state = get_state(app)
+        self.context = app.test_request_context("/noop", method="POST", json={})
+        self.context.push()
+        self._read: tuple[int, Task] | None = None
+
+    def close(self) -> None:
+        self.context.pop()
+
+    def submit(self) -> Task:
+        from flask_restful_async import waiting
+        from flask_restful_async.snapshot import RequestSnapshot
+        from flask_restful_async.task import new_task_id
+
+        store = self.state.store
+        task = Task(id=new_task_id())
+        ticket = waiting.ticket(store)
+        snapshot = RequestSnapshot.capture(b"{}", "post", (), {})
+        store.create(task)
+        self.state.executor.submit(self.app, task, snapshot)
+        self._read = (ticket, task)
+        return task
+
+    def wait(self, task: Task, read: tuple[int, Task] | None = None) -> None:
+        from flask_restful_async import waiting
+
+        done = waiting.wait_finished(self.state.store, task.id, 10, read=read)
+        if done is None or done.response is None or done.response.status != 200:
+            raise RuntimeError(f"task {task.id} ended as {done!r}")
+
+    def round_trip(self) -> None:
+        task = self.submit()
+        self.wait(task, self._read)
 
 
 def raw_wait(result: t.Any) -> None:
@@ -126,32 +193,46 @@ def raw_wait(result: t.Any) -> None:
         raise RuntimeError(f"raw task returned {value!r}")
 
 
-def latency_round(client: FlaskClient, noop: t.Any, queue: str, n: int) -> tuple[list[float], ...]:
-    ours: list[float] = []
-    raw: list[float] = []
-    for _ in range(n):
-        start = time.perf_counter()
-        ours_wait(client, ours_submit(client))
-        ours.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        raw_wait(noop.apply_async(queue=queue))
-        raw.append(time.perf_counter() - start)
-    return ours, raw
+WAYS = ("raw", "executor", "http, Prefer: wait", "http, POST + GET ?wait")
+THROUGHPUT_WAYS = ("raw", "executor", "http, POST + GET ?wait")
 
 
-def throughput_ours(client: FlaskClient, n: int) -> float:
+def latency_round(
+    client: FlaskClient, executor: Executor, noop: t.Any, queue: str, n: int
+) -> dict[str, list[float]]:
+    ways: dict[str, t.Callable[[], None]] = {
+        "raw": lambda: raw_wait(noop.apply_async(queue=queue)),
+        "executor": executor.round_trip,
+        "http, Prefer: wait": lambda: http_prefer_wait(client),
+        "http, POST + GET ?wait": lambda: http_two_requests(client),
+    }
+    times: dict[str, list[float]] = {name: [] for name in ways}
+    for i in range(n):
+        # A different order each time: whoever goes first meets a worker at rest.
+        names = WAYS[i % 4 :] + WAYS[: i % 4]
+        for name in names:
+            start = time.perf_counter()
+            ways[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def throughput(
+    name: str, client: FlaskClient, executor: Executor, noop: t.Any, queue: str, n: int
+) -> float:
     start = time.perf_counter()
-    locations = [ours_submit(client) for _ in range(n)]
-    for location in locations:
-        ours_wait(client, location)
-    return n / (time.perf_counter() - start)
-
-
-def throughput_raw(noop: t.Any, queue: str, n: int) -> float:
-    start = time.perf_counter()
-    results = [noop.apply_async(queue=queue) for _ in range(n)]
-    for result in results:
-        raw_wait(result)
+    if name == "raw":
+        results = [noop.apply_async(queue=queue) for _ in range(n)]
+        for result in results:
+            raw_wait(result)
+    elif name == "executor":
+        tasks = [executor.submit() for _ in range(n)]
+        for task in tasks:
+            executor.wait(task)
+    else:
+        locations = [ours_submit(client).headers["Location"] for _ in range(n)]
+        for location in locations:
+            ours_wait(client, location)
     return n / (time.perf_counter() - start)
 
 
@@ -189,7 +270,6 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("-n", type=int, default=200, help="latency round trips each (200)")
     parser.add_argument("--burst", type=int, default=400, help="tasks per throughput run (400)")
-    parser.add_argument("--rounds", type=int, default=10, help="latency rounds (10)")
     parser.add_argument("--bursts", type=int, default=3, help="throughput runs each (3)")
     args = parser.parse_args()
 
@@ -209,6 +289,7 @@ def main() -> int:
     ]  # fmt: skip
     app, _, noop = create_app(prefix, queue)
     client = app.test_client()
+    executor = Executor(app)
     with tempfile.TemporaryFile() as log:
         worker = subprocess.Popen(
             command,
@@ -220,34 +301,25 @@ def main() -> int:
             start_new_session=True,
         )
         try:
-            # Warm up both paths (the worker's start, its lease, the connections).
+            # Warm up every path (the worker's start, its lease, the connections).
             deadline = time.monotonic() + 30
             while True:
                 try:
-                    latency_round(client, noop, queue, 1)
+                    latency_round(client, executor, noop, queue, 4)
                     break
                 except Exception:
                     if worker.poll() is not None or time.monotonic() > deadline:
                         raise
-            latency_round(client, noop, queue, 20)
+            latency_round(client, executor, noop, queue, 20)
 
-            ours_lat: list[float] = []
-            raw_lat: list[float] = []
-            per_round = max(1, args.n // args.rounds)
-            for _ in range(args.rounds):
-                ours, raw = latency_round(client, noop, queue, per_round)
-                ours_lat += ours
-                raw_lat += raw
-            ours_tp: list[float] = []
-            raw_tp: list[float] = []
+            latency: dict[str, list[float]] = {name: [] for name in WAYS}
+            for name, values in latency_round(client, executor, noop, queue, args.n).items():
+                latency[name] += values
+            rates: dict[str, list[float]] = {name: [] for name in THROUGHPUT_WAYS}
             for i in range(args.bursts):
-                # alternate which goes first
-                if i % 2:
-                    raw_tp.append(throughput_raw(noop, queue, args.burst))
-                    ours_tp.append(throughput_ours(client, args.burst))
-                else:
-                    ours_tp.append(throughput_ours(client, args.burst))
-                    raw_tp.append(throughput_raw(noop, queue, args.burst))
+                order = THROUGHPUT_WAYS if i % 2 == 0 else THROUGHPUT_WAYS[::-1]
+                for name in order:
+                    rates[name].append(throughput(name, client, executor, noop, queue, args.burst))
         except BaseException:
             log.seek(0)
             sys.stderr.write(log.read().decode(errors="replace")[-4000:])
@@ -258,23 +330,24 @@ def main() -> int:
             finally:
                 from flask_restful_async.state import get_state
 
+                executor.close()
                 get_state(app).close()
                 delete_keys(prefix)
 
-    ours_ms = statistics.median(ours_lat) * 1000
-    raw_ms = statistics.median(raw_lat) * 1000
-    ours_s = statistics.median(ours_tp)
-    raw_s = statistics.median(raw_tp)
     python = sys.version.split()[0]
     print(f"Celery worker -P threads -c 4, Redis db {REDIS_DB} as broker; Python {python}")
-    print(f"latency, median of {len(ours_lat)} sequential round trips each ({args.rounds} rounds):")
-    print(f"  ours (POST + GET ?wait=10)   {ours_ms:8.2f} ms")
-    print(f"  raw  (apply_async + get)     {raw_ms:8.2f} ms")
-    print(f"  ours/raw                     {ours_ms / raw_ms:8.2f}x")
+    raw_ms = statistics.median(latency["raw"]) * 1000
+    print(f"latency, median of {args.n} sequential round trips each, interleaved:")
+    for name in WAYS:
+        ms = statistics.median(latency[name]) * 1000
+        print(f"  {name:<24} {ms:7.2f} ms   {ms / raw_ms:5.2f}x raw")
+    raw_rate = statistics.median(rates["raw"])
     print(f"throughput, {args.burst} submitted then awaited, median of {args.bursts} runs each:")
-    print(f"  ours                         {ours_s:8.0f} tasks/s   {runs(ours_tp)}")
-    print(f"  raw                          {raw_s:8.0f} tasks/s   {runs(raw_tp)}")
-    print(f"  ours/raw                     {ours_s / raw_s:8.2f}x")
+    for name in THROUGHPUT_WAYS:
+        rate = statistics.median(rates[name])
+        print(
+            f"  {name:<24} {rate:7.0f} tasks/s   {rate / raw_rate:5.2f}x raw   {runs(rates[name])}"
+        )
     return 0
 
 
