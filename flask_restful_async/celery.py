@@ -102,6 +102,7 @@ from . import waiting
 from .exceptions import RestfulAsyncError, StoreUnavailable, Unavailable
 from .executors.base import Executor
 from .lease import LeaseKeeper
+from .responses import served_headers
 from .snapshot import RequestSnapshot
 from .state import get_state
 from .task import StoredResponse, TaskState
@@ -138,7 +139,7 @@ DEFAULT_LARGE_BODY_TTL = 24 * 3600.0
 #: Where the task of a large body that the worker could not find back ends.
 _BODY_LOST = StoredResponse(
     500,
-    [("Content-Type", "application/json")],
+    served_headers([("Content-Type", "application/json")]),
     b'{"message": "The request body of this task was lost before it could run."}\n',
 )
 

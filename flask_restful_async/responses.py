@@ -81,32 +81,37 @@ def _represent(
 
 
 def store_response(response: ResponseBase) -> StoredResponse:
-    """Serialize a response completely (a streamed body is read to the end)."""
+    """Serialize a response completely (a streamed body is read to the end), with
+    the headers it will be served with (see :func:`served_headers`)."""
     try:
         body = response.get_data()
-        headers = [(key, value) for key, value in response.headers.items()]
-        return StoredResponse(response.status_code, headers, body)
+        return StoredResponse(response.status_code, served_headers(response.headers.items()), body)
     finally:
         response.close()
 
 
-def stored_to_response(stored: StoredResponse, *, vary_on_prefer: bool = False) -> Response:
-    """A finished task's stored response, marked ``Cache-Control: no-store`` (and
-    ``Vary: Prefer`` where asked), its headers assembled in one pass."""
-    headers: list[tuple[str, str]] = []
+def served_headers(headers: t.Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """A task's response headers as its URLs serve them, worked out once when it is
+    stored rather than on every poll: ``Cache-Control: no-store`` instead of the
+    handler's (the answer at a status URL changes), ``Prefer`` added to ``Vary``
+    (``Prefer: wait`` changes it), and no ``Content-Length``, which the body gives
+    anew when the response is made."""
+    kept: list[tuple[str, str]] = []
     vary: list[str] = []
-    for name, value in stored.headers:
+    for name, value in headers:
         lowered = name.lower()
         if lowered == "vary":
             vary.append(value)
-        elif lowered != "cache-control":
-            headers.append((name, value))
-    headers.append(("Cache-Control", "no-store"))
-    if vary_on_prefer:
-        vary.append("Prefer")
-    if vary:
-        headers.append(("Vary", ", ".join(vary)))
-    return current_app.response_class(stored.body, stored.status, headers)
+        elif lowered not in ("cache-control", "content-length"):
+            kept.append((name, value))
+    kept.append(("Cache-Control", "no-store"))
+    kept.append(("Vary", ", ".join([*vary, "Prefer"])))
+    return kept
+
+
+def stored_to_response(stored: StoredResponse) -> Response:
+    """A finished task's stored response, as served (its headers are already)."""
+    return current_app.response_class(stored.body, stored.status, stored.headers)
 
 
 def json_response(

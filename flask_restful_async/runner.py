@@ -14,7 +14,7 @@ from .context import TaskHandle, _cv_task
 from .exceptions import RestfulAsyncError, TaskCancelled
 from .lease import worker_id
 from .resource import Replay, _cv_replay
-from .responses import render_result, store_response
+from .responses import render_result, served_headers, store_response
 from .state import get_state
 from .task import StoredResponse, TaskState
 
@@ -25,7 +25,7 @@ if t.TYPE_CHECKING:
 
 _INTERNAL_ERROR = StoredResponse(
     500,
-    [("Content-Type", "application/json")],
+    served_headers([("Content-Type", "application/json")]),
     b'{"message": "Internal Server Error"}\n',
 )
 

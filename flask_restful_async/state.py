@@ -206,7 +206,7 @@ class AsyncState:
             return status_response(
                 task, 303, self.location(task.id) + RESULT_SUFFIX, None, vary_on_prefer=True
             )
-        return stored_to_response(task.response, vary_on_prefer=True)
+        return stored_to_response(task.response)
 
     @staticmethod
     def result_response(task: Task) -> Response:

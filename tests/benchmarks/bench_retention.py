@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
 import sys
 import tempfile
@@ -41,17 +40,21 @@ def fill(store: TaskStore, count: int) -> str:
     now = time.time()
     ids = [new_task_id() for _ in range(count)]
     if isinstance(store, SQLiteStore):
+        from flask_restful_async.stores.sqlite import _encode_headers
+
+        headers = _encode_headers(RESPONSE.headers)
         conn = store._connection()
         conn.execute("BEGIN")
-        conn.executemany(
-            "INSERT INTO tasks (id, state, created_at, started_at, finished_at, worker,"
-            " response_status, response_headers, response_body)"
-            " VALUES (?, 'succeeded', ?, ?, ?, 'w', 200, ?, ?)",
-            (
-                (task_id, now, now, now, json.dumps(RESPONSE.headers), RESPONSE.body)
-                for task_id in ids
-            ),
-        )
+        for task_id in ids:
+            result = conn.execute(
+                "INSERT INTO results (status, headers, body) VALUES (?, ?, ?)",
+                (RESPONSE.status, headers, RESPONSE.body),
+            ).lastrowid
+            conn.execute(
+                "INSERT INTO tasks (id, state, created_at, started_at, finished_at, worker,"
+                " result) VALUES (?, 'succeeded', ?, ?, ?, 'w', ?)",
+                (task_id, now, now, now, result),
+            )
         conn.execute("COMMIT")
     else:
         for task_id in ids:
