@@ -9,6 +9,7 @@ survive restarts; a process that dies is detected through its lease.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -234,7 +235,7 @@ class SQLiteStore(TaskStore):
             row[8],
             row[9] == 1,
             row[10],
-            StoredResponse(status, _decode_headers(headers), row[13])
+            StoredResponse(status, list(_decoded_headers(headers)), row[13])
             if status is not None
             else None,
             row[14] == 1,
@@ -556,6 +557,12 @@ def _encode_headers(headers: t.Sequence[tuple[str, str]]) -> str:
     if any("\x00" in part for part in parts) or (parts and parts[0].startswith("[")):
         return json.dumps(headers)
     return "\x00".join(parts)
+
+
+@functools.lru_cache(maxsize=256)
+def _decoded_headers(text: str) -> tuple[tuple[str, str], ...]:
+    # Most responses share a handful of header sets: decoded once each.
+    return tuple(_decode_headers(text))
 
 
 def _decode_headers(text: str) -> list[tuple[str, str]]:
