@@ -29,6 +29,7 @@ notification lost in an outage costs at most that long.
 from __future__ import annotations
 
 import atexit
+import collections
 import logging
 import os
 import threading
@@ -42,6 +43,9 @@ from .task import Task
 RECHECK_INTERVAL = 5.0
 #: Seconds the listener thread keeps running after the last wait ended.
 LISTENER_LINGER = 10.0
+#: Endings (announced with their response, at most 4 KiB each) kept per store and
+#: process for waits that start after the news.
+REMEMBERED_ENDINGS = 1024
 
 _logger = logging.getLogger(__name__)
 
@@ -55,14 +59,12 @@ class _Entry:
     """The waits on one task id: a condition on the shared lock, and a counter
     that every notification of that id bumps (so no wake-up is ever missed)."""
 
-    __slots__ = ("cond", "ending", "version", "waiters")
+    __slots__ = ("cond", "version", "waiters")
 
     def __init__(self, lock: threading.Lock) -> None:
         self.cond = threading.Condition(lock)
         self.version = 0
         self.waiters = 0
-        # How the task ended, when the last news of it said (see Ending).
-        self.ending: Ending | None = None
 
 
 class _Listener:
@@ -108,10 +110,12 @@ class Waiters:
         *,
         recheck: float = RECHECK_INTERVAL,
         linger: float = LISTENER_LINGER,
+        remembered: int = REMEMBERED_ENDINGS,
     ) -> None:
         self._store = weakref.ref(store)
         self.recheck = recheck
         self.linger = linger
+        self.remembered = remembered
         self._reset()
         _all.add(self)
 
@@ -122,6 +126,10 @@ class Waiters:
         self._entries: dict[str, _Entry] = {}
         self._waiting = 0
         self._notices = 0  # notifications ever made, of any task
+        # The last endings the store announced, waited for or not: a wait whose
+        # task ended between its read and its start takes the ending from here,
+        # as Celery's result consumer keeps results it was sent.
+        self._endings: collections.OrderedDict[str, Ending] = collections.OrderedDict()
         self._idle_since = time.monotonic()
         self._listener: _Listener | None = None
 
@@ -178,7 +186,7 @@ class Waiters:
                 # will do if nothing at all was notified since it began: what
                 # happens from now on bumps the counter, the listener's start too.
                 if missed:
-                    ending = entry.ending
+                    ending = self._endings.get(task_id)
                     if ending is not None and task is not None:
                         # The news carried the end: what a read would give now.
                         task = store.retention_view(ending.apply(task), time.time())
@@ -205,8 +213,16 @@ class Waiters:
                 entry = self._entries.get(task_id)
                 entries = [] if entry is None else [entry]
             self._notices += 1
+            if task_id is None:
+                self._endings.clear()  # whatever was missed may have changed them
+            elif ending is None:
+                self._endings.pop(task_id, None)
+            else:
+                self._endings[task_id] = ending
+                self._endings.move_to_end(task_id)
+                if len(self._endings) > self.remembered:
+                    self._endings.popitem(last=False)
             for entry in entries:
-                entry.ending = ending
                 entry.version += 1
                 entry.cond.notify_all()
 

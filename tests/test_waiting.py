@@ -450,6 +450,50 @@ def test_a_garbled_announcement_is_news_of_some_task(data: bytes) -> None:
     assert calls == [(None, None)]
 
 
+def test_an_ending_announced_before_a_wait_spares_its_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from flask_restful_async.stores.base import Ending
+
+    store = MemoryStore()
+    waiters = Waiters(store, remembered=2)
+    task = running_task(store)
+    ticket = waiters.ticket()
+    response = StoredResponse(200, [("Content-Type", "text/plain")], b"done")
+    store.finish(task.id, TaskState.SUCCEEDED, response)
+    finished = store.get(task.id)
+    assert finished is not None
+    assert finished.finished_at is not None
+    waiters.notify(task.id, Ending(TaskState.SUCCEEDED, finished.finished_at, response))
+    reads: list[str] = []
+    get = store.get
+
+    def counting_get(task_id: str) -> Task | None:
+        reads.append(task_id)
+        return get(task_id)
+
+    monkeypatch.setattr(store, "get", counting_get)
+    got = waiters.wait_finished(task.id, 5, read=(ticket, task))
+    assert got == finished
+    assert reads == []
+    # a later notice without an ending makes the next wait read again
+    waiters.notify(task.id)
+    assert waiters.wait_finished(task.id, 5, read=(ticket, task)) == finished
+    assert reads == [task.id]
+    # and only the last `remembered` endings are kept
+    ending = Ending(TaskState.SUCCEEDED, finished.finished_at, response)
+    for other in ("a", "b", task.id):
+        waiters.notify(other, ending)
+    waiters.notify("c", ending)
+    reads.clear()
+    waiters.wait_finished(task.id, 5, read=(ticket, task))
+    assert reads == []
+    waiters.notify("d", ending)
+    waiters.notify("e", ending)
+    waiters.wait_finished(task.id, 5, read=(ticket, task))
+    assert reads == [task.id]
+
+
 # -- across processes --------------------------------------------------------------------
 
 # argv: kind, where, prefix. Reads "<task id> <delay>" lines, finishes each task

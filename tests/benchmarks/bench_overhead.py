@@ -1,7 +1,8 @@
 """What AsyncResource costs over a plain Resource, through Flask's test client.
 
-Timed in one process, in interleaved rounds so that drift of the machine hits
-every operation alike:
+Timed in one process, each operation in blocks of 200 requests right after a
+block of its plain counterpart, so that the machine's drift (10-20 % over
+seconds here) hits both alike:
 
 - ``plain POST``: a plain ``Resource`` answering a JSON body synchronously;
 - ``submit``: the same handler on an ``AsyncResource``, until the 202. This is
@@ -15,8 +16,12 @@ every operation alike:
 - ``plain GET``: a plain ``Resource`` returning the finished task's result;
 - ``poll``: ``GET`` on the status URL of that finished task.
 
-Run with ``make bench``. Prints the median over rounds of the mean time per
-request, and the ratios the README quotes.
+While submits are timed, held tasks pile up in the process (and its heap grows):
+the plain POSTs of the same round are timed under the same conditions.
+
+Run with ``make bench``. Prints the median time per request over blocks, and the
+ratios the README quotes: for each operation, the median over all pairs of
+adjacent blocks of (operation / plain counterpart).
 """
 
 from __future__ import annotations
