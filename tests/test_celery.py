@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
@@ -280,6 +281,52 @@ def test_tasks_run_concurrently_in_the_worker(worker: Worker, client: FlaskClien
         assert poll(client, worker, location, timeout=WORKER_READY_TIMEOUT).status_code == 200
     # Four 1-second tasks on four threads: far less than the 4 s they take in a row.
     assert time.monotonic() - started < 3.5
+
+
+def test_uploaded_files_and_form_fields_reach_the_worker(
+    worker: Worker, client: FlaskClient
+) -> None:
+    content = bytes(range(256)) * 40  # binary, not text
+    location = submit(
+        client,
+        "/echo",
+        data={
+            "note": ["first", "second"],
+            "upload": (io.BytesIO(content), "data.bin", "application/octet-stream"),
+        },
+        content_type="multipart/form-data",
+    )
+    response = poll(client, worker, location, timeout=WORKER_READY_TIMEOUT)
+    assert response.status_code == 200, response.get_data()
+    assert response.json == {
+        "form": {"note": ["first", "second"]},
+        "files": {
+            "upload": {
+                "filename": "data.bin",
+                "type": "application/octet-stream",
+                "sha256": hashlib.sha256(content).hexdigest(),
+            }
+        },
+    }
+
+
+def test_cancelling_a_running_task_ends_it_as_cancelled(
+    worker: Worker, client: FlaskClient
+) -> None:
+    location = submit(client, "/echo?steps=100&step=0.05&cancellable=1", data=b"r")
+    deadline = time.monotonic() + WORKER_READY_TIMEOUT
+    while client.get(location).json["state"] != "running":
+        assert time.monotonic() < deadline, worker.output()
+        time.sleep(0.02)
+    response = client.delete(location)
+    assert response.status_code == 202, response.get_data()
+    assert response.json["cancel_requested"] is True
+    # The handler sees the flag within the check interval and stops long before
+    # its 5 s of steps are over.
+    response = poll(client, worker, location, timeout=3)
+    assert response.status_code == 409, response.get_data()
+    assert response.json["state"] == "cancelled"
+    assert response.json["progress"]["current"] < 50
 
 
 def test_broker_down_answers_503_and_leaves_no_task() -> None:

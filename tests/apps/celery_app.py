@@ -78,7 +78,21 @@ class Echo(AsyncResource):
         step = float(request.args.get("step", "0.1"))
         for i in range(steps):
             current_task.progress(i, total=steps, message="stepping")
+            if request.args.get("cancellable"):
+                current_task.raise_if_cancelled()
             time.sleep(step)
+        if request.files:
+            return {
+                "form": request.form.to_dict(flat=False),
+                "files": {
+                    name: {
+                        "filename": upload.filename,
+                        "type": upload.mimetype,
+                        "sha256": hashlib.sha256(upload.read()).hexdigest(),
+                    }
+                    for name, upload in request.files.items()
+                },
+            }
         if request.args.get("digest"):
             data = request.get_data()
             return {"sha256": hashlib.sha256(data).hexdigest(), "length": len(data)}
