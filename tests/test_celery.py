@@ -220,6 +220,13 @@ def poll(client: FlaskClient, worker: Worker, location: str, timeout: float = 10
         time.sleep(0.02)
 
 
+def wait_running(client: FlaskClient, worker: Worker, location: str) -> None:
+    deadline = time.monotonic() + WORKER_READY_TIMEOUT
+    while client.get(location).json["state"] != "running":
+        assert time.monotonic() < deadline, worker.output()
+        time.sleep(0.02)
+
+
 def submit(client: FlaskClient, path: str, **kwargs: t.Any) -> str:
     response = client.post(path, **kwargs)
     assert response.status_code == 202, response.get_data()
@@ -314,10 +321,7 @@ def test_cancelling_a_running_task_ends_it_as_cancelled(
     worker: Worker, client: FlaskClient
 ) -> None:
     location = submit(client, "/echo?steps=100&step=0.05&cancellable=1", data=b"r")
-    deadline = time.monotonic() + WORKER_READY_TIMEOUT
-    while client.get(location).json["state"] != "running":
-        assert time.monotonic() < deadline, worker.output()
-        time.sleep(0.02)
+    wait_running(client, worker, location)
     response = client.delete(location)
     assert response.status_code == 202, response.get_data()
     assert response.json["cancel_requested"] is True
@@ -585,10 +589,7 @@ def test_cancelled_queued_task_never_runs(caplog: pytest.LogCaptureFixture) -> N
         try:
             client = app.test_client()
             busy = submit(client, "/echo?steps=10&step=0.1&mark=busy", data=b"1")
-            deadline = time.monotonic() + WORKER_READY_TIMEOUT
-            while client.get(busy).json["state"] != "running":
-                assert time.monotonic() < deadline, single.output()
-                time.sleep(0.02)
+            wait_running(client, single, busy)
             waiting = submit(client, "/echo?mark=waiting", data=b"2")
             task_id = waiting.rsplit("/", 1)[1]
             response = client.delete(waiting)
@@ -639,10 +640,7 @@ def test_revoke_reaches_a_worker_that_listens_to_remote_control() -> None:
                 assert time.monotonic() < deadline, listening.output()
             client = app.test_client()
             busy = submit(client, "/echo?mark=busy&hold=busy", data=b"1")
-            deadline = time.monotonic() + WORKER_READY_TIMEOUT
-            while client.get(busy).json["state"] != "running":
-                assert time.monotonic() < deadline, listening.output()
-                time.sleep(0.02)
+            wait_running(client, listening, busy)
             waiting = submit(client, "/echo?mark=waiting", data=b"2")
             task_id = waiting.rsplit("/", 1)[1]
             response = client.delete(waiting)

@@ -130,6 +130,21 @@ def running_task(store: TaskStore) -> Task:
     return started
 
 
+def count_reads(
+    store: TaskStore, monkeypatch: pytest.MonkeyPatch
+) -> tuple[list[str], Callable[[str], Task | None]]:
+    """Record the ids of the store's reads from now on; also the unrecorded read."""
+    reads: list[str] = []
+    get = store.get
+
+    def counting_get(task_id: str) -> Task | None:
+        reads.append(task_id)
+        return get(task_id)
+
+    monkeypatch.setattr(store, "get", counting_get)
+    return reads, get
+
+
 def later(delay: float, *actions: Callable[[], object]) -> threading.Thread:
     """Run ``actions`` one after the other in a thread, ``delay`` seconds from now."""
 
@@ -276,14 +291,7 @@ def test_a_read_made_after_a_ticket_is_not_made_again(
     warming.join(5)
     time.sleep(0.1)  # the listener's own notice of that finish has come in
 
-    reads: list[str] = []
-    get = store.get
-
-    def counting_get(task_id: str) -> Task | None:
-        reads.append(task_id)
-        return get(task_id)
-
-    monkeypatch.setattr(store, "get", counting_get)
+    reads, _ = count_reads(store, monkeypatch)
     ticket = waiting.ticket(store)
     as_read = store.get(task.id)
     later(0.2, lambda: (store.finish(task.id, TaskState.SUCCEEDED), notify(store, task.id)))
@@ -418,14 +426,7 @@ def test_a_redis_finish_announces_a_small_response_with_its_id(
         started = other.start(task.id, WORKER)
         assert started is not None
         response = StoredResponse(201, [("Content-Type", "text/plain"), ("X-A", "b")], b"x" * size)
-        reads: list[str] = []
-        get = store.get
-
-        def counting_get(task_id: str) -> Task | None:
-            reads.append(task_id)
-            return get(task_id)
-
-        monkeypatch.setattr(store, "get", counting_get)
+        reads, get = count_reads(store, monkeypatch)
         finishing = later(0.3, lambda: other.finish(task.id, TaskState.SUCCEEDED, response))
         got = wait_finished(store, task.id, 5)
         finishing.join(5)
@@ -465,14 +466,7 @@ def test_an_ending_announced_before_a_wait_spares_its_read(
     assert finished is not None
     assert finished.finished_at is not None
     waiters.notify(task.id, Ending(TaskState.SUCCEEDED, finished.finished_at, response))
-    reads: list[str] = []
-    get = store.get
-
-    def counting_get(task_id: str) -> Task | None:
-        reads.append(task_id)
-        return get(task_id)
-
-    monkeypatch.setattr(store, "get", counting_get)
+    reads, _ = count_reads(store, monkeypatch)
     got = waiters.wait_finished(task.id, 5, read=(ticket, task))
     assert got == finished
     assert reads == []
