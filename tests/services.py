@@ -9,10 +9,13 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import time
-from collections.abc import Iterator
+import typing as t
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -98,3 +101,68 @@ def redis_server(port: int, workdir: Path) -> Iterator[subprocess.Popen[bytes]]:
     finally:
         process.kill()
         process.wait(timeout=10)
+
+
+def delete_redis_keys(db: int, prefix: str) -> int:
+    """Delete the keys under ``prefix`` in test database ``db`` (never a flush)."""
+    import redis
+
+    assert db in REDIS_TEST_DBS, db
+    with redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=db, socket_timeout=5) as client:
+        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        if keys:
+            client.delete(*keys)
+        return len(keys)
+
+
+def stop_worker(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM (Celery's warm shutdown), a bounded wait, then SIGKILL to its session."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def celery_worker(
+    app_spec: str,
+    queue: str,
+    options: Sequence[str],
+    env: Mapping[str, str],
+    log: t.IO[bytes],
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``celery -A app_spec worker`` consuming ``queue``, run from the project's root
+    in a session of its own (so that a stuck one can be killed with its pool), its
+    output in ``log``; stopped on exit. No gossip, mingle or heartbeat: nothing
+    these tests and benchmarks use, and each costs broker traffic."""
+    root = Path(__file__).resolve().parent.parent
+    environ = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
+        **env,
+    }
+    # The worker is no test run: whether services are required is pytest's to say.
+    environ.pop("RESTFUL_ASYNC_REQUIRE_SERVICES", None)
+    command = [
+        sys.executable, "-m", "celery", "-A", app_spec, "worker", "-Q", queue, *options,
+        "--without-gossip", "--without-mingle", "--without-heartbeat",
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        command,
+        cwd=root,
+        env=environ,
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        yield process
+    finally:
+        stop_worker(process)

@@ -21,7 +21,6 @@ import os
 import secrets
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 import typing as t
@@ -34,8 +33,16 @@ from flask.testing import FlaskClient
 from flask_restful_async.snapshot import RequestSnapshot
 from flask_restful_async.stores.memory import MemoryStore
 
-from .servers import ROOT, http, poll_until_done, serve
-from .services import REDIS_HOST, REDIS_PORT, free_port, require_redis, require_service
+from .servers import http, poll_until_done, serve
+from .services import (
+    REDIS_HOST,
+    REDIS_PORT,
+    celery_worker,
+    delete_redis_keys,
+    free_port,
+    require_redis,
+    require_service,
+)
 
 #: Seconds the worker gets to start and run a first task.
 WORKER_READY_TIMEOUT = 20.0
@@ -122,26 +129,7 @@ class Worker(t.NamedTuple):
 
 
 def delete_keys(prefix: str) -> None:
-    import redis
-
-    with redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=13, socket_timeout=5) as client:
-        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
-        if keys:
-            client.delete(*keys)
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM (Celery's warm shutdown), a bounded wait, then SIGKILL to its session."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-            return
-        except subprocess.TimeoutExpired:
-            pass
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait(timeout=10)
+    delete_redis_keys(13, prefix)
 
 
 @contextlib.contextmanager
@@ -155,36 +143,16 @@ def run_worker(
     prefix = f"{{restful_async_celery_{token}}}:"
     queue = f"restful_async_celery_{token}"
     nodename = f"{queue}@localhost"
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-        "CELERY_TEST_PREFIX": prefix,
-        "CELERY_TEST_QUEUE": queue,
-        **env_extra,
-    }
-    env.pop("RESTFUL_ASYNC_REQUIRE_SERVICES", None)
-    command = [
-        sys.executable, "-m", "celery", "-A", "tests.apps.celery_app", "worker",
-        *pool, "-Q", queue, "-n", nodename, "--without-gossip", "--without-mingle",
-        "--without-heartbeat", "-l", loglevel,
-    ]  # fmt: skip
-    with tempfile.TemporaryFile() as log:
-        process = subprocess.Popen(
-            command,
-            cwd=ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
+    env = {"CELERY_TEST_PREFIX": prefix, "CELERY_TEST_QUEUE": queue, **env_extra}
+    options = [*pool, "-n", nodename, "-l", loglevel]
+    try:
+        with (
+            tempfile.TemporaryFile() as log,
+            celery_worker("tests.apps.celery_app", queue, options, env, log) as process,
+        ):
             yield Worker(prefix, queue, nodename, process, log)
-        finally:
-            try:
-                stop(process)
-            finally:
-                delete_keys(prefix)
+    finally:
+        delete_keys(prefix)
 
 
 @pytest.fixture(scope="module")

@@ -31,12 +31,9 @@ its apps from ``BENCH_CELERY_PREFIX`` and ``BENCH_CELERY_QUEUE``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import secrets
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -55,6 +52,7 @@ from flask_restful_async import AsyncResource, register_async  # noqa: E402
 from flask_restful_async.celery import CeleryExecutor, make_celery  # noqa: E402
 from flask_restful_async.stores.redis import RedisStore  # noqa: E402
 from flask_restful_async.task import Task  # noqa: E402
+from tests.services import celery_worker, delete_redis_keys  # noqa: E402
 
 REDIS_DB = 12
 REDIS_URL = f"redis://127.0.0.1:6379/{REDIS_DB}"
@@ -239,29 +237,6 @@ def throughput(
 # -- the worker and the keys -------------------------------------------------------------
 
 
-def delete_keys(prefix: str) -> int:
-    import redis
-
-    with redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB, socket_timeout=5) as client:
-        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
-        if keys:
-            client.delete(*keys)
-        return len(keys)
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-            return
-        except subprocess.TimeoutExpired:
-            pass
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait(timeout=10)
-
-
 def runs(values: list[float]) -> list[int]:
     return sorted(round(x) for x in values)
 
@@ -276,64 +251,49 @@ def main() -> int:
     token = secrets.token_hex(6)
     prefix = f"{{restful_async_bench_{token}}}:"
     queue = f"restful_async_bench_{token}"
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-        PREFIX_ENV: prefix,
-        QUEUE_ENV: queue,
-    }
-    command = [
-        sys.executable, "-m", "celery", "-A", "tests.benchmarks.bench_celery:celery", "worker",
-        "-P", "threads", "-c", "4", "-Q", queue, "--without-gossip", "--without-mingle",
-        "--without-heartbeat", "-l", "warning",
-    ]  # fmt: skip
+    env = {PREFIX_ENV: prefix, QUEUE_ENV: queue}
+    options = ["-P", "threads", "-c", "4", "-l", "warning"]
     app, _, noop = create_app(prefix, queue)
     client = app.test_client()
     executor = Executor(app)
-    with tempfile.TemporaryFile() as log:
-        worker = subprocess.Popen(
-            command,
-            cwd=ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
-            # Warm up every path (the worker's start, its lease, the connections).
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    latency_round(client, executor, noop, queue, 4)
-                    break
-                except Exception:
-                    if worker.poll() is not None or time.monotonic() > deadline:
-                        raise
-            latency_round(client, executor, noop, queue, 20)
-
-            latency: dict[str, list[float]] = {name: [] for name in WAYS}
-            for name, values in latency_round(client, executor, noop, queue, args.n).items():
-                latency[name] += values
-            rates: dict[str, list[float]] = {name: [] for name in THROUGHPUT_WAYS}
-            for i in range(args.bursts):
-                # Each way first in turn: the machine's drift spreads over all.
-                k = i % len(THROUGHPUT_WAYS)
-                for name in THROUGHPUT_WAYS[k:] + THROUGHPUT_WAYS[:k]:
-                    rates[name].append(throughput(name, client, executor, noop, queue, args.burst))
-        except BaseException:
-            log.seek(0)
-            sys.stderr.write(log.read().decode(errors="replace")[-4000:])
-            raise
-        finally:
+    spec = "tests.benchmarks.bench_celery:celery"
+    try:
+        with (
+            tempfile.TemporaryFile() as log,
+            celery_worker(spec, queue, options, env, log) as worker,
+        ):
             try:
-                stop(worker)
-            finally:
-                from flask_restful_async.state import get_state
+                # Warm up every path (the worker's start, its lease, the connections).
+                deadline = time.monotonic() + 30
+                while True:
+                    try:
+                        latency_round(client, executor, noop, queue, 4)
+                        break
+                    except Exception:
+                        if worker.poll() is not None or time.monotonic() > deadline:
+                            raise
+                latency_round(client, executor, noop, queue, 20)
 
-                executor.close()
-                get_state(app).close()
-                delete_keys(prefix)
+                latency: dict[str, list[float]] = {name: [] for name in WAYS}
+                for name, values in latency_round(client, executor, noop, queue, args.n).items():
+                    latency[name] += values
+                rates: dict[str, list[float]] = {name: [] for name in THROUGHPUT_WAYS}
+                for i in range(args.bursts):
+                    # Each way first in turn: the machine's drift spreads over all.
+                    k = i % len(THROUGHPUT_WAYS)
+                    for name in THROUGHPUT_WAYS[k:] + THROUGHPUT_WAYS[:k]:
+                        rate = throughput(name, client, executor, noop, queue, args.burst)
+                        rates[name].append(rate)
+            except BaseException:
+                log.seek(0)
+                sys.stderr.write(log.read().decode(errors="replace")[-4000:])
+                raise
+    finally:
+        from flask_restful_async.state import get_state
+
+        executor.close()
+        get_state(app).close()
+        delete_redis_keys(REDIS_DB, prefix)
 
     python = sys.version.split()[0]
     print(f"Celery worker -P threads -c 4, Redis db {REDIS_DB} as broker; Python {python}")
