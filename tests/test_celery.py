@@ -195,6 +195,15 @@ def wait_running(client: FlaskClient, worker: Worker, location: str) -> None:
         time.sleep(0.02)
 
 
+def submit_and_cancel(client: FlaskClient, path: str) -> str:
+    """Submit a task that will wait in the queue, cancel it (200): its id."""
+    location = submit(client, path, data=b"2")
+    response = client.delete(location)
+    assert response.status_code == 200, response.get_data()
+    assert response.json["state"] == "cancelled"
+    return location.rsplit("/", 1)[1]
+
+
 def submit(client: FlaskClient, path: str, **kwargs: t.Any) -> str:
     response = client.post(path, **kwargs)
     assert response.status_code == 202, response.get_data()
@@ -558,11 +567,7 @@ def test_cancelled_queued_task_never_runs(caplog: pytest.LogCaptureFixture) -> N
             client = app.test_client()
             busy = submit(client, "/echo?steps=10&step=0.1&mark=busy", data=b"1")
             wait_running(client, single, busy)
-            waiting = submit(client, "/echo?mark=waiting", data=b"2")
-            task_id = waiting.rsplit("/", 1)[1]
-            response = client.delete(waiting)
-            assert response.status_code == 200, response.get_data()
-            assert response.json["state"] == "cancelled"
+            task_id = submit_and_cancel(client, "/echo?mark=waiting")
             with caplog.at_level(logging.WARNING):
                 get_state(app).executor.cancel(app, task_id)
             assert "Could not revoke" not in caplog.text
@@ -609,11 +614,7 @@ def test_revoke_reaches_a_worker_that_listens_to_remote_control() -> None:
             client = app.test_client()
             busy = submit(client, "/echo?mark=busy&hold=busy", data=b"1")
             wait_running(client, listening, busy)
-            waiting = submit(client, "/echo?mark=waiting", data=b"2")
-            task_id = waiting.rsplit("/", 1)[1]
-            response = client.delete(waiting)
-            assert response.status_code == 200, response.get_data()
-            assert response.json["state"] == "cancelled"
+            task_id = submit_and_cancel(client, "/echo?mark=waiting")
 
             deadline = time.monotonic() + 5
             while True:

@@ -168,7 +168,7 @@ class SQLiteStore(TaskStore):
             if conn is not None:
                 conn.close()
             if _is_outage(e):
-                raise StoreUnavailable(f"The task store is not available: {e}") from e
+                raise _unavailable(e) from e
             raise
         with self._lock:
             self._connections.append(conn)
@@ -274,7 +274,7 @@ class SQLiteStore(TaskStore):
             row = self._connection().execute(_GET, (task_id,)).fetchone()
         except BaseException as e:
             if _is_outage(e):
-                raise StoreUnavailable(f"The task store is not available: {e}") from e
+                raise _unavailable(e) from e
             raise
         return None if row is None else self._read(row, time.time())
 
@@ -475,9 +475,8 @@ class SQLiteStore(TaskStore):
                 " result = NULL WHERE id = ?",
                 [(row[1],) for row in expired],
             )
-            _drop_results(conn, expired)
+            _drop_results(conn, [*gone, *expired])
             changed = len(gone) + len(expired)
-            _drop_results(conn, gone)
             conn.execute(
                 "DELETE FROM blobs WHERE key IN (SELECT key FROM blobs WHERE expires_at < ?"
                 " LIMIT ?)",
@@ -561,17 +560,14 @@ def _encode_headers(headers: t.Sequence[tuple[str, str]]) -> str:
 
 @functools.lru_cache(maxsize=256)
 def _decoded_headers(text: str) -> tuple[tuple[str, str], ...]:
-    # Most responses share a handful of header sets: decoded once each.
-    return tuple(_decode_headers(text))
-
-
-def _decode_headers(text: str) -> list[tuple[str, str]]:
+    """What :func:`_encode_headers` wrote. Cached: most responses share a handful
+    of header sets, each decoded once (callers copy the tuple into a list)."""
     if text.startswith("["):
-        return [(name, value) for name, value in json.loads(text)]
+        return tuple((name, value) for name, value in json.loads(text))
     if not text:
-        return []
+        return ()
     parts = text.split("\x00")
-    return list(zip(parts[::2], parts[1::2], strict=True))
+    return tuple(zip(parts[::2], parts[1::2], strict=True))
 
 
 def _drop_results(conn: sqlite3.Connection, rows: t.Iterable[t.Sequence[t.Any]]) -> None:
@@ -653,7 +649,11 @@ class _Access:
         if self._lock is not None:
             self._lock.release()
         if exc is not None and _is_outage(exc):
-            raise StoreUnavailable(f"The task store is not available: {exc}") from exc
+            raise _unavailable(exc) from exc
+
+
+def _unavailable(exc: BaseException) -> StoreUnavailable:
+    return StoreUnavailable(f"The task store is not available: {exc}")
 
 
 def _is_outage(exc: BaseException) -> bool:
