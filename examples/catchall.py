@@ -32,11 +32,14 @@ from flask_restful_async import AsyncResource, current_task, register_async
 SECONDS = max(0.0, float(os.environ.get("CATCHALL_SECONDS", "10")))
 STEPS = 10
 
-app = Flask(__name__)
+# Tasks are kept in a SQLite file in the instance folder, which every process of this
+# machine shares: any number of gunicorn workers will do. Flask would put the instance
+# folder beside this file when it runs as a script, and in the current directory under
+# gunicorn: name it, so that it is examples/instance/ however the app is started.
+INSTANCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "instance")
+app = Flask(__name__, instance_path=INSTANCE)
 app.logger.setLevel(logging.INFO)  # show the info lines below outside debug mode too
 api = Api(app)
-# Tasks are kept in a SQLite file in the instance folder (examples/instance/), which
-# every process of this machine shares: any number of gunicorn workers will do.
 register_async(api, url="/status/<task_id>")
 
 

@@ -22,13 +22,16 @@ def free_port() -> int:
 
 
 def answers(port: int) -> bool:
-    """True once the app answers its (synchronous) task list at /status."""
+    """True once the app answers: its status URL for an id that cannot exist is a
+    JSON 404 (synchronous, and served without an owner or debug mode)."""
     connection = http.client.HTTPConnection(HOST, port, timeout=2)
     try:
-        connection.request("GET", "/status")
+        connection.request("GET", "/status/ready")
         with connection.getresponse() as response:
             response.read()
-            return response.status == 200
+            return (
+                response.status == 404 and response.getheader("Content-Type") == "application/json"
+            )
     except (OSError, http.client.HTTPException):
         return False
     finally:

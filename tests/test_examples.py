@@ -7,6 +7,7 @@ import http.server
 import importlib.util
 import io
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -20,9 +21,11 @@ import pytest
 from flask import Flask
 
 from flask_restful_async.state import get_state
+from flask_restful_async.stores import SQLiteStore
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
+README = ROOT / "README.md"
 
 
 def load_example(name: str) -> types.ModuleType:
@@ -197,3 +200,51 @@ def test_demo() -> None:
     assert "202 ACCEPTED  Location: /status/" in output
     assert "200 OK  application/json" in output
     assert '"The answer is: hello/world"' in output
+
+
+def test_catchall_keeps_its_tasks_in_examples_instance(catchall_app: Flask) -> None:
+    store = get_state(catchall_app).store
+    assert isinstance(store, SQLiteStore)
+    assert Path(store.path) == EXAMPLES / "instance" / "restful_async.db"
+    assert "`examples/instance/restful_async.db`" in README.read_text()
+
+
+def readme_section(title: str) -> str:
+    text = README.read_text()
+    start = text.index(f"\n{title}\n")
+    heading = re.compile(r"^#{2,3} ", re.MULTILINE)
+    following = heading.search(text, start + len(title) + 2)
+    return text[start : following.start() if following else None]
+
+
+def test_readme_prefer_example_answers_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's `Prefer: respond-async, wait=N` example, run as it is written: the
+    job must be shorter than the wait, so that the final answer comes back."""
+    section = readme_section("### `Prefer` on a submit (RFC 7240)")
+    seconds = re.search(r"CATCHALL_SECONDS=(\d+(?:\.\d+)?) python examples/catchall\.py", section)
+    curl = re.search(r"curl -i -H 'Prefer: ([^']+)' http://127\.0\.0\.1:5000(\S+)", section)
+    assert seconds is not None
+    assert curl is not None
+    prefer, path = curl.groups()
+    monkeypatch.setenv("CATCHALL_SECONDS", seconds.group(1))
+    app: Flask = load_example("catchall").app
+    try:
+        response = app.test_client().get(path, headers={"Prefer": prefer})
+        wait = re.search(r"wait=(\d+)", prefer)
+        assert wait is not None
+        assert response.status_code == 200, response.get_json()
+        assert response.headers["Preference-Applied"] == f"wait={wait.group(1)}"
+        assert f"Preference-Applied: wait={wait.group(1)}" in section
+        assert response.get_json() == f"The answer is: {path.lstrip('/')}"
+        assert f'"The answer is: {path.lstrip("/")}"' in section
+    finally:
+        get_state(app).close()
+
+
+def test_readme_deployment_covers_proxies() -> None:
+    """Long-polls and slow uploads meet the reverse proxy first: the deployment section
+    says which settings matter."""
+    section = readme_section("## Deployment")
+    for setting in ("proxy_read_timeout", "proxy_request_buffering", "client_max_body_size"):
+        assert setting in section
+    assert "RESTFUL_ASYNC_MAX_WAIT" in section
