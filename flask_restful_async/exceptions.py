@@ -29,3 +29,12 @@ class StoreUnavailable(Unavailable):
 
 class TaskCancelled(RestfulAsyncError):
     """Raised by :meth:`current_task.raise_if_cancelled` to end a task as ``cancelled``."""
+
+
+class ResultTooLarge(RestfulAsyncError):
+    """A handler's response is larger than ``RESTFUL_ASYNC_MAX_RESULT`` bytes: the
+    task fails instead of filling the store."""
+
+    def __init__(self, max_size: int) -> None:
+        super().__init__(f"the result is larger than {max_size} bytes")
+        self.max_size = max_size

@@ -54,6 +54,10 @@ DEFAULTS: dict[str, t.Any] = {
     # Largest request body (bytes) a task accepts; larger ones get 413 before a
     # task exists. The body is held in memory until the task starts.
     "RESTFUL_ASYNC_MAX_BODY": 10 * 1024 * 1024,
+    # Largest response (body bytes) a task may give; a larger one fails the task
+    # (500 at its status URL) instead of filling the store. A streamed body is
+    # never read past it.
+    "RESTFUL_ASYNC_MAX_RESULT": 8 * 1024 * 1024,
     # Seconds running tasks get to finish when the process exits (keep it below
     # gunicorn's graceful timeout, 30 s by default).
     "RESTFUL_ASYNC_SHUTDOWN_TIMEOUT": 20,
@@ -159,4 +163,5 @@ def _make_state(
         result_redirect=bool(config["RESTFUL_ASYNC_RESULT_REDIRECT"]),
         max_wait=int(config["RESTFUL_ASYNC_MAX_WAIT"]),
         max_body=int(config["RESTFUL_ASYNC_MAX_BODY"]),
+        max_result=int(config["RESTFUL_ASYNC_MAX_RESULT"]),
     )

@@ -12,6 +12,7 @@ from flask_restful.utils import unpack
 from werkzeug.exceptions import NotAcceptable
 from werkzeug.wrappers import Response as ResponseBase
 
+from .exceptions import ResultTooLarge
 from .task import StoredResponse, Task
 
 JSON = "application/json"
@@ -80,38 +81,87 @@ def _represent(
     return representation(data, code, headers)
 
 
-def store_response(response: ResponseBase) -> StoredResponse:
-    """Serialize a response completely (a streamed body is read to the end), with
-    the headers it will be served with (see :func:`served_headers`)."""
+def store_response(response: ResponseBase, max_size: int) -> StoredResponse:
+    """Serialize a response completely, with the headers it will be served with
+    (see :func:`served_headers`).
+
+    The body is read to the end here, in the task's request context (which a
+    ``stream_with_context`` generator needs), whatever it is: bytes, a generator,
+    or the file of a ``send_file`` response (in direct passthrough mode, which
+    ``get_data`` refuses). Raises :class:`ResultTooLarge` as soon as more than
+    ``max_size`` bytes have been read: a stream is never read further. The
+    response is closed in every case (a generator's ``finally`` runs, a file is
+    closed).
+    """
     try:
-        body = response.get_data()
+        chunks: list[bytes] = []
+        size = 0
+        for chunk in response.iter_encoded():
+            size += len(chunk)
+            if size > max_size:
+                raise ResultTooLarge(max_size)
+            chunks.append(chunk)
+        body = b"".join(chunks)
         return StoredResponse(response.status_code, served_headers(response.headers.items()), body)
     finally:
         response.close()
+
+
+#: Headers of a stored response that belong to one message, not to the result:
+#: ``Content-Length`` (the stored body gives it anew), ``Date`` (when the poll is
+#: answered, not when the task ended) and ``Cache-Control`` (replaced).
+_MESSAGE_HEADERS = frozenset(("cache-control", "content-length", "date"))
+#: Headers of a stored ``200`` that make a ``GET`` of it conditional.
+_CONDITIONAL = ("ETag", "Last-Modified", "Accept-Ranges")
 
 
 def served_headers(headers: t.Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
     """A task's response headers as its URLs serve them, worked out once when it is
     stored rather than on every poll: ``Cache-Control: no-store`` instead of the
     handler's (the answer at a status URL changes), ``Prefer`` added to ``Vary``
-    (``Prefer: wait`` changes it), and no ``Content-Length``, which the body gives
-    anew when the response is made."""
+    (``Prefer: wait`` changes it), and no ``Content-Length`` or ``Date``, which
+    each answer gets anew. Every other header is kept as the handler gave it:
+    repeated ``Set-Cookie``, ``Location`` relative or absolute, ``ETag``,
+    ``Last-Modified``, ``Content-Disposition``."""
     kept: list[tuple[str, str]] = []
     vary: list[str] = []
     for name, value in headers:
         lowered = name.lower()
         if lowered == "vary":
             vary.append(value)
-        elif lowered not in ("cache-control", "content-length"):
+        elif lowered not in _MESSAGE_HEADERS:
             kept.append((name, value))
     kept.append(("Cache-Control", "no-store"))
     kept.append(("Vary", ", ".join([*vary, "Prefer"])))
     return kept
 
 
+#: What the URLs of a task whose result was larger than ``RESTFUL_ASYNC_MAX_RESULT``
+#: answer: the task failed, and the message says why.
+RESULT_TOO_LARGE = StoredResponse(
+    500,
+    served_headers([("Content-Type", JSON)]),
+    b'{"message": "The result of this task was too large to be kept."}\n',
+)
+
+
 def stored_to_response(stored: StoredResponse) -> Response:
-    """A finished task's stored response, as served (its headers are already)."""
-    return current_app.response_class(stored.body, stored.status, stored.headers)
+    """A finished task's stored response, as served (its headers are already).
+
+    A ``200`` with validators (``ETag``, ``Last-Modified``, as ``send_file`` gives)
+    answers a ``GET`` conditionally, as ``send_file`` itself would: ``304`` for a
+    matching ``If-None-Match`` or ``If-Modified-Since``, ``412`` for a failed
+    ``If-Match``. A ``Range`` is honoured (``206``) only when the response said
+    ``Accept-Ranges``; otherwise the whole body comes with ``200``.
+    """
+    response = current_app.response_class(stored.body, stored.status, stored.headers)
+    if stored.status == 200 and any(name in response.headers for name in _CONDITIONAL):
+        response.make_conditional(
+            request,
+            accept_ranges=response.accept_ranges == "bytes",
+            complete_length=len(stored.body),
+        )
+    return response
 
 
 def json_response(

@@ -11,10 +11,10 @@ from werkzeug.exceptions import HTTPException
 
 from . import waiting
 from .context import TaskHandle, _cv_task
-from .exceptions import RestfulAsyncError, TaskCancelled
+from .exceptions import RestfulAsyncError, ResultTooLarge, TaskCancelled
 from .lease import worker_id
 from .resource import Replay, _cv_replay
-from .responses import render_result, served_headers, store_response
+from .responses import RESULT_TOO_LARGE, render_result, served_headers, store_response
 from .state import get_state
 from .task import StoredResponse, TaskState
 
@@ -86,15 +86,24 @@ def _run_in_request(
     error: BaseException | None = None
     try:
         snapshot.restore_g()
+        state = get_state(app)
         try:
             rv, resource = _call_handler(snapshot, resource)
             return TaskState.SUCCEEDED, store_response(
-                render_result(get_state(app).api, resource, rv)
+                render_result(state.api, resource, rv), state.max_result
             )
         except TaskCancelled:
             return TaskState.CANCELLED, None
+        except ResultTooLarge as e:
+            app.logger.error(
+                "Task %s failed: its response is larger than RESTFUL_ASYNC_MAX_RESULT (%d bytes)",
+                task_id,
+                e.max_size,
+                extra={"task_id": task_id},
+            )
+            return TaskState.FAILED, RESULT_TOO_LARGE
         except HTTPException as e:
-            return TaskState.FAILED, store_response(get_state(app).api.handle_error(e))
+            return TaskState.FAILED, store_response(state.api.handle_error(e), state.max_result)
         except Exception as e:
             error = e
             app.logger.exception("Task %s failed", task_id)

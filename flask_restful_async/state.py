@@ -58,6 +58,7 @@ class AsyncState:
         result_redirect: bool,
         max_wait: int,
         max_body: int,
+        max_result: int,
     ) -> None:
         self.app = app
         self.api = api
@@ -70,6 +71,7 @@ class AsyncState:
         self.result_redirect = result_redirect
         self.max_wait = max_wait
         self.max_body = max_body
+        self.max_result = max_result
         # Only a process that holds tasks (threads) in a store that other
         # processes read needs a lease.
         self.lease = LeaseKeeper(app, store) if store.shared and executor.local else None
