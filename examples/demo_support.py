@@ -22,13 +22,14 @@ def free_port() -> int:
 
 
 def answers(port: int) -> bool:
-    """True once the app answers its (synchronous) task list at /status."""
+    """True once the app answers at its status URL: 404 for an id that cannot
+    exist (no task is made, the store is not read)."""
     connection = http.client.HTTPConnection(HOST, port, timeout=2)
     try:
-        connection.request("GET", "/status")
+        connection.request("GET", "/status/ready")
         with connection.getresponse() as response:
             response.read()
-            return response.status == 200
+            return response.status == 404
     except (OSError, http.client.HTTPException):
         return False
     finally:
