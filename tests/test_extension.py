@@ -262,3 +262,40 @@ def test_every_config_key_is_in_the_readme_table() -> None:
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     missing = [key for key in DEFAULTS if f"| `{key}` |" not in readme]
     assert missing == []
+
+
+def test_decorators_wrap_the_status_result_and_list_resources_as_api_decorators_do(
+    tmp_path: Path,
+) -> None:
+    calls: list[str] = []
+
+    def tagged(tag: str) -> t.Callable[..., t.Any]:
+        def decorator(view: t.Callable[..., t.Any]) -> t.Callable[..., t.Any]:
+            def wrapper(*args: t.Any, **kwargs: t.Any) -> t.Any:
+                calls.append(tag)
+                return view(*args, **kwargs)
+
+            return wrapper
+
+        return decorator
+
+    app = _factory_app(tmp_path, "app", {"RESTFUL_ASYNC_STORE": "memory://"})
+    api = Api(app)
+    register_async(api, owner=lambda: None, decorators=[tagged("inner"), tagged("outer")])
+    api.add_resource(Hello, "/hello/<name>")
+    try:
+        client = app.test_client()
+        location = client.get("/hello/x").headers["Location"]
+        assert calls == []  # the resources' own submit is not wrapped
+        for url in (location, location + "/result", "/tasks"):
+            calls.clear()
+            client.get(url)
+            # the last decorator is the outermost, as with Api(decorators=...)
+            assert calls == ["outer", "inner"], url
+    finally:
+        get_state(app).close()
+
+
+def test_decorators_must_be_callables(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match="decorators"):
+        register_async(Api(_factory_app(tmp_path, "app", {})), decorators=["auth"])  # type: ignore[list-item]
