@@ -169,14 +169,15 @@ def list_served(state: AsyncState) -> bool:
     own tasks), in debug mode, or where ``RESTFUL_ASYNC_PUBLIC_LIST`` shows every
     task to anyone. Without an owner every task id is a bearer token, and a list
     would hand them all out."""
-    return state.owner is not None or state.public_list or current_app.debug
+    return state.owner is not None or state.public_list or state.app.debug
 
 
 class TaskListResource(_TaskResource):
     """``GET /tasks``: the caller's tasks, newest first, in pages.
 
-    Without an owner callable it answers ``404``, as an unknown URL does, unless
-    the app is in debug mode or ``RESTFUL_ASYNC_PUBLIC_LIST`` is on.
+    Without an owner callable it answers ``404`` (the JSON flask-restful gives a
+    URL that does not exist), unless the app is in debug mode or
+    ``RESTFUL_ASYNC_PUBLIC_LIST`` is on.
     """
 
     def get(self) -> Response:
