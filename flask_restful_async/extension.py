@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import typing as t
+import weakref
 
 from flask import Flask
 from flask.sansio.blueprints import BlueprintSetupState
-from flask_restful import Api
+from flask_restful import Api, Resource
 
 from .executors.base import Executor
 from .executors.threads import ThreadExecutor
@@ -51,6 +52,9 @@ DEFAULTS: dict[str, t.Any] = {
     # Finished tasks answer 303 See Other to <status URL>/result, which serves
     # the response, instead of serving it at the status URL itself.
     "RESTFUL_ASYNC_RESULT_REDIRECT": False,
+    # Without an owner callable, serve the task list anyway (to anyone: every task
+    # id it shows is a bearer token). Unsafe; debug mode serves it too.
+    "RESTFUL_ASYNC_PUBLIC_LIST": False,
     # Largest request body (bytes) a task accepts; larger ones get 413 before a
     # task exists. The body is held in memory until the task starts.
     "RESTFUL_ASYNC_MAX_BODY": 10 * 1024 * 1024,
@@ -67,10 +71,12 @@ DEFAULTS: dict[str, t.Any] = {
 def register_async(
     api: Api,
     *,
+    app: Flask | None = None,
     url: str = "/tasks/<task_id>",
     store: TaskStore | str | None = None,
     executor: Executor | None = None,
     owner: OwnerCallable | None = None,
+    decorators: t.Sequence[t.Callable[..., t.Any]] = (),
 ) -> None:
     """Set up background tasks for ``api``: the status URL, the task list, the state.
 
@@ -78,46 +84,130 @@ def register_async(
     served one level up (``/tasks``). ``store`` is a :class:`TaskStore` or a store
     URL; ``executor`` an :class:`Executor` (a :class:`ThreadExecutor` sized by the
     config by default); ``owner`` a callable, run in the request context, that
-    returns the caller's identity (str) or None. Keyword arguments win over the
-    ``RESTFUL_ASYNC_*`` config keys, which are read when the app is set up.
+    returns the caller's identity (str) or None. ``decorators`` wrap the status,
+    result and list resources as ``Api(decorators=...)`` wraps every resource: put
+    the authentication there that loads what ``owner`` reads. Keyword arguments win
+    over the ``RESTFUL_ASYNC_*`` config keys, which are read when the app is set up.
 
-    Works for an ``Api`` bound to an app or to a blueprint (then the state is made
-    when the blueprint is registered). Once per app.
+    - ``Api(app)``: set up for that app, now.
+    - ``Api(blueprint)``: set up for each app the blueprint is registered on, when
+      it is registered.
+    - An app factory (``api = Api()`` at module level, ``api.init_app(app)`` in
+      ``create_app()``): pass ``app=app`` in ``create_app()``, before or after
+      ``api.init_app(app)``, once per app.
+
+    Each app gets its own state: its config, store and executor. A store or
+    executor object serves the one app it was first set up for; with several
+    apps, give the store as a URL (or leave both to the config), or make the
+    objects inside the app factory. A second call for one app is a RuntimeError.
     """
     if not url.endswith(_TASK_ID_PART):
         raise ValueError(f"url must end with {_TASK_ID_PART!r}, got {url!r}")
-    if STATUS_ENDPOINT in api.endpoints:
-        raise RuntimeError("register_async was already called for this Api; call it once.")
-    if api.blueprint is None and api.app is None:
-        raise ValueError(
-            "register_async needs an Api bound to an app or a blueprint: call it after"
-            " Api(app) or api.init_app(app)."
-        )
+    if not all(callable(decorator) for decorator in decorators):
+        raise TypeError("decorators must be a sequence of decorators (callables)")
+    routes = _routes(url)
+    decorators = tuple(decorators)
 
     def setup(app: Flask) -> None:
         if EXTENSION_KEY in app.extensions:
             raise RuntimeError(
                 f"register_async was already called for the app {app.name!r}: one Api"
                 " per app holds the task routes. Register your AsyncResources on that"
-                " Api, or call register_async only once."
+                " Api, or call register_async only once per app."
             )
-        app.extensions[EXTENSION_KEY] = _make_state(app, api, store, executor, owner)
+        for shared in (store, executor):
+            if shared is not None and not isinstance(shared, str):
+                _claim(shared, app)
+        app.extensions[EXTENSION_KEY] = _make_state(app, api, store, executor, owner, decorators)
 
     if api.blueprint is not None:
+        if app is not None:
+            raise ValueError(
+                "register_async(api, app=...) is for an Api made without an app; an Api"
+                " on a blueprint is set up on every app the blueprint is registered on."
+            )
+        if STATUS_ENDPOINT in api.endpoints:
+            raise RuntimeError("register_async was already called for this Api; call it once.")
+        blueprint = api.blueprint
 
         def on_register(setup_state: BlueprintSetupState) -> None:
             setup(t.cast(Flask, setup_state.app))
 
-        api.blueprint.record_once(on_register)
-    else:
+        blueprint.record_once(on_register)
+        for resource, rule, endpoint in routes:
+            api.add_resource(resource, rule, endpoint=endpoint)
+    elif api.app is not None:
+        if app is not None and app is not api.app:
+            raise ValueError(
+                "register_async(api, app=...) got another app than the one the Api is"
+                " bound to: leave app out for an Api(app)."
+            )
         setup(t.cast(Flask, api.app))
+        for resource, rule, endpoint in routes:
+            api.add_resource(resource, rule, endpoint=endpoint)
+    elif app is None:
+        raise ValueError(
+            "register_async needs to know the app of an Api made without one: call"
+            " register_async(api, app=app) in your app factory, before or after"
+            " api.init_app(app), or make the Api with Api(app) or Api(blueprint)."
+        )
+    else:
+        setup(app)
+        _add_routes_to(api, app, routes)
 
+
+def _routes(url: str) -> list[tuple[type[Resource], str, str]]:
+    """The resources register_async adds, with their rules and endpoint names."""
     # The path converter also catches ids with slashes, so that every malformed id
     # gets the same JSON 404 instead of the router's HTML one.
-    status_rule = url[: -len(_TASK_ID_PART)] + "/<path:task_id>"
-    api.add_resource(TaskStatusResource, status_rule, endpoint=STATUS_ENDPOINT)
-    api.add_resource(TaskResultResource, url + RESULT_SUFFIX, endpoint=RESULT_ENDPOINT)
-    api.add_resource(TaskListResource, url[: -len(_TASK_ID_PART)] or "/", endpoint=LIST_ENDPOINT)
+    base = url[: -len(_TASK_ID_PART)]
+    return [
+        (TaskStatusResource, base + "/<path:task_id>", STATUS_ENDPOINT),
+        (TaskResultResource, url + RESULT_SUFFIX, RESULT_ENDPOINT),
+        (TaskListResource, base or "/", LIST_ENDPOINT),
+    ]
+
+
+def _add_routes_to(api: Api, app: Flask, routes: list[tuple[type[Resource], str, str]]) -> None:
+    """Add ``routes`` to one app of an Api made without an app.
+
+    flask-restful adds a resource to an app at once only while ``api.app`` is that
+    app; otherwise it keeps it for the next ``api.init_app``, which for this app
+    may have run already. Binding ``api.app`` for the call reuses flask-restful's
+    own registration (prefix, ``Api(decorators=...)``, error handling), and leaves
+    the Api unbound for the next app.
+    """
+    api.app = app
+    try:
+        for resource, rule, endpoint in routes:
+            api.add_resource(resource, rule, endpoint=endpoint)
+    finally:
+        api.app = None
+
+
+# Which app each store or executor object given to register_async serves. Weak, so
+# that registering keeps nothing alive; never released, so that the answer does not
+# depend on when the garbage collector runs.
+_CLAIMS: weakref.WeakKeyDictionary[object, weakref.ref[Flask]] = weakref.WeakKeyDictionary()
+
+
+def _claim(shared: object, app: Flask) -> None:
+    """Refuse to set up a second app with a store or executor object of another.
+
+    Their threads, connections, lease and close() belong to one app: shared, the
+    second app's config would not apply and closing one app would stop the other.
+    """
+    claimed = _CLAIMS.get(shared)
+    if claimed is not None and claimed() is not app:
+        kind = "store" if isinstance(shared, TaskStore) else "executor"
+        raise RuntimeError(
+            f"this {kind} object already serves another app; each app needs its own."
+            f" Make the {kind} inside your app factory and pass it with"
+            f" register_async(api, app=app, {kind}=...), or leave it to the config"
+            " (RESTFUL_ASYNC_STORE, RESTFUL_ASYNC_MAX_WORKERS, ...), which every app"
+            " reads for itself."
+        )
+    _CLAIMS[shared] = weakref.ref(app)
 
 
 def _make_state(
@@ -126,6 +216,7 @@ def _make_state(
     store: TaskStore | str | None,
     executor: Executor | None,
     owner: OwnerCallable | None,
+    decorators: tuple[t.Callable[..., t.Any], ...],
 ) -> AsyncState:
     for key, value in DEFAULTS.items():
         app.config.setdefault(key, value)
@@ -148,8 +239,10 @@ def _make_state(
     if owner is None and not app.debug:
         app.logger.warning(
             "register_async: no owner callable, so task ids are bearer tokens: whoever"
-            " learns a status URL can read that task's result and cancel it. Pass"
-            " register_async(api, owner=...) returning the caller's identity."
+            " learns a status URL can read that task's result and cancel it; the task"
+            " list answers 404 (RESTFUL_ASYNC_PUBLIC_LIST = True would show every id to"
+            " anyone). Pass register_async(api, owner=...) returning the caller's"
+            " identity."
         )
     return AsyncState(
         app=app,
@@ -157,6 +250,8 @@ def _make_state(
         store=store,
         executor=executor,
         owner=owner,
+        decorators=decorators,
+        public_list=bool(config["RESTFUL_ASYNC_PUBLIC_LIST"]),
         status_resource=TaskStatusResource,
         retry_after=int(config["RESTFUL_ASYNC_RETRY_AFTER"]),
         max_retry_after=int(config["RESTFUL_ASYNC_MAX_RETRY_AFTER"]),

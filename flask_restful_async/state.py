@@ -38,7 +38,8 @@ OwnerCallable = t.Callable[[], "str | None"]
 
 
 class AsyncState:
-    """What ``register_async`` set up for one app: the Api, store, executor, owner.
+    """What ``register_async`` set up for one app: the Api, store, executor, owner,
+    and the decorators of the status, result and list resources.
 
     It keeps its app so that the submit path can hand the real app object (not the
     ``current_app`` proxy) to a worker thread.
@@ -52,6 +53,8 @@ class AsyncState:
         store: TaskStore,
         executor: Executor,
         owner: OwnerCallable | None,
+        decorators: tuple[t.Callable[..., t.Any], ...],
+        public_list: bool,
         status_resource: type[Resource],
         retry_after: int,
         max_retry_after: int,
@@ -65,6 +68,8 @@ class AsyncState:
         self.store = store
         self.executor = executor
         self.owner = owner
+        self.decorators = decorators
+        self.public_list = public_list
         self.status_resource = status_resource
         self.retry_after = retry_after
         self.max_retry_after = max_retry_after
@@ -279,5 +284,6 @@ def get_state(app: Flask) -> AsyncState:
     except KeyError:
         raise RuntimeError(
             "flask_restful_async is not set up for this app: call register_async(api)"
-            " for the Api that holds your AsyncResources."
+            " for the Api that holds your AsyncResources (in an app factory:"
+            " register_async(api, app=app) in create_app())."
         ) from None

@@ -6,6 +6,7 @@ import typing as t
 
 from flask import Response, current_app, request
 from flask_restful import Resource
+from werkzeug.exceptions import NotFound
 
 from . import waiting
 from .exceptions import Unavailable
@@ -34,7 +35,29 @@ def unavailable(e: Unavailable) -> Response:
     return error_response(503, e.message, {"Retry-After": str(e.retry_after), **NO_STORE})
 
 
-class TaskStatusResource(Resource):
+def whole_number(text: str) -> int | None:
+    """``text`` as a whole number, or None: 1 to 10 ASCII digits and nothing else.
+
+    Stricter than ``int()``, which also takes a sign, spaces, underscores and
+    non-ASCII digits: one spelling per number in the query parameters.
+    """
+    if not (0 < len(text) <= 10 and text.isascii() and text.isdigit()):
+        return None
+    return int(text)
+
+
+class _TaskResource(Resource):
+    """Runs ``register_async(..., decorators=...)`` around each request, as
+    ``Api(decorators=...)`` would: authentication answers before anything else."""
+
+    def dispatch_request(self, *args: t.Any, **kwargs: t.Any) -> t.Any:
+        view = super().dispatch_request
+        for decorator in get_state(current_app).decorators:
+            view = decorator(view)
+        return view(*args, **kwargs)
+
+
+class TaskStatusResource(_TaskResource):
     """Polled by clients at the ``Location`` of a 202 (CONTRACT section 4).
 
     ``202`` and the status document while the task is queued or running; once it
@@ -103,9 +126,7 @@ def requested_wait() -> tuple[int | None, bool]:
     environ = request.environ
     query = request.args.get("wait") if environ.get("QUERY_STRING") else None
     if query is not None:
-        if not (query.isascii() and query.isdigit()) or len(query) > 10:
-            return None, False
-        return int(query), False
+        return whole_number(query), False
     seconds = wait_seconds(request_prefer(environ))
     return (seconds, True) if seconds else (0, False)
 
@@ -120,7 +141,7 @@ def find_task(state: AsyncState, task_id: str) -> Task | None:
     return task
 
 
-class TaskResultResource(Resource):
+class TaskResultResource(_TaskResource):
     """``<status URL>/result``: a finished task's response, on its own URL.
 
     Where ``RESTFUL_ASYNC_RESULT_REDIRECT`` is on, the status URL of a finished
@@ -143,14 +164,28 @@ class TaskResultResource(Resource):
         return state.result_response(task)
 
 
-class TaskListResource(Resource):
-    """``GET /tasks``: the caller's tasks, newest first, in pages."""
+def list_served(state: AsyncState) -> bool:
+    """Whether the task list exists: with an owner callable (each caller sees their
+    own tasks), in debug mode, or where ``RESTFUL_ASYNC_PUBLIC_LIST`` shows every
+    task to anyone. Without an owner every task id is a bearer token, and a list
+    would hand them all out."""
+    return state.owner is not None or state.public_list or state.app.debug
+
+
+class TaskListResource(_TaskResource):
+    """``GET /tasks``: the caller's tasks, newest first, in pages.
+
+    Without an owner callable it answers ``404`` (the JSON flask-restful gives a
+    URL that does not exist), unless the app is in debug mode or
+    ``RESTFUL_ASYNC_PUBLIC_LIST`` is on.
+    """
 
     def get(self) -> Response:
         state = get_state(current_app)
-        try:
-            limit = int(request.args.get("limit", DEFAULT_LIST_LIMIT))
-        except ValueError:
+        if not list_served(state):
+            return error_response(404, NotFound.description, NO_STORE)
+        limit = whole_number(request.args.get("limit", str(DEFAULT_LIST_LIMIT)))
+        if limit is None:
             return error_response(400, "limit must be a whole number.", NO_STORE)
         if not 1 <= limit <= MAX_LIST_LIMIT:
             return error_response(400, f"limit must be between 1 and {MAX_LIST_LIMIT}.", NO_STORE)

@@ -9,9 +9,15 @@ import pytest
 from flask import Blueprint, Flask
 from flask_restful import Api
 
-from flask_restful_async import AsyncResource, MemoryStore, ThreadExecutor, register_async
+from flask_restful_async import (
+    AsyncResource,
+    MemoryStore,
+    ThreadExecutor,
+    register_async,
+)
 from flask_restful_async.extension import DEFAULTS
 from flask_restful_async.state import get_state
+from flask_restful_async.stores.sqlite import SQLiteStore
 
 from .conftest import wait_done
 
@@ -25,7 +31,7 @@ def test_works_for_an_api_on_a_blueprint_with_a_prefix(tmp_path: Path) -> None:
     app = Flask(__name__, instance_path=str(tmp_path))
     blueprint = Blueprint("v1", __name__, url_prefix="/v1")
     api = Api(blueprint)
-    register_async(api)
+    register_async(api, owner=lambda: None)
     api.add_resource(Hello, "/hello/<name>")
     app.register_blueprint(blueprint)
     try:
@@ -41,6 +47,7 @@ def test_works_for_an_api_on_a_blueprint_with_a_prefix(tmp_path: Path) -> None:
 
 def test_a_custom_status_url_serves_the_list_one_level_up(tmp_path: Path) -> None:
     app = Flask(__name__, instance_path=str(tmp_path))
+    app.config["RESTFUL_ASYNC_PUBLIC_LIST"] = True
     api = Api(app)
     register_async(api, url="/status/<task_id>")
     api.add_resource(Hello, "/hello/<name>")
@@ -81,9 +88,127 @@ def test_the_url_must_end_with_the_task_id(tmp_path: Path) -> None:
         register_async(Api(Flask(__name__, instance_path=str(tmp_path))), url="/tasks/<id>")
 
 
-def test_an_unbound_api_is_refused_with_advice(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="init_app"):
+def test_an_api_made_without_an_app_needs_the_app_and_says_how(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"register_async\(api, app=app\) in your app factory"):
         register_async(Api())
+
+
+def _factory_app(tmp_path: Path, name: str, config: dict[str, t.Any]) -> Flask:
+    app = Flask(name, instance_path=str(tmp_path / name))
+    app.config.update(config)
+    return app
+
+
+@pytest.mark.parametrize("order", ["init_app first", "register_async first"])
+def test_app_factory_two_apps_from_one_module_level_api_each_with_its_own_state(
+    tmp_path: Path, order: str
+) -> None:
+    # As in an app factory: one Api at module level, resources added to it there,
+    # and create_app() called once per app (per test, per process, ...).
+    api = Api()
+    api.add_resource(Hello, "/hello/<name>")
+
+    def create_app(name: str, config: dict[str, t.Any]) -> Flask:
+        app = _factory_app(tmp_path, name, config)
+        if order == "init_app first":
+            api.init_app(app)
+            register_async(api, app=app)
+        else:
+            register_async(api, app=app)
+            api.init_app(app)
+        return app
+
+    first = create_app("first", {"RESTFUL_ASYNC_STORE": "memory://"})
+    second = create_app("second", {"RESTFUL_ASYNC_MAX_WAIT": 7})
+    try:
+        first_state, second_state = get_state(first), get_state(second)
+        assert isinstance(first_state.store, MemoryStore)
+        assert isinstance(second_state.store, SQLiteStore)
+        assert (first_state.max_wait, second_state.max_wait) == (20, 7)
+        assert first_state.executor is not second_state.executor
+        for app, name in ((first, "one"), (second, "two")):
+            client = app.test_client()
+            accepted = client.get(f"/hello/{name}")
+            assert accepted.status_code == 202
+            assert wait_done(client, accepted.headers["Location"]).json == {"hello": name}
+            # each app reads its own store: the other app's task is unknown here
+            other = second if app is first else first
+            assert other.test_client().get(accepted.headers["Location"]).status_code == 404
+        assert (tmp_path / "second" / "restful_async.db").exists()
+    finally:
+        first_state.close()
+        second_state.close()
+
+
+def test_app_factory_twice_for_one_app_is_a_runtime_error_that_says_how_to_fix(
+    tmp_path: Path,
+) -> None:
+    api = Api()
+    app = _factory_app(tmp_path, "app", {"RESTFUL_ASYNC_STORE": "memory://"})
+    api.init_app(app)
+    register_async(api, app=app)
+    try:
+        with pytest.raises(RuntimeError, match="call register_async only once per app"):
+            register_async(api, app=app)
+    finally:
+        get_state(app).close()
+
+
+def test_app_is_refused_where_the_api_knows_its_app(tmp_path: Path) -> None:
+    app = _factory_app(tmp_path, "app", {})
+    other = _factory_app(tmp_path, "other", {})
+    with pytest.raises(ValueError, match="another app"):
+        register_async(Api(app), app=other)
+    with pytest.raises(ValueError, match="blueprint"):
+        register_async(Api(Blueprint("bp", __name__)), app=app)
+
+
+def test_a_store_or_executor_object_serves_one_app_only(tmp_path: Path) -> None:
+    api = Api()
+    store = MemoryStore()
+    executor = ThreadExecutor(max_workers=1, max_pending=1)
+    first = _factory_app(tmp_path, "first", {})
+    register_async(api, app=first, store=store, executor=executor)
+    second = _factory_app(tmp_path, "second", {})
+    try:
+        with pytest.raises(RuntimeError, match="store object already serves another app"):
+            register_async(api, app=second, store=store)
+        with pytest.raises(RuntimeError, match="executor object already serves another app"):
+            register_async(api, app=second, store="memory://", executor=executor)
+    finally:
+        get_state(first).close()
+
+
+def test_a_blueprint_on_two_apps_gives_each_app_its_own_state(tmp_path: Path) -> None:
+    blueprint = Blueprint("v1", __name__, url_prefix="/v1")
+    api = Api(blueprint)
+    register_async(api)
+    api.add_resource(Hello, "/hello/<name>")
+    first = _factory_app(tmp_path, "first", {"RESTFUL_ASYNC_STORE": "memory://"})
+    second = _factory_app(tmp_path, "second", {"RESTFUL_ASYNC_STORE": "memory://"})
+    first.register_blueprint(blueprint)
+    second.register_blueprint(blueprint)
+    try:
+        assert get_state(first).store is not get_state(second).store
+        for app in (first, second):
+            client = app.test_client()
+            location = client.get("/v1/hello/bp").headers["Location"]
+            assert wait_done(client, location).json == {"hello": "bp"}
+    finally:
+        get_state(first).close()
+        get_state(second).close()
+
+
+def test_a_blueprint_with_a_store_object_refuses_a_second_app(tmp_path: Path) -> None:
+    blueprint = Blueprint("v1", __name__)
+    register_async(Api(blueprint), store=MemoryStore())
+    first = _factory_app(tmp_path, "first", {})
+    first.register_blueprint(blueprint)
+    try:
+        with pytest.raises(RuntimeError, match="store object already serves another app"):
+            _factory_app(tmp_path, "second", {}).register_blueprint(blueprint)
+    finally:
+        get_state(first).close()
 
 
 def test_an_unknown_store_url_names_the_supported_ones(tmp_path: Path) -> None:
@@ -137,3 +262,40 @@ def test_every_config_key_is_in_the_readme_table() -> None:
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     missing = [key for key in DEFAULTS if f"| `{key}` |" not in readme]
     assert missing == []
+
+
+def test_decorators_wrap_the_status_result_and_list_resources_as_api_decorators_do(
+    tmp_path: Path,
+) -> None:
+    calls: list[str] = []
+
+    def tagged(tag: str) -> t.Callable[..., t.Any]:
+        def decorator(view: t.Callable[..., t.Any]) -> t.Callable[..., t.Any]:
+            def wrapper(*args: t.Any, **kwargs: t.Any) -> t.Any:
+                calls.append(tag)
+                return view(*args, **kwargs)
+
+            return wrapper
+
+        return decorator
+
+    app = _factory_app(tmp_path, "app", {"RESTFUL_ASYNC_STORE": "memory://"})
+    api = Api(app)
+    register_async(api, owner=lambda: None, decorators=[tagged("inner"), tagged("outer")])
+    api.add_resource(Hello, "/hello/<name>")
+    try:
+        client = app.test_client()
+        location = client.get("/hello/x").headers["Location"]
+        assert calls == []  # the resources' own submit is not wrapped
+        for url in (location, location + "/result", "/tasks"):
+            calls.clear()
+            client.get(url)
+            # the last decorator is the outermost, as with Api(decorators=...)
+            assert calls == ["outer", "inner"], url
+    finally:
+        get_state(app).close()
+
+
+def test_decorators_must_be_callables(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match="decorators"):
+        register_async(Api(_factory_app(tmp_path, "app", {})), decorators=["auth"])  # type: ignore[list-item]

@@ -111,7 +111,10 @@ def test_wait_is_capped_by_max_wait(tmp_path: Path) -> None:
         close_app(app)
 
 
-@pytest.mark.parametrize("value", ["abc", "-1", "1.5", "", "99999999999"])
+@pytest.mark.parametrize(
+    "value",
+    ["abc", "-1", "1.5", "", "99999999999", "5_0", "%D9%A5", "%2B5", "%205", "5%20"],
+)
 def test_a_bad_wait_parameter_is_400(app: Flask, value: str) -> None:
     client = app.test_client()
     location = client.post("/quick").headers["Location"]

@@ -8,12 +8,15 @@ import typing as t
 
 import pytest
 from flask import request
+from werkzeug.exceptions import NotFound
 
 from flask_restful_async import AsyncResource, MemoryStore, Task, TaskState, current_task
 from flask_restful_async.state import get_state
 from flask_restful_async.task import new_task_id
 
 from .conftest import AppFactory, wait_done
+
+PUBLIC_LIST = {"RESTFUL_ASYNC_PUBLIC_LIST": True}
 
 
 class Quick(AsyncResource):
@@ -147,7 +150,7 @@ def test_running_tasks_are_never_evicted(make_app: AppFactory) -> None:
 
 
 def test_task_list_is_newest_first_paginated_and_filtered(make_app: AppFactory) -> None:
-    app, api = make_app()
+    app, api = make_app(config=PUBLIC_LIST)
     api.add_resource(Quick, "/quick")
     client = app.test_client()
     ids = []
@@ -182,10 +185,25 @@ def test_task_list_is_newest_first_paginated_and_filtered(make_app: AppFactory) 
 
 @pytest.mark.parametrize(
     "query",
-    ["limit=0", "limit=501", "limit=ten", "state=sleeping", "cursor=bad"],
+    [
+        "limit=0",
+        "limit=501",
+        "limit=ten",
+        "limit=",
+        # int() takes all of these; ?wait= never did: one spelling per number
+        "limit=5_0",
+        "limit=%D9%A5",  # ARABIC-INDIC DIGIT FIVE
+        "limit=%EF%BC%95",  # FULLWIDTH DIGIT FIVE
+        "limit=%2B5",
+        "limit=-5",
+        "limit=%205",
+        "limit=5%20",
+        "state=sleeping",
+        "cursor=bad",
+    ],
 )
 def test_task_list_rejects_bad_parameters_with_400_json(make_app: AppFactory, query: str) -> None:
-    app, _ = make_app()
+    app, _ = make_app(config=PUBLIC_LIST)
     response = app.test_client().get(f"/tasks?{query}")
     assert response.status_code == 400
     assert response.json is not None
@@ -201,6 +219,47 @@ def test_task_list_is_scoped_to_the_owner(make_app_any_store: AppFactory) -> Non
     listed = client.get("/tasks", headers={"X-User": "alice"}).json
     assert listed is not None
     assert [doc["id"] for doc in listed["tasks"]] == [mine.rsplit("/", 1)[1]]
+
+
+def test_without_an_owner_the_task_list_is_a_404_and_hands_out_no_id(
+    make_app_any_store: AppFactory,
+) -> None:
+    app, api = make_app_any_store()
+    api.add_resource(Quick, "/quick")
+    client = app.test_client()
+    location = client.post("/quick").headers["Location"]
+    task_id = location.rsplit("/", 1)[1]
+    for query in ("", "?limit=5", "?state=succeeded", "?limit=bad"):
+        response = client.get(f"/tasks{query}")
+        assert response.status_code == 404
+        assert response.headers["Cache-Control"] == "no-store"
+        assert response.json == {"message": NotFound.description}
+        assert task_id.encode() not in response.data
+    assert wait_done(client, location).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("options", "debug"),
+    [
+        ({"config": PUBLIC_LIST}, False),
+        ({}, True),
+        ({"owner": lambda: None}, False),
+    ],
+    ids=["RESTFUL_ASYNC_PUBLIC_LIST", "debug", "owner"],
+)
+def test_the_task_list_is_served_when_public_in_debug_or_with_an_owner(
+    make_app: AppFactory, options: dict[str, t.Any], debug: bool
+) -> None:
+    app, api = make_app(**options)
+    app.debug = debug
+    api.add_resource(Quick, "/quick")
+    client = app.test_client()
+    location = client.post("/quick").headers["Location"]
+    wait_done(client, location)
+    listed = client.get("/tasks")
+    assert listed.status_code == 200
+    assert listed.json is not None
+    assert [doc["id"] for doc in listed.json["tasks"]] == [location.rsplit("/", 1)[1]]
 
 
 def test_delete_of_a_queued_task_cancels_it_and_the_handler_never_runs(
@@ -251,7 +310,7 @@ def test_delete_of_a_running_task_is_seen_by_the_handler(make_app_any_store: App
                 time.sleep(0.01)
             return {"saw_cancel": current_task.cancelled}
 
-    app, api = make_app_any_store()
+    app, api = make_app_any_store(config=PUBLIC_LIST)
     api.add_resource(Polite, "/polite")
     api.add_resource(Stubborn, "/stubborn")
     client = app.test_client()

@@ -93,6 +93,7 @@ def test_a_database_that_cannot_be_opened_is_a_503_for_submit_poll_and_list(
 ) -> None:
     (tmp_path / "a-file").write_text("not a folder")
     app = Flask(__name__, instance_path=str(tmp_path))
+    app.config["RESTFUL_ASYNC_PUBLIC_LIST"] = True
     api = Api(app)
     register_async(api, store=f"sqlite:///{tmp_path}/a-file/tasks.db")
     api.add_resource(Echo, "/echo")
