@@ -12,7 +12,12 @@ from __future__ import annotations
 import typing as t
 
 from flask import request
-from werkzeug.exceptions import BadRequest, HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import (
+    BadRequest,
+    ClientDisconnected,
+    HTTPException,
+    RequestEntityTooLarge,
+)
 
 INCOMPLETE = "The request body is incomplete: fewer bytes arrived than its Content-Length says."
 UNREADABLE = (
@@ -23,40 +28,59 @@ UNREADABLE = (
 class BodyReader:
     """Watches the current request's body from before the decorators run.
 
-    :meth:`watch` costs nothing and reads nothing: it bounds the stream (for
-    whatever reads it first, a decorator included) and records what passes
-    through it, so that a decorator that parses ``request.form`` or ``files``
-    does not take the raw bytes away from the task. :meth:`read` then reads the
-    rest and checks the whole.
+    :meth:`watch` costs nothing and reads nothing: it bounds the stream, and if
+    something may read the body before the task does (``method_decorators``),
+    records what passes through it, so that a decorator that parses
+    ``request.form`` or ``files`` does not take the raw bytes away from the task.
+    :meth:`read` then reads the rest and checks the whole.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, recording: _RecordingInput | None) -> None:
         self.limit = limit
-        self.input = _RecordingInput(request.environ["wsgi.input"], limit)
+        self.recording = recording
 
     @classmethod
-    def watch(cls, limit: int) -> BodyReader:
-        """Bound the current request's body to ``limit`` bytes and record it."""
-        reader = cls(limit)
+    def watch(cls, limit: int, *, record: bool) -> BodyReader:
+        """Bound the current request's body to ``limit`` bytes; with ``record``,
+        keep what anything reads of it."""
         # werkzeug then bounds every read of the body, but stops a chunked one at
         # the limit without complaint: allow one byte more, so that a body over
-        # the limit shows (and the record refuses it).
+        # the limit shows (and is refused).
         request.max_content_length = limit + 1
-        request.environ["wsgi.input"] = reader.input
-        return reader
+        recording = None
+        if record:
+            environ = request.environ
+            recording = environ["wsgi.input"] = _RecordingInput(environ["wsgi.input"], limit)
+        return cls(limit, recording)
 
     def read(self) -> bytes:
         """The whole body; 413 or 400 (no task) if it is too large or incomplete."""
-        cached = request.get_data(cache=True)
-        # What a decorator's form parsing consumed is only in the record; a body
-        # read before the watch began (by a before_request hook) only in the cache.
-        body = cached if len(cached) >= self.input.size else self.input.recorded()
-        self.input.forget()
+        try:
+            body = request.get_data(cache=True)
+        except ClientDisconnected as e:
+            raise BadRequest(UNREADABLE) from e
+        except HTTPException:
+            raise
+        except Exception as e:
+            # Whatever the server raises for a body it cannot deliver (gunicorn:
+            # InvalidChunkSize, ChunkMissingTerminator) is the client's doing, not
+            # the app's: no 500, no traceback.
+            raise BadRequest(UNREADABLE) from e
+        recording = self.recording
+        if recording is not None:
+            # What a decorator's form parsing consumed is only in the record; a
+            # body read before the watch began (by a before_request hook) only in
+            # the cache.
+            if len(body) < recording.size:
+                body = recording.recorded()
+            recording.forget()
         if len(body) > self.limit:
             raise RequestEntityTooLarge()
-        declared = request.content_length
         # A server that terminates the input itself (gunicorn) hands over what
         # arrived before the client closed, and werkzeug does not count it then.
+        if request.environ.get("CONTENT_LENGTH") == str(len(body)):
+            return body  # the common case, without parsing headers
+        declared = request.content_length
         # Only a form parsed before the watch began leaves no body: the snapshot
         # encodes it again.
         if (
@@ -97,9 +121,7 @@ class _RecordingInput:
         except HTTPException:
             raise
         except Exception as e:
-            # Whatever the server raises for a body it cannot deliver (gunicorn:
-            # InvalidChunkSize, ChunkMissingTerminator, NoMoreData; a reset or a
-            # timeout of the socket): the client's fault, not the app's.
+            # As in BodyReader.read, for a decorator that reads the body.
             raise BadRequest(UNREADABLE) from e
 
     def _record(self, data: bytes) -> bytes:

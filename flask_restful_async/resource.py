@@ -74,14 +74,12 @@ class AsyncResource(Resource):
 
         method = request.method.lower()
         handler = getattr(self, method, None)
-        if handler is None:
-            if method == "head" and self._runs_in_background("get"):
+        if handler is None or method not in BACKGROUND_METHODS or method in self.sync_methods:
+            if handler is None and method == "head" and self._runs_get_in_background():
                 raise MethodNotAllowed(
                     valid_methods=_allowed_methods(),
                     description="HEAD is not served here: GET runs as a background task.",
                 )
-            return super().dispatch_request(*args, **kwargs)
-        if not self._runs_in_background(method):
             return super().dispatch_request(*args, **kwargs)
 
         state = get_state(current_app)
@@ -90,21 +88,21 @@ class AsyncResource(Resource):
         limit = request.max_content_length
         if limit is None or limit > state.max_body:
             limit = state.max_body
-        body = BodyReader.watch(limit)
+        if isinstance(self.method_decorators, Mapping):
+            decorators = self.method_decorators.get(method, [])
+        else:
+            decorators = self.method_decorators
+        body = BodyReader.watch(limit, record=bool(decorators))
         validate = getattr(self, f"validate_{method}", None)
 
         def accept(*accepted_args: t.Any, **accepted_kwargs: t.Any) -> t.Any:
             data = body.read()
             if validate is not None:
-                answer = current_app.ensure_sync(validate)(*accepted_args, **accepted_kwargs)
+                answer = state.app.ensure_sync(validate)(*accepted_args, **accepted_kwargs)
                 if answer is not None:
                     return answer
             return state.submit(self, method, accepted_args, accepted_kwargs, data)
 
-        if isinstance(self.method_decorators, Mapping):
-            decorators = self.method_decorators.get(method, [])
-        else:
-            decorators = self.method_decorators
         if decorators:
             # Decorators may look at the function they wrap (name, docstring, markers).
             functools.update_wrapper(accept, handler)
@@ -112,12 +110,8 @@ class AsyncResource(Resource):
                 accept = decorator(accept)
         return accept(*args, **kwargs)
 
-    def _runs_in_background(self, method: str) -> bool:
-        return (
-            method in BACKGROUND_METHODS
-            and method not in self.sync_methods
-            and getattr(self, method, None) is not None
-        )
+    def _runs_get_in_background(self) -> bool:
+        return "get" not in self.sync_methods and getattr(self, "get", None) is not None
 
 
 def _method_names(names: t.Collection[str], owner: str) -> frozenset[str]:
