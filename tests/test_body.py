@@ -34,16 +34,6 @@ from .servers import serve
 LIMIT = 1000
 
 
-class ReadCounter(io.BytesIO):
-    """A request body that tells whether anything read it."""
-
-    def read(self, size: int | None = -1) -> bytes:
-        self.touched = True
-        return super().read(size)
-
-    touched = False
-
-
 def authenticate(func: t.Callable[..., t.Any]) -> t.Callable[..., t.Any]:
     @functools.wraps(func)
     def wrapper(*args: t.Any, **kwargs: t.Any) -> t.Any:
@@ -69,13 +59,13 @@ def test_an_unauthenticated_body_over_the_cap_is_401_and_never_read(
     api.add_resource(Digest, "/digest")
     client = app.test_client()
     for size in (LIMIT + 1, 12 * LIMIT):
-        stream = ReadCounter(b"x" * size)
+        stream = io.BytesIO(b"x" * size)
         response = client.post(
             "/digest", input_stream=stream, content_length=size, content_type="text/plain"
         )
         assert response.status_code == 401, size
         assert response.json == {"message": "who are you?"}
-        assert not stream.touched
+        assert stream.tell() == 0  # not a byte read
     assert get_state(app).store.list(owner=None) == []
 
 
@@ -162,6 +152,75 @@ def test_a_form_a_decorator_parsed_reaches_the_task_byte_identical(
         "sha256": hashlib.sha256(body).hexdigest(),
         "form": {"b": "été", "token": "ok", "a": "1 2"},
     }
+
+
+class BrokenStream(io.BytesIO):
+    """A server's input that fails after its first bytes, as gunicorn's does on
+    bad chunks (werkzeug reads through ``readinto`` where there is one)."""
+
+    def read(self, size: int | None = -1) -> bytes:
+        self.fail_after_first()
+        return super().read(4)
+
+    def readinto(self, buffer: t.Any) -> int:
+        self.fail_after_first()
+        return super().readinto(memoryview(buffer)[:4])
+
+    def fail_after_first(self) -> None:
+        if self.tell():
+            raise RuntimeError("invalid chunk size")
+
+
+def read_json(func: t.Callable[..., t.Any]) -> t.Callable[..., t.Any]:
+    @functools.wraps(func)
+    def wrapper(*args: t.Any, **kwargs: t.Any) -> t.Any:
+        request.get_json(silent=True)
+        request.form.get("x")
+        return func(*args, **kwargs)
+
+    return wrapper
+
+
+class Plain(AsyncResource):
+    def post(self) -> t.Any:
+        return {}
+
+
+class Decorated(Plain):
+    method_decorators = [read_json]
+
+
+@pytest.mark.parametrize("resource", [Plain, Decorated])
+@pytest.mark.parametrize("content_type", ["application/json", "application/x-www-form-urlencoded"])
+def test_a_stream_that_breaks_or_ends_early_is_400_and_no_task(
+    make_app: AppFactory, resource: type[AsyncResource], content_type: str
+) -> None:
+    app, api = make_app()
+    api.add_resource(resource, "/broken")
+    client = app.test_client()
+    # A server that terminates the input itself, as gunicorn does: werkzeug then
+    # neither counts the bytes against Content-Length nor catches its errors.
+    terminated = {"wsgi.input_terminated": True}
+    broken = client.post(
+        "/broken",
+        input_stream=BrokenStream(b'{"x": "1"}'),
+        content_type=content_type,
+        headers={"Transfer-Encoding": "chunked"},
+        environ_overrides=terminated,
+    )
+    assert broken.status_code == 400
+    assert broken.json is not None
+    assert "could not be read" in broken.json["message"]
+    short = client.post(
+        "/broken",
+        input_stream=io.BytesIO(b"x=1"),
+        content_type=content_type,
+        environ_overrides={**terminated, "CONTENT_LENGTH": "1000"},
+    )
+    assert short.status_code == 400
+    assert short.json is not None
+    assert "incomplete" in short.json["message"]
+    assert get_state(app).store.list(owner=None) == []
 
 
 # -- under gunicorn, over raw sockets ------------------------------------------------
