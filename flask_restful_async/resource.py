@@ -52,7 +52,11 @@ class AsyncResource(Resource):
     arguments reaches the handler, but they do not see its return value (decorate
     the method itself, e.g. with ``marshal_with``, to transform results). Then the
     body is read (only for a request the decorators let through), and then
-    ``validate_<method>`` (e.g. ``validate_post``) if the resource has one.
+    ``validate_<method>`` (e.g. ``validate_post``) if the resource has one: it
+    runs in the request thread with the handler's arguments, rejects the request
+    with ``flask_restful.abort`` or by returning a response (as a Flask
+    ``before_request`` function can), and accepts it by returning None. What it
+    puts in ``g`` reaches the handler.
     """
 
     #: Names of methods that stay synchronous and answer as on a plain
