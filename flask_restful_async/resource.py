@@ -129,9 +129,9 @@ def _method_names(names: t.Collection[str], owner: str) -> frozenset[str]:
     if unknown:
         valid = ", ".join(sorted(BACKGROUND_METHODS))
         raise ValueError(
-            f"{owner}.sync_methods names {', '.join(map(repr, unknown))}, which is not a"
-            f" method an AsyncResource runs in the background; use some of {valid}"
-            " (any case). HEAD and OPTIONS never run in the background."
+            f"{owner}.sync_methods: {', '.join(map(repr, unknown))} is not the name of a"
+            f" method that runs in the background; use some of {valid} (any case)."
+            " HEAD and OPTIONS never run in the background."
         )
     return lowered
 
