@@ -10,8 +10,9 @@ from collections.abc import Mapping
 
 from flask import current_app, request
 from flask_restful import Resource
-from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.exceptions import MethodNotAllowed
 
+from .body import BodyReader
 from .state import get_state
 
 #: Methods an AsyncResource runs in the background when it implements them.
@@ -39,16 +40,33 @@ class AsyncResource(Resource):
     Each of ``get``, ``post``, ``put``, ``patch`` and ``delete`` that the class
     implements runs as a background task: the request is checked (the
     ``method_decorators`` run here, in the request thread), copied, and answered
-    with ``202 Accepted`` and a ``Location`` to poll. HEAD and OPTIONS are always
-    answered synchronously, as by a plain ``Resource``.
+    with ``202 Accepted`` and a ``Location`` to poll.
+
+    HEAD and OPTIONS never create a task. OPTIONS answers as on a plain
+    ``Resource``. HEAD runs the resource's own ``head`` if it has one, ``get`` if
+    ``get`` is synchronous (see :attr:`sync_methods`), and otherwise answers
+    ``405 Method Not Allowed`` with ``Allow``: a background ``get`` never runs in
+    the request thread.
 
     ``method_decorators`` run once, around the submission: what they do to the
     arguments reaches the handler, but they do not see its return value (decorate
-    the method itself, e.g. with ``marshal_with``, to transform results).
+    the method itself, e.g. with ``marshal_with``, to transform results). Then the
+    body is read (only for a request the decorators let through), and then
+    ``validate_<method>`` (e.g. ``validate_post``) if the resource has one: it
+    runs in the request thread with the handler's arguments, rejects the request
+    with ``flask_restful.abort`` or by returning a response (as a Flask
+    ``before_request`` function can), and accepts it by returning None. What it
+    puts in ``g`` reaches the handler.
     """
 
-    #: Lowercase names of methods that stay synchronous, e.g. ``("get",)``.
-    sync_methods: t.ClassVar[t.Collection[str]] = ()
+    #: Names of methods that stay synchronous and answer as on a plain
+    #: ``Resource``, e.g. ``("get",)``, in any case. An unknown name is refused
+    #: when the class is created.
+    sync_methods: t.ClassVar[t.Collection[str]] = frozenset()
+
+    def __init_subclass__(cls, **kwargs: t.Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.sync_methods = _method_names(cls.sync_methods, cls.__name__)
 
     def dispatch_request(self, *args: t.Any, **kwargs: t.Any) -> t.Any:
         replay = _cv_replay.get()
@@ -61,35 +79,65 @@ class AsyncResource(Resource):
         method = request.method.lower()
         handler = getattr(self, method, None)
         if handler is None or method not in BACKGROUND_METHODS or method in self.sync_methods:
+            if handler is None and method == "head" and self._runs_get_in_background():
+                raise MethodNotAllowed(
+                    valid_methods=_allowed_methods(),
+                    description="HEAD is not served here: GET runs as a background task.",
+                )
             return super().dispatch_request(*args, **kwargs)
 
         state = get_state(current_app)
-        # The body is held until the task starts: bound it before reading. werkzeug
-        # stops a chunked body at the limit without complaint, so read one byte
-        # more than allowed and refuse the body if that byte came: never a task
-        # with a silently truncated body.
+        # The body is held until the task starts: bound it (by the smaller of
+        # MAX_CONTENT_LENGTH and the task body cap) before anything reads it.
         limit = request.max_content_length
         if limit is None or limit > state.max_body:
             limit = state.max_body
-        request.max_content_length = limit + 1
-        # Read the whole body first, before a decorator can consume the stream:
-        # werkzeug then parses form and files from this cached copy.
-        body = request.get_data(cache=True)
-        if len(body) > limit:
-            raise RequestEntityTooLarge()
-
         if isinstance(self.method_decorators, Mapping):
             decorators = self.method_decorators.get(method, [])
         else:
             decorators = self.method_decorators
-        if not decorators:
-            return state.submit(self, method, args, kwargs, body)
+        body = BodyReader.watch(limit, record=bool(decorators))
+        validate = getattr(self, f"validate_{method}", None)
 
         def accept(*accepted_args: t.Any, **accepted_kwargs: t.Any) -> t.Any:
-            return state.submit(self, method, accepted_args, accepted_kwargs, body)
+            data = body.read()
+            if validate is not None:
+                answer = state.app.ensure_sync(validate)(*accepted_args, **accepted_kwargs)
+                if answer is not None:
+                    return answer
+            return state.submit(self, method, accepted_args, accepted_kwargs, data)
 
-        # Decorators may look at the function they wrap (name, docstring, markers).
-        functools.update_wrapper(accept, handler)
-        for decorator in decorators:
-            accept = decorator(accept)
+        if decorators:
+            # Decorators may look at the function they wrap (name, docstring, markers).
+            functools.update_wrapper(accept, handler)
+            for decorator in decorators:
+                accept = decorator(accept)
         return accept(*args, **kwargs)
+
+    def _runs_get_in_background(self) -> bool:
+        return "get" not in self.sync_methods and getattr(self, "get", None) is not None
+
+
+def _method_names(names: t.Collection[str], owner: str) -> frozenset[str]:
+    if isinstance(names, str | bytes) or not all(isinstance(name, str) for name in names):
+        raise TypeError(
+            f"{owner}.sync_methods must be a collection of method names, e.g. ('get',),"
+            f" not {names!r}"
+        )
+    lowered = frozenset(name.lower() for name in names)
+    unknown = sorted(name for name in names if name.lower() not in BACKGROUND_METHODS)
+    if unknown:
+        valid = ", ".join(sorted(BACKGROUND_METHODS))
+        raise ValueError(
+            f"{owner}.sync_methods: {', '.join(map(repr, unknown))} is not the name of a"
+            f" method that runs in the background; use some of {valid} (any case)."
+            " HEAD and OPTIONS never run in the background."
+        )
+    return lowered
+
+
+def _allowed_methods() -> list[str]:
+    """What the route allows, but HEAD: the ``Allow`` of a refused HEAD."""
+    rule = request.url_rule
+    methods = rule.methods if rule is not None and rule.methods is not None else set()
+    return sorted(methods - {"HEAD"})

@@ -60,8 +60,8 @@ class RequestSnapshot:
         args: tuple[t.Any, ...],
         kwargs: dict[str, t.Any],
     ) -> RequestSnapshot:
-        """Copy the current request. ``body`` is what ``request.get_data()`` read
-        before anything else could consume the stream."""
+        """Copy the current request. ``body`` is the whole raw body, as
+        :class:`~flask_restful_async.body.BodyReader` read it."""
         environ = {
             key: value
             for key, value in request.environ.items()
@@ -70,8 +70,8 @@ class RequestSnapshot:
         chunked = "HTTP_TRANSFER_ENCODING" in request.environ
         framed = chunked or "CONTENT_LENGTH" in request.environ
         if not body and (request.content_length or chunked) and (request.form or request.files):
-            # Something (a before_request hook) parsed the form before we could read
-            # the raw body: encode the parsed fields and files again.
+            # A before_request hook parsed the form before the body could be
+            # watched, so the raw bytes are gone: encode the fields and files again.
             body, content_type = _encode_parsed_form()
             environ["CONTENT_TYPE"] = content_type
         if body or framed:

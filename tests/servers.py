@@ -87,6 +87,7 @@ def serve(
     threads: int = 4,
     timeout: float = 20,
     stop_timeout: float = 10,
+    log: t.IO[bytes] | None = None,
 ) -> Iterator[str]:
     """Run ``app_spec`` (``"package.module:attr"``) under a server of ``kind``.
 
@@ -96,7 +97,9 @@ def serve(
     waits for a free worker instead of failing. ``env`` is added to the server's
     environment. ``threads`` only applies to ``gunicorn-gthread`` (werkzeug
     starts a thread per request). ``timeout`` bounds the start-up,
-    ``stop_timeout`` the graceful part of the shutdown.
+    ``stop_timeout`` the graceful part of the shutdown. The server's output
+    goes to ``log`` (a file opened for binary writing) if given, so that a test
+    can read it; to a temporary file otherwise.
 
     Raises :class:`ServerError` with the server's output if it does not answer
     within ``timeout``, exits during start-up, or has died by the time the
@@ -109,7 +112,8 @@ def serve(
     if kind == "werkzeug" and workers != 1:
         raise ValueError("the werkzeug server runs a single process: workers must be 1")
     with contextlib.ExitStack() as stack:
-        log = stack.enter_context(tempfile.TemporaryFile())
+        if log is None:
+            log = stack.enter_context(tempfile.TemporaryFile())
         with socket.create_server(("127.0.0.1", 0)) as listener:
             port = listener.getsockname()[1]
             proc = subprocess.Popen(

@@ -11,7 +11,7 @@ from datetime import datetime
 
 import pytest
 from flask import Flask, g, request
-from flask_restful import Resource, abort
+from flask_restful import Resource, abort, reqparse
 
 from flask_restful_async import AsyncResource, TaskState, current_task
 from flask_restful_async.state import get_state
@@ -139,10 +139,43 @@ def test_sync_methods_head_and_options_never_create_a_task(make_app: AppFactory)
     assert client.post("/mixed").status_code == 202
 
 
-def test_head_of_a_background_get_is_synchronous(make_app: AppFactory) -> None:
+def test_head_of_a_background_get_is_405_with_allow_and_never_runs_it(
+    make_app: AppFactory,
+) -> None:
+    ran: list[str] = []
+
     class Report(AsyncResource):
         def get(self) -> t.Any:
-            return {"rows": 1}, 200, {"X-Rows": "1"}
+            ran.append("get")
+            return {"rows": 1}
+
+        def post(self) -> t.Any:
+            return {}
+
+    app, api = make_app()
+    api.add_resource(Report, "/report")
+    client = app.test_client()
+    head = client.head("/report")
+    assert head.status_code == 405
+    assert head.headers["Allow"] == "GET, OPTIONS, POST"
+    assert head.headers["Content-Type"] == "application/json"
+    # HEAD has no body on the wire: the same answer to the same request as data.
+    with app.test_request_context("/report", method="HEAD"):
+        rendered = app.full_dispatch_request()
+    assert rendered.status_code == 405
+    assert rendered.json is not None
+    assert "GET runs as a background task" in rendered.json["message"]
+    assert ran == []
+    assert get_state(app).store.list(owner=None) == []
+
+
+def test_head_goes_to_the_resources_own_head(make_app: AppFactory) -> None:
+    class Report(AsyncResource):
+        def get(self) -> t.Any:
+            raise AssertionError("a background get never runs for HEAD")
+
+        def head(self) -> t.Any:
+            return {}, 200, {"X-Rows": "1"}
 
     app, api = make_app()
     api.add_resource(Report, "/report")
@@ -150,6 +183,128 @@ def test_head_of_a_background_get_is_synchronous(make_app: AppFactory) -> None:
     assert head.status_code == 200
     assert head.headers["X-Rows"] == "1"
     assert get_state(app).store.list(owner=None) == []
+
+
+def test_sync_methods_accept_any_case(make_app: AppFactory) -> None:
+    class Shout(AsyncResource):
+        sync_methods = ("GET", "Put")
+
+        def get(self) -> t.Any:
+            return {"sync": True}
+
+        def put(self) -> t.Any:
+            return {"sync": True}
+
+        def post(self) -> t.Any:
+            return {"sync": False}
+
+    app, api = make_app()
+    api.add_resource(Shout, "/shout")
+    client = app.test_client()
+    assert client.get("/shout").json == {"sync": True}
+    assert client.put("/shout").json == {"sync": True}
+    assert client.head("/shout").status_code == 200
+    assert get_state(app).store.list(owner=None) == []
+    assert client.post("/shout").status_code == 202
+
+
+@pytest.mark.parametrize(
+    ("names", "error", "message"),
+    [
+        (("gte",), ValueError, "'gte'"),
+        (("get", "HEAD"), ValueError, "'HEAD'"),
+        ("get", TypeError, "collection of method names"),
+    ],
+)
+def test_sync_methods_refuse_unknown_names_when_the_class_is_made(
+    names: t.Any, error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message) as raised:
+        type("Typo", (AsyncResource,), {"sync_methods": names, "get": lambda self: {}})
+    assert "Typo.sync_methods" in str(raised.value)
+    if error is ValueError:
+        assert "delete, get, patch, post, put" in str(raised.value)
+
+
+def test_validate_method_runs_in_the_request_thread_before_any_task(
+    make_app: AppFactory,
+) -> None:
+    parser = reqparse.RequestParser()
+    parser.add_argument("rows", type=int, required=True, location="json")
+    seen: dict[str, int] = {}
+
+    class Report(AsyncResource):
+        def validate_post(self, year: int) -> t.Any:
+            seen["validate"] = threading.get_ident()
+            if year < 2000:
+                return {"message": "too old"}, 422
+            g.report = dict(parser.parse_args())
+            return None
+
+        def post(self, year: int) -> t.Any:
+            seen["handler"] = threading.get_ident()
+            return {"year": year, "rows": g.report["rows"]}
+
+    app, api = make_app()
+    api.add_resource(Report, "/reports/<int:year>")
+    client = app.test_client()
+
+    missing = client.post("/reports/2026", json={})
+    assert missing.status_code == 400
+    assert missing.json is not None
+    assert "rows" in missing.json["message"]
+    old = client.post("/reports/1999", json={"rows": 3})
+    assert old.status_code == 422
+    assert old.json == {"message": "too old"}
+    assert get_state(app).store.list(owner=None) == []
+
+    accepted = client.post("/reports/2026", json={"rows": 3})
+    assert accepted.status_code == 202
+    assert wait_done(client, accepted.headers["Location"]).json == {"year": 2026, "rows": 3}
+    assert seen["validate"] == threading.get_ident()
+    assert seen["handler"] != threading.get_ident()
+
+
+def test_validate_runs_after_method_decorators_with_their_arguments(
+    make_app: AppFactory,
+) -> None:
+    calls: list[str] = []
+
+    def authenticate(func: t.Callable[..., t.Any]) -> t.Callable[..., t.Any]:
+        @functools.wraps(func)
+        def wrapper(*args: t.Any, **kwargs: t.Any) -> t.Any:
+            calls.append("decorator")
+            if request.headers.get("Authorization") != "Bearer ok":
+                abort(401, message="who are you?")
+            return func(*args, user="alice", **kwargs)
+
+        return wrapper
+
+    class Owned(AsyncResource):
+        method_decorators = [authenticate]
+
+        def validate_put(self, user: str) -> None:
+            calls.append(f"validate {user}")
+            abort(409, message="not now")
+
+        def put(self, user: str) -> t.Any:
+            return {}
+
+        def post(self, user: str) -> t.Any:
+            return {"user": user}
+
+    app, api = make_app()
+    api.add_resource(Owned, "/owned")
+    client = app.test_client()
+    assert client.put("/owned").status_code == 401
+    assert calls == ["decorator"]
+    conflict = client.put("/owned", headers={"Authorization": "Bearer ok"})
+    assert conflict.status_code == 409
+    assert conflict.json == {"message": "not now"}
+    assert calls == ["decorator", "decorator", "validate alice"]
+    assert get_state(app).store.list(owner=None) == []
+    accepted = client.post("/owned", headers={"Authorization": "Bearer ok"})
+    assert wait_done(client, accepted.headers["Location"]).json == {"user": "alice"}
 
 
 def test_async_def_handlers_run(make_app: AppFactory) -> None:
