@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import logging
 import time
 import typing as t
 
+from ..exceptions import StoreUnavailable
 from ..task import Progress, StoredResponse, Task, TaskState
+from .outages import OutageLog
 
 ACTIVE_STATES = (TaskState.QUEUED, TaskState.RUNNING)
 
@@ -90,6 +93,17 @@ class TaskStore(abc.ABC):
     def get(self, task_id: str) -> Task | None:
         """The task, a tombstone (``expired=True``) or None when unknown or gone."""
 
+    def get_owned(self, task_id: str, owner: str | None) -> Task | None:
+        """As :meth:`get`, for ``owner`` only: another owner's task is None, as an
+        unknown one is, and costs about as much to read (its response is never
+        loaded). The status URL reads tasks through this.
+
+        This default reads the task and then compares; stores override it to
+        compare first.
+        """
+        task = self.get(task_id)
+        return task if task is not None and task.owner == owner else None
+
     @abc.abstractmethod
     def start(self, task_id: str, worker: str) -> Task | None:
         """Move a queued task to running; None if it is no longer queued (cancelled)."""
@@ -128,7 +142,11 @@ class TaskStore(abc.ABC):
         limit: int = 50,
         before: str | None = None,
     ) -> list[Task]:
-        """Live (not expired) tasks of ``owner``, newest first, after the task ``before``."""
+        """Live (not expired) tasks of ``owner``, newest first, after the task ``before``.
+
+        A ``before`` that is not one of ``owner``'s tasks (unknown, or another
+        owner's) gives an empty list.
+        """
 
     @abc.abstractmethod
     def renew_lease(self, worker: str) -> None:
@@ -192,6 +210,24 @@ class TaskStore(abc.ABC):
         """
         while not stop.wait(1.0):
             pass
+
+    def unavailable(
+        self, kind: str, detail: str, *, retry_after: int = 1, level: int = logging.WARNING
+    ) -> StoreUnavailable:
+        """The error to raise for a failure of this store, of a ``kind`` such as
+        ``"unreachable"``: its message is the same generic one for every failure of
+        every store, since a 503 must not tell clients where the store lives;
+        ``detail`` goes to the log ``flask_restful_async.stores`` (prefixed with
+        :attr:`url`), at most once every
+        :data:`~flask_restful_async.stores.outages.LOG_INTERVAL` seconds per kind,
+        with a count of the records left out meanwhile.
+        """
+        log: OutageLog | None = self.__dict__.get("_outages")
+        if log is None:
+            log = self.__dict__.setdefault("_outages", OutageLog())
+        return log.unavailable(
+            kind, f"Task store {self.url}: {detail}", retry_after=retry_after, level=level
+        )
 
     def retention_view(self, task: Task, now: float) -> Task | None:
         """Apply the retention rules to a task as read: itself, a tombstone, or None."""

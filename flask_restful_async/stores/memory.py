@@ -64,6 +64,13 @@ class MemoryStore(TaskStore):
                 return None
             return self.retention_view(self._copy(task), time.time())
 
+    def get_owned(self, task_id: str, owner: str | None) -> Task | None:
+        with self._lock:
+            task = self._tasks.get(task_id)
+            if task is None or task.owner != owner:
+                return None
+            return self.retention_view(self._copy(task), time.time())
+
     def start(self, task_id: str, worker: str) -> Task | None:
         with self._lock:
             task = self._tasks.get(task_id)
@@ -133,7 +140,8 @@ class MemoryStore(TaskStore):
         skipping = before is not None
         for task in candidates:
             if skipping:
-                skipping = task.id != before
+                # Only the owner's own task is a cursor: any other id ends the list.
+                skipping = task.id != before or task.owner != owner
                 continue
             if task.owner != owner or (state is not None and task.state is not state):
                 continue

@@ -74,7 +74,6 @@ except ImportError as e:
         "The redis:// task store needs redis-py: pip install flask-restful-async[redis]"
     ) from e
 
-from ..exceptions import StoreUnavailable
 from ..task import Progress, StoredResponse, Task, TaskState
 from .base import ChangeCallback, Ending, StopSignal, TaskStore
 
@@ -105,7 +104,7 @@ _PRELUDE = """
 local prefix, now, result_ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local ttl_ms, result_due = ARGV[4], ARGV[5]
 local schedule = prefix .. 'expiry'
-local META = {'id', 'state', 'worker', 'ix', 'ik', 'finished_at', 'expired'}
+local META = {'id', 'state', 'worker', 'ix', 'ik', 'finished_at', 'expired', 'owner'}
 
 local function load(key)
   local values = redis.call('HMGET', key, unpack(META))
@@ -276,12 +275,17 @@ return 1
 """
 )
 
-# KEYS: task.
+# KEYS: task. ARGV[6]: '' for any owner, else '-' for none or '=' and the owner:
+# another owner's task is not there (nor is its response sent).
 _GET = (
     _PRELUDE
     + """
 local h = load(KEYS[1])
 if not h then return false end
+local wanted = ARGV[6]
+if wanted and wanted ~= '' and (h['owner'] and '=' .. h['owner'] or '-') ~= wanted then
+  return false
+end
 check_lease(KEYS[1], h)
 return redis.call('HGETALL', KEYS[1])
 """
@@ -490,11 +494,9 @@ class RedisStore(TaskStore):
         try:
             yield
         except BusyLoadingError as e:
-            raise StoreUnavailable(
-                f"Redis at {self.url} is loading its data set", retry_after=5
-            ) from e
+            raise self.unavailable("loading", "Redis is loading its data set", retry_after=5) from e
         except (RedisConnectionError, RedisTimeoutError) as e:
-            raise StoreUnavailable(f"Redis at {self.url} did not answer: {e}") from e
+            raise self.unavailable(type(e).__name__, f"Redis did not answer: {e}") from e
 
     def _clock(self, now: float) -> list[str | int]:
         """The arguments every script's prelude reads (see _PRELUDE)."""
@@ -529,9 +531,15 @@ class RedisStore(TaskStore):
         return _decode(reply[1])
 
     def get(self, task_id: str) -> Task | None:
+        return self._read(task_id, "")
+
+    def get_owned(self, task_id: str, owner: str | None) -> Task | None:
+        return self._read(task_id, "-" if owner is None else f"={owner}")
+
+    def _read(self, task_id: str, owner: str) -> Task | None:
         now = time.time()
         with self._reaching():
-            reply = self._get(keys=[self._task_key(task_id)], args=self._clock(now))
+            reply = self._get(keys=[self._task_key(task_id)], args=[*self._clock(now), owner])
         if reply is None:
             return None
         return self.retention_view(_decode(reply), now)
