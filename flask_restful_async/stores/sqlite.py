@@ -32,8 +32,8 @@ PURGE_BATCH = 500
 #: Seconds between purges started by submits (the lease renewal purges too).
 PURGE_INTERVAL = 5.0
 #: Pages (4 KiB) the write-ahead log may grow to before a writer checkpoints it
-#: itself, paying for the fsync inside a request (SQLite's default).
-WAL_AUTOCHECKPOINT_PAGES = 1000
+#: itself, paying for the fsync inside a request.
+WAL_AUTOCHECKPOINT_PAGES = 10_000
 #: Bytes the write-ahead log file is cut back to whenever SQLite starts it over
 #: (``PRAGMA journal_size_limit``); :meth:`SQLiteStore.maintain` empties it.
 WAL_SIZE_LIMIT = 4 * 1024 * 1024
