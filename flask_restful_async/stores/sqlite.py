@@ -202,6 +202,9 @@ class SQLiteStore(TaskStore):
     def _connect(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = None
         known = self._identity is not None
+        if known:
+            # Before opening: SQLite would recover the old file's log into a new one.
+            self._check_file()
         try:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
             conn = sqlite3.connect(
