@@ -36,6 +36,10 @@ from .services import free_port, require_redis
 RESPONSE = StoredResponse(201, [("Content-Type", "application/json"), ("X-A", "b")], b"{}\n")
 
 
+# A creation time for tasks that must keep their order: recent, since a task still
+# queued a day after its creation reads lost.
+BASE = time.time() - 3600
+
 # Redis db 15, under a prefix of each test's own, of which every key is deleted after.
 CONTRACT_REDIS_URL = "redis://127.0.0.1:6379/15"
 
@@ -173,8 +177,8 @@ def test_idempotency_key_returns_the_existing_task_per_owner(store: TaskStore) -
 def test_list_is_newest_first_owner_scoped_filtered_and_paged(store: TaskStore) -> None:
     mine = []
     for i in range(5):
-        mine.append(store.create(new_task(owner="alice", created_at=1000.0 + i)))
-        store.create(new_task(owner="bob", created_at=1000.5 + i))
+        mine.append(store.create(new_task(owner="alice", created_at=BASE + i)))
+        store.create(new_task(owner="bob", created_at=BASE + 0.5 + i))
     newest = [task.id for task in reversed(mine)]
     assert [task.id for task in store.list(owner="alice", limit=3)] == newest[:3]
     assert [task.id for task in store.list(owner="alice", limit=3, before=newest[2])] == newest[3:]
@@ -303,8 +307,8 @@ def test_purge_reclaims_in_batches_and_keeps_active_tasks(store: TaskStore) -> N
 
 
 def test_a_cursor_of_another_owner_lists_as_an_unknown_one(store: TaskStore) -> None:
-    older = [store.create(new_task(owner="bob", created_at=1000.0 + i)) for i in range(3)]
-    alices = store.create(new_task(owner="alice", created_at=2000.0))
+    older = [store.create(new_task(owner="bob", created_at=BASE + i)) for i in range(3)]
+    alices = store.create(new_task(owner="alice", created_at=BASE + 10))
     after_unknown = store.list(owner="bob", before=new_task_id())
     after_foreign = store.list(owner="bob", before=alices.id)
     assert after_foreign == after_unknown == []
@@ -455,3 +459,35 @@ def test_the_list_after_another_owners_id_answers_as_after_an_unknown_one(
     assert after_foreign.status_code == after_unknown.status_code == 200
     assert after_foreign.get_data() == after_unknown.get_data()
     assert after_foreign.json == {"tasks": [], "next": None}
+
+
+# --- a task no worker takes ---------------------------------------------------------
+
+
+def test_a_task_no_worker_started_within_queued_ttl_reads_lost(store: TaskStore) -> None:
+    store.configure(result_ttl=3600, tombstone_ttl=3600, lease=30, queued_ttl=60)
+    long_ago = time.time() - 61
+    stale = store.create(new_task(owner="o", created_at=long_ago))
+    stale_held = store.create(new_task(owner="o", created_at=long_ago - 1, worker="w"))
+    running = store.create(new_task(owner="o", created_at=long_ago - 2))
+    store.start(running.id, "w")
+    fresh = store.create(new_task(owner="o"))
+    # Listed by the state they read as, before any read of their own.
+    assert [t.id for t in store.list(owner="o", state=TaskState.QUEUED)] == [fresh.id]
+    lost = store.list(owner="o", state=TaskState.LOST)
+    assert {t.id for t in lost} == {stale.id, stale_held.id}
+    for task_id in (stale.id, stale_held.id):
+        found = store.get(task_id)
+        assert found is not None
+        assert found.state is TaskState.LOST
+        assert found.finished_at is not None
+    # Recorded so: no worker starts it any more, and it stays lost.
+    assert store.start(stale.id, "w") is None
+    assert store.request_cancel(stale.id) is not None
+    again = store.get(stale.id)
+    assert again is not None
+    assert again.state is TaskState.LOST
+    for task_id, state in ((running.id, TaskState.RUNNING), (fresh.id, TaskState.QUEUED)):
+        kept = store.get(task_id)
+        assert kept is not None
+        assert kept.state is state

@@ -62,7 +62,8 @@ class TaskStore(abc.ABC):
 
     Liveness: a queued or running task records the ``worker`` (process) that holds
     it, and every such process renews a lease of ``lease`` seconds. A task whose
-    worker's lease has lapsed reads as ``lost``, and is recorded so.
+    worker's lease has lapsed reads as ``lost``, and is recorded so; so does a task
+    still queued ``queued_ttl`` seconds after it was created (no worker took it).
     """
 
     #: The URL this store was made from (``memory://``, ``sqlite:///…``, ``redis://…``).
@@ -75,11 +76,21 @@ class TaskStore(abc.ABC):
     tombstone_ttl: float = 24 * 3600
     #: Seconds a worker's lease lasts after each renewal (``RESTFUL_ASYNC_LEASE``).
     lease: float = 30.0
+    #: Seconds a task may stay queued before it reads lost (``RESTFUL_ASYNC_QUEUED_TTL``).
+    queued_ttl: float = 24 * 3600
 
-    def configure(self, *, result_ttl: float, tombstone_ttl: float, lease: float) -> None:
+    def configure(
+        self,
+        *,
+        result_ttl: float,
+        tombstone_ttl: float,
+        lease: float,
+        queued_ttl: float = 24 * 3600,
+    ) -> None:
         self.result_ttl = result_ttl
         self.tombstone_ttl = tombstone_ttl
         self.lease = lease
+        self.queued_ttl = queued_ttl
 
     @abc.abstractmethod
     def create(self, task: Task) -> Task:

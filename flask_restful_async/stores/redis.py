@@ -95,16 +95,19 @@ LISTEN_PING_INTERVAL = 5.0
 #: response itself to every listening process, sparing waiters a read.
 ANNOUNCED_RESPONSE_MAX = 4096
 
-# Each script starts with this. ARGV[1..5] are the same for every script that
+# Each script starts with this. ARGV[1..6] are the same for every script that
 # uses it: the key prefix, the caller's clock, result_ttl (seconds), the TTL of a
-# finished task (milliseconds) and when a result finished now expires. Times
+# finished task (milliseconds), when a result finished now expires, and the
+# creation time before which a task still queued is lost (queued_ttl). Times
 # arrive as strings and are written back unchanged: Lua would format numbers with
 # 14 significant digits and so round the timestamps.
 _PRELUDE = """
 local prefix, now, result_ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local ttl_ms, result_due = ARGV[4], ARGV[5]
+local ttl_ms, result_due, queued_before = ARGV[4], ARGV[5], tonumber(ARGV[6])
 local schedule = prefix .. 'expiry'
-local META = {'id', 'state', 'worker', 'ix', 'ik', 'finished_at', 'expired', 'owner'}
+local META = {
+  'id', 'state', 'worker', 'ix', 'ik', 'finished_at', 'expired', 'owner', 'created_at'
+}
 
 local function load(key)
   local values = redis.call('HMGET', key, unpack(META))
@@ -150,17 +153,20 @@ local function conclude(key, h, state, news)
   redis.pcall('PUBLISH', prefix .. 'finished', news or h['id'])
 end
 
--- An active task whose worker no longer holds a lease is lost, and recorded so.
-local function check_lease(key, h)
+-- An active task whose worker no longer holds a lease is lost, and recorded so;
+-- so is a task that no worker started within queued_ttl.
+local function check_alive(key, h)
   local worker = h['worker']
   if worker and is_active(h['state'])
       and redis.call('EXISTS', prefix .. 'lease:' .. worker) == 0 then
+    conclude(key, h, 'lost')
+  elseif h['state'] == 'queued' and tonumber(h['created_at']) < queued_before then
     conclude(key, h, 'lost')
   end
 end
 """
 
-# KEYS: task, owner index[, idempotency key]. ARGV[6..]: id, created_at, worker
+# KEYS: task, owner index[, idempotency key]. ARGV[7..]: id, created_at, worker
 # ('' for none), then the hash's fields and values.
 _CREATE = (
     _PRELUDE
@@ -169,39 +175,39 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
   -- This very task: a retried call whose first attempt did get through.
   return {0, redis.call('HGETALL', KEYS[1])}
 end
-local id, worker = ARGV[6], ARGV[8]
+local id, worker = ARGV[7], ARGV[9]
 if KEYS[3] then
   local existing = redis.call('GET', KEYS[3])
   if existing then
     local key = prefix .. 'task:' .. existing
     local h = load(key)
     if h then
-      check_lease(key, h)
+      check_alive(key, h)
       if not is_expired(h) then return {0, redis.call('HGETALL', key)} end
     end
   end
 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 10))
-redis.call('ZADD', KEYS[2], ARGV[7], id)
+redis.call('HSET', KEYS[1], unpack(ARGV, 11))
+redis.call('ZADD', KEYS[2], ARGV[8], id)
 if KEYS[3] then redis.call('SET', KEYS[3], id) end
 if worker ~= '' then
   redis.call('SADD', prefix .. 'worker:' .. worker, id)
   -- Only the living worker itself creates its tasks: if Redis lost its lease
   -- (a restart without persistence, a flush), take it up again now rather than
   -- let the new task read as lost until the next renewal.
-  redis.call('SET', prefix .. 'lease:' .. worker, '1', 'PX', ARGV[9], 'NX')
+  redis.call('SET', prefix .. 'lease:' .. worker, '1', 'PX', ARGV[10], 'NX')
 end
 return {1}
 """
 )
 
-# KEYS: task. ARGV[6]: worker. started_at is the caller's clock.
+# KEYS: task. ARGV[7]: worker. started_at is the caller's clock.
 _START = (
     _PRELUDE
     + """
 local h = load(KEYS[1])
 if not h then return false end
-local worker = ARGV[6]
+local worker = ARGV[7]
 if h['state'] == 'running' and h['worker'] == worker
     and redis.call('HGET', KEYS[1], 'started_at') == now then
   -- This very call again (its reply was lost and redis-py retried it).
@@ -226,21 +232,21 @@ if found[2] then return 1 end
 return 0
 """
 
-# KEYS: task. ARGV[6..]: state, then '1', status, headers, body when there is a response.
+# KEYS: task. ARGV[7..]: state, then '1', status, headers, body when there is a response.
 _FINISH = (
     _PRELUDE
     + """
 local h = load(KEYS[1])
 if not h or not is_active(h['state']) then return 0 end
 local news = nil
-if ARGV[7] == '1' then
-  redis.call('HSET', KEYS[1], 'status', ARGV[8], 'headers', ARGV[9], 'body', ARGV[10])
-  if ARGV[11] == '1' then
+if ARGV[8] == '1' then
+  redis.call('HSET', KEYS[1], 'status', ARGV[9], 'headers', ARGV[10], 'body', ARGV[11])
+  if ARGV[12] == '1' then
     -- A small response goes out with the news: waiters need not read it back.
-    news = table.concat({h['id'], ARGV[6], now, ARGV[8], ARGV[9], ARGV[10]}, '\0')
+    news = table.concat({h['id'], ARGV[7], now, ARGV[9], ARGV[10], ARGV[11]}, '\0')
   end
 end
-conclude(KEYS[1], h, ARGV[6], news)
+conclude(KEYS[1], h, ARGV[7], news)
 return 1
 """
 )
@@ -251,7 +257,7 @@ _REQUEST_CANCEL = (
     + """
 local h = load(KEYS[1])
 if not h then return false end
-check_lease(KEYS[1], h)
+check_alive(KEYS[1], h)
 if is_expired(h) then return false end
 redis.call('HSET', KEYS[1], 'cancel', '1')
 if h['state'] == 'queued' then conclude(KEYS[1], h, 'cancelled') end
@@ -275,31 +281,31 @@ return 1
 """
 )
 
-# KEYS: task. ARGV[6]: '' for any owner, else '-' for none or '=' and the owner:
+# KEYS: task. ARGV[7]: '' for any owner, else '-' for none or '=' and the owner:
 # another owner's task is not there (nor is its response sent).
 _GET = (
     _PRELUDE
     + """
 local h = load(KEYS[1])
 if not h then return false end
-local wanted = ARGV[6]
+local wanted = ARGV[7]
 if wanted and wanted ~= '' and (h['owner'] and '=' .. h['owner'] or '-') ~= wanted then
   return false
 end
-check_lease(KEYS[1], h)
+check_alive(KEYS[1], h)
 return redis.call('HGETALL', KEYS[1])
 """
 )
 
-# KEYS: owner index. ARGV[6..]: cursor id ('' to start at the newest), the
+# KEYS: owner index. ARGV[7..]: cursor id ('' to start at the newest), the
 # cursor's score ('' if unknown), how many tasks are wanted, how many index
 # entries to look at at most, the state wanted ('' for any).
 # Returns {next cursor id or '', its score or '', task hashes...}.
 _LIST = (
     _PRELUDE
     + """
-local cursor, cursor_score = ARGV[6], ARGV[7]
-local want, scan, wanted_state = tonumber(ARGV[8]), tonumber(ARGV[9]), ARGV[10]
+local cursor, cursor_score = ARGV[7], ARGV[8]
+local want, scan, wanted_state = tonumber(ARGV[9]), tonumber(ARGV[10]), ARGV[11]
 local first = 0
 if cursor ~= '' then
   local rank = redis.call('ZREVRANK', KEYS[1], cursor)
@@ -323,7 +329,7 @@ for i = 1, #entries, 2 do
     -- Redis expired (or evicted) the task: drop its index entry on the way.
     redis.call('ZREM', KEYS[1], id)
   else
-    check_lease(key, h)
+    check_alive(key, h)
     if not is_expired(h) and (wanted_state == '' or h['state'] == wanted_state) then
       out[#out + 1] = redis.call('HGETALL', key)
     end
@@ -337,27 +343,27 @@ return out
 """
 )
 
-# KEYS: lease, worker's set. ARGV[6..]: worker, batch size.
+# KEYS: lease, worker's set. ARGV[7..]: worker, batch size.
 _RELEASE = (
     _PRELUDE
     + """
 redis.call('DEL', KEYS[1])
-local ids = redis.call('SPOP', KEYS[2], ARGV[7])
+local ids = redis.call('SPOP', KEYS[2], ARGV[8])
 for _, id in ipairs(ids) do
   local key = prefix .. 'task:' .. id
   local h = load(key)
-  if h and is_active(h['state']) and h['worker'] == ARGV[6] then conclude(key, h, 'lost') end
+  if h and is_active(h['state']) and h['worker'] == ARGV[7] then conclude(key, h, 'lost') end
 end
 return #ids
 """
 )
 
-# KEYS: expiry schedule. ARGV[6..]: batch size, tombstone_ttl (seconds).
+# KEYS: expiry schedule. ARGV[7..]: batch size, tombstone_ttl (seconds).
 # Returns {records changed, entries handled}.
 _PURGE = (
     _PRELUDE
     + """
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES', 'LIMIT', 0, ARGV[6])
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES', 'LIMIT', 0, ARGV[7])
 local changed = 0
 for i = 1, #due, 2 do
   local member = due[i]
@@ -373,7 +379,7 @@ for i = 1, #due, 2 do
     -- The result expired: keep a tombstone, free the response.
     redis.call('HDEL', key, 'status', 'headers', 'body', 'progress')
     redis.call('HSET', key, 'expired', '1')
-    redis.call('ZADD', KEYS[1], tonumber(due[i + 1]) + tonumber(ARGV[7]),
+    redis.call('ZADD', KEYS[1], tonumber(due[i + 1]) + tonumber(ARGV[8]),
       schedule_member('f', id, ix))
     changed = changed + 1
   else
@@ -506,6 +512,7 @@ class RedisStore(TaskStore):
             repr(float(self.result_ttl)),
             _ms(self.result_ttl + self.tombstone_ttl),
             repr(now + self.result_ttl),
+            repr(now - self.queued_ttl),
         ]
 
     def create(self, task: Task) -> Task:

@@ -123,6 +123,8 @@ _LAPSED = (
     "(t.worker IS NOT NULL AND coalesce("
     "(SELECT l.expires_at FROM leases AS l WHERE l.worker = t.worker), 0) < ?)"
 )
+# True for a task that no worker started in time (bind: now - queued_ttl).
+_STALE = "(t.state = 'queued' AND t.created_at < ?)"
 
 
 class SQLiteStore(TaskStore):
@@ -314,11 +316,13 @@ class SQLiteStore(TaskStore):
         )
 
     def _read(self, row: t.Sequence[t.Any], now: float) -> Task | None:
-        """A row of ``_SELECT`` as clients see it: lost if its lease lapsed, retention."""
+        """A row of ``_SELECT`` as clients see it: lost if its lease lapsed or it
+        waited too long for a worker, retention."""
         task = self._task(row)
         if row[1] in _ACTIVE_VALUES:
             lease_expires = row[15]
-            if task.worker is not None and (lease_expires is None or lease_expires < now):
+            lapsed = task.worker is not None and (lease_expires is None or lease_expires < now)
+            if lapsed or (row[1] == "queued" and row[2] < now - self.queued_ttl):
                 self._mark_lost(task, now)
             else:
                 return task
@@ -329,9 +333,9 @@ class SQLiteStore(TaskStore):
     def _mark_lost(self, task: Task, now: float) -> None:
         with self._writing() as conn:
             changed = conn.execute(
-                f"UPDATE tasks SET state = 'lost', finished_at = ?"
-                f" WHERE id = ? AND state IN {_ACTIVE} AND worker IS ?",
-                (now, task.id, task.worker),
+                "UPDATE tasks SET state = 'lost', finished_at = ?"
+                " WHERE id = ? AND state = ? AND worker IS ?",
+                (now, task.id, task.state.value, task.worker),
             ).rowcount
         if changed:
             task.state, task.finished_at = TaskState.LOST, now
@@ -483,11 +487,13 @@ class SQLiteStore(TaskStore):
         params.append(fresh_after)
         # Filter on the state as read: an active task whose lease lapsed is lost.
         if state in (TaskState.QUEUED, TaskState.RUNNING):
-            query.append(f"AND t.state = ? AND NOT {_LAPSED}")
-            params.extend([state.value, now])
+            query.append(f"AND t.state = ? AND NOT {_LAPSED} AND NOT {_STALE}")
+            params.extend([state.value, now, now - self.queued_ttl])
         elif state is TaskState.LOST:
-            query.append(f"AND (t.state = 'lost' OR (t.state IN {_ACTIVE} AND {_LAPSED}))")
-            params.append(now)
+            query.append(
+                f"AND (t.state = 'lost' OR (t.state IN {_ACTIVE} AND ({_LAPSED} OR {_STALE})))"
+            )
+            params.extend([now, now - self.queued_ttl])
         elif state is not None:
             query.append("AND t.state = ?")
             params.append(state.value)
