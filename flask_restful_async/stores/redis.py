@@ -95,15 +95,14 @@ LISTEN_PING_INTERVAL = 5.0
 #: response itself to every listening process, sparing waiters a read.
 ANNOUNCED_RESPONSE_MAX = 4096
 
-# Each script starts with this. ARGV[1..6] are the same for every script that
+# Each script starts with this. ARGV[1..5] are the same for every script that
 # uses it: the key prefix, the caller's clock, result_ttl (seconds), the TTL of a
-# finished task (milliseconds), when a result finished now expires, and the
-# creation time before which a task still queued is lost (queued_ttl). Times
+# finished task (milliseconds) and when a result finished now expires. Times
 # arrive as strings and are written back unchanged: Lua would format numbers with
 # 14 significant digits and so round the timestamps.
 _PRELUDE = """
 local prefix, now, result_ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local ttl_ms, result_due, queued_before = ARGV[4], ARGV[5], tonumber(ARGV[6])
+local ttl_ms, result_due = ARGV[4], ARGV[5]
 local schedule = prefix .. 'expiry'
 local META = {
   'id', 'state', 'worker', 'ix', 'ik', 'finished_at', 'expired', 'owner', 'created_at'
@@ -154,8 +153,9 @@ local function conclude(key, h, state, news)
 end
 
 -- An active task whose worker no longer holds a lease is lost, and recorded so;
--- so is a task that no worker started within queued_ttl.
-local function check_alive(key, h)
+-- so is a task still queued that was created before queued_before (a number):
+-- no worker started it within queued_ttl.
+local function check_alive(key, h, queued_before)
   local worker = h['worker']
   if worker and is_active(h['state'])
       and redis.call('EXISTS', prefix .. 'lease:' .. worker) == 0 then
@@ -166,8 +166,9 @@ local function check_alive(key, h)
 end
 """
 
-# KEYS: task, owner index[, idempotency key]. ARGV[7..]: id, created_at, worker
-# ('' for none), then the hash's fields and values.
+# KEYS: task, owner index[, idempotency key]. ARGV[6..]: id, created_at, worker
+# ('' for none), the lease (ms), queued_before (see check_alive), then the hash's
+# fields and values.
 _CREATE = (
     _PRELUDE
     + """
@@ -175,39 +176,39 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
   -- This very task: a retried call whose first attempt did get through.
   return {0, redis.call('HGETALL', KEYS[1])}
 end
-local id, worker = ARGV[7], ARGV[9]
+local id, worker = ARGV[6], ARGV[8]
 if KEYS[3] then
   local existing = redis.call('GET', KEYS[3])
   if existing then
     local key = prefix .. 'task:' .. existing
     local h = load(key)
     if h then
-      check_alive(key, h)
+      check_alive(key, h, tonumber(ARGV[10]))
       if not is_expired(h) then return {0, redis.call('HGETALL', key)} end
     end
   end
 end
 redis.call('HSET', KEYS[1], unpack(ARGV, 11))
-redis.call('ZADD', KEYS[2], ARGV[8], id)
+redis.call('ZADD', KEYS[2], ARGV[7], id)
 if KEYS[3] then redis.call('SET', KEYS[3], id) end
 if worker ~= '' then
   redis.call('SADD', prefix .. 'worker:' .. worker, id)
   -- Only the living worker itself creates its tasks: if Redis lost its lease
   -- (a restart without persistence, a flush), take it up again now rather than
   -- let the new task read as lost until the next renewal.
-  redis.call('SET', prefix .. 'lease:' .. worker, '1', 'PX', ARGV[10], 'NX')
+  redis.call('SET', prefix .. 'lease:' .. worker, '1', 'PX', ARGV[9], 'NX')
 end
 return {1}
 """
 )
 
-# KEYS: task. ARGV[7]: worker. started_at is the caller's clock.
+# KEYS: task. ARGV[6]: worker. started_at is the caller's clock.
 _START = (
     _PRELUDE
     + """
 local h = load(KEYS[1])
 if not h then return false end
-local worker = ARGV[7]
+local worker = ARGV[6]
 if h['state'] == 'running' and h['worker'] == worker
     and redis.call('HGET', KEYS[1], 'started_at') == now then
   -- This very call again (its reply was lost and redis-py retried it).
@@ -232,32 +233,32 @@ if found[2] then return 1 end
 return 0
 """
 
-# KEYS: task. ARGV[7..]: state, then '1', status, headers, body when there is a response.
+# KEYS: task. ARGV[6..]: state, then '1', status, headers, body when there is a response.
 _FINISH = (
     _PRELUDE
     + """
 local h = load(KEYS[1])
 if not h or not is_active(h['state']) then return 0 end
 local news = nil
-if ARGV[8] == '1' then
-  redis.call('HSET', KEYS[1], 'status', ARGV[9], 'headers', ARGV[10], 'body', ARGV[11])
-  if ARGV[12] == '1' then
+if ARGV[7] == '1' then
+  redis.call('HSET', KEYS[1], 'status', ARGV[8], 'headers', ARGV[9], 'body', ARGV[10])
+  if ARGV[11] == '1' then
     -- A small response goes out with the news: waiters need not read it back.
-    news = table.concat({h['id'], ARGV[7], now, ARGV[9], ARGV[10], ARGV[11]}, '\0')
+    news = table.concat({h['id'], ARGV[6], now, ARGV[8], ARGV[9], ARGV[10]}, '\0')
   end
 end
-conclude(KEYS[1], h, ARGV[7], news)
+conclude(KEYS[1], h, ARGV[6], news)
 return 1
 """
 )
 
-# KEYS: task.
+# KEYS: task. ARGV[6]: queued_before (see check_alive).
 _REQUEST_CANCEL = (
     _PRELUDE
     + """
 local h = load(KEYS[1])
 if not h then return false end
-check_alive(KEYS[1], h)
+check_alive(KEYS[1], h, tonumber(ARGV[6]))
 if is_expired(h) then return false end
 redis.call('HSET', KEYS[1], 'cancel', '1')
 if h['state'] == 'queued' then conclude(KEYS[1], h, 'cancelled') end
@@ -281,31 +282,34 @@ return 1
 """
 )
 
-# KEYS: task. ARGV[7]: '' for any owner, else '-' for none or '=' and the owner:
-# another owner's task is not there (nor is its response sent).
+# KEYS: task. ARGV[6]: '' for any owner, else '-' for none or '=' and the owner:
+# another owner's task is not there (nor is its response sent). ARGV[7]:
+# queued_before (see check_alive).
 _GET = (
     _PRELUDE
     + """
 local h = load(KEYS[1])
 if not h then return false end
-local wanted = ARGV[7]
+local wanted = ARGV[6]
 if wanted and wanted ~= '' and (h['owner'] and '=' .. h['owner'] or '-') ~= wanted then
   return false
 end
-check_alive(KEYS[1], h)
+check_alive(KEYS[1], h, tonumber(ARGV[7]))
 return redis.call('HGETALL', KEYS[1])
 """
 )
 
-# KEYS: owner index. ARGV[7..]: cursor id ('' to start at the newest), the
+# KEYS: owner index. ARGV[6..]: cursor id ('' to start at the newest), the
 # cursor's score ('' if unknown), how many tasks are wanted, how many index
-# entries to look at at most, the state wanted ('' for any).
+# entries to look at at most, the state wanted ('' for any), queued_before (see
+# check_alive).
 # Returns {next cursor id or '', its score or '', task hashes...}.
 _LIST = (
     _PRELUDE
     + """
-local cursor, cursor_score = ARGV[7], ARGV[8]
-local want, scan, wanted_state = tonumber(ARGV[9]), tonumber(ARGV[10]), ARGV[11]
+local cursor, cursor_score = ARGV[6], ARGV[7]
+local want, scan, wanted_state = tonumber(ARGV[8]), tonumber(ARGV[9]), ARGV[10]
+local queued_before = tonumber(ARGV[11])
 local first = 0
 if cursor ~= '' then
   local rank = redis.call('ZREVRANK', KEYS[1], cursor)
@@ -329,7 +333,7 @@ for i = 1, #entries, 2 do
     -- Redis expired (or evicted) the task: drop its index entry on the way.
     redis.call('ZREM', KEYS[1], id)
   else
-    check_alive(key, h)
+    check_alive(key, h, queued_before)
     if not is_expired(h) and (wanted_state == '' or h['state'] == wanted_state) then
       out[#out + 1] = redis.call('HGETALL', key)
     end
@@ -343,27 +347,27 @@ return out
 """
 )
 
-# KEYS: lease, worker's set. ARGV[7..]: worker, batch size.
+# KEYS: lease, worker's set. ARGV[6..]: worker, batch size.
 _RELEASE = (
     _PRELUDE
     + """
 redis.call('DEL', KEYS[1])
-local ids = redis.call('SPOP', KEYS[2], ARGV[8])
+local ids = redis.call('SPOP', KEYS[2], ARGV[7])
 for _, id in ipairs(ids) do
   local key = prefix .. 'task:' .. id
   local h = load(key)
-  if h and is_active(h['state']) and h['worker'] == ARGV[7] then conclude(key, h, 'lost') end
+  if h and is_active(h['state']) and h['worker'] == ARGV[6] then conclude(key, h, 'lost') end
 end
 return #ids
 """
 )
 
-# KEYS: expiry schedule. ARGV[7..]: batch size, tombstone_ttl (seconds).
+# KEYS: expiry schedule. ARGV[6..]: batch size, tombstone_ttl (seconds).
 # Returns {records changed, entries handled}.
 _PURGE = (
     _PRELUDE
     + """
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES', 'LIMIT', 0, ARGV[7])
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES', 'LIMIT', 0, ARGV[6])
 local changed = 0
 for i = 1, #due, 2 do
   local member = due[i]
@@ -379,7 +383,7 @@ for i = 1, #due, 2 do
     -- The result expired: keep a tombstone, free the response.
     redis.call('HDEL', key, 'status', 'headers', 'body', 'progress')
     redis.call('HSET', key, 'expired', '1')
-    redis.call('ZADD', KEYS[1], tonumber(due[i + 1]) + tonumber(ARGV[8]),
+    redis.call('ZADD', KEYS[1], tonumber(due[i + 1]) + tonumber(ARGV[7]),
       schedule_member('f', id, ix))
     changed = changed + 1
   else
@@ -512,8 +516,11 @@ class RedisStore(TaskStore):
             repr(float(self.result_ttl)),
             _ms(self.result_ttl + self.tombstone_ttl),
             repr(now + self.result_ttl),
-            repr(now - self.queued_ttl),
         ]
+
+    def _queued_before(self, now: float) -> str:
+        """The creation time before which a task still queued is lost."""
+        return repr(now - self.queued_ttl)
 
     def create(self, task: Task) -> Task:
         fields = _encode(task)
@@ -529,6 +536,7 @@ class RedisStore(TaskStore):
             repr(float(task.created_at)),
             task.worker or "",
             _ms(self.lease),
+            self._queued_before(time.time()),
             *fields,
         ]
         with self._reaching():
@@ -546,7 +554,8 @@ class RedisStore(TaskStore):
     def _read(self, task_id: str, owner: str) -> Task | None:
         now = time.time()
         with self._reaching():
-            reply = self._get(keys=[self._task_key(task_id)], args=[*self._clock(now), owner])
+            args = [*self._clock(now), owner, self._queued_before(now)]
+            reply = self._get(keys=[self._task_key(task_id)], args=args)
         if reply is None:
             return None
         return self.retention_view(_decode(reply), now)
@@ -588,7 +597,8 @@ class RedisStore(TaskStore):
     def request_cancel(self, task_id: str) -> Task | None:
         now = time.time()
         with self._reaching():
-            reply = self._request_cancel(keys=[self._task_key(task_id)], args=self._clock(now))
+            args = [*self._clock(now), self._queued_before(now)]
+            reply = self._request_cancel(keys=[self._task_key(task_id)], args=args)
         if reply is None:
             return None
         view = self.retention_view(_decode(reply), now)
@@ -625,6 +635,7 @@ class RedisStore(TaskStore):
                 limit - len(found),
                 LIST_SCAN,
                 state.value if state is not None else "",
+                self._queued_before(now),
             ]
             with self._reaching():
                 reply = self._list(keys=[owner_key], args=args)
