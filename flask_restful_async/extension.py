@@ -41,6 +41,8 @@ DEFAULTS: dict[str, t.Any] = {
     # Seconds a process's lease lasts; renewed every third of it. A task whose
     # process stopped renewing reads as lost after at most this long.
     "RESTFUL_ASYNC_LEASE": 30,
+    # Seconds a task may wait for a worker; still queued after that, it reads lost.
+    "RESTFUL_ASYNC_QUEUED_TTL": 24 * 3600,
     # The Retry-After (seconds) of a 202 when the handler reports no progress.
     "RESTFUL_ASYNC_RETRY_AFTER": 1,
     # The largest Retry-After (seconds) estimated from a handler's progress.
@@ -227,6 +229,7 @@ def _make_state(
         result_ttl=float(config["RESTFUL_ASYNC_RESULT_TTL"]),
         tombstone_ttl=float(config["RESTFUL_ASYNC_TOMBSTONE_TTL"]),
         lease=float(config["RESTFUL_ASYNC_LEASE"]),
+        queued_ttl=float(config["RESTFUL_ASYNC_QUEUED_TTL"]),
     )
     if executor is None:
         executor = ThreadExecutor(

@@ -135,8 +135,9 @@ def find_task(state: AsyncState, task_id: str) -> Task | None:
     """The caller's task with that id, or None (never a store lookup for a bad id)."""
     if not is_valid_task_id(task_id):
         return None
-    task = state.store.get(task_id)
-    if task is None or task.owner != state.identity():
+    owner = state.identity()
+    task = state.store.get_owned(task_id, owner)
+    if task is None or task.owner != owner:
         return None
     return task
 

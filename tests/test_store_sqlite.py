@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import random
 import sqlite3
+import subprocess
+import sys
+import threading
+import time
 import typing as t
 from pathlib import Path
 
@@ -10,11 +17,14 @@ import pytest
 from flask import Flask, request
 from flask_restful import Api
 
-from flask_restful_async import AsyncResource, TaskState, register_async
+from flask_restful_async import AsyncResource, StoreUnavailable, Task, TaskState, register_async
 from flask_restful_async.state import get_state
 from flask_restful_async.stores import SQLiteStore, open_store
+from flask_restful_async.stores import sqlite as sqlite_store
+from flask_restful_async.stores.outages import MESSAGE
+from flask_restful_async.task import StoredResponse, new_task_id
 
-from .conftest import AppFactory, wait_done
+from .conftest import AppFactory, wait_done, wait_for
 
 
 class Echo(AsyncResource):
@@ -150,10 +160,151 @@ def test_a_file_of_another_layout_is_refused_with_a_503(
     api.add_resource(Echo, "/echo")
     response = app.test_client().post("/echo", json={"a": 1})
     assert response.status_code == 503
-    assert "is not a task store of this version" in response.json["message"]
+    assert response.json["message"] == MESSAGE
     assert response.headers["Retry-After"]
+    # The operator learns which file, and why; the client neither.
+    assert str(path) in caplog.text
     assert "is not a task store of this version" in caplog.text
     with sqlite3.connect(path) as conn:  # untouched
         assert conn.execute("PRAGMA user_version").fetchone()[0] in (0, 999)
     conn.close()
     get_state(app).close()
+
+
+# --- the file removed or replaced under a running store ---------------------------
+
+
+def other_store_file(tmp_path: Path) -> Path:
+    """A valid task store file of its own, to move over the one in use."""
+    other = tmp_path / "elsewhere" / "tasks.db"
+    made = SQLiteStore(str(other))
+    made.renew_lease("someone")
+    made.maintain()
+    made.close()
+    return other
+
+
+@pytest.mark.parametrize("change", ["removed", "replaced"])
+def test_a_file_removed_or_replaced_under_the_store_is_a_503_and_an_error(
+    tmp_path: Path,
+    change: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(sqlite_store, "FILE_CHECK_INTERVAL", 0.05)
+    path = tmp_path / "tasks.db"
+    app = Flask(__name__, instance_path=str(tmp_path / "instance"))
+    api = Api(app)
+    register_async(api, store=f"sqlite:///{path}", owner=lambda: "alice")
+    api.add_resource(Echo, "/echo")
+    client = app.test_client()
+    try:
+        location = client.post("/echo", json=1).headers["Location"]
+        assert wait_done(client, location).status_code == 200
+        replacement = other_store_file(tmp_path) if change == "replaced" else None
+        # Another process changes the file, while this one keeps its connections.
+        subprocess.run(
+            [sys.executable, "-c", CHANGE_FILE, str(path), str(replacement or "")],
+            check=True,
+            timeout=30,
+        )
+        time.sleep(0.1)
+        with caplog.at_level(logging.ERROR, logger="flask_restful_async.stores"):
+            answers = [
+                client.get(location),
+                client.post("/echo", json=2),
+                client.get("/tasks"),
+            ]
+            # A thread that connects afterwards gets no new file of its own.
+            in_thread: list[int] = []
+            thread = threading.Thread(
+                target=lambda: in_thread.append(client.get(location).status_code)
+            )
+            thread.start()
+            thread.join(10)
+        for answer in answers:
+            assert answer.status_code == 503
+            assert answer.json == {"message": MESSAGE}
+            assert answer.headers["Retry-After"]
+        assert in_thread == [503]
+        assert str(path) in caplog.text
+        assert "removed or replaced" in caplog.text
+        assert path.exists() is (change == "replaced")
+    finally:
+        get_state(app).close()
+
+
+CHANGE_FILE = """
+import os, sys
+path, replacement = sys.argv[1], sys.argv[2]
+if replacement:
+    os.replace(replacement, path)
+else:
+    os.unlink(path)
+"""
+
+
+def test_the_listener_notices_a_removed_file_without_any_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(sqlite_store, "FILE_CHECK_INTERVAL", 0.05)
+    store = SQLiteStore(str(tmp_path / "tasks.db"))
+    store.renew_lease("w")
+    stop = threading.Event()
+    listener = threading.Thread(target=store.listen, args=(lambda *_: None, stop))
+    with caplog.at_level(logging.ERROR, logger="flask_restful_async.stores"):
+        listener.start()
+        try:
+            os.unlink(tmp_path / "tasks.db")
+            wait_for(lambda: "removed or replaced" in caplog.text, timeout=5)
+        finally:
+            stop.set()
+            listener.join(5)
+            store.close()
+    with pytest.raises(StoreUnavailable):
+        store.get(new_task_id())
+
+
+# --- the write-ahead log stays bounded ----------------------------------------------
+
+
+def test_the_write_ahead_log_stays_bounded_under_polls(tmp_path: Path) -> None:
+    """Polls that never stop kept every checkpoint from starting the log over: it
+    grew to tens of MB and stayed there. After maintain() it is at most
+    WAL_SIZE_LIMIT (the README's bound)."""
+    path = tmp_path / "tasks.db"
+    store = SQLiteStore(str(path))
+    store.configure(result_ttl=3600, tombstone_ttl=3600, lease=60)
+    store.renew_lease("w")
+    response = StoredResponse(200, [("Content-Type", "application/json")], b"x" * 2000)
+    ids: list[str] = []
+    stop = threading.Event()
+
+    def write(count: int) -> None:
+        for _ in range(count):
+            task = store.create(Task(id=new_task_id()))
+            ids.append(task.id)
+            store.start(task.id, "w")
+            store.finish(task.id, TaskState.SUCCEEDED, response)
+
+    def poll() -> None:
+        while not stop.is_set():
+            if ids:
+                store.get(random.choice(ids))
+
+    pollers = [threading.Thread(target=poll) for _ in range(3)]
+    writers = [threading.Thread(target=write, args=(700,)) for _ in range(3)]
+    try:
+        for thread in pollers + writers:
+            thread.start()
+        for thread in writers:
+            thread.join(120)
+        store.maintain()  # while the polls go on
+        wal = Path(f"{path}-wal").stat().st_size
+    finally:
+        stop.set()
+        for thread in pollers:
+            thread.join(10)
+        store.close()
+    assert len(ids) == 2100
+    assert wal <= sqlite_store.WAL_SIZE_LIMIT, wal

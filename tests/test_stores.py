@@ -3,22 +3,42 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import secrets
+import sqlite3
+import statistics
 import threading
 import time
 import typing as t
 from pathlib import Path
 
 import pytest
+from flask import Flask, request
+from flask_restful import Api
 
-from flask_restful_async import MemoryStore, Progress, Task, TaskState, TaskStore
+from flask_restful_async import (
+    AsyncResource,
+    MemoryStore,
+    Progress,
+    Task,
+    TaskState,
+    TaskStore,
+    register_async,
+)
+from flask_restful_async.state import get_state
 from flask_restful_async.stores import SQLiteStore
+from flask_restful_async.stores.outages import MESSAGE, OutageLog
 from flask_restful_async.task import StoredResponse, new_task_id
 
-from .services import require_redis
+from .conftest import AppFactory, wait_for
+from .services import free_port, require_redis
 
 RESPONSE = StoredResponse(201, [("Content-Type", "application/json"), ("X-A", "b")], b"{}\n")
 
+
+# A creation time for tasks that must keep their order: recent, since a task still
+# queued a day after its creation reads lost.
+BASE = time.time() - 3600
 
 # Redis db 15, under a prefix of each test's own, of which every key is deleted after.
 CONTRACT_REDIS_URL = "redis://127.0.0.1:6379/15"
@@ -61,6 +81,11 @@ def shared_store(request: pytest.FixtureRequest, tmp_path: Path) -> t.Iterator[T
     """The stores that several processes share, and so keep leases."""
     with made_store(request.param, tmp_path) as made:
         yield made
+
+
+class Echo(AsyncResource):
+    def post(self) -> t.Any:
+        return {"echo": request.get_json()}
 
 
 def new_task(**fields: t.Any) -> Task:
@@ -152,8 +177,8 @@ def test_idempotency_key_returns_the_existing_task_per_owner(store: TaskStore) -
 def test_list_is_newest_first_owner_scoped_filtered_and_paged(store: TaskStore) -> None:
     mine = []
     for i in range(5):
-        mine.append(store.create(new_task(owner="alice", created_at=1000.0 + i)))
-        store.create(new_task(owner="bob", created_at=1000.5 + i))
+        mine.append(store.create(new_task(owner="alice", created_at=BASE + i)))
+        store.create(new_task(owner="bob", created_at=BASE + 0.5 + i))
     newest = [task.id for task in reversed(mine)]
     assert [task.id for task in store.list(owner="alice", limit=3)] == newest[:3]
     assert [task.id for task in store.list(owner="alice", limit=3, before=newest[2])] == newest[3:]
@@ -276,3 +301,193 @@ def test_purge_reclaims_in_batches_and_keeps_active_tasks(store: TaskStore) -> N
     kept = store.get(active.id)
     assert kept is not None
     assert kept.state is TaskState.QUEUED
+
+
+# --- another owner's id tells nothing -------------------------------------------
+
+
+def test_a_cursor_of_another_owner_lists_as_an_unknown_one(store: TaskStore) -> None:
+    older = [store.create(new_task(owner="bob", created_at=BASE + i)) for i in range(3)]
+    alices = store.create(new_task(owner="alice", created_at=BASE + 10))
+    after_unknown = store.list(owner="bob", before=new_task_id())
+    after_foreign = store.list(owner="bob", before=alices.id)
+    assert after_foreign == after_unknown == []
+    # the owner's own cursor still pages
+    assert [t.id for t in store.list(owner="bob", before=older[2].id)] == [
+        older[1].id,
+        older[0].id,
+    ]
+
+
+def test_get_owned_answers_another_owners_task_as_unknown(store: TaskStore) -> None:
+    alices = store.create(new_task(owner="alice"))
+    store.start(alices.id, "w")
+    store.finish(alices.id, TaskState.SUCCEEDED, RESPONSE)
+    anonymous = store.create(new_task(owner=None))
+    mine = store.get_owned(alices.id, "alice")
+    assert mine is not None
+    assert mine.response == RESPONSE
+    assert store.get_owned(alices.id, "bob") is None
+    assert store.get_owned(alices.id, None) is None
+    assert store.get_owned(new_task_id(), "bob") is None
+    assert store.get_owned(anonymous.id, "alice") is None
+    found = store.get_owned(anonymous.id, None)
+    assert found is not None
+    assert found.id == anonymous.id
+
+
+def test_another_owners_large_result_reads_as_fast_as_an_unknown_id(store: TaskStore) -> None:
+    """The store compares the owner before it loads the response: a 2 MB result
+    costs bob's read nothing (medians of interleaved reads; loading it would take
+    ten to a hundred times an unknown id's read)."""
+    big = StoredResponse(200, [("Content-Type", "application/octet-stream")], b"x" * 2_000_000)
+    alices = store.create(new_task(owner="alice"))
+    store.start(alices.id, "w")
+    store.finish(alices.id, TaskState.SUCCEEDED, big)
+    unknown = new_task_id()
+    foreign_times, unknown_times = [], []
+    for _ in range(60):
+        for task_id, times in ((alices.id, foreign_times), (unknown, unknown_times)):
+            started = time.perf_counter()
+            assert store.get_owned(task_id, "bob") is None
+            times.append(time.perf_counter() - started)
+    foreign, unknown_median = statistics.median(foreign_times), statistics.median(unknown_times)
+    assert foreign < 3 * unknown_median + 0.0002, (foreign, unknown_median)
+
+
+# --- a store that fails tells clients nothing of where it lives ---------------------
+
+
+def failing_store(kind: str, tmp_path: Path) -> tuple[str, list[str]]:
+    """A store URL that fails as ``kind`` says, and what must stay out of answers."""
+    path = tmp_path / "tasks.db"
+    if kind == "redis down":
+        port = free_port()  # nothing listens there
+        return f"redis://ops-user:s3cret@127.0.0.1:{port}/3", [
+            "127.0.0.1",
+            str(port),
+            "ops-user",
+            "s3cret",
+            "redis://",
+        ]
+    if kind == "sqlite other layout":
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            conn.execute("CREATE TABLE tasks (id TEXT PRIMARY KEY, response_body BLOB)")
+            conn.commit()
+    elif kind == "sqlite not a database":
+        path.write_bytes(b"not a database at all" * 100)
+    else:  # a folder that cannot be made: a file is in the way
+        (tmp_path / "a-file").write_text("in the way")
+        path = tmp_path / "a-file" / "tasks.db"
+    return f"sqlite:///{path}", [str(tmp_path), "tasks.db", "a-file", "sqlite://"]
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["redis down", "sqlite other layout", "sqlite not a database", "sqlite cannot be made"],
+)
+def test_a_failing_store_answers_a_generic_503_and_logs_the_detail(
+    kind: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    url, secrets_ = failing_store(kind, tmp_path)
+    app = Flask(__name__, instance_path=str(tmp_path / "instance"))
+    api = Api(app)
+    register_async(api, store=url, owner=lambda: "alice")
+    api.add_resource(Echo, "/echo")
+    client = app.test_client()
+    try:
+        with caplog.at_level(logging.WARNING, logger="flask_restful_async.stores"):
+            answers = [
+                client.post("/echo", json={"a": 1}),
+                client.get("/tasks/" + new_task_id()),
+                client.get("/tasks"),
+                client.delete("/tasks/" + new_task_id()),
+                client.post("/echo", json={"a": 2}),
+            ]
+    finally:
+        get_state(app).close()
+    for answer in answers:
+        assert answer.status_code == 503
+        assert answer.json == {"message": MESSAGE}
+        assert int(answer.headers["Retry-After"]) >= 1
+        shown = answer.get_data(as_text=True) + str(answer.headers)
+        for secret in secrets_:
+            assert secret not in shown
+    logged = [r for r in caplog.records if r.name == "flask_restful_async.stores"]
+    assert logged, "the detail is logged"
+    # Five failures of one kind: logged once (rate-limited), naming the store.
+    assert len(logged) == 1, [r.getMessage() for r in logged]
+    text = logged[0].getMessage()
+    assert secrets_[0] in text  # the host or the folder: what an operator needs
+    assert "s3cret" not in text  # never a password, even in the log
+
+
+def test_the_outage_log_counts_what_it_left_out(caplog: pytest.LogCaptureFixture) -> None:
+    log = OutageLog(interval=0.2)
+    with caplog.at_level(logging.WARNING, logger="flask_restful_async.stores"):
+        for _ in range(3):
+            assert log.unavailable("refused", "detail A").message == MESSAGE
+        log.unavailable("timeout", "detail B")  # another kind: logged at once
+        time.sleep(0.25)
+        log.unavailable("refused", "detail A again")
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == [
+        "detail A",
+        "detail B",
+        "detail A again (and 2 more like it not logged in 0.2 s)",
+    ]
+
+
+def test_the_list_after_another_owners_id_answers_as_after_an_unknown_one(
+    make_app_any_store: AppFactory,
+) -> None:
+    app, api = make_app_any_store(owner=lambda: request.headers.get("X-User"))
+    api.add_resource(Echo, "/echo")
+    client = app.test_client()
+
+    def submit(user: str) -> str:
+        location = str(client.post("/echo", json=1, headers={"X-User": user}).headers["Location"])
+        wait_for(lambda: client.get(location, headers={"X-User": user}).status_code == 200)
+        return location.rsplit("/", 1)[1]
+
+    submit("bob")
+    submit("bob")
+    alices = submit("alice")
+    as_bob = {"X-User": "bob"}
+    after_foreign = client.get(f"/tasks?cursor={alices}", headers=as_bob)
+    after_unknown = client.get(f"/tasks?cursor={new_task_id()}", headers=as_bob)
+    assert after_foreign.status_code == after_unknown.status_code == 200
+    assert after_foreign.get_data() == after_unknown.get_data()
+    assert after_foreign.json == {"tasks": [], "next": None}
+
+
+# --- a task no worker takes ---------------------------------------------------------
+
+
+def test_a_task_no_worker_started_within_queued_ttl_reads_lost(store: TaskStore) -> None:
+    store.configure(result_ttl=3600, tombstone_ttl=3600, lease=30, queued_ttl=60)
+    long_ago = time.time() - 61
+    stale = store.create(new_task(owner="o", created_at=long_ago))
+    stale_held = store.create(new_task(owner="o", created_at=long_ago - 1, worker="w"))
+    running = store.create(new_task(owner="o", created_at=long_ago - 2))
+    store.start(running.id, "w")
+    fresh = store.create(new_task(owner="o"))
+    # Listed by the state they read as, before any read of their own.
+    assert [t.id for t in store.list(owner="o", state=TaskState.QUEUED)] == [fresh.id]
+    lost = store.list(owner="o", state=TaskState.LOST)
+    assert {t.id for t in lost} == {stale.id, stale_held.id}
+    for task_id in (stale.id, stale_held.id):
+        found = store.get(task_id)
+        assert found is not None
+        assert found.state is TaskState.LOST
+        assert found.finished_at is not None
+    # Recorded so: no worker starts it any more, and it stays lost.
+    assert store.start(stale.id, "w") is None
+    assert store.request_cancel(stale.id) is not None
+    again = store.get(stale.id)
+    assert again is not None
+    assert again.state is TaskState.LOST
+    for task_id, state in ((running.id, TaskState.RUNNING), (fresh.id, TaskState.QUEUED)):
+        kept = store.get(task_id)
+        assert kept is not None
+        assert kept.state is state

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import logging
 import time
 import typing as t
 
+from ..exceptions import StoreUnavailable
 from ..task import Progress, StoredResponse, Task, TaskState
+from .outages import OutageLog
 
 ACTIVE_STATES = (TaskState.QUEUED, TaskState.RUNNING)
 
@@ -59,7 +62,8 @@ class TaskStore(abc.ABC):
 
     Liveness: a queued or running task records the ``worker`` (process) that holds
     it, and every such process renews a lease of ``lease`` seconds. A task whose
-    worker's lease has lapsed reads as ``lost``, and is recorded so.
+    worker's lease has lapsed reads as ``lost``, and is recorded so; so does a task
+    still queued ``queued_ttl`` seconds after it was created (no worker took it).
     """
 
     #: The URL this store was made from (``memory://``, ``sqlite:///…``, ``redis://…``).
@@ -72,11 +76,21 @@ class TaskStore(abc.ABC):
     tombstone_ttl: float = 24 * 3600
     #: Seconds a worker's lease lasts after each renewal (``RESTFUL_ASYNC_LEASE``).
     lease: float = 30.0
+    #: Seconds a task may stay queued before it reads lost (``RESTFUL_ASYNC_QUEUED_TTL``).
+    queued_ttl: float = 24 * 3600
 
-    def configure(self, *, result_ttl: float, tombstone_ttl: float, lease: float) -> None:
+    def configure(
+        self,
+        *,
+        result_ttl: float,
+        tombstone_ttl: float,
+        lease: float,
+        queued_ttl: float = 24 * 3600,
+    ) -> None:
         self.result_ttl = result_ttl
         self.tombstone_ttl = tombstone_ttl
         self.lease = lease
+        self.queued_ttl = queued_ttl
 
     @abc.abstractmethod
     def create(self, task: Task) -> Task:
@@ -89,6 +103,17 @@ class TaskStore(abc.ABC):
     @abc.abstractmethod
     def get(self, task_id: str) -> Task | None:
         """The task, a tombstone (``expired=True``) or None when unknown or gone."""
+
+    def get_owned(self, task_id: str, owner: str | None) -> Task | None:
+        """As :meth:`get`, for ``owner`` only: another owner's task is None, as an
+        unknown one is, and costs about as much to read (its response is never
+        loaded). The status URL reads tasks through this.
+
+        This default reads the task and then compares; stores override it to
+        compare first.
+        """
+        task = self.get(task_id)
+        return task if task is not None and task.owner == owner else None
 
     @abc.abstractmethod
     def start(self, task_id: str, worker: str) -> Task | None:
@@ -128,7 +153,11 @@ class TaskStore(abc.ABC):
         limit: int = 50,
         before: str | None = None,
     ) -> list[Task]:
-        """Live (not expired) tasks of ``owner``, newest first, after the task ``before``."""
+        """Live (not expired) tasks of ``owner``, newest first, after the task ``before``.
+
+        A ``before`` that is not one of ``owner``'s tasks (unknown, or another
+        owner's) gives an empty list.
+        """
 
     @abc.abstractmethod
     def renew_lease(self, worker: str) -> None:
@@ -192,6 +221,24 @@ class TaskStore(abc.ABC):
         """
         while not stop.wait(1.0):
             pass
+
+    def unavailable(
+        self, kind: str, detail: str, *, retry_after: int = 1, level: int = logging.WARNING
+    ) -> StoreUnavailable:
+        """The error to raise for a failure of this store, of a ``kind`` such as
+        ``"unreachable"``: its message is the same generic one for every failure of
+        every store, since a 503 must not tell clients where the store lives;
+        ``detail`` goes to the log ``flask_restful_async.stores`` (prefixed with
+        :attr:`url`), at most once every
+        :data:`~flask_restful_async.stores.outages.LOG_INTERVAL` seconds per kind,
+        with a count of the records left out meanwhile.
+        """
+        log: OutageLog | None = self.__dict__.get("_outages")
+        if log is None:
+            log = self.__dict__.setdefault("_outages", OutageLog())
+        return log.unavailable(
+            kind, f"Task store {self.url}: {detail}", retry_after=retry_after, level=level
+        )
 
     def retention_view(self, task: Task, now: float) -> Task | None:
         """Apply the retention rules to a task as read: itself, a tombstone, or None."""

@@ -62,7 +62,25 @@ class MemoryStore(TaskStore):
             task = self._tasks.get(task_id)
             if task is None:
                 return None
-            return self.retention_view(self._copy(task), time.time())
+            now = time.time()
+            self._lose_if_stale(task, now)
+            return self.retention_view(self._copy(task), now)
+
+    def get_owned(self, task_id: str, owner: str | None) -> Task | None:
+        with self._lock:
+            task = self._tasks.get(task_id)
+            if task is None or task.owner != owner:
+                return None
+            now = time.time()
+            self._lose_if_stale(task, now)
+            return self.retention_view(self._copy(task), now)
+
+    def _lose_if_stale(self, task: Task, now: float) -> None:
+        """Record as lost a task that no worker started within ``queued_ttl``
+        (with the lock held)."""
+        if task.state is TaskState.QUEUED and task.created_at < now - self.queued_ttl:
+            task.state, task.finished_at = TaskState.LOST, now
+            self._finished[task.id] = now
 
     def start(self, task_id: str, worker: str) -> Task | None:
         with self._lock:
@@ -107,6 +125,7 @@ class MemoryStore(TaskStore):
             task = self._tasks.get(task_id)
             if task is None or task.expired:
                 return None
+            self._lose_if_stale(task, time.time())
             if task.state is TaskState.QUEUED:
                 task.state = TaskState.CANCELLED
                 task.finished_at = time.time()
@@ -126,14 +145,17 @@ class MemoryStore(TaskStore):
         limit: int = 50,
         before: str | None = None,
     ) -> list[Task]:
+        now = time.time()
         with self._lock:
             candidates = list(reversed(self._tasks.values()))
-        now = time.time()
+            for task in candidates:
+                self._lose_if_stale(task, now)
         found: list[Task] = []
         skipping = before is not None
         for task in candidates:
             if skipping:
-                skipping = task.id != before
+                # Only the owner's own task is a cursor: any other id ends the list.
+                skipping = task.id != before or task.owner != owner
                 continue
             if task.owner != owner or (state is not None and task.state is not state):
                 continue

@@ -74,7 +74,6 @@ except ImportError as e:
         "The redis:// task store needs redis-py: pip install flask-restful-async[redis]"
     ) from e
 
-from ..exceptions import StoreUnavailable
 from ..task import Progress, StoredResponse, Task, TaskState
 from .base import ChangeCallback, Ending, StopSignal, TaskStore
 
@@ -105,7 +104,9 @@ _PRELUDE = """
 local prefix, now, result_ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local ttl_ms, result_due = ARGV[4], ARGV[5]
 local schedule = prefix .. 'expiry'
-local META = {'id', 'state', 'worker', 'ix', 'ik', 'finished_at', 'expired'}
+local META = {
+  'id', 'state', 'worker', 'ix', 'ik', 'finished_at', 'expired', 'owner', 'created_at'
+}
 
 local function load(key)
   local values = redis.call('HMGET', key, unpack(META))
@@ -151,18 +152,23 @@ local function conclude(key, h, state, news)
   redis.pcall('PUBLISH', prefix .. 'finished', news or h['id'])
 end
 
--- An active task whose worker no longer holds a lease is lost, and recorded so.
-local function check_lease(key, h)
+-- An active task whose worker no longer holds a lease is lost, and recorded so;
+-- so is a task still queued that was created before queued_before (a number):
+-- no worker started it within queued_ttl.
+local function check_alive(key, h, queued_before)
   local worker = h['worker']
   if worker and is_active(h['state'])
       and redis.call('EXISTS', prefix .. 'lease:' .. worker) == 0 then
+    conclude(key, h, 'lost')
+  elseif h['state'] == 'queued' and tonumber(h['created_at']) < queued_before then
     conclude(key, h, 'lost')
   end
 end
 """
 
 # KEYS: task, owner index[, idempotency key]. ARGV[6..]: id, created_at, worker
-# ('' for none), then the hash's fields and values.
+# ('' for none), the lease (ms), queued_before (see check_alive), then the hash's
+# fields and values.
 _CREATE = (
     _PRELUDE
     + """
@@ -177,12 +183,12 @@ if KEYS[3] then
     local key = prefix .. 'task:' .. existing
     local h = load(key)
     if h then
-      check_lease(key, h)
+      check_alive(key, h, tonumber(ARGV[10]))
       if not is_expired(h) then return {0, redis.call('HGETALL', key)} end
     end
   end
 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 10))
+redis.call('HSET', KEYS[1], unpack(ARGV, 11))
 redis.call('ZADD', KEYS[2], ARGV[7], id)
 if KEYS[3] then redis.call('SET', KEYS[3], id) end
 if worker ~= '' then
@@ -246,13 +252,13 @@ return 1
 """
 )
 
-# KEYS: task.
+# KEYS: task. ARGV[6]: queued_before (see check_alive).
 _REQUEST_CANCEL = (
     _PRELUDE
     + """
 local h = load(KEYS[1])
 if not h then return false end
-check_lease(KEYS[1], h)
+check_alive(KEYS[1], h, tonumber(ARGV[6]))
 if is_expired(h) then return false end
 redis.call('HSET', KEYS[1], 'cancel', '1')
 if h['state'] == 'queued' then conclude(KEYS[1], h, 'cancelled') end
@@ -276,26 +282,34 @@ return 1
 """
 )
 
-# KEYS: task.
+# KEYS: task. ARGV[6]: '' for any owner, else '-' for none or '=' and the owner:
+# another owner's task is not there (nor is its response sent). ARGV[7]:
+# queued_before (see check_alive).
 _GET = (
     _PRELUDE
     + """
 local h = load(KEYS[1])
 if not h then return false end
-check_lease(KEYS[1], h)
+local wanted = ARGV[6]
+if wanted and wanted ~= '' and (h['owner'] and '=' .. h['owner'] or '-') ~= wanted then
+  return false
+end
+check_alive(KEYS[1], h, tonumber(ARGV[7]))
 return redis.call('HGETALL', KEYS[1])
 """
 )
 
 # KEYS: owner index. ARGV[6..]: cursor id ('' to start at the newest), the
 # cursor's score ('' if unknown), how many tasks are wanted, how many index
-# entries to look at at most, the state wanted ('' for any).
+# entries to look at at most, the state wanted ('' for any), queued_before (see
+# check_alive).
 # Returns {next cursor id or '', its score or '', task hashes...}.
 _LIST = (
     _PRELUDE
     + """
 local cursor, cursor_score = ARGV[6], ARGV[7]
 local want, scan, wanted_state = tonumber(ARGV[8]), tonumber(ARGV[9]), ARGV[10]
+local queued_before = tonumber(ARGV[11])
 local first = 0
 if cursor ~= '' then
   local rank = redis.call('ZREVRANK', KEYS[1], cursor)
@@ -319,7 +333,7 @@ for i = 1, #entries, 2 do
     -- Redis expired (or evicted) the task: drop its index entry on the way.
     redis.call('ZREM', KEYS[1], id)
   else
-    check_lease(key, h)
+    check_alive(key, h, queued_before)
     if not is_expired(h) and (wanted_state == '' or h['state'] == wanted_state) then
       out[#out + 1] = redis.call('HGETALL', key)
     end
@@ -490,11 +504,9 @@ class RedisStore(TaskStore):
         try:
             yield
         except BusyLoadingError as e:
-            raise StoreUnavailable(
-                f"Redis at {self.url} is loading its data set", retry_after=5
-            ) from e
+            raise self.unavailable("loading", "Redis is loading its data set", retry_after=5) from e
         except (RedisConnectionError, RedisTimeoutError) as e:
-            raise StoreUnavailable(f"Redis at {self.url} did not answer: {e}") from e
+            raise self.unavailable(type(e).__name__, f"Redis did not answer: {e}") from e
 
     def _clock(self, now: float) -> list[str | int]:
         """The arguments every script's prelude reads (see _PRELUDE)."""
@@ -505,6 +517,10 @@ class RedisStore(TaskStore):
             _ms(self.result_ttl + self.tombstone_ttl),
             repr(now + self.result_ttl),
         ]
+
+    def _queued_before(self, now: float) -> str:
+        """The creation time before which a task still queued is lost."""
+        return repr(now - self.queued_ttl)
 
     def create(self, task: Task) -> Task:
         fields = _encode(task)
@@ -520,6 +536,7 @@ class RedisStore(TaskStore):
             repr(float(task.created_at)),
             task.worker or "",
             _ms(self.lease),
+            self._queued_before(time.time()),
             *fields,
         ]
         with self._reaching():
@@ -529,9 +546,16 @@ class RedisStore(TaskStore):
         return _decode(reply[1])
 
     def get(self, task_id: str) -> Task | None:
+        return self._read(task_id, "")
+
+    def get_owned(self, task_id: str, owner: str | None) -> Task | None:
+        return self._read(task_id, "-" if owner is None else f"={owner}")
+
+    def _read(self, task_id: str, owner: str) -> Task | None:
         now = time.time()
         with self._reaching():
-            reply = self._get(keys=[self._task_key(task_id)], args=self._clock(now))
+            args = [*self._clock(now), owner, self._queued_before(now)]
+            reply = self._get(keys=[self._task_key(task_id)], args=args)
         if reply is None:
             return None
         return self.retention_view(_decode(reply), now)
@@ -573,7 +597,8 @@ class RedisStore(TaskStore):
     def request_cancel(self, task_id: str) -> Task | None:
         now = time.time()
         with self._reaching():
-            reply = self._request_cancel(keys=[self._task_key(task_id)], args=self._clock(now))
+            args = [*self._clock(now), self._queued_before(now)]
+            reply = self._request_cancel(keys=[self._task_key(task_id)], args=args)
         if reply is None:
             return None
         view = self.retention_view(_decode(reply), now)
@@ -610,6 +635,7 @@ class RedisStore(TaskStore):
                 limit - len(found),
                 LIST_SCAN,
                 state.value if state is not None else "",
+                self._queued_before(now),
             ]
             with self._reaching():
                 reply = self._list(keys=[owner_key], args=args)

@@ -34,6 +34,15 @@ PURGE_INTERVAL = 5.0
 #: Pages (4 KiB) the write-ahead log may grow to before a writer checkpoints it
 #: itself, paying for the fsync inside a request.
 WAL_AUTOCHECKPOINT_PAGES = 10_000
+#: Bytes the write-ahead log file is cut back to whenever SQLite starts it over
+#: (``PRAGMA journal_size_limit``); :meth:`SQLiteStore.maintain` empties it.
+WAL_SIZE_LIMIT = 4 * 1024 * 1024
+#: Seconds :meth:`SQLiteStore.maintain` waits for readers and writers to let its
+#: checkpoint start the log over; it tries again next time if they do not.
+CHECKPOINT_WAIT = 0.25
+#: Seconds between two looks at which file the database path names (see
+#: :meth:`SQLiteStore._check_file`).
+FILE_CHECK_INTERVAL = 1.0
 #: Seconds between two looks at the database's change counter by :meth:`SQLiteStore.listen`.
 LISTEN_INTERVAL = 0.02
 
@@ -99,6 +108,12 @@ _SELECT = (
     " FROM tasks AS t LEFT JOIN results AS r ON r.id = t.result"
 )
 _GET = f"{_SELECT} WHERE t.id = ?"
+# The same for one owner (bind: owner, id, owner): the response is joined only
+# when the owner matches, and a row of another owner is never returned.
+_GET_OWNED = (
+    _SELECT.replace("ON r.id = t.result", "ON r.id = t.result AND t.owner IS ?")
+    + " WHERE t.id = ? AND t.owner IS ?"
+)
 _INSERT = f"INSERT INTO tasks ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _ACTIVE = "('queued', 'running')"
 _ACTIVE_VALUES = frozenset(("queued", "running"))
@@ -108,6 +123,8 @@ _LAPSED = (
     "(t.worker IS NOT NULL AND coalesce("
     "(SELECT l.expires_at FROM leases AS l WHERE l.worker = t.worker), 0) < ?)"
 )
+# True for a task that no worker started in time (bind: now - queued_ttl).
+_STALE = "(t.state = 'queued' AND t.created_at < ?)"
 
 
 class SQLiteStore(TaskStore):
@@ -136,23 +153,69 @@ class SQLiteStore(TaskStore):
         self._lock = threading.Lock()
         self._write_lock = threading.RLock()
         self._next_purge = 0.0
+        # (st_dev, st_ino) of the file this store opened first; the file at
+        # ``path`` is compared with it every FILE_CHECK_INTERVAL seconds.
+        self._identity: tuple[int, int] | None = None
+        self._check_at = 0.0
+        self._replaced = False
         _stores.add(self)
 
     # -- connections -------------------------------------------------------------
 
     def _connection(self) -> sqlite3.Connection:
+        if time.monotonic() >= self._check_at:
+            self._check_file()
         try:
             conn: sqlite3.Connection = self._local.conn
         except AttributeError:
             conn = self._local.conn = self._connect()
         return conn
 
+    def _check_file(self) -> None:
+        """Raise ``StoreUnavailable``, from now on, once the file at :attr:`path`
+        is no longer the one this store opened first (removed or replaced).
+
+        The connections that are open would go on with the old file and new ones
+        would make another: processes and threads would each see their own tasks.
+        Every operation answers 503 instead, and the log says which file to mend.
+        """
+        if not self._replaced:
+            self._check_at = time.monotonic() + FILE_CHECK_INTERVAL
+            if self._identity is None:
+                return
+            try:
+                found = os.stat(self.path)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                return  # not ours to judge: connecting reports it
+            else:
+                if (found.st_dev, found.st_ino) == self._identity:
+                    return
+            self._replaced = True
+            self._check_at = 0.0  # every later call raises
+        raise self.unavailable(
+            "replaced",
+            "the database file was removed or replaced while in use;"
+            " restore it or restart every process that uses it",
+            level=logging.ERROR,
+        )
+
     def _connect(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = None
+        known = self._identity is not None
+        if known:
+            # Before opening: SQLite would recover the old file's log into a new one.
+            self._check_file()
         try:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
             conn = sqlite3.connect(
-                self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False
+                # Once the file is known, never make another in its place.
+                pathlib.Path(self.path).as_uri() + "?mode=rw" if known else self.path,
+                uri=known,
+                timeout=self.timeout,
+                isolation_level=None,
+                check_same_thread=False,
             )
             conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
             if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
@@ -163,16 +226,27 @@ class SQLiteStore(TaskStore):
             # Checkpoints (the only fsyncs in WAL mode) are run by the lease renewal
             # through maintain(); this limit only applies if none runs.
             conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}")
-            _ensure_schema(conn, self.path)
+            conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
+            _ensure_schema(conn, self)
+            if known:
+                self._check_file()
+            else:
+                found = os.stat(self.path)
+                self._identity = (found.st_dev, found.st_ino)
         except BaseException as e:
             if conn is not None:
                 conn.close()
+            if known and _is_outage(e):
+                self._check_file()  # a removed file fails to open: say that
             if _is_outage(e):
-                raise _unavailable(e) from e
+                raise self._outage(e) from e
             raise
         with self._lock:
             self._connections.append(conn)
         return conn
+
+    def _outage(self, exc: BaseException) -> StoreUnavailable:
+        return self.unavailable(str(exc), f"{type(exc).__name__}: {exc}")
 
     def _reading(self) -> _Access:
         """The thread's connection, with outages raised as ``StoreUnavailable``."""
@@ -242,11 +316,13 @@ class SQLiteStore(TaskStore):
         )
 
     def _read(self, row: t.Sequence[t.Any], now: float) -> Task | None:
-        """A row of ``_SELECT`` as clients see it: lost if its lease lapsed, retention."""
+        """A row of ``_SELECT`` as clients see it: lost if its lease lapsed or it
+        waited too long for a worker, retention."""
         task = self._task(row)
         if row[1] in _ACTIVE_VALUES:
             lease_expires = row[15]
-            if task.worker is not None and (lease_expires is None or lease_expires < now):
+            lapsed = task.worker is not None and (lease_expires is None or lease_expires < now)
+            if lapsed or (row[1] == "queued" and row[2] < now - self.queued_ttl):
                 self._mark_lost(task, now)
             else:
                 return task
@@ -257,9 +333,9 @@ class SQLiteStore(TaskStore):
     def _mark_lost(self, task: Task, now: float) -> None:
         with self._writing() as conn:
             changed = conn.execute(
-                f"UPDATE tasks SET state = 'lost', finished_at = ?"
-                f" WHERE id = ? AND state IN {_ACTIVE} AND worker IS ?",
-                (now, task.id, task.worker),
+                "UPDATE tasks SET state = 'lost', finished_at = ?"
+                " WHERE id = ? AND state = ? AND worker IS ?",
+                (now, task.id, task.state.value, task.worker),
             ).rowcount
         if changed:
             task.state, task.finished_at = TaskState.LOST, now
@@ -274,7 +350,18 @@ class SQLiteStore(TaskStore):
             row = self._connection().execute(_GET, (task_id,)).fetchone()
         except BaseException as e:
             if _is_outage(e):
-                raise _unavailable(e) from e
+                raise self._outage(e) from e
+            raise
+        return None if row is None else self._read(row, time.time())
+
+    def get_owned(self, task_id: str, owner: str | None) -> Task | None:
+        # The owner is compared before the response is joined: another owner's
+        # task reads as fast as an unknown one, however large its result.
+        try:
+            row = self._connection().execute(_GET_OWNED, (owner, task_id, owner)).fetchone()
+        except BaseException as e:
+            if _is_outage(e):
+                raise self._outage(e) from e
             raise
         return None if row is None else self._read(row, time.time())
 
@@ -400,19 +487,22 @@ class SQLiteStore(TaskStore):
         params.append(fresh_after)
         # Filter on the state as read: an active task whose lease lapsed is lost.
         if state in (TaskState.QUEUED, TaskState.RUNNING):
-            query.append(f"AND t.state = ? AND NOT {_LAPSED}")
-            params.extend([state.value, now])
+            query.append(f"AND t.state = ? AND NOT {_LAPSED} AND NOT {_STALE}")
+            params.extend([state.value, now, now - self.queued_ttl])
         elif state is TaskState.LOST:
-            query.append(f"AND (t.state = 'lost' OR (t.state IN {_ACTIVE} AND {_LAPSED}))")
-            params.append(now)
+            query.append(
+                f"AND (t.state = 'lost' OR (t.state IN {_ACTIVE} AND ({_LAPSED} OR {_STALE})))"
+            )
+            params.extend([now, now - self.queued_ttl])
         elif state is not None:
             query.append("AND t.state = ?")
             params.append(state.value)
         if before is not None:
             query.append(
-                "AND (t.created_at, t.id) < (SELECT created_at, id FROM tasks WHERE id = ?)"
+                "AND (t.created_at, t.id) < (SELECT created_at, id FROM tasks"
+                " WHERE id = ? AND owner IS ?)"
             )
-            params.append(before)
+            params.extend([before, owner])
         query.append("ORDER BY t.created_at DESC, t.id DESC LIMIT ?")
         params.append(limit)
         with self._reading() as conn:
@@ -487,12 +577,24 @@ class SQLiteStore(TaskStore):
         return changed
 
     def maintain(self) -> None:
-        """Purge, then copy the write-ahead log into the database: the one fsync of
-        WAL mode, done here (by the lease renewal) rather than inside a request. A
-        passive checkpoint lets writers go on meanwhile."""
+        """Purge, then copy the write-ahead log into the database and empty it:
+        the one fsync of WAL mode, done here (by the lease renewal) rather than
+        inside a request.
+
+        A passive checkpoint would copy the log but never start it over while
+        polls keep reading (SQLite restarts the log only when a writer finds no
+        reader in it), so the file would grow to its high-water mark and stay
+        there. This one waits up to ``CHECKPOINT_WAIT`` seconds for the readers
+        of the moment (each a single statement) and writers to let it truncate
+        the log; if they do not, the next call tries again.
+        """
         self.purge_expired()
-        with self._reading() as conn:
-            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        with self._writing() as conn:
+            conn.execute(f"PRAGMA busy_timeout = {int(CHECKPOINT_WAIT * 1000)}")
+            try:
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            finally:
+                conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
 
     # -- change notifications --------------------------------------------------------
 
@@ -514,6 +616,11 @@ class SQLiteStore(TaskStore):
         failures = 0
         try:
             while not stop.is_set():
+                if time.monotonic() >= self._check_at:
+                    # A file removed or replaced is noticed (and logged) even
+                    # while no request comes.
+                    with contextlib.suppress(StoreUnavailable):
+                        self._check_file()
                 try:
                     if conn is None:
                         conn = sqlite3.connect(
@@ -585,7 +692,7 @@ def _data_version(conn: sqlite3.Connection) -> int:
 _logger = logging.getLogger(__name__)
 
 
-def _ensure_schema(conn: sqlite3.Connection, path: str) -> None:
+def _ensure_schema(conn: sqlite3.Connection, store: SQLiteStore) -> None:
     """Create the tables in a new file; refuse a file of another layout."""
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     if version == SCHEMA_VERSION:
@@ -604,13 +711,13 @@ def _ensure_schema(conn: sqlite3.Connection, path: str) -> None:
         if version not in (0, SCHEMA_VERSION) or (version == 0 and tables):
             # Not a passing outage, but a deployment to mend: logged loudly, and
             # answered 503 like any store that cannot serve.
-            message = (
-                f"{path} is not a task store of this version of flask_restful_async"
+            raise store.unavailable(
+                "layout",
+                "the file is not a task store of this version of flask_restful_async"
                 f" (layout {version}, expected {SCHEMA_VERSION}): point"
-                " RESTFUL_ASYNC_STORE at another file, or remove this one"
+                " RESTFUL_ASYNC_STORE at another file, or remove this one",
+                level=logging.ERROR,
             )
-            _logger.error("%s", message)
-            raise StoreUnavailable(message)
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
     except BaseException:
         conn.execute("ROLLBACK")
@@ -649,11 +756,7 @@ class _Access:
         if self._lock is not None:
             self._lock.release()
         if exc is not None and _is_outage(exc):
-            raise _unavailable(exc) from exc
-
-
-def _unavailable(exc: BaseException) -> StoreUnavailable:
-    return StoreUnavailable(f"The task store is not available: {exc}")
+            raise self._store._outage(exc) from exc
 
 
 def _is_outage(exc: BaseException) -> bool:
