@@ -33,6 +33,7 @@ from flask.testing import FlaskClient
 from flask_restful_async.snapshot import RequestSnapshot
 from flask_restful_async.stores.memory import MemoryStore
 
+from .apps.celery_app import WIRINGS
 from .servers import http, poll_until_done, serve
 from .services import (
     REDIS_HOST,
@@ -134,15 +135,20 @@ def delete_keys(prefix: str) -> None:
 
 @contextlib.contextmanager
 def run_worker(
-    pool: tuple[str, ...] = THREADS, *, loglevel: str = "warning", **env_extra: str
+    pool: tuple[str, ...] = THREADS,
+    *,
+    loglevel: str = "warning",
+    on: Worker | None = None,
+    **env_extra: str,
 ) -> Iterator[Worker]:
-    """A ``celery worker`` subprocess on a fresh prefix, queue and node name, its
-    pool options ``pool``; stopped, and its keys deleted, on exit."""
+    """A ``celery worker`` subprocess on a fresh prefix, queue and node name (or on
+    the prefix and queue of the worker ``on``), its pool options ``pool``; stopped,
+    and the keys of a fresh prefix deleted, on exit."""
     require_redis()
     token = secrets.token_hex(6)
-    prefix = f"{{restful_async_celery_{token}}}:"
-    queue = f"restful_async_celery_{token}"
-    nodename = f"{queue}@localhost"
+    prefix = f"{{restful_async_celery_{token}}}:" if on is None else on.prefix
+    queue = f"restful_async_celery_{token}" if on is None else on.queue
+    nodename = f"restful_async_celery_{token}@localhost"
     env = {"CELERY_TEST_PREFIX": prefix, "CELERY_TEST_QUEUE": queue, **env_extra}
     options = [*pool, "-n", nodename, "-l", loglevel]
     try:
@@ -152,23 +158,46 @@ def run_worker(
         ):
             yield Worker(prefix, queue, nodename, process, log)
     finally:
-        delete_keys(prefix)
+        if on is None:
+            delete_keys(prefix)
 
 
 @pytest.fixture(scope="module")
-def worker() -> Iterator[Worker]:
-    with run_worker() as running:
-        yield running
+def workers() -> Iterator[t.Callable[[str], Worker]]:
+    """The module's workers, one per wiring of the Celery app, each started when a
+    test first asks for it."""
+    with contextlib.ExitStack() as stack:
+        started: dict[str, Worker] = {}
+
+        def get(wiring: str) -> Worker:
+            if wiring not in started:
+                started[wiring] = stack.enter_context(run_worker(CELERY_TEST_WIRING=wiring))
+            return started[wiring]
+
+        yield get
 
 
 @pytest.fixture
-def client(worker: Worker) -> Iterator[FlaskClient]:
-    """A test client of an in-process instance of the worker's app (same store, queue)."""
+def wiring() -> str:
+    """How the Celery app is made (``tests.apps.celery_app.WIRINGS``); a test that
+    must pass with each parametrizes this."""
+    return "plain"
+
+
+@pytest.fixture
+def worker(workers: t.Callable[[str], Worker], wiring: str) -> Worker:
+    return workers(wiring)
+
+
+@pytest.fixture
+def client(worker: Worker, wiring: str) -> Iterator[FlaskClient]:
+    """A test client of an in-process instance of the worker's app (same store,
+    queue, and way of making the Celery app)."""
     from flask_restful_async.state import get_state
 
     from .apps.celery_app import create_app
 
-    app, _, _ = create_app(worker.prefix, worker.queue)
+    app, _, _ = create_app(worker.prefix, worker.queue, wiring=wiring)
     try:
         yield app.test_client()
     finally:
@@ -212,6 +241,7 @@ def submit(client: FlaskClient, path: str, **kwargs: t.Any) -> str:
     return str(response.headers["Location"])
 
 
+@pytest.mark.parametrize("wiring", WIRINGS)
 def test_worker_runs_the_task_with_the_request_intact(worker: Worker, client: FlaskClient) -> None:
     body = "naïve ☃ " + "x" * 1000
     location = submit(
@@ -238,6 +268,7 @@ def test_http_exception_in_the_worker_keeps_its_status(worker: Worker, client: F
     assert response.json["message"] == "failed with 409 as asked"
 
 
+@pytest.mark.parametrize("wiring", WIRINGS)
 def test_progress_is_visible_while_the_worker_runs(worker: Worker, client: FlaskClient) -> None:
     location = submit(client, "/echo?steps=6&step=0.15", data=b"p")
     deadline = time.monotonic() + WORKER_READY_TIMEOUT
@@ -294,6 +325,7 @@ def test_uploaded_files_and_form_fields_reach_the_worker(
     }
 
 
+@pytest.mark.parametrize("wiring", WIRINGS)
 def test_cancelling_a_running_task_ends_it_as_cancelled(
     worker: Worker, client: FlaskClient
 ) -> None:
@@ -353,15 +385,16 @@ def test_submit_refuses_view_args_that_are_not_json() -> None:
     assert deleted == ["t" * 22]
 
 
-def test_killed_worker_task_is_lost_within_the_lease() -> None:
+@pytest.mark.parametrize("wiring", ["plain", "make_celery"])
+def test_killed_worker_task_is_lost_within_the_lease(wiring: str) -> None:
     from flask_restful_async.lease import worker_id
     from flask_restful_async.state import get_state
 
     from .apps.celery_app import create_app
 
     lease = 1.0
-    with run_worker(CELERY_TEST_LEASE=str(lease)) as doomed:
-        app, _, store = create_app(doomed.prefix, doomed.queue)
+    with run_worker(CELERY_TEST_LEASE=str(lease), CELERY_TEST_WIRING=wiring) as doomed:
+        app, _, store = create_app(doomed.prefix, doomed.queue, wiring=wiring)
         try:
             client = app.test_client()
             location = submit(client, "/echo?steps=200&step=0.1", data=b"k")
@@ -529,7 +562,7 @@ def test_large_body_goes_through_the_store(
 
 
 def test_a_lost_large_body_fails_only_a_queued_task() -> None:
-    from flask_restful_async.celery import _body_lost
+    from flask_restful_async.celery import _BODY_LOST, _end_queued
     from flask_restful_async.state import get_state
     from flask_restful_async.task import Task, TaskState, new_task_id
 
@@ -542,7 +575,7 @@ def test_a_lost_large_body_fails_only_a_queued_task() -> None:
         store.create(Task(id=task_id))
     store.request_cancel(cancelled)
     for task_id in (queued, cancelled):
-        _body_lost(app, task_id)
+        _end_queued(app, task_id, _BODY_LOST)
     failed = store.get(queued)
     assert failed is not None
     assert failed.state is TaskState.FAILED
