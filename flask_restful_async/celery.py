@@ -81,8 +81,8 @@ Design:
   before the handler runs. A worker that has no app for a message cannot reach
   the task's store (only the app knows it), so it cannot end the task: it logs an
   error that says how to fix the worker and sends the message back to the broker
-  (a Celery retry, :data:`APP_RETRY_DELAY` seconds later, at most
-  :data:`APP_RETRIES` times), so that a worker that has the app (another one, or
+  (a Celery retry, 1, 2, 4, then every :data:`APP_RETRY_DELAY` seconds, at most
+  :data:`APP_RETRIES` times: about five minutes), so that a worker that has the app (another one, or
   this one fixed and restarted) runs it. Acknowledging the message would lose the
   task silently; requeueing it at once would hand it straight back. A task whose
   retries run out stays ``queued`` until ``RESTFUL_ASYNC_QUEUED_TTL`` reads it
@@ -172,10 +172,10 @@ TASK_NAME = "flask_restful_async.run"
 LEASE_RETRY_DELAY = 2
 LEASE_RETRIES = 30
 
-#: Seconds between tries of a message that a worker has no Flask app for, and how
-#: many retries before the worker gives it up.
-APP_RETRY_DELAY = 10
-APP_RETRIES = 30
+#: The longest wait (seconds) between tries of a message that a worker has no
+#: Flask app for (1, 2, 4, then this), and how many retries before it gives up.
+APP_RETRY_DELAY = 5
+APP_RETRIES = 60
 
 #: Bytes of request body above which the body goes through the task store rather
 #: than in the message (``CELERY_MAX_MESSAGE_BODY``).
@@ -454,6 +454,9 @@ def _register(celery_app: Celery) -> t.Any:
     @celery_app.task(  # type: ignore[untyped-decorator,misc,unused-ignore]
         name=TASK_NAME,
         bind=True,
+        # Not added to every Celery app made later (Celery's default): this task
+        # finds its Flask apps through the Celery app it was registered on.
+        shared=False,
         acks_late=True,
         reject_on_worker_lost=False,
         ignore_result=True,
@@ -475,8 +478,9 @@ def _register(celery_app: Celery) -> t.Any:
             if self.request.retries >= APP_RETRIES:
                 _logger.error("%s Gave the task up after %d tries.", message, APP_RETRIES + 1)
                 return
-            _logger.error("%s Trying again in %d s.", message, APP_RETRY_DELAY)
-            raise self.retry(countdown=APP_RETRY_DELAY, max_retries=None)
+            delay = min(APP_RETRY_DELAY, 2**self.request.retries)
+            _logger.error("%s The message goes back to the broker for %d s.", message, delay)
+            raise self.retry(countdown=delay, max_retries=APP_RETRIES)
         try:
             snapshot = _prepare(app, task_id, snapshot_json, body_key)
         except StoreUnavailable as e:
@@ -488,7 +492,7 @@ def _register(celery_app: Celery) -> t.Any:
             app.logger.warning(
                 "Task %s cannot start yet: %s", task_id, e.message, extra={"task_id": task_id}
             )
-            raise self.retry(countdown=LEASE_RETRY_DELAY, max_retries=None) from e
+            raise self.retry(countdown=LEASE_RETRY_DELAY, max_retries=LEASE_RETRIES) from e
         except Exception as e:
             _fail(app, task_id, repr(e))
             return
