@@ -132,9 +132,6 @@ import weakref
 
 try:
     from celery import Celery  # type: ignore[import-untyped,import-not-found,unused-ignore]
-    from kombu.exceptions import (  # type: ignore[import-untyped,import-not-found,unused-ignore]
-        OperationalError,
-    )
 except ImportError as e:  # pragma: no cover - depends on the installed extras
     raise ImportError(
         "flask_restful_async.celery needs Celery: pip install flask-restful-async[celery]"
@@ -244,20 +241,10 @@ class CeleryExecutor(Executor):
         self.celery_app = celery_app
         self.queue = queue
         self._task = _register(celery_app)
-        self._errors: tuple[type[BaseException], ...] | None = None
 
     def bind(self, app: Flask) -> None:
         """Let this process's workers find ``app`` for the messages that name it."""
         _bind(self.celery_app, app)
-
-    def _connection_errors(self) -> tuple[type[BaseException], ...]:
-        if self._errors is None:
-            # The transport's own (redis-py's, py-amqp's) besides kombu's: no
-            # connection is made to learn them.
-            with self.celery_app.connection_for_write() as connection:
-                transport_errors = tuple(connection.connection_errors)
-            self._errors = (OperationalError, OSError, *transport_errors)
-        return self._errors
 
     def submit(
         self,
@@ -288,16 +275,9 @@ class CeleryExecutor(Executor):
             # that is not installed), the client can only try again later; where
             # the broker is and what it said is for the log alone.
             _forget(app, task.id, body_key)
-            if isinstance(e, self._connection_errors()):
-                app.logger.warning(
-                    "Could not send task %s to the broker: %r", task.id, e,
-                    extra={"task_id": task.id},
-                )  # fmt: skip
-            else:
-                app.logger.error(
-                    "Could not send task %s to the broker", task.id,
-                    exc_info=True, extra={"task_id": task.id},
-                )  # fmt: skip
+            app.logger.error(
+                "Could not send task %s to the broker: %r", task.id, e, extra={"task_id": task.id}
+            )
             raise BrokerUnavailable("The task queue is not available; try again later.") from e
 
     def cancel(self, app: Flask, task_id: str) -> None:

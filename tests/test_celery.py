@@ -350,11 +350,11 @@ def test_cancelling_a_running_task_ends_it_as_cancelled(
 
 @contextlib.contextmanager
 def failing_broker(how: str, workdir: Path) -> Iterator[str]:
-    """The URL of a broker that takes no message: ``refused`` (nothing listens) or
-    ``full`` (a Redis of the test's own over its ``maxmemory``: it answers, and
-    refuses every write)."""
-    if how == "refused":
-        yield f"redis://127.0.0.1:{free_port()}/0"
+    """The URL of a broker that takes no message: ``refused`` (nothing listens),
+    ``unknown`` (no such transport installed) or ``full`` (a Redis of the test's
+    own over its ``maxmemory``: it answers, and refuses every write)."""
+    if how != "full":
+        yield f"{'redis' if how == 'refused' else 'nosuch'}://127.0.0.1:{free_port()}/0"
         return
     import redis
 
@@ -366,7 +366,7 @@ def failing_broker(how: str, workdir: Path) -> Iterator[str]:
         yield f"redis://127.0.0.1:{port}/0"
 
 
-@pytest.mark.parametrize("how", ["refused", "full"])
+@pytest.mark.parametrize("how", ["refused", "unknown", "full"])
 def test_a_broker_that_takes_no_message_answers_503_and_leaves_no_task(
     how: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
