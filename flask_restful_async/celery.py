@@ -241,10 +241,21 @@ class CeleryExecutor(Executor):
         self.celery_app = celery_app
         self.queue = queue
         self._task = _register(celery_app)
+        self._apps: weakref.WeakSet[Flask] = weakref.WeakSet()
 
     def bind(self, app: Flask) -> None:
         """Let this process's workers find ``app`` for the messages that name it."""
         _bind(self.celery_app, app)
+        self._apps.add(app)
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Release the leases this process holds for this executor's apps (a worker
+        process that ran their tasks), and stop renewing them."""
+        for app in list(self._apps):
+            with _keepers_lock:
+                keeper = _keepers.pop(app, None)
+            if keeper is not None:
+                keeper.release()
 
     def submit(
         self,
