@@ -1,11 +1,15 @@
 """Tasks run by a real Celery worker: ``flask_restful_async.celery``.
 
 The app is ``tests/apps/celery_app.py``. One worker subprocess (``-P threads -c 4``)
-serves the module, on a queue of its own; every Redis key (store and broker, db
-13) is under a prefix of the module's own and deleted afterwards, never flushing.
-A few tests run a worker of their own (one thread, the prefork pool, remote
-control, RabbitMQ as the broker: a unique queue and exchange, deleted afterwards),
-and one serves the app with gunicorn to look inside the web process. The
+per way of making the Celery app (plain ``Celery(...)``, Flask's
+``celery_init_app``, ``make_celery``; the end-to-end tests run with each) serves
+the module, on a queue of its own; every Redis key (store and broker, db 13) is
+under a prefix of the worker's own and deleted afterwards, never flushing. A few
+tests run a worker of their own (one thread, the prefork pool, remote control,
+RabbitMQ as the broker: a unique queue and exchange, deleted afterwards; a worker
+whose module binds no Flask app), and one serves the app with gunicorn to look
+inside the web process. Which Flask app a message runs in, and what fails a task
+before its handler runs, are tested in process with an eager Celery app. The
 snapshot's JSON round trip and the stores' blobs are tested here too (no Celery
 needed for them).
 """
