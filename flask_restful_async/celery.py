@@ -376,23 +376,12 @@ def _prepare(
     flask_app: Flask, task_id: str, snapshot_json: str, body_key: str | None
 ) -> RequestSnapshot | None:
     """The snapshot to run, with its body; None when the task must not run (it
-    was ended here, or its store does not know it)."""
+    was ended here)."""
     snapshot = RequestSnapshot.from_json(snapshot_json)
-    store = get_state(flask_app).store
     _lease(flask_app)
-    if store.get(task_id) is None:
-        flask_app.logger.error(
-            "Task %s is not in this worker's task store: the web process that accepted"
-            " it and this worker do not share the store (a sqlite:/// store works only"
-            " when both run on one host and use the same file; use redis:// otherwise),"
-            " or the task was deleted before it ran. The message is dropped.",
-            task_id,
-            extra={"task_id": task_id},
-        )
-        return None
     if body_key is None:
         return snapshot
-    body = store.take_blob(body_key)
+    body = get_state(flask_app).store.take_blob(body_key)
     if body is None:
         flask_app.logger.error(
             "The request body of task %s is no longer in the store",
@@ -402,6 +391,24 @@ def _prepare(
         _end_queued(flask_app, task_id, _BODY_LOST)
         return None
     return dataclasses.replace(snapshot, body=body)
+
+
+def _check_known(flask_app: Flask, task_id: str) -> None:
+    """A task did not start: say so if the reason is that this worker's store does
+    not know it (read only then, not for every task)."""
+    try:
+        unknown = get_state(flask_app).store.get(task_id) is None
+    except RestfulAsyncError:
+        return  # the runner has logged why the store did not answer
+    if unknown:
+        flask_app.logger.error(
+            "Task %s is not in this worker's task store: the web process that accepted"
+            " it and this worker do not share the store (a sqlite:/// store works only"
+            " when both run on one host and use the same file; use redis:// otherwise),"
+            " or the task was deleted before it ran. The message is dropped.",
+            task_id,
+            extra={"task_id": task_id},
+        )
 
 
 def _fail(flask_app: Flask, task_id: str, reason: str) -> None:
@@ -487,7 +494,7 @@ def _register(celery_app: Celery) -> t.Any:
         except Exception as e:
             _fail(app, task_id, repr(e))
             return
-        if snapshot is not None:
-            run_task(app, task_id, snapshot, resource=None)
+        if snapshot is not None and not run_task(app, task_id, snapshot, resource=None):
+            _check_known(app, task_id)
 
     return run
