@@ -869,7 +869,6 @@ def make_celery_app(tmp_path: Path) -> Iterator[t.Callable[..., Flask]]:
     """Flask apps with ``/which``, each on a SQLite store of its own and the given
     Celery app; closed afterwards."""
     from flask_restful_async.celery import CeleryExecutor
-    from flask_restful_async.state import get_state
 
     made: list[Flask] = []
 
@@ -914,7 +913,6 @@ def send_message(
 ) -> str:
     """Record a task in ``app``'s store and run its message, as a worker would: its id."""
     from flask_restful_async.celery import TASK_NAME
-    from flask_restful_async.state import get_state
     from flask_restful_async.task import Task, new_task_id
 
     if snapshot_json is None:
