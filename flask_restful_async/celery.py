@@ -1,22 +1,43 @@
-"""Run tasks in Celery workers: ``CeleryExecutor`` and ``make_celery``.
+"""Run tasks in Celery workers: ``CeleryExecutor`` (and ``make_celery``).
 
-Needs Celery: ``pip install flask-restful-async[celery]``, and a store that every
-process shares (``redis://``; SQLite only when the workers are on the same host).
+Needs Celery with its Redis transport: ``pip install flask-restful-async[celery]``
+(which brings ``celery[redis]``), and a store that every process shares:
+``redis://``, or a ``sqlite:///`` file when the web processes and the workers all
+run on one host. ``memory://`` is refused: the workers would never see its tasks.
 
-The app module builds both apps, and the workers import that same module::
+Any Celery app works, made as Celery's or Flask's documentation makes it. The app
+module builds the Flask app, the Celery app and the Api, and the workers import that
+same module::
+
+    celery_app = Celery(__name__, broker="redis://127.0.0.1:6379/1")
 
     app = Flask(__name__)
-    app.config["CELERY_BROKER_URL"] = "redis://127.0.0.1:6379/1"
-    celery = make_celery(app)                      # the Celery app, bound to ``app``
     api = Api(app)
-    register_async(api, store="redis://127.0.0.1:6379/0", executor=CeleryExecutor(celery))
+    register_async(api, store="redis://127.0.0.1:6379/0", executor=CeleryExecutor(celery_app))
 
-    # celery -A yourapp.module worker -Q <queue>
+    # celery -A yourpackage.module:celery_app worker
 
-(Name the Flask app anything but ``app`` in that module, or give ``-A module:celery``:
-``celery -A module`` takes a module attribute ``app`` for the Celery app.)
+Flask's ``celery_init_app`` (https://flask.palletsprojects.com/en/stable/patterns/celery/),
+which keeps the Celery app in ``app.extensions["celery"]``, works as it is::
 
-``make_celery`` reads these config keys of the Flask app:
+    def create_app() -> Flask:
+        app = Flask(__name__)
+        app.config["CELERY"] = {"broker_url": "redis://127.0.0.1:6379/1"}
+        celery_app = celery_init_app(app)
+        api = Api(app)
+        register_async(api, store="redis://127.0.0.1:6379/0", executor=CeleryExecutor(celery_app))
+        ...
+        return app
+
+    # make_celery.py, for `celery -A make_celery worker`:
+    flask_app = create_app()
+    celery_app = flask_app.extensions["celery"]
+
+(``celery -A module`` takes a module attribute ``app`` for the Celery app: name the
+Flask app anything else in that module, or give ``-A module:celery_app``.)
+
+:func:`make_celery` is a shortcut that builds the Celery app from these config keys
+of the Flask app:
 
 ``CELERY_BROKER_URL``
     The broker (``broker_url``); required.
@@ -26,7 +47,8 @@ The app module builds both apps, and the workers import that same module::
 ``CELERY_CONFIG``
     A dict of any other Celery settings, by their lowercase names.
 
-and :class:`CeleryExecutor` reads these when it submits:
+and :class:`CeleryExecutor` reads these when it submits, however the Celery app
+was made:
 
 ``CELERY_MAX_MESSAGE_BODY``
     Bytes (default :data:`DEFAULT_MAX_MESSAGE_BODY`, 256 KiB): a request body
@@ -39,16 +61,33 @@ and :class:`CeleryExecutor` reads these when it submits:
 Design:
 
 - The message. A submit sends one message: the Celery task :data:`TASK_NAME` with
-  the arguments ``(task_id, snapshot_json, body_key)``: the request as
-  :meth:`RequestSnapshot.to_json` wrote it (strings only, so Celery's default JSON
-  serializer carries it), and ``None`` unless the body went through the store
-  (see "Large bodies"). The Celery task id is the store's task id. Nothing else
-  of the request crosses: the worker rebuilds the resource through the endpoint's
-  view function (``run_task`` with ``resource=None``). Only the worker imports
+  the arguments ``(task_id, snapshot_json, body_key)`` and the keyword argument
+  ``flask_app``: the request as :meth:`RequestSnapshot.to_json` wrote it (strings
+  only, so Celery's default JSON serializer carries it), ``None`` unless the body
+  went through the store (see "Large bodies"), and the Flask app's ``name``. The
+  Celery task id is the store's task id. Nothing else of the request crosses: the
+  worker rebuilds the resource through the endpoint's view function (``run_task``
+  with ``resource=None``). Only the worker imports
   :mod:`flask_restful_async.runner`; a web process that submits never loads it.
-- The app. ``make_celery`` stores the Flask app on the Celery app
-  (``celery_app.flask_app``); the worker, which imported the app module, finds it
-  there. No request ever ran in the worker, so nothing else could tell it.
+- The app. ``register_async`` binds its Flask app to the Celery app
+  (:meth:`CeleryExecutor.bind`) in every process that runs it: the web processes
+  and the workers, which imported the same module. A worker runs each task in the
+  bound app that the message names (the last one bound, when one process made
+  several apps of one name, as test suites do), or else in the only app bound.
+- Failures before the handler. A task ends ``failed`` (500 JSON at its status URL,
+  the error logged with the task id through ``app.logger``) when its snapshot does
+  not decode, when the store keeps failing (lease, body) for :data:`LEASE_RETRIES`
+  tries :data:`LEASE_RETRY_DELAY` seconds apart, or when anything else fails
+  before the handler runs. A worker that has no app for a message cannot reach
+  the task's store (only the app knows it), so it cannot end the task: it logs an
+  error that says how to fix the worker and sends the message back to the broker
+  (a Celery retry, 1, 2, 4, then every :data:`APP_RETRY_DELAY` seconds, at most
+  :data:`APP_RETRIES` times: about five minutes), so that a worker that has the app (another one, or
+  this one fixed and restarted) runs it. Acknowledging the message would lose the
+  task silently; requeueing it at once would hand it straight back. A task whose
+  retries run out stays ``queued`` until ``RESTFUL_ASYNC_QUEUED_TTL`` reads it
+  ``lost``. A message for a task its store does not know is dropped with an error
+  that says that the web process and the worker do not share the store.
 - The lease. A worker process that runs tasks holds a lease in the store, renewed
   by a :class:`LeaseKeeper` (one per Flask app and process, started by the first
   task): a worker that dies has its running tasks read as ``lost`` within the
@@ -77,22 +116,22 @@ Design:
   is no longer ``queued``. :meth:`CeleryExecutor.cancel` also revokes its
   message (``control.revoke``), best effort: a worker that listens to remote
   control then drops the message without even looking at the store.
-- Failure to publish (broker down) answers 503 with ``Retry-After``: the task the
-  store had just recorded is deleted, so no half-submitted task remains.
+- Failure to publish, whatever the cause (broker down, full, misconfigured),
+  answers 503 with ``Retry-After`` and a message that says nothing of the broker;
+  the detail goes to ``app.logger``. The task the store had just recorded is
+  deleted, so no half-submitted task remains.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 import typing as t
 import weakref
 
 try:
     from celery import Celery  # type: ignore[import-untyped,import-not-found,unused-ignore]
-    from kombu.exceptions import (  # type: ignore[import-untyped,import-not-found,unused-ignore]
-        OperationalError,
-    )
 except ImportError as e:  # pragma: no cover - depends on the installed extras
     raise ImportError(
         "flask_restful_async.celery needs Celery: pip install flask-restful-async[celery]"
@@ -125,10 +164,15 @@ __all__ = [
 #: The name of the Celery task that runs a submitted task in a worker.
 TASK_NAME = "flask_restful_async.run"
 
-#: Seconds between retries of a task whose worker could not take its lease (the
-#: store did not answer), and how many retries before the message is dropped.
+#: Seconds between tries of a task whose worker could not get it ready (the store
+#: did not answer: lease, body), and how many retries before the task fails.
 LEASE_RETRY_DELAY = 2
 LEASE_RETRIES = 30
+
+#: The longest wait (seconds) between tries of a message that a worker has no
+#: Flask app for (1, 2, 4, then this), and how many retries before it gives up.
+APP_RETRY_DELAY = 5
+APP_RETRIES = 60
 
 #: Bytes of request body above which the body goes through the task store rather
 #: than in the message (``CELERY_MAX_MESSAGE_BODY``).
@@ -136,12 +180,16 @@ DEFAULT_MAX_MESSAGE_BODY = 256 * 1024
 #: Seconds a body put in the store waits for its worker (``CELERY_LARGE_BODY_TTL``).
 DEFAULT_LARGE_BODY_TTL = 24 * 3600.0
 
+_JSON = served_headers([("Content-Type", "application/json")])
+#: Where a task that failed before its handler ran ends.
+_NOT_STARTED = StoredResponse(500, _JSON, b'{"message": "Internal Server Error"}\n')
 #: Where the task of a large body that the worker could not find back ends.
 _BODY_LOST = StoredResponse(
-    500,
-    served_headers([("Content-Type", "application/json")]),
-    b'{"message": "The request body of this task was lost before it could run."}\n',
+    500, _JSON, b'{"message": "The request body of this task was lost before it could run."}\n'
 )
+
+# For what happens where no Flask app (and so no app.logger) is known.
+_logger = logging.getLogger(__name__)
 
 
 class BrokerUnavailable(Unavailable):
@@ -150,10 +198,11 @@ class BrokerUnavailable(Unavailable):
 
 
 def make_celery(flask_app: Flask, name: str | None = None) -> Celery:
-    """A Celery app configured from ``flask_app.config`` and bound to ``flask_app``.
+    """A Celery app configured from ``flask_app.config``.
 
-    See the module documentation for the config keys. The worker runs each task
-    in the Flask app stored as ``celery_app.flask_app``.
+    See the module documentation for the config keys. The Flask app is also kept
+    as ``celery_app.flask_app``, for your own tasks; this package's tasks find it
+    through ``register_async``, as for any Celery app.
     """
     config = flask_app.config
     broker = config.get("CELERY_BROKER_URL")
@@ -177,11 +226,13 @@ def make_celery(flask_app: Flask, name: str | None = None) -> Celery:
 class CeleryExecutor(Executor):
     """Hands each task to a Celery worker: one message to :data:`TASK_NAME`.
 
-    ``queue`` is the queue the messages go to (Celery's default routing
-    without one). The constructor registers the Celery task on ``celery_app``,
-    which must come from :func:`make_celery` (or carry the Flask app as
-    ``celery_app.flask_app``). Tasks never run in the submitting process, so it
-    holds no lease and no backlog: the broker is the queue.
+    ``celery_app`` is any Celery app (``Celery(__name__, broker=...)``, Flask's
+    ``celery_init_app``, :func:`make_celery`); ``queue`` is the queue the
+    messages go to (Celery's default routing without one). The constructor
+    registers the Celery task on ``celery_app`` (once, however many executors
+    share it); ``register_async`` binds each Flask app to it. Tasks never run in
+    the submitting process, so it holds no lease and no backlog: the broker is the
+    queue.
     """
 
     local = False
@@ -190,16 +241,21 @@ class CeleryExecutor(Executor):
         self.celery_app = celery_app
         self.queue = queue
         self._task = _register(celery_app)
-        self._errors: tuple[type[BaseException], ...] | None = None
+        self._apps: weakref.WeakSet[Flask] = weakref.WeakSet()
 
-    def _connection_errors(self) -> tuple[type[BaseException], ...]:
-        if self._errors is None:
-            # The transport's own (redis-py's, py-amqp's) besides kombu's: no
-            # connection is made to learn them.
-            with self.celery_app.connection_for_write() as connection:
-                transport_errors = tuple(connection.connection_errors)
-            self._errors = (OperationalError, OSError, *transport_errors)
-        return self._errors
+    def bind(self, app: Flask) -> None:
+        """Let this process's workers find ``app`` for the messages that name it."""
+        _bind(self.celery_app, app)
+        self._apps.add(app)
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Release the leases this process holds for this executor's apps (a worker
+        process that ran their tasks), and stop renewing them."""
+        for app in list(self._apps):
+            with _keepers_lock:
+                keeper = _keepers.pop(app, None)
+            if keeper is not None:
+                keeper.release()
 
     def submit(
         self,
@@ -208,7 +264,7 @@ class CeleryExecutor(Executor):
         snapshot: RequestSnapshot,
         resource: Resource | None = None,
     ) -> None:
-        options: dict[str, t.Any] = {"task_id": task.id}
+        options: dict[str, t.Any] = {"task_id": task.id, "kwargs": {"flask_app": app.name}}
         if self.queue is not None:
             options["queue"] = self.queue
         limit = app.config.get("CELERY_MAX_MESSAGE_BODY", DEFAULT_MAX_MESSAGE_BODY)
@@ -219,13 +275,21 @@ class CeleryExecutor(Executor):
                 body_key = task.id
                 get_state(app).store.put_blob(body_key, snapshot.body, float(ttl))
                 snapshot = dataclasses.replace(snapshot, body=b"")
-            self._task.apply_async(args=(task.id, snapshot.to_json(), body_key), **options)
-        except Exception as e:
+            message = snapshot.to_json()
+        except Exception:
             _forget(app, task.id, body_key)
-            if isinstance(e, self._connection_errors()):
-                app.logger.warning("Could not send task %s to the broker: %r", task.id, e)
-                raise BrokerUnavailable("The task queue is not available; try again later.") from e
             raise
+        try:
+            self._task.apply_async(args=(task.id, message, body_key), **options)
+        except Exception as e:
+            # Whatever kept the message from the broker (down, full, a transport
+            # that is not installed), the client can only try again later; where
+            # the broker is and what it said is for the log alone.
+            _forget(app, task.id, body_key)
+            app.logger.error(
+                "Could not send task %s to the broker: %r", task.id, e, extra={"task_id": task.id}
+            )
+            raise BrokerUnavailable("The task queue is not available; try again later.") from e
 
     def cancel(self, app: Flask, task_id: str) -> None:
         """Revoke the message of a cancelled queued task (``control.revoke``).
@@ -252,6 +316,47 @@ def _forget(app: Flask, task_id: str, body_key: str | None = None) -> None:
         app.logger.warning("Could not delete unsent task %s", task_id, exc_info=True)
 
 
+# -- which Flask app a message is for ------------------------------------------------
+
+# The Flask apps bound to each Celery app in this process, oldest first. Weak both
+# ways: a test suite makes and drops many apps.
+_bound: weakref.WeakKeyDictionary[Celery, list[weakref.ref[Flask]]] = weakref.WeakKeyDictionary()
+_bound_lock = threading.Lock()
+
+
+def _bind(celery_app: Celery, flask_app: Flask) -> None:
+    with _bound_lock:
+        refs = [ref for ref in _bound.get(celery_app, ()) if ref() not in (None, flask_app)]
+        refs.append(weakref.ref(flask_app))
+        _bound[celery_app] = refs
+
+
+def _bound_apps(celery_app: Celery) -> list[Flask]:
+    with _bound_lock:
+        return [app for ref in _bound.get(celery_app, ()) if (app := ref()) is not None]
+
+
+def _find_app(celery_app: Celery, name: str | None) -> Flask | None:
+    """The bound Flask app named ``name`` (the last bound of that name), else the
+    only app bound, else None."""
+    apps = _bound_apps(celery_app)
+    named = [app for app in apps if app.name == name]
+    if named:
+        return named[-1]
+    return apps[0] if len(apps) == 1 else None
+
+
+def _no_app_message(celery_app: Celery, task_id: str, name: str | None) -> str:
+    bound = ", ".join(repr(app.name) for app in _bound_apps(celery_app)) or "none"
+    return (
+        f"Task {task_id} is for the Flask app {name!r}, and this worker has no such app"
+        f" bound to the Celery app {celery_app.main!r} (bound: {bound}). The module the"
+        " worker imports (celery -A ...) must build the Flask app and call"
+        " register_async(api, executor=CeleryExecutor(celery_app)) for it, as the web"
+        " process does."
+    )
+
+
 # -- the worker side -----------------------------------------------------------------
 
 _keepers: weakref.WeakKeyDictionary[Flask, LeaseKeeper] = weakref.WeakKeyDictionary()
@@ -267,62 +372,129 @@ def _lease(flask_app: Flask) -> None:
     keeper.ensure()
 
 
-def _bound_app(celery_app: Celery) -> Flask:
-    flask_app = getattr(celery_app, "flask_app", None)
-    if flask_app is None:
-        raise RuntimeError(
-            f"the Celery app {celery_app.main!r} has no Flask app: make it with"
-            " flask_restful_async.celery.make_celery(flask_app)"
+def _prepare(
+    flask_app: Flask, task_id: str, snapshot_json: str, body_key: str | None
+) -> RequestSnapshot | None:
+    """The snapshot to run, with its body; None when the task must not run (it
+    was ended here)."""
+    snapshot = RequestSnapshot.from_json(snapshot_json)
+    _lease(flask_app)
+    if body_key is None:
+        return snapshot
+    body = get_state(flask_app).store.take_blob(body_key)
+    if body is None:
+        flask_app.logger.error(
+            "The request body of task %s is no longer in the store",
+            task_id,
+            extra={"task_id": task_id},
         )
-    return t.cast("Flask", flask_app)
+        _end_queued(flask_app, task_id, _BODY_LOST)
+        return None
+    return dataclasses.replace(snapshot, body=body)
 
 
-def _body_lost(flask_app: Flask, task_id: str) -> None:
-    """The body of a queued task expired (or was taken) before a worker ran it."""
-    flask_app.logger.error("The request body of task %s is no longer in the store", task_id)
+def _check_known(flask_app: Flask, task_id: str) -> None:
+    """A task did not start: say so if the reason is that this worker's store does
+    not know it (read only then, not for every task)."""
+    try:
+        unknown = get_state(flask_app).store.get(task_id) is None
+    except RestfulAsyncError:
+        return  # the runner has logged why the store did not answer
+    if unknown:
+        flask_app.logger.error(
+            "Task %s is not in this worker's task store: the web process that accepted"
+            " it and this worker do not share the store (a sqlite:/// store works only"
+            " when both run on one host and use the same file; use redis:// otherwise),"
+            " or the task was deleted before it ran. The message is dropped.",
+            task_id,
+            extra={"task_id": task_id},
+        )
+
+
+def _fail(flask_app: Flask, task_id: str, reason: str) -> None:
+    """A task failed before its handler ran: log why, end it ``failed`` (500)."""
+    flask_app.logger.error(
+        "Task %s failed before its handler ran: %s",
+        task_id,
+        reason,
+        exc_info=True,
+        extra={"task_id": task_id},
+    )
+    _end_queued(flask_app, task_id, _NOT_STARTED)
+
+
+def _end_queued(flask_app: Flask, task_id: str, response: StoredResponse) -> None:
+    """End a task that never started as ``failed`` with ``response``."""
     store = get_state(flask_app).store
     try:
         task = store.get(task_id)
         # Only a task still queued: one that another worker started (and died
         # running) stays as it reads, lost; a cancelled one stays cancelled.
         if task is not None and task.state is TaskState.QUEUED:
-            store.finish(task_id, TaskState.FAILED, _BODY_LOST)
+            store.finish(task_id, TaskState.FAILED, response)
             waiting.notify(store, task_id)
     except RestfulAsyncError:
-        flask_app.logger.warning("Could not mark task %s as failed", task_id, exc_info=True)
+        flask_app.logger.error(
+            "Could not mark task %s as failed: it reads queued until the store answers"
+            " again and RESTFUL_ASYNC_QUEUED_TTL has passed",
+            task_id,
+            exc_info=True,
+            extra={"task_id": task_id},
+        )
 
 
 def _register(celery_app: Celery) -> t.Any:
     """The Celery task :data:`TASK_NAME` of ``celery_app``, registered once."""
+    registered = celery_app.tasks.get(TASK_NAME)
+    if registered is not None:
+        return registered
 
     @celery_app.task(  # type: ignore[untyped-decorator,misc,unused-ignore]
         name=TASK_NAME,
         bind=True,
+        # Not added to every Celery app made later (Celery's default): this task
+        # finds its Flask apps through the Celery app it was registered on.
+        shared=False,
         acks_late=True,
         reject_on_worker_lost=False,
         ignore_result=True,
     )
-    def run(self: t.Any, task_id: str, snapshot_json: str, body_key: str | None = None) -> None:
+    def run(
+        self: t.Any,
+        task_id: str,
+        snapshot_json: str,
+        body_key: str | None = None,
+        flask_app: str | None = None,
+    ) -> None:
         # Only a worker gets here: the web processes, which import this module to
         # submit, never load the code that runs handlers.
         from .runner import run_task
 
-        flask_app = _bound_app(celery_app)
-        snapshot = RequestSnapshot.from_json(snapshot_json)
-        store = get_state(flask_app).store
+        app = _find_app(celery_app, flask_app)
+        if app is None:
+            message = _no_app_message(celery_app, task_id, flask_app)
+            if self.request.retries >= APP_RETRIES:
+                _logger.error("%s Gave the task up after %d tries.", message, APP_RETRIES + 1)
+                return
+            delay = min(APP_RETRY_DELAY, 2**self.request.retries)
+            _logger.error("%s The message goes back to the broker for %d s.", message, delay)
+            raise self.retry(countdown=delay, max_retries=APP_RETRIES)
         try:
-            _lease(flask_app)
-            body = None if body_key is None else store.take_blob(body_key)
+            snapshot = _prepare(app, task_id, snapshot_json, body_key)
         except StoreUnavailable as e:
+            if self.request.retries >= LEASE_RETRIES:
+                _fail(app, task_id, f"the store did not answer in {LEASE_RETRIES + 1} tries")
+                return
             # Without a lease the task would read as lost at once (and without its
             # body it cannot run): try again later (the task is still queued).
-            flask_app.logger.warning("Task %s cannot start yet: %s", task_id, e.message)
+            app.logger.warning(
+                "Task %s cannot start yet: %s", task_id, e.message, extra={"task_id": task_id}
+            )
             raise self.retry(countdown=LEASE_RETRY_DELAY, max_retries=LEASE_RETRIES) from e
-        if body_key is not None:
-            if body is None:
-                _body_lost(flask_app, task_id)
-                return
-            snapshot = dataclasses.replace(snapshot, body=body)
-        run_task(flask_app, task_id, snapshot, resource=None)
+        except Exception as e:
+            _fail(app, task_id, repr(e))
+            return
+        if snapshot is not None and not run_task(app, task_id, snapshot, resource=None):
+            _check_known(app, task_id)
 
     return run

@@ -237,6 +237,14 @@ def _make_state(
             max_pending=int(config["RESTFUL_ASYNC_MAX_PENDING"]),
             shutdown_timeout=float(config["RESTFUL_ASYNC_SHUTDOWN_TIMEOUT"]),
         )
+    if not executor.local and not store.shared:
+        raise ValueError(
+            f"register_async: a {type(store).__name__} keeps its tasks in this process,"
+            f" where the {type(executor).__name__}'s workers never see them (every task"
+            " would stay queued). Use a store the workers share:"
+            ' store="redis://127.0.0.1:6379/0", or a sqlite:/// file when the web'
+            " processes and the workers all run on one host."
+        )
     if owner is not None and not callable(owner):
         raise TypeError("owner must be a callable that returns the caller's identity")
     if owner is None and not app.debug:
@@ -247,6 +255,7 @@ def _make_state(
             " anyone). Pass register_async(api, owner=...) returning the caller's"
             " identity."
         )
+    executor.bind(app)
     return AsyncState(
         app=app,
         api=api,

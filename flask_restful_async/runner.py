@@ -32,15 +32,16 @@ _INTERNAL_ERROR = StoredResponse(
 
 def run_task(
     app: Flask, task_id: str, snapshot: RequestSnapshot, resource: Resource | None = None
-) -> None:
-    """Run a recorded task to its end and store the outcome.
+) -> bool:
+    """Run a recorded task to its end and store the outcome; False if it did not
+    start (cancelled, or not in the store).
 
     Runs in a new, empty :mod:`contextvars` context, so nothing of a previous task
     (or of the thread that called) can leak into this one. ``resource`` is the
     instance that accepted the request; without it (another process) a new one is
     made through the resource's view function.
     """
-    contextvars.Context().run(_run_task, app, task_id, snapshot, resource)
+    return contextvars.Context().run(_run_task, app, task_id, snapshot, resource)
 
 
 def abandon_task(app: Flask, task_id: str) -> None:
@@ -55,14 +56,14 @@ def abandon_task(app: Flask, task_id: str) -> None:
 
 def _run_task(
     app: Flask, task_id: str, snapshot: RequestSnapshot, resource: Resource | None
-) -> None:
+) -> bool:
     store = get_state(app).store
     try:
         if store.start(task_id, worker_id()) is None:
-            return  # cancelled (or forgotten) before it could start
+            return False  # cancelled (or forgotten) before it could start
     except RestfulAsyncError:
         app.logger.exception("Task %s could not be started", task_id)
-        return
+        return False
     _cv_task.set(TaskHandle(task_id, store))
     outcome: TaskState = TaskState.FAILED
     response: StoredResponse | None = _INTERNAL_ERROR
@@ -76,6 +77,7 @@ def _run_task(
             waiting.notify(store, task_id)  # long-polls in this process wake at once
         except RestfulAsyncError:
             app.logger.exception("Task %s finished but its outcome could not be stored", task_id)
+    return True
 
 
 def _run_in_request(

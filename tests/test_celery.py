@@ -1,11 +1,15 @@
 """Tasks run by a real Celery worker: ``flask_restful_async.celery``.
 
 The app is ``tests/apps/celery_app.py``. One worker subprocess (``-P threads -c 4``)
-serves the module, on a queue of its own; every Redis key (store and broker, db
-13) is under a prefix of the module's own and deleted afterwards, never flushing.
-A few tests run a worker of their own (one thread, the prefork pool, remote
-control, RabbitMQ as the broker: a unique queue and exchange, deleted afterwards),
-and one serves the app with gunicorn to look inside the web process. The
+per way of making the Celery app (plain ``Celery(...)``, Flask's
+``celery_init_app``, ``make_celery``; the end-to-end tests run with each) serves
+the module, on a queue of its own; every Redis key (store and broker, db 13) is
+under a prefix of the worker's own and deleted afterwards, never flushing. A few
+tests run a worker of their own (one thread, the prefork pool, remote control,
+RabbitMQ as the broker: a unique queue and exchange, deleted afterwards; a worker
+whose module binds no Flask app), and one serves the app with gunicorn to look
+inside the web process. Which Flask app a message runs in, and what fails a task
+before its handler runs, are tested in process with an eager Celery app. The
 snapshot's JSON round trip and the stores' blobs are tested here too (no Celery
 needed for them).
 """
@@ -23,16 +27,23 @@ import signal
 import subprocess
 import tempfile
 import time
+import tomllib
 import typing as t
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
-from flask import Flask, g
+from flask import Flask, current_app, g
 from flask.testing import FlaskClient
+from flask_restful import Api
 
+from flask_restful_async import AsyncResource, register_async
 from flask_restful_async.snapshot import RequestSnapshot
+from flask_restful_async.state import get_state
 from flask_restful_async.stores.memory import MemoryStore
+from flask_restful_async.stores.sqlite import SQLiteStore
 
+from .apps.celery_app import WIRINGS
 from .servers import http, poll_until_done, serve
 from .services import (
     REDIS_HOST,
@@ -40,6 +51,7 @@ from .services import (
     celery_worker,
     delete_redis_keys,
     free_port,
+    redis_server,
     require_redis,
     require_service,
 )
@@ -134,15 +146,19 @@ def delete_keys(prefix: str) -> None:
 
 @contextlib.contextmanager
 def run_worker(
-    pool: tuple[str, ...] = THREADS, *, loglevel: str = "warning", **env_extra: str
+    pool: tuple[str, ...] = THREADS,
+    *,
+    loglevel: str = "warning",
+    on: tuple[str, str] | None = None,
+    **env_extra: str,
 ) -> Iterator[Worker]:
-    """A ``celery worker`` subprocess on a fresh prefix, queue and node name, its
-    pool options ``pool``; stopped, and its keys deleted, on exit."""
+    """A ``celery worker`` subprocess on a fresh prefix, queue and node name (or on
+    the prefix and queue ``on``), its pool options ``pool``; stopped, and the keys
+    of a fresh prefix deleted, on exit."""
     require_redis()
     token = secrets.token_hex(6)
-    prefix = f"{{restful_async_celery_{token}}}:"
-    queue = f"restful_async_celery_{token}"
-    nodename = f"{queue}@localhost"
+    prefix, queue = on or (f"{{restful_async_celery_{token}}}:", f"restful_async_celery_{token}")
+    nodename = f"restful_async_celery_{token}@localhost"
     env = {"CELERY_TEST_PREFIX": prefix, "CELERY_TEST_QUEUE": queue, **env_extra}
     options = [*pool, "-n", nodename, "-l", loglevel]
     try:
@@ -152,23 +168,46 @@ def run_worker(
         ):
             yield Worker(prefix, queue, nodename, process, log)
     finally:
-        delete_keys(prefix)
+        if on is None:
+            delete_keys(prefix)
 
 
 @pytest.fixture(scope="module")
-def worker() -> Iterator[Worker]:
-    with run_worker() as running:
-        yield running
+def workers() -> Iterator[t.Callable[[str], Worker]]:
+    """The module's workers, one per wiring of the Celery app, each started when a
+    test first asks for it."""
+    with contextlib.ExitStack() as stack:
+        started: dict[str, Worker] = {}
+
+        def get(wiring: str) -> Worker:
+            if wiring not in started:
+                started[wiring] = stack.enter_context(run_worker(CELERY_TEST_WIRING=wiring))
+            return started[wiring]
+
+        yield get
 
 
 @pytest.fixture
-def client(worker: Worker) -> Iterator[FlaskClient]:
-    """A test client of an in-process instance of the worker's app (same store, queue)."""
+def wiring() -> str:
+    """How the Celery app is made (``tests.apps.celery_app.WIRINGS``); a test that
+    must pass with each parametrizes this."""
+    return "plain"
+
+
+@pytest.fixture
+def worker(workers: t.Callable[[str], Worker], wiring: str) -> Worker:
+    return workers(wiring)
+
+
+@pytest.fixture
+def client(worker: Worker, wiring: str) -> Iterator[FlaskClient]:
+    """A test client of an in-process instance of the worker's app (same store,
+    queue, and way of making the Celery app)."""
     from flask_restful_async.state import get_state
 
     from .apps.celery_app import create_app
 
-    app, _, _ = create_app(worker.prefix, worker.queue)
+    app, _, _ = create_app(worker.prefix, worker.queue, wiring=wiring)
     try:
         yield app.test_client()
     finally:
@@ -212,6 +251,7 @@ def submit(client: FlaskClient, path: str, **kwargs: t.Any) -> str:
     return str(response.headers["Location"])
 
 
+@pytest.mark.parametrize("wiring", WIRINGS)
 def test_worker_runs_the_task_with_the_request_intact(worker: Worker, client: FlaskClient) -> None:
     body = "naïve ☃ " + "x" * 1000
     location = submit(
@@ -238,6 +278,7 @@ def test_http_exception_in_the_worker_keeps_its_status(worker: Worker, client: F
     assert response.json["message"] == "failed with 409 as asked"
 
 
+@pytest.mark.parametrize("wiring", WIRINGS)
 def test_progress_is_visible_while_the_worker_runs(worker: Worker, client: FlaskClient) -> None:
     location = submit(client, "/echo?steps=6&step=0.15", data=b"p")
     deadline = time.monotonic() + WORKER_READY_TIMEOUT
@@ -294,6 +335,7 @@ def test_uploaded_files_and_form_fields_reach_the_worker(
     }
 
 
+@pytest.mark.parametrize("wiring", WIRINGS)
 def test_cancelling_a_running_task_ends_it_as_cancelled(
     worker: Worker, client: FlaskClient
 ) -> None:
@@ -310,26 +352,114 @@ def test_cancelling_a_running_task_ends_it_as_cancelled(
     assert response.json["progress"]["current"] < 50
 
 
-def test_broker_down_answers_503_and_leaves_no_task() -> None:
+@contextlib.contextmanager
+def failing_broker(how: str, workdir: Path) -> Iterator[str]:
+    """The URL of a broker that takes no message: ``refused`` (nothing listens),
+    ``unknown`` (no such transport installed) or ``full`` (a Redis of the test's
+    own over its ``maxmemory``: it answers, and refuses every write)."""
+    if how != "full":
+        yield f"{'redis' if how == 'refused' else 'nosuch'}://127.0.0.1:{free_port()}/0"
+        return
+    import redis
+
+    port = free_port()
+    with redis_server(port, workdir):
+        with redis.Redis(host="127.0.0.1", port=port) as client:
+            client.config_set("maxmemory-policy", "noeviction")
+            client.config_set("maxmemory", 1)
+        yield f"redis://127.0.0.1:{port}/0"
+
+
+@pytest.mark.parametrize("how", ["refused", "unknown", "full"])
+def test_a_broker_that_takes_no_message_answers_503_and_leaves_no_task(
+    how: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     require_redis()
     from flask_restful_async.state import get_state
 
     from .apps.celery_app import create_app
 
     prefix = f"{{restful_async_celery_{secrets.token_hex(6)}}}:"
-    # Nothing listens there: the publish fails after kombu's few quick retries.
-    app, _, store = create_app(prefix, "unused", broker_url=f"redis://127.0.0.1:{free_port()}/0")
+    with failing_broker(how, tmp_path) as broker_url:
+        app, _, store = create_app(prefix, "unused", broker_url=broker_url)
+        try:
+            started = time.monotonic()
+            with caplog.at_level(logging.WARNING, logger=app.logger.name):
+                response = app.test_client().post("/echo", data=b"x")
+            # Refused: after kombu's few quick retries.
+            assert time.monotonic() - started < 10
+            assert response.status_code == 503, response.get_data()
+            assert response.headers["Retry-After"] == "1"
+            assert response.json == {"message": "The task queue is not available; try again later."}
+            assert store.list(owner=None, limit=10) == []
+            # The detail is for the server's log, with the task's id.
+            (record,) = [r for r in caplog.records if "to the broker" in r.getMessage()]
+            assert len(getattr(record, "task_id", "")) >= 22
+            assert record.task_id in record.getMessage()
+        finally:
+            get_state(app).close()
+            delete_keys(prefix)
+
+
+def test_the_celery_extra_brings_the_redis_transport() -> None:
+    """``pip install flask-restful-async[celery]`` is enough for the documented setup,
+    a Redis broker: kombu's Redis transport needs redis-py, which ``celery[redis]``
+    brings."""
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    extras = tomllib.loads(pyproject.read_text())["project"]["optional-dependencies"]
+    assert any(requirement.startswith("celery[redis]") for requirement in extras["celery"])
+
+
+def test_a_snapshot_that_does_not_decode_fails_the_task(
+    worker: Worker, client: FlaskClient
+) -> None:
+    from flask_restful_async.celery import TASK_NAME
+    from flask_restful_async.task import Task, new_task_id
+
+    app = client.application
+    state = get_state(app)
+    task_id = new_task_id()
+    state.store.create(Task(id=task_id))
+    state.executor.celery_app.send_task(  # type: ignore[attr-defined]
+        TASK_NAME,
+        args=(task_id, '{"v": 1, "environ": "garbled"}', None),
+        kwargs={"flask_app": app.name},
+        task_id=task_id,
+        queue=worker.queue,
+    )
+    response = poll(client, worker, f"/tasks/{task_id}", timeout=WORKER_READY_TIMEOUT)
+    assert response.status_code == 500, response.get_data()
+    assert response.json == {"message": "Internal Server Error"}
+    assert f"Task {task_id} failed before its handler ran" in worker.output()
+
+
+def test_a_worker_without_the_flask_app_hands_the_task_on() -> None:
+    """A worker whose module never binds the Flask app cannot reach the task's
+    store: it says how to fix it and gives the message back, and a worker that has
+    the app runs the task."""
+    from .apps.celery_app import create_app
+
+    token = secrets.token_hex(6)
+    on = (f"{{restful_async_celery_{token}}}:", f"restful_async_celery_{token}")
+    app, _, _ = create_app(*on)
+    client = app.test_client()
     try:
-        started = time.monotonic()
-        response = app.test_client().post("/echo", data=b"x")
-        assert time.monotonic() - started < 10
-        assert response.status_code == 503, response.get_data()
-        assert response.headers["Retry-After"] == "1"
-        assert "not available" in response.json["message"]
-        assert store.list(owner=None, limit=10) == []
+        with run_worker(on=on, CELERY_TEST_WIRING="unbound") as unbound:
+            location = submit(client, "/echo", data=b"patient")
+            deadline = time.monotonic() + WORKER_READY_TIMEOUT
+            while "must build the Flask app and call register_async" not in unbound.output():
+                assert unbound.process.poll() is None, unbound.output()
+                assert time.monotonic() < deadline, unbound.output()
+                time.sleep(0.05)
+            assert f"Task {location.rsplit('/', 1)[1]} is for the Flask app" in unbound.output()
+            assert client.get(location).json["state"] == "queued"
+        with run_worker(on=on) as fixed:
+            response = poll(client, fixed, location, timeout=WORKER_READY_TIMEOUT)
+        assert response.status_code == 200, response.get_data()
+        assert response.json["body"] == "patient"
     finally:
         get_state(app).close()
-        delete_keys(prefix)
+        delete_keys(on[0])
 
 
 def test_submit_refuses_view_args_that_are_not_json() -> None:
@@ -353,15 +483,16 @@ def test_submit_refuses_view_args_that_are_not_json() -> None:
     assert deleted == ["t" * 22]
 
 
-def test_killed_worker_task_is_lost_within_the_lease() -> None:
+@pytest.mark.parametrize("wiring", ["plain", "make_celery"])
+def test_killed_worker_task_is_lost_within_the_lease(wiring: str) -> None:
     from flask_restful_async.lease import worker_id
     from flask_restful_async.state import get_state
 
     from .apps.celery_app import create_app
 
     lease = 1.0
-    with run_worker(CELERY_TEST_LEASE=str(lease)) as doomed:
-        app, _, store = create_app(doomed.prefix, doomed.queue)
+    with run_worker(CELERY_TEST_LEASE=str(lease), CELERY_TEST_WIRING=wiring) as doomed:
+        app, _, store = create_app(doomed.prefix, doomed.queue, wiring=wiring)
         try:
             client = app.test_client()
             location = submit(client, "/echo?steps=200&step=0.1", data=b"k")
@@ -529,7 +660,7 @@ def test_large_body_goes_through_the_store(
 
 
 def test_a_lost_large_body_fails_only_a_queued_task() -> None:
-    from flask_restful_async.celery import _body_lost
+    from flask_restful_async.celery import _BODY_LOST, _end_queued
     from flask_restful_async.state import get_state
     from flask_restful_async.task import Task, TaskState, new_task_id
 
@@ -542,7 +673,7 @@ def test_a_lost_large_body_fails_only_a_queued_task() -> None:
         store.create(Task(id=task_id))
     store.request_cancel(cancelled)
     for task_id in (queued, cancelled):
-        _body_lost(app, task_id)
+        _end_queued(app, task_id, _BODY_LOST)
     failed = store.get(queued)
     assert failed is not None
     assert failed.state is TaskState.FAILED
@@ -714,3 +845,169 @@ def test_rabbitmq_as_the_broker() -> None:
     finally:
         if queue is not None:
             delete_rabbitmq_queue(queue)
+
+
+# -- which Flask app, and failures before the handler (in process, eager Celery) -------
+
+
+class Which(AsyncResource):
+    def post(self) -> dict[str, t.Any]:
+        return {"app": current_app.name, "n": current_app.config["N"]}
+
+
+def eager_celery() -> t.Any:
+    """A plain Celery app that runs each task at once, in the thread that sends it."""
+    from celery import Celery
+
+    celery_app = Celery("eager", broker="memory://")
+    celery_app.conf.update(task_always_eager=True)
+    return celery_app
+
+
+@pytest.fixture
+def make_celery_app(tmp_path: Path) -> Iterator[t.Callable[..., Flask]]:
+    """Flask apps with ``/which``, each on a SQLite store of its own and the given
+    Celery app; closed afterwards."""
+    from flask_restful_async.celery import CeleryExecutor
+
+    made: list[Flask] = []
+
+    def make(name: str, celery_app: t.Any, store: t.Any = None) -> Flask:
+        n = len(made)
+        app = Flask(name, instance_path=str(tmp_path / f"instance{n}"))
+        app.config["N"] = n
+        api = Api(app)
+        register_async(
+            api,
+            store=store or f"sqlite:///{tmp_path}/tasks{n}.db",
+            executor=CeleryExecutor(celery_app),
+            owner=lambda: None,
+        )
+        api.add_resource(Which, "/which")
+        made.append(app)
+        return app
+
+    yield make
+    for app in made:
+        get_state(app).close()
+
+
+def test_each_task_runs_in_the_flask_app_that_accepted_it(
+    make_celery_app: t.Callable[..., Flask],
+) -> None:
+    """One Celery app, several Flask apps in one process (as a test suite makes
+    them): each message runs in its own app, the last one made of its name."""
+    celery_app = eager_celery()
+    _, beta, alpha = (make_celery_app(name, celery_app) for name in ("alpha", "beta", "alpha"))
+    for app in (beta, alpha):
+        client = app.test_client()
+        response = client.post("/which")
+        assert response.status_code == 202, response.get_data()
+        response = client.get(response.headers["Location"])
+        assert response.status_code == 200, response.get_data()
+        assert response.json == {"app": app.name, "n": app.config["N"]}
+
+
+def send_message(
+    app: Flask, celery_app: t.Any, snapshot_json: str | None = None, **kw: t.Any
+) -> str:
+    """Record a task in ``app``'s store and run its message, as a worker would: its id."""
+    from flask_restful_async.celery import TASK_NAME
+    from flask_restful_async.task import Task, new_task_id
+
+    if snapshot_json is None:
+        with app.test_request_context("/which", method="POST"):
+            snapshot_json = RequestSnapshot.capture(b"", "post", (), {}).to_json()
+    task_id = new_task_id()
+    get_state(app).store.create(Task(id=task_id))
+    celery_app.tasks[TASK_NAME].apply(args=(task_id, snapshot_json, None), kwargs=kw)
+    return task_id
+
+
+def test_a_message_for_another_app_name_runs_in_the_only_app_bound(
+    make_celery_app: t.Callable[..., Flask],
+) -> None:
+    celery_app = eager_celery()
+    app = make_celery_app("alpha", celery_app)
+    for kwargs in ({"flask_app": "renamed"}, {}):
+        task_id = send_message(app, celery_app, **kwargs)
+        response = app.test_client().get(f"/tasks/{task_id}")
+        assert response.status_code == 200, response.get_data()
+        assert response.json["app"] == "alpha"
+
+
+def test_a_task_its_store_does_not_know_is_logged_as_a_store_not_shared(
+    make_celery_app: t.Callable[..., Flask], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A web process and a worker on SQLite files of different hosts: the worker's
+    store has never heard of the task."""
+    from flask_restful_async.celery import TASK_NAME
+
+    celery_app = eager_celery()
+    app = make_celery_app("alpha", celery_app)
+    with app.test_request_context("/which", method="POST"):
+        snapshot_json = RequestSnapshot.capture(b"", "post", (), {}).to_json()
+    with caplog.at_level(logging.ERROR, logger=app.logger.name):
+        celery_app.tasks[TASK_NAME].apply(args=("u" * 22, snapshot_json, None))
+    (record,) = caplog.records
+    assert record.task_id == "u" * 22  # type: ignore[attr-defined]
+    assert "do not share the store" in record.getMessage()
+    assert "sqlite:/// store works only when both run on one host" in record.getMessage()
+
+
+class FailingLease(SQLiteStore):
+    """A real SQLite store whose lease writes fail with ``error``."""
+
+    def __init__(self, path: str, error: Exception) -> None:
+        super().__init__(path)
+        self.error = error
+        self.tries = 0
+
+    def renew_lease(self, worker: str) -> None:
+        self.tries += 1
+        raise self.error
+
+
+@pytest.mark.parametrize("failure", ["snapshot", "store", "other"])
+def test_a_failure_before_the_handler_fails_the_task(
+    failure: str,
+    make_celery_app: t.Callable[..., Flask],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Whatever keeps a worker from running the handler ends the task ``failed``:
+    500 JSON at the status URL, the error logged with the task id."""
+    from flask_restful_async.celery import LEASE_RETRIES
+    from flask_restful_async.exceptions import StoreUnavailable
+
+    celery_app = eager_celery()
+    store = None
+    if failure != "snapshot":
+        error = StoreUnavailable("down") if failure == "store" else RuntimeError("boom")
+        store = FailingLease(str(tmp_path / "failing.db"), error)
+    app = make_celery_app("alpha", celery_app, store)
+    with caplog.at_level(logging.WARNING, logger=app.logger.name):
+        task_id = send_message(app, celery_app, "{not json" if failure == "snapshot" else None)
+    response = app.test_client().get(f"/tasks/{task_id}")
+    assert response.status_code == 500, response.get_data()
+    assert response.json == {"message": "Internal Server Error"}
+    if failure == "store":
+        assert store is not None
+        assert store.tries == LEASE_RETRIES + 1
+    (record,) = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert record.name == app.logger.name
+    assert record.task_id == task_id  # type: ignore[attr-defined]
+    assert "failed before its handler ran" in record.getMessage()
+
+
+def test_memory_store_is_refused_for_celery_workers(tmp_path: Path) -> None:
+    from flask_restful_async.celery import CeleryExecutor
+
+    celery_app = eager_celery()
+    for store in ("memory://", MemoryStore()):
+        api = Api(Flask("memory"))
+        with pytest.raises(ValueError, match=r"redis://.*sqlite:///"):
+            register_async(api, store=store, executor=CeleryExecutor(celery_app))
+    api = Api(Flask("sqlite", instance_path=str(tmp_path)))
+    register_async(api, store="sqlite:///tasks.db", executor=CeleryExecutor(celery_app))
+    get_state(api.app).close()

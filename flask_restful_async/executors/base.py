@@ -29,6 +29,11 @@ class Executor(abc.ABC):
     #: process then holds them, and keeps a lease in shared stores.
     local: bool = False
 
+    def bind(self, app: Flask) -> None:
+        """``register_async`` is setting ``app`` up with this executor (once per app).
+        An executor whose workers run in other processes remembers the app here, so
+        that a worker, which imported the same code, finds it. Nothing by default."""
+
     def acquire(self) -> None:
         """Reserve room for one task, or raise ``Saturated``. Unbounded by default."""
 

@@ -6,7 +6,12 @@ key the app makes (the store's and the broker's, through kombu's
 to the queue named by ``CELERY_TEST_QUEUE``; ``CELERY_TEST_LEASE`` (seconds), if
 set, is the store's lease; ``CELERY_TEST_BROKER``, if set, the broker URL (Redis
 db :data:`REDIS_DB` otherwise); ``CELERY_TEST_REMOTE_CONTROL=1`` makes a worker
-listen to remote control (``revoke``, ``inspect``). A worker::
+listen to remote control (``revoke``, ``inspect``). ``CELERY_TEST_WIRING`` says how
+the Celery app is made (:data:`WIRINGS`; ``plain`` by default): ``plain`` is
+``Celery(__name__, broker=...)``, ``init_app`` Flask's documented
+``celery_init_app``, ``make_celery`` this package's; ``unbound`` makes a worker
+whose module builds the Celery app and the executor but no Flask app (a
+misconfigured worker). A worker::
 
     CELERY_TEST_PREFIX='{p}:' CELERY_TEST_QUEUE=q \\
         celery -A tests.apps.celery_app worker -P threads -c 4 -Q q
@@ -37,7 +42,7 @@ import time
 import typing as t
 
 import redis
-from celery import Celery
+from celery import Celery, Task
 from flask import Flask, current_app, request
 from flask_restful import Api, Resource, abort
 
@@ -53,6 +58,9 @@ QUEUE_ENV = "CELERY_TEST_QUEUE"
 LEASE_ENV = "CELERY_TEST_LEASE"
 BROKER_ENV = "CELERY_TEST_BROKER"
 REMOTE_CONTROL_ENV = "CELERY_TEST_REMOTE_CONTROL"
+WIRING_ENV = "CELERY_TEST_WIRING"
+#: The ways of making the Celery app that tasks must run with.
+WIRINGS = ("plain", "init_app", "make_celery")
 #: Seconds a ``?hold=NAME`` task waits for its release at most.
 HOLD_TIMEOUT = 10
 
@@ -110,32 +118,66 @@ class Probe(Resource):
         return {"pid": os.getpid(), "handler_runs": len(handler_runs), "modules": ours}
 
 
-def create_app(
-    prefix: str, queue: str, broker_url: str = REDIS_URL
-) -> tuple[Flask, Celery, RedisStore]:
-    """A Flask app, its Celery app and its store: keys under ``prefix``, tasks to
-    ``queue``, messages through ``broker_url``."""
-    app = Flask(__name__)
-    app.config.update(
-        CELERY_TEST_PREFIX=prefix,
-        CELERY_BROKER_URL=broker_url,
-        CELERY_CONFIG={
-            # Every broker key under the test's prefix, so that it can delete them.
-            "broker_transport_options": {"global_keyprefix": f"{prefix}kombu:"},
-            # Remote control only for a test that asks for it (kombu puts its
-            # pidbox keys and channels under the prefix too), and no events.
-            "worker_enable_remote_control": os.environ.get(REMOTE_CONTROL_ENV) == "1",
-            "worker_send_task_events": False,
-            "worker_hijack_root_logger": False,
-        },
-    )
+def celery_init_app(app: Flask) -> Celery:
+    """Flask's documented way to make a Celery app for a Flask app, word for word
+    (https://flask.palletsprojects.com/en/stable/patterns/celery/)."""
+
+    class FlaskTask(Task):  # type: ignore[misc]
+        def __call__(self, *args: object, **kwargs: object) -> object:
+            with app.app_context():
+                return self.run(*args, **kwargs)
+
+    celery_app = Celery(app.name, task_cls=FlaskTask)
+    celery_app.config_from_object(app.config["CELERY"])
+    celery_app.set_default()
+    app.extensions["celery"] = celery_app
+    return celery_app
+
+
+def celery_settings(prefix: str, broker_url: str) -> dict[str, t.Any]:
+    """The Celery settings of every wiring: broker keys under ``prefix``."""
+    settings: dict[str, t.Any] = {
+        "broker_connection_retry_on_startup": True,
+        # Every broker key under the test's prefix, so that it can delete them.
+        "broker_transport_options": {"global_keyprefix": f"{prefix}kombu:"},
+        # Remote control only for a test that asks for it (kombu puts its
+        # pidbox keys and channels under the prefix too), and no events.
+        "worker_enable_remote_control": os.environ.get(REMOTE_CONTROL_ENV) == "1",
+        "worker_send_task_events": False,
+        "worker_hijack_root_logger": False,
+    }
     if broker_url.startswith("amqp"):
         # The worker's event loop wakes for its timers, at most 10 s apart: the
         # heartbeat check (every heartbeat / 3 s) makes a warm shutdown quick.
-        app.config["CELERY_CONFIG"]["broker_heartbeat"] = 2
+        settings["broker_heartbeat"] = 2
+    return settings
+
+
+def make_celery_app(app: Flask, wiring: str, prefix: str, broker_url: str) -> Celery:
+    """The Celery app of ``app``, made as ``wiring`` says."""
+    settings = celery_settings(prefix, broker_url)
+    if wiring == "make_celery":
+        app.config.update(CELERY_BROKER_URL=broker_url, CELERY_CONFIG=settings)
+        return make_celery(app)
+    if wiring == "init_app":
+        app.config["CELERY"] = {"broker_url": broker_url, **settings}
+        return celery_init_app(app)
+    assert wiring == "plain", wiring
+    celery_app = Celery(__name__, broker=broker_url)
+    celery_app.conf.update(settings)
+    return celery_app
+
+
+def create_app(
+    prefix: str, queue: str, broker_url: str = REDIS_URL, wiring: str = "plain"
+) -> tuple[Flask, Celery, RedisStore]:
+    """A Flask app, its Celery app (made as ``wiring`` says) and its store: keys
+    under ``prefix``, tasks to ``queue``, messages through ``broker_url``."""
+    app = Flask(__name__)
+    app.config["CELERY_TEST_PREFIX"] = prefix
     if os.environ.get(LEASE_ENV):
         app.config["RESTFUL_ASYNC_LEASE"] = float(os.environ[LEASE_ENV])
-    celery_app = make_celery(app)
+    celery_app = make_celery_app(app, wiring, prefix, broker_url)
     store = RedisStore(REDIS_URL, prefix=prefix)
     api = Api(app)
     register_async(
@@ -146,17 +188,32 @@ def create_app(
     return app, celery_app, store
 
 
-_built: tuple[Flask, Celery, RedisStore] | None = None
+def create_unbound_celery(prefix: str, queue: str, broker_url: str) -> Celery:
+    """A Celery app with this package's task, and no Flask app bound to it."""
+    celery_app = Celery(__name__, broker=broker_url)
+    celery_app.conf.update(celery_settings(prefix, broker_url))
+    CeleryExecutor(celery_app, queue=queue)
+    return celery_app
+
+
+_built: dict[str, t.Any] = {}
 
 
 def __getattr__(name: str) -> t.Any:
     # PEP 562: built on first access, so importing the module builds nothing.
-    global _built
     if name not in ("celery", "flask_app"):
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    if _built is None:
+    if not _built:
         prefix, queue = os.environ.get(PREFIX_ENV), os.environ.get(QUEUE_ENV)
         if not prefix or not queue:
             raise RuntimeError(f"set {PREFIX_ENV} and {QUEUE_ENV} for tests.apps.celery_app")
-        _built = create_app(prefix, queue, os.environ.get(BROKER_ENV) or REDIS_URL)
-    return _built[0] if name == "flask_app" else _built[1]
+        broker_url = os.environ.get(BROKER_ENV) or REDIS_URL
+        wiring = os.environ.get(WIRING_ENV) or "plain"
+        if wiring == "unbound":
+            _built["celery"] = create_unbound_celery(prefix, queue, broker_url)
+        else:
+            _built["flask_app"], _built["celery"], _ = create_app(prefix, queue, broker_url, wiring)
+    try:
+        return _built[name]
+    except KeyError:
+        raise AttributeError(f"{__name__} has no {name} with {WIRING_ENV}=unbound") from None
