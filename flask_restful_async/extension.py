@@ -54,6 +54,10 @@ DEFAULTS: dict[str, t.Any] = {
     # Largest request body (bytes) a task accepts; larger ones get 413 before a
     # task exists. The body is held in memory until the task starts.
     "RESTFUL_ASYNC_MAX_BODY": 10 * 1024 * 1024,
+    # The least time (seconds) between two progress writes of one task: a handler
+    # may report on every row, the store gets a few writes a second. The latest
+    # report lands this long after the previous write at most. 0: every report.
+    "RESTFUL_ASYNC_PROGRESS_INTERVAL": 0.25,
     # Seconds running tasks get to finish when the process exits (keep it below
     # gunicorn's graceful timeout, 30 s by default).
     "RESTFUL_ASYNC_SHUTDOWN_TIMEOUT": 20,
