@@ -34,6 +34,8 @@ def worker_id() -> str:
 #: Seconds a process that exits gives the outcomes still waiting for the store
 #: before it releases its lease (which makes their tasks lost).
 EXIT_DRAIN_TIMEOUT = 2.0
+#: Seconds between two tries to renew a lease that could not be renewed.
+RENEW_RETRY = 0.5
 
 
 class LeaseKeeper:
@@ -85,7 +87,12 @@ class LeaseKeeper:
             self._pid = os.getpid()
 
     def _renew(self, stop: threading.Event) -> None:
-        while not stop.wait(self.store.lease / 3):
+        pause = self.store.lease / 3
+        failing = False
+        while not stop.wait(pause):
+            # After a failure, sooner: a store back within the lease must find it
+            # renewed before it lapses, or running tasks would read as lost.
+            pause = min(self.store.lease / 3, RENEW_RETRY)
             try:
                 # First what the outbox gave up: never renew a lease for those tasks.
                 self._give_up()
@@ -95,11 +102,18 @@ class LeaseKeeper:
                     held = list(self._held)
                 for worker in held:
                     self.store.renew_lease(worker)
+                pause = self.store.lease / 3
+                if failing:
+                    failing = False
+                    self.app.logger.info("The task lease is renewed again")
                 self.store.maintain()
             except Exception:
                 # Whatever went wrong, keep trying: if this thread ended, every task
-                # of this (living) process would soon read as lost.
-                self.app.logger.warning("Could not renew the task lease", exc_info=True)
+                # of this (living) process would soon read as lost. Logged once per
+                # run of failures: the tries are frequent.
+                if not failing:
+                    failing = True
+                    self.app.logger.warning("Could not renew the task lease", exc_info=True)
 
     def _give_up(self) -> None:
         found = outbox.existing_outbox(self.store)

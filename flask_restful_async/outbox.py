@@ -251,8 +251,8 @@ class Outbox:
 
     def _abandon(self, outcome: _Outcome) -> None:
         outcome.logger.error(
-            "Gave up writing the outcome of task %s; its lease is given up, so that it"
-            " reads as lost",
+            "Gave up writing the outcome of task %s; the lease it ran under is given up,"
+            " so that it reads as lost",
             outcome.task_id,
         )
         self._remove(outcome.task_id)
