@@ -11,6 +11,7 @@ count or refuse some writes are subclasses of the real ones.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 import time
@@ -22,12 +23,12 @@ import pytest
 from flask import current_app, request
 from flask.testing import FlaskClient
 
-from flask_restful_async import AsyncResource, current_task
+from flask_restful_async import AsyncResource, current_task, outbox
 from flask_restful_async.exceptions import StoreUnavailable
 from flask_restful_async.state import get_state
 from flask_restful_async.stores.base import TaskStore
 from flask_restful_async.stores.sqlite import SQLiteStore
-from flask_restful_async.task import Progress, TaskState
+from flask_restful_async.task import Progress, StoredResponse, Task, TaskState, new_task_id
 
 from .conftest import AppFactory, wait_done, wait_for
 from .services import RestartableRedis, free_port, services_required
@@ -139,7 +140,7 @@ def gated_app(make_app: AppFactory, store: TaskStore, **config: t.Any) -> tuple[
 
 
 def test_a_store_outage_ends_every_task_and_kills_no_handler(
-    make_app: AppFactory, outage: Outage
+    make_app: AppFactory, outage: Outage, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A runs and reports progress, checks for cancellation and finishes while the
     store is down; B (waiting for the one worker) starts while it is down. Both
@@ -161,6 +162,11 @@ def test_a_store_outage_ends_every_task_and_kills_no_handler(
         response = wait_done(client, location, timeout=10)
         assert response.status_code == 200, response.get_data()
         assert response.json == {"gate": name, "done": True}
+    # Each of the three writes did meet the outage.
+    logged = caplog.text
+    assert f"Progress of task {first.rsplit('/', 1)[1]} could not be stored" in logged
+    assert f"The outcome of task {first.rsplit('/', 1)[1]} waits for the store" in logged
+    assert f"Task {second.rsplit('/', 1)[1]} cannot start yet" in logged
 
 
 class FinishRefused(SQLiteStore):
@@ -365,8 +371,39 @@ def test_outcomes_still_waiting_at_close_make_their_tasks_lost(
         reader.close()
 
 
-def _outbox_holds(store: TaskStore, task_id: str) -> bool:
-    from flask_restful_async.outbox import existing_outbox
+def test_the_outbox_keeps_a_bounded_number_of_response_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the bound, the oldest waiting outcomes lose their response: they end
+    lost, the newer ones as they ended."""
+    monkeypatch.setattr(outbox, "MAX_BYTES", 100)
+    store = FinishRefused(str(tmp_path / "tasks.db"))
+    store.refused = set()
+    store.renew_lease("w")
+    ids = []
+    for _ in range(3):
+        task = store.create(Task(id=new_task_id()))
+        assert store.start(task.id, "w") is not None
+        store.refused.add(task.id)
+        ids.append(task.id)
+    box = outbox.outbox_for(store)
+    logger = logging.getLogger(__name__)
+    for task_id in ids:
+        outbox.finish(
+            store, task_id, TaskState.SUCCEEDED, StoredResponse(200, [], b"x" * 40), "w", logger
+        )
+    assert len(box) == 3
+    store.refused.clear()
+    wait_for(lambda: len(box) == 0)
+    states = [store.get(task_id) for task_id in ids]
+    assert [task.state if task else None for task in states] == [
+        TaskState.LOST,
+        TaskState.SUCCEEDED,
+        TaskState.SUCCEEDED,
+    ]
+    store.close()
 
-    found = existing_outbox(store)
+
+def _outbox_holds(store: TaskStore, task_id: str) -> bool:
+    found = outbox.existing_outbox(store)
     return found is not None and len(found) == 1
