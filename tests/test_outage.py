@@ -2,17 +2,21 @@
 running for ever, no handler dies of a progress report, progress is coalesced.
 
 Outages are real: a private redis-server stopped (``SHUTDOWN SAVE``) and started
-again on the same port with its data, and a SQLite file whose write lock another
+again on the same port with its data; a SQLite file whose write lock another
 connection holds (``BEGIN EXCLUSIVE``, as a long writer, a backup or a stuck
-process would). The second is what SQLite does when it cannot write, whatever
-the cause, and unlike a full disk it needs no privileges to set up. Stores that
+process would), which needs no privileges and so runs everywhere; and, where
+the tests may mount a tmpfs (root), a SQLite file on a full disk. Stores that
 count or refuse some writes are subclasses of the real ones.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import shutil
 import sqlite3
+import subprocess
 import threading
 import time
 import typing as t
@@ -87,6 +91,48 @@ class SQLiteLocked(Outage):
         self._holder = None
 
 
+class SQLiteDiskFull(Outage):
+    """The file on a tmpfs of 1 MiB of its own, which a filler file fills: a
+    real full disk. Needs the right to mount (root); skipped otherwise."""
+
+    def __init__(self, folder: Path) -> None:
+        folder.mkdir()
+        mounted = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)],
+            capture_output=True,
+            check=False,
+        )
+        if mounted.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+        self.folder = folder
+        self.store = SQLiteStore(str(folder / "tasks.db"), timeout=0.1)
+
+    def down(self) -> None:
+        self.store.get("x" * 22)  # the file exists, with its layout
+        fd = os.open(self.folder / "filler", os.O_WRONLY | os.O_CREAT)
+        try:
+            assert fill(fd) == errno.ENOSPC
+        finally:
+            os.close(fd)
+
+    def up(self) -> None:
+        os.remove(self.folder / "filler")
+
+    def unmount(self) -> None:
+        self.store.close()
+        # Lazy: the app's connections may still be open until it is closed.
+        subprocess.run(["umount", "-l", str(self.folder)], check=False)
+
+
+def fill(fd: int) -> int | None:
+    """Write to ``fd`` until the disk is full; the errno that stopped it."""
+    while True:
+        try:
+            os.write(fd, b"\0" * 4096)
+        except OSError as e:
+            return e.errno
+
+
 class RedisStopped(Outage):
     def __init__(self, server: RestartableRedis) -> None:
         from flask_restful_async.stores.redis import RedisStore
@@ -101,13 +147,20 @@ class RedisStopped(Outage):
         self.server.start()
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["sqlite-locked", "sqlite-disk-full", "redis"])
 def outage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Outage]:
-    if request.param == "sqlite":
+    if request.param == "sqlite-locked":
         yield SQLiteLocked(tmp_path / "tasks.db")
         return
-    import shutil
-
+    if request.param == "sqlite-disk-full":
+        if shutil.which("mount") is None or os.geteuid() != 0:
+            pytest.skip("mounting a tmpfs needs root")
+        full = SQLiteDiskFull(tmp_path / "small-disk")
+        try:
+            yield full
+        finally:
+            full.unmount()
+        return
     if shutil.which("redis-server") is None:
         if services_required():
             pytest.fail("redis-server is not installed, and RESTFUL_ASYNC_REQUIRE_SERVICES=1")
