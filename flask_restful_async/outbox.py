@@ -162,10 +162,16 @@ class Outbox:
             self._bytes += outcome.size
             self._bound()
             if self._thread is None:
-                self._thread = threading.Thread(
+                thread = threading.Thread(
                     target=self._run, name="restful-async-outbox", daemon=True
                 )
-                self._thread.start()
+                try:
+                    thread.start()
+                except RuntimeError:
+                    # At interpreter exit no thread starts (Python 3.12+): the
+                    # lease's release drains what waits, in its own thread.
+                    return
+                self._thread = thread
 
     def given_up(self) -> set[str]:
         """The worker names whose tasks' outcomes were given up since the last call."""
