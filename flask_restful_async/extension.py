@@ -130,6 +130,13 @@ def _make_state(
     for key, value in DEFAULTS.items():
         app.config.setdefault(key, value)
     config = app.config
+    interval = config["RESTFUL_ASYNC_PROGRESS_INTERVAL"]
+    # Read by every task as it starts: refused here rather than in a worker.
+    if isinstance(interval, bool) or not isinstance(interval, int | float) or interval < 0:
+        raise ValueError(
+            "RESTFUL_ASYNC_PROGRESS_INTERVAL must be a number of seconds, 0 or more"
+            f" (0 writes every progress report), not {interval!r}"
+        )
     if store is None or isinstance(store, str):
         store = open_store(store or config["RESTFUL_ASYNC_STORE"], app)
     store.configure(

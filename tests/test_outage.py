@@ -460,3 +460,11 @@ def test_the_outbox_keeps_a_bounded_number_of_response_bytes(
 def _outbox_holds(store: TaskStore, task_id: str) -> bool:
     found = outbox.existing_outbox(store)
     return found is not None and len(found) == 1
+
+
+@pytest.mark.parametrize("interval", [-1, "0.5", None, True])
+def test_a_wrong_progress_interval_is_refused_at_setup(
+    make_app: AppFactory, interval: object
+) -> None:
+    with pytest.raises(ValueError, match="RESTFUL_ASYNC_PROGRESS_INTERVAL must be"):
+        make_app(config={"RESTFUL_ASYNC_PROGRESS_INTERVAL": interval})
