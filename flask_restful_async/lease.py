@@ -152,6 +152,9 @@ class LeaseKeeper:
                 self.store.release_lease(worker)
         except RestfulAsyncError:
             self.app.logger.warning("Could not release the task lease", exc_info=True)
+        if found is not None:
+            # Released, or no longer renewed: those tasks read as lost either way.
+            found.clear()
 
 
 _keepers: weakref.WeakSet[LeaseKeeper] = weakref.WeakSet()

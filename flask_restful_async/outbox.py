@@ -187,6 +187,13 @@ class Outbox:
             time.sleep(min(RETRY_MAX / 4, max(0.0, deadline - time.monotonic())))
         return len(self._waiting)
 
+    def clear(self) -> None:
+        """Drop every waiting outcome: the lease of their tasks is released or
+        left to lapse (see :meth:`LeaseKeeper.release`), so they read ``lost``."""
+        with self._lock:
+            self._waiting.clear()
+            self._bytes = 0
+
     def _run(self) -> None:
         pause = RETRY_FIRST
         while True:

@@ -415,6 +415,9 @@ def test_outcomes_still_waiting_at_close_make_their_tasks_lost(
     gates["a"]["go"].set()
     wait_for(lambda: _outbox_holds(store, task_id))
     get_state(app).close()
+    box = outbox.existing_outbox(store)
+    assert box is not None
+    assert len(box) == 0, "released: nothing left to retry"
     reader = SQLiteStore(str(tmp_path / "tasks.db"))
     try:
         task = reader.get(task_id)
