@@ -265,6 +265,32 @@ def test_an_outcome_given_up_reads_lost_and_the_process_goes_on(
     assert response.status_code == 200, response.get_data()
 
 
+class ResponseRefused(SQLiteStore):
+    """Refuses every response, as Redis past its maxmemory refuses a large write
+    (an error that is no outage: trying again would not help)."""
+
+    def finish(self, task_id: str, state: TaskState, response: t.Any = None) -> None:
+        if response is not None:
+            raise sqlite3.DataError("string or blob too big")
+        super().finish(task_id, state, response)
+
+
+def test_an_outcome_the_store_refuses_ends_the_task_lost(
+    make_app: AppFactory, tmp_path: Path
+) -> None:
+    store = ResponseRefused(str(tmp_path / "tasks.db"))
+    app, gates = gated_app(make_app, store)
+    for name in ("a", "b"):
+        gates[name]["go"].set()
+    client = app.test_client()
+    # Twice: the worker thread that ran the first is still there to run the second.
+    for name in ("a", "b"):
+        response = wait_done(client, submit(client, f"/gated?gate={name}"))
+        assert response.status_code == 500, response.get_data()
+        assert response.json is not None
+        assert response.json["state"] == "lost"
+
+
 class StartReplyLost(SQLiteStore):
     """The first start takes effect, and its reply is lost."""
 
