@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(BIN)/python tests/benchmarks/bench_overhead.py --store sqlite:///$$(mktemp -d)/bench.db
 	$(BIN)/python tests/benchmarks/bench_overhead.py --store redis://127.0.0.1:6379/12
 	$(BIN)/python tests/benchmarks/bench_retention.py --stores memory sqlite redis://127.0.0.1:6379/12
+	$(BIN)/python tests/benchmarks/bench_progress.py --stores sqlite redis://127.0.0.1:6379/12
 
 # Our CeleryExecutor against raw Celery, through one worker (Redis db 12).
 bench-celery: $(STAMP)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextvars
+import logging
 import time
 import typing as t
 
 from werkzeug.local import LocalProxy
 
-from .exceptions import TaskCancelled
+from .exceptions import StoreUnavailable, TaskCancelled
+from .progress import ProgressReporter
 from .task import Progress
 
 if t.TYPE_CHECKING:
@@ -20,32 +22,64 @@ CANCEL_CHECK_INTERVAL = 0.05
 
 
 class TaskHandle:
-    """The running task, as seen from inside its handler."""
+    """The running task, as seen from inside its handler.
 
-    def __init__(self, task_id: str, store: TaskStore) -> None:
+    Nothing here raises for a store outage: progress is best effort (see
+    :mod:`flask_restful_async.progress`), and the cancel flag keeps its last known
+    value until the store answers again.
+    """
+
+    def __init__(
+        self,
+        task_id: str,
+        store: TaskStore,
+        *,
+        progress_interval: float = 0.0,
+        logger: logging.Logger | None = None,
+    ) -> None:
         self.id = task_id
         self._store = store
         self._cancelled = False
         self._checked_at = 0.0
+        self._reporter = ProgressReporter(
+            task_id,
+            store,
+            interval=progress_interval,
+            logger=logger or logging.getLogger(__name__),
+            on_cancel=self._note_cancel,
+        )
 
     def progress(
         self, current: float, total: float | None = None, message: str | None = None
     ) -> None:
-        """Report progress; the status document shows it while the task runs."""
+        """Report progress; the status document shows it while the task runs.
+
+        Cheap enough to call on every row: the store gets at most one write per
+        ``RESTFUL_ASYNC_PROGRESS_INTERVAL`` seconds, and the latest value lands
+        at most that long after it was reported, and before the task's outcome.
+        """
         if total is not None and not isinstance(total, (int, float)):
             raise TypeError("total must be a number or None")
         if not isinstance(current, (int, float)):
             raise TypeError("current must be a number")
         if message is not None and not isinstance(message, str):
             raise TypeError("message must be a string or None")
-        requested = self._store.set_progress(self.id, Progress(current, total, message))
-        self._note_cancel(requested)
+        self._reporter.report(Progress(current, total, message))
+
+    def _close(self) -> None:
+        # The handler returned: write the progress still kept, take no more.
+        self._reporter.close()
 
     @property
     def cancelled(self) -> bool:
         """True once a client asked to cancel this task (``DELETE`` on its status URL)."""
         if not self._cancelled and time.monotonic() - self._checked_at > CANCEL_CHECK_INTERVAL:
-            self._note_cancel(self._store.cancel_requested(self.id))
+            try:
+                requested = self._store.cancel_requested(self.id)
+            except StoreUnavailable:
+                # No one can ask to cancel through a store that does not answer.
+                requested = False
+            self._note_cancel(requested)
         return self._cancelled
 
     def raise_if_cancelled(self) -> None:

@@ -64,6 +64,10 @@ DEFAULTS: dict[str, t.Any] = {
     # (500 at its status URL) instead of filling the store. A streamed body is
     # never read past it.
     "RESTFUL_ASYNC_MAX_RESULT": 8 * 1024 * 1024,
+    # The least time (seconds) between two progress writes of one task: a handler
+    # may report on every row, the store gets a few writes a second. The latest
+    # report lands this long after the previous write at most. 0: every report.
+    "RESTFUL_ASYNC_PROGRESS_INTERVAL": 0.25,
     # Seconds running tasks get to finish when the process exits (keep it below
     # gunicorn's graceful timeout, 30 s by default).
     "RESTFUL_ASYNC_SHUTDOWN_TIMEOUT": 20,
@@ -223,6 +227,13 @@ def _make_state(
     for key, value in DEFAULTS.items():
         app.config.setdefault(key, value)
     config = app.config
+    interval = config["RESTFUL_ASYNC_PROGRESS_INTERVAL"]
+    # Read by every task as it starts: refused here rather than in a worker.
+    if isinstance(interval, bool) or not isinstance(interval, int | float) or interval < 0:
+        raise ValueError(
+            "RESTFUL_ASYNC_PROGRESS_INTERVAL must be a number of seconds, 0 or more"
+            f" (0 writes every progress report), not {interval!r}"
+        )
     if store is None or isinstance(store, str):
         store = open_store(store or config["RESTFUL_ASYNC_STORE"], app)
     store.configure(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import secrets
 import socket
@@ -11,6 +12,7 @@ import weakref
 
 from flask import Flask
 
+from . import outbox
 from .exceptions import RestfulAsyncError
 from .stores.base import TaskStore
 
@@ -29,6 +31,13 @@ def worker_id() -> str:
     return _worker_id
 
 
+#: Seconds a process that exits gives the outcomes still waiting for the store
+#: before it releases its lease (which makes their tasks lost).
+EXIT_DRAIN_TIMEOUT = 2.0
+#: Seconds between two tries to renew a lease that could not be renewed.
+RENEW_RETRY = 0.5
+
+
 class LeaseKeeper:
     """Renews this process's lease in a shared store every third of its length.
 
@@ -37,6 +46,10 @@ class LeaseKeeper:
     amortized purge on submit, where cleanup runs, and never a thread per request.
     At interpreter exit the lease is released, and tasks the process still held
     become ``lost`` at once instead of after the lease.
+
+    It never renews a name whose tasks' outcomes the process gave up on (see
+    :mod:`flask_restful_async.outbox`): it releases that name's lease instead,
+    so that those tasks read ``lost``, and the process goes on under a new name.
     """
 
     def __init__(self, app: Flask, store: TaskStore) -> None:
@@ -49,15 +62,23 @@ class LeaseKeeper:
         self._pid: int | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        # The names this process renews in this store, the current one last;
+        # older ones until the process gives them up.
+        self._held: list[str] = []
 
     def ensure(self) -> None:
         """Hold a fresh lease for this process; raises ``StoreUnavailable`` if it cannot."""
-        if self._pid == os.getpid():
+        if self._pid == os.getpid() and self._held[-1] == _worker_id:
             return
         with self._lock:
+            current = _worker_id
             if self._pid == os.getpid():
+                if self._held[-1] != current:  # the process took a new name
+                    self.store.renew_lease(current)
+                    self._held.append(current)
                 return
-            self.store.renew_lease(worker_id())
+            self.store.renew_lease(current)
+            self._held = [current]
             self._stop = threading.Event()
             threading.Thread(
                 target=self._renew, args=(self._stop,), name="restful-async-lease", daemon=True
@@ -66,27 +87,83 @@ class LeaseKeeper:
             self._pid = os.getpid()
 
     def _renew(self, stop: threading.Event) -> None:
-        while not stop.wait(self.store.lease / 3):
+        pause = self.store.lease / 3
+        failing = False
+        while not stop.wait(pause):
+            # After a failure, sooner: a store back within the lease must find it
+            # renewed before it lapses, or running tasks would read as lost.
+            pause = min(self.store.lease / 3, RENEW_RETRY)
             try:
-                self.store.renew_lease(worker_id())
+                # First what the outbox gave up: never renew a lease for those tasks.
+                self._give_up()
+                with self._lock:
+                    if self._held[-1] != _worker_id:
+                        self._held.append(_worker_id)
+                    held = list(self._held)
+                for worker in held:
+                    self.store.renew_lease(worker)
+                pause = self.store.lease / 3
+                if failing:
+                    failing = False
+                    self.app.logger.info("The task lease is renewed again")
                 self.store.maintain()
             except Exception:
                 # Whatever went wrong, keep trying: if this thread ended, every task
-                # of this (living) process would soon read as lost.
-                self.app.logger.warning("Could not renew the task lease", exc_info=True)
+                # of this (living) process would soon read as lost. Logged once per
+                # run of failures: the tries are frequent.
+                if not failing:
+                    failing = True
+                    self.app.logger.warning("Could not renew the task lease", exc_info=True)
+
+    def _give_up(self) -> None:
+        found = outbox.existing_outbox(self.store)
+        given_up = found.given_up() if found is not None else set()
+        with self._lock:
+            dropped = [worker for worker in self._held if worker in given_up]
+            if not dropped:
+                return
+            self._held = [worker for worker in self._held if worker not in given_up]
+            if _worker_id in given_up:
+                _rename()
+            if not self._held:
+                self._held.append(_worker_id)
+        for worker in dropped:
+            self.app.logger.error(
+                "Tasks of %s in this store could not be ended: its lease is given up,"
+                " they read as lost",
+                worker,
+            )
+            with contextlib.suppress(RestfulAsyncError):  # if not, it lapses
+                self.store.release_lease(worker)
 
     def release(self) -> None:
         if self._pid != os.getpid():
             return
         self._stop.set()
         self._pid = None
+        found = outbox.existing_outbox(self.store)
+        if found is not None and found.drain(EXIT_DRAIN_TIMEOUT):
+            self.app.logger.error(
+                "%d task outcomes could not be stored before exit; those tasks read as lost",
+                len(found),
+            )
         try:
-            self.store.release_lease(worker_id())
+            for worker in self._held:
+                self.store.release_lease(worker)
         except RestfulAsyncError:
             self.app.logger.warning("Could not release the task lease", exc_info=True)
+        if found is not None:
+            # Released, or no longer renewed: those tasks read as lost either way.
+            found.clear()
 
 
 _keepers: weakref.WeakSet[LeaseKeeper] = weakref.WeakSet()
+
+
+def _rename() -> None:
+    """Give this process a new name: tasks it starts from now on run under it."""
+    global _worker_id
+    _worker_id = _new_worker_id()
 
 
 def _reset_after_fork() -> None:

@@ -9,9 +9,9 @@ import typing as t
 from flask import Flask, current_app, request
 from werkzeug.exceptions import HTTPException
 
-from . import waiting
+from . import outbox
 from .context import TaskHandle, _cv_task
-from .exceptions import RestfulAsyncError, ResultTooLarge, TaskCancelled
+from .exceptions import ResultTooLarge, TaskCancelled
 from .lease import worker_id
 from .resource import Replay, _cv_replay
 from .responses import RESULT_TOO_LARGE, render_result, served_headers, store_response
@@ -46,25 +46,25 @@ def run_task(
 
 def abandon_task(app: Flask, task_id: str) -> None:
     """Mark a task that will never run (its process is going away) as ``lost``."""
-    store = get_state(app).store
-    try:
-        store.finish(task_id, TaskState.LOST)
-        waiting.notify(store, task_id)
-    except RestfulAsyncError:
-        app.logger.warning("Could not mark task %s as lost", task_id, exc_info=True)
+    outbox.finish(get_state(app).store, task_id, TaskState.LOST, None, worker_id(), app.logger)
 
 
 def _run_task(
     app: Flask, task_id: str, snapshot: RequestSnapshot, resource: Resource | None
 ) -> bool:
+    # Start and outcome go through the outbox module: a store outage neither
+    # leaves the task queued or running for ever nor ends the handler.
     store = get_state(app).store
-    try:
-        if store.start(task_id, worker_id()) is None:
-            return False  # cancelled (or forgotten) before it could start
-    except RestfulAsyncError:
-        app.logger.exception("Task %s could not be started", task_id)
-        return False
-    _cv_task.set(TaskHandle(task_id, store))
+    started = outbox.start(store, task_id, worker_id(), app.logger)
+    if started is None:
+        return False  # cancelled (or forgotten) before it could start
+    handle = TaskHandle(
+        task_id,
+        store,
+        progress_interval=float(app.config["RESTFUL_ASYNC_PROGRESS_INTERVAL"]),
+        logger=app.logger,
+    )
+    _cv_task.set(handle)
     outcome: TaskState = TaskState.FAILED
     response: StoredResponse | None = _INTERNAL_ERROR
     try:
@@ -72,11 +72,8 @@ def _run_task(
     except Exception:
         app.logger.exception("Task %s failed", task_id)
     finally:
-        try:
-            store.finish(task_id, outcome, response)
-            waiting.notify(store, task_id)  # long-polls in this process wake at once
-        except RestfulAsyncError:
-            app.logger.exception("Task %s finished but its outcome could not be stored", task_id)
+        handle._close()  # the latest progress lands before the outcome
+        outbox.finish(store, task_id, outcome, response, started.worker, app.logger)
     return True
 
 

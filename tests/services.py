@@ -103,6 +103,45 @@ def redis_server(port: int, workdir: Path) -> Iterator[subprocess.Popen[bytes]]:
         process.wait(timeout=10)
 
 
+class RestartableRedis:
+    """A :func:`redis_server` that can be stopped and started again on the same port
+    and folder, its data kept (``SHUTDOWN SAVE``, then loaded from ``dump.rdb``):
+    an outage of a few seconds, as a restart or a failover makes. Stops on exit."""
+
+    def __init__(self, port: int, workdir: Path) -> None:
+        self.port = port
+        self.workdir = workdir
+        self.url = f"redis://127.0.0.1:{port}/0"
+        self._running: contextlib.ExitStack | None = None
+
+    def start(self) -> None:
+        assert self._running is None, "already running"
+        stack = contextlib.ExitStack()
+        stack.enter_context(redis_server(self.port, self.workdir))
+        self._running = stack
+
+    def stop(self) -> None:
+        """``SHUTDOWN SAVE``: clients are refused from now until :meth:`start`."""
+        assert self._running is not None, "not running"
+        with (
+            contextlib.suppress(OSError),
+            socket.create_connection(("127.0.0.1", self.port), timeout=5) as conn,
+        ):
+            conn.sendall(b"SHUTDOWN SAVE\r\n")
+            conn.recv(64)  # the server closes the connection once saved
+        stack, self._running = self._running, None
+        stack.close()
+
+    def __enter__(self) -> RestartableRedis:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._running is not None:
+            self._running.close()
+            self._running = None
+
+
 def delete_redis_keys(db: int, prefix: str) -> int:
     """Delete the keys under ``prefix`` in test database ``db`` (never a flush)."""
     import redis

@@ -1,0 +1,306 @@
+"""The writes that keep a ``202``'s promise through a store outage: a task's start
+and its outcome.
+
+A store that does not answer for a few seconds must not leave a task ``queued``
+or ``running`` for ever, nor kill its handler. So the runner starts a task
+through :func:`start`, which tries again until the store answers, and records
+its end through :func:`finish`, which hands an outcome the store did not take to
+this process's :class:`Outbox` for that store: a thread of its own writes it as
+soon as the store answers again (within about a second), and wakes the waiters.
+
+Retrying is bounded. An outcome is kept for at most :data:`GIVE_UP_LEASES` leases
+and, per store and process, :data:`MAX_BYTES` of responses (beyond that, the
+oldest outcomes lose their response and end as ``lost``) and :data:`MAX_TASKS`
+outcomes. An outcome given up is handed to the lease (see
+:meth:`flask_restful_async.lease.LeaseKeeper`), which stops renewing the name its
+task runs under and releases it, so that the task reads ``lost``: the renewal never
+keeps alive a task whose end this process will not write. A process that exits
+with outcomes unwritten releases its lease, or lets it lapse, to the same effect.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+import random
+import threading
+import time
+import typing as t
+import weakref
+
+from . import waiting
+from .exceptions import StoreUnavailable
+from .task import Task, TaskState
+
+if t.TYPE_CHECKING:
+    import logging
+
+    from .stores.base import TaskStore
+    from .task import StoredResponse
+
+#: Leases (``RESTFUL_ASYNC_LEASE``) that an outcome, or a task's start, is retried
+#: for while the store does not take it.
+GIVE_UP_LEASES = 4
+#: Bytes of responses kept waiting, per store and process.
+MAX_BYTES = 64 * 1024 * 1024
+#: Outcomes kept waiting, per store and process.
+MAX_TASKS = 10_000
+#: Seconds between two tries: the first pause, and the longest.
+RETRY_FIRST = 0.05
+RETRY_MAX = 1.0
+
+
+def give_up_after(store: TaskStore) -> float:
+    """Seconds a start or an outcome is retried for in ``store``."""
+    return GIVE_UP_LEASES * store.lease
+
+
+def start(store: TaskStore, task_id: str, worker: str, logger: logging.Logger) -> Task | None:
+    """Move a queued task to running under ``worker``; None if it is not to run.
+
+    Tries again, with backoff, while the store does not answer. A start whose
+    reply was lost after it took effect shows on the next try as the task
+    running under ``worker`` already: that is this start, and the task runs.
+    Past :func:`give_up_after`, the task is handed to the outbox as ``lost``.
+    """
+    deadline = time.monotonic() + give_up_after(store)
+    pause = RETRY_FIRST
+    tried = False
+    while True:
+        try:
+            started = store.start(task_id, worker)
+            if started is not None or not tried:
+                return started
+            found = store.get(task_id)
+            if found is not None and found.state is TaskState.RUNNING and found.worker == worker:
+                return found
+            return None  # cancelled, or lost meanwhile
+        except StoreUnavailable as e:
+            if not tried:
+                logger.warning("Task %s cannot start yet, trying again: %s", task_id, e.message)
+            tried = True
+            if time.monotonic() >= deadline:
+                logger.error("Task %s could not be started; it ends as lost", task_id)
+                outbox_for(store).put(task_id, TaskState.LOST, None, worker, logger)
+                return None
+        time.sleep(pause * random.uniform(0.5, 1.0))
+        pause = min(RETRY_MAX, pause * 2)
+
+
+def finish(
+    store: TaskStore,
+    task_id: str,
+    state: TaskState,
+    response: StoredResponse | None,
+    worker: str | None,
+    logger: logging.Logger,
+) -> None:
+    """Record a task's outcome now, or, if the store does not take it, in the outbox.
+
+    Never raises. An error other than an outage (the store refused this outcome)
+    is logged, and the task ends as ``lost`` instead.
+    """
+    try:
+        store.finish(task_id, state, response)
+    except StoreUnavailable as e:
+        logger.warning(
+            "The outcome of task %s waits for the store, which did not take it: %s",
+            task_id,
+            e.message,
+        )
+        outbox_for(store).put(task_id, state, response, worker, logger)
+        return
+    except Exception:
+        logger.exception("The store refused the outcome of task %s; it ends as lost", task_id)
+        outbox_for(store).put(task_id, TaskState.LOST, None, worker, logger)
+        return
+    waiting.notify(store, task_id)  # long-polls in this process wake at once
+
+
+@dataclasses.dataclass
+class _Outcome:
+    task_id: str
+    state: TaskState
+    response: StoredResponse | None
+    worker: str | None
+    logger: logging.Logger
+    since: float
+
+    @property
+    def size(self) -> int:
+        return 0 if self.response is None else len(self.response.body)
+
+
+class Outbox:
+    """Outcomes of this process that ``store`` has not taken yet; see the module."""
+
+    def __init__(self, store: TaskStore) -> None:
+        self.store = store
+        self._lock = threading.Lock()
+        self._waiting: collections.OrderedDict[str, _Outcome] = collections.OrderedDict()
+        self._bytes = 0
+        self._given_up: set[str] = set()
+        self._thread: threading.Thread | None = None
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    def put(
+        self,
+        task_id: str,
+        state: TaskState,
+        response: StoredResponse | None,
+        worker: str | None,
+        logger: logging.Logger,
+    ) -> None:
+        """Keep an outcome until the store takes it (or it is given up)."""
+        outcome = _Outcome(task_id, state, response, worker, logger, time.monotonic())
+        with self._lock:
+            self._remove(task_id)
+            self._waiting[task_id] = outcome
+            self._bytes += outcome.size
+            self._bound()
+            if self._thread is None:
+                thread = threading.Thread(
+                    target=self._run, name="restful-async-outbox", daemon=True
+                )
+                try:
+                    thread.start()
+                except RuntimeError:
+                    # At interpreter exit no thread starts (Python 3.12+): the
+                    # lease's release drains what waits, in its own thread.
+                    return
+                self._thread = thread
+
+    def given_up(self) -> set[str]:
+        """The worker names whose tasks' outcomes were given up since the last call."""
+        with self._lock:
+            names, self._given_up = self._given_up, set()
+        return names
+
+    def drain(self, timeout: float) -> int:
+        """Try to write every waiting outcome for up to ``timeout`` seconds (at
+        exit); return how many are left."""
+        deadline = time.monotonic() + timeout
+        while self._waiting and not self._write_all() and time.monotonic() < deadline:
+            time.sleep(min(RETRY_MAX / 4, max(0.0, deadline - time.monotonic())))
+        return len(self._waiting)
+
+    def clear(self) -> None:
+        """Drop every waiting outcome: the lease of their tasks is released or
+        left to lapse (see :meth:`LeaseKeeper.release`), so they read ``lost``."""
+        with self._lock:
+            self._waiting.clear()
+            self._bytes = 0
+
+    def _run(self) -> None:
+        pause = RETRY_FIRST
+        while True:
+            with self._lock:
+                if not self._waiting:
+                    self._thread = None
+                    return
+            if self._write_all():
+                pause = RETRY_FIRST
+            else:
+                self._give_up_old()
+                time.sleep(pause * random.uniform(0.5, 1.0))
+                pause = min(RETRY_MAX, pause * 2)
+
+    def _write_all(self) -> bool:
+        """Write the waiting outcomes, oldest first; False at the first outage."""
+        with self._lock:
+            pending = list(self._waiting.values())
+        for outcome in pending:
+            try:
+                self.store.finish(outcome.task_id, outcome.state, outcome.response)
+            except StoreUnavailable:
+                return False
+            except Exception:
+                outcome.logger.exception(
+                    "The store refused the outcome of task %s", outcome.task_id
+                )
+                with self._lock:
+                    if outcome.response is None and outcome.state is TaskState.LOST:
+                        self._abandon(outcome)
+                    elif self._waiting.get(outcome.task_id) is outcome:
+                        self._degrade(outcome)
+                continue
+            with self._lock:
+                if self._waiting.get(outcome.task_id) is outcome:
+                    self._remove(outcome.task_id)
+            outcome.logger.info("The outcome of task %s is stored", outcome.task_id)
+            waiting.notify(self.store, outcome.task_id)
+        return True
+
+    def _give_up_old(self) -> None:
+        oldest = time.monotonic() - give_up_after(self.store)
+        with self._lock:
+            for outcome in list(self._waiting.values()):
+                if outcome.since > oldest:
+                    break
+                self._abandon(outcome)
+
+    def _bound(self) -> None:
+        # Called with the lock held.
+        if self._bytes > MAX_BYTES:
+            for outcome in list(self._waiting.values()):
+                if self._bytes <= MAX_BYTES:
+                    break
+                if outcome.response is not None:
+                    outcome.logger.error(
+                        "Too many outcomes wait for the store: the response of task %s is"
+                        " dropped, it ends as lost",
+                        outcome.task_id,
+                    )
+                    self._degrade(outcome)
+        while len(self._waiting) > MAX_TASKS:
+            self._abandon(next(iter(self._waiting.values())))
+
+    def _degrade(self, outcome: _Outcome) -> None:
+        self._bytes -= outcome.size
+        outcome.state, outcome.response = TaskState.LOST, None
+
+    def _abandon(self, outcome: _Outcome) -> None:
+        outcome.logger.error(
+            "Gave up writing the outcome of task %s; the lease it ran under is given up,"
+            " so that it reads as lost",
+            outcome.task_id,
+        )
+        self._remove(outcome.task_id)
+        if outcome.worker is not None:
+            self._given_up.add(outcome.worker)
+
+    def _remove(self, task_id: str) -> None:
+        outcome = self._waiting.pop(task_id, None)
+        if outcome is not None:
+            self._bytes -= outcome.size
+
+
+_outboxes: weakref.WeakKeyDictionary[TaskStore, Outbox] = weakref.WeakKeyDictionary()
+_outboxes_lock = threading.Lock()
+
+
+def outbox_for(store: TaskStore) -> Outbox:
+    """This process's :class:`Outbox` of ``store``, made on first use."""
+    with _outboxes_lock:
+        found = _outboxes.get(store)
+        if found is None:
+            found = _outboxes[store] = Outbox(store)
+        return found
+
+
+def existing_outbox(store: TaskStore) -> Outbox | None:
+    """This process's outbox of ``store`` if one was ever needed: a dictionary lookup."""
+    return _outboxes.get(store)
+
+
+def _reset_after_fork() -> None:
+    # Outcomes of the parent are the parent's to write; the child starts empty.
+    global _outboxes_lock
+    _outboxes_lock = threading.Lock()
+    _outboxes.clear()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)

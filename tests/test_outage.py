@@ -1,0 +1,499 @@
+"""A 202 is a promise, also through a store outage: no task stays queued or
+running for ever, no handler dies of a progress report, progress is coalesced.
+
+Outages are real: a private redis-server stopped (``SHUTDOWN SAVE``) and started
+again on the same port with its data; a SQLite file whose write lock another
+connection holds (``BEGIN EXCLUSIVE``, as a long writer, a backup or a stuck
+process would), which needs no privileges and so runs everywhere; and, where
+the tests may mount a tmpfs (root), a SQLite file on a full disk. Stores that
+count or refuse some writes are subclasses of the real ones.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import sqlite3
+import subprocess
+import threading
+import time
+import typing as t
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from flask import current_app, request
+from flask.testing import FlaskClient
+
+from flask_restful_async import AsyncResource, current_task, outbox
+from flask_restful_async.exceptions import StoreUnavailable
+from flask_restful_async.state import get_state
+from flask_restful_async.stores.base import TaskStore
+from flask_restful_async.stores.sqlite import SQLiteStore
+from flask_restful_async.task import Progress, StoredResponse, Task, TaskState, new_task_id
+
+from .conftest import AppFactory, wait_done, wait_for
+from .services import RestartableRedis, free_port, services_required
+
+#: Seconds of the lease in these tests: outcomes are given up after 4 of them.
+LEASE = 1
+
+
+class Gated(AsyncResource):
+    """Reports progress, waits for its gate (``?gate=name``), reports again, checks
+    for cancellation, returns its name."""
+
+    def post(self) -> dict[str, t.Any]:
+        gate = current_app.config["GATES"][request.args["gate"]]
+        current_task.progress(1, total=3, message="before")
+        gate["started"].set()
+        assert gate["go"].wait(20)
+        current_task.progress(2, total=3, message="during")
+        current_task.raise_if_cancelled()
+        return {"gate": request.args["gate"], "done": True}
+
+
+def gate() -> dict[str, threading.Event]:
+    return {"started": threading.Event(), "go": threading.Event()}
+
+
+class Outage:
+    """A store, and a way to make it stop answering writes and answer again."""
+
+    store: TaskStore
+
+    def down(self) -> None:
+        raise NotImplementedError
+
+    def up(self) -> None:
+        raise NotImplementedError
+
+
+class SQLiteLocked(Outage):
+    def __init__(self, path: Path) -> None:
+        # A short busy timeout: a write waits this long for the lock, then the
+        # store reports itself unavailable.
+        self.store = SQLiteStore(str(path), timeout=0.1)
+        self.path = path
+        self._holder: sqlite3.Connection | None = None
+
+    def down(self) -> None:
+        self.store.get("x" * 22)  # the file exists, with its layout
+        self._holder = sqlite3.connect(self.path, isolation_level=None)
+        self._holder.execute("BEGIN EXCLUSIVE")
+
+    def up(self) -> None:
+        assert self._holder is not None
+        self._holder.execute("ROLLBACK")
+        self._holder.close()
+        self._holder = None
+
+
+class SQLiteDiskFull(Outage):
+    """The file on a tmpfs of 1 MiB of its own, which a filler file fills: a
+    real full disk. Needs the right to mount (root); skipped otherwise."""
+
+    def __init__(self, folder: Path) -> None:
+        folder.mkdir()
+        mounted = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)],
+            capture_output=True,
+            check=False,
+        )
+        if mounted.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+        self.folder = folder
+        self.store = SQLiteStore(str(folder / "tasks.db"), timeout=0.1)
+
+    def down(self) -> None:
+        self.store.get("x" * 22)  # the file exists, with its layout
+        fd = os.open(self.folder / "filler", os.O_WRONLY | os.O_CREAT)
+        try:
+            assert fill(fd) == errno.ENOSPC
+        finally:
+            os.close(fd)
+
+    def up(self) -> None:
+        os.remove(self.folder / "filler")
+
+    def unmount(self) -> None:
+        self.store.close()
+        # Lazy: the app's connections may still be open until it is closed.
+        subprocess.run(["umount", "-l", str(self.folder)], check=False)
+
+
+def fill(fd: int) -> int | None:
+    """Write to ``fd`` until the disk is full; the errno that stopped it."""
+    while True:
+        try:
+            os.write(fd, b"\0" * 4096)
+        except OSError as e:
+            return e.errno
+
+
+class RedisStopped(Outage):
+    def __init__(self, server: RestartableRedis) -> None:
+        from flask_restful_async.stores.redis import RedisStore
+
+        self.server = server
+        self.store = RedisStore(server.url, socket_timeout=0.5)
+
+    def down(self) -> None:
+        self.server.stop()
+
+    def up(self) -> None:
+        self.server.start()
+
+
+@pytest.fixture(params=["sqlite-locked", "sqlite-disk-full", "redis"])
+def outage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Outage]:
+    if request.param == "sqlite-locked":
+        yield SQLiteLocked(tmp_path / "tasks.db")
+        return
+    if request.param == "sqlite-disk-full":
+        if shutil.which("mount") is None or os.geteuid() != 0:
+            pytest.skip("mounting a tmpfs needs root")
+        full = SQLiteDiskFull(tmp_path / "small-disk")
+        try:
+            yield full
+        finally:
+            full.unmount()
+        return
+    if shutil.which("redis-server") is None:
+        if services_required():
+            pytest.fail("redis-server is not installed, and RESTFUL_ASYNC_REQUIRE_SERVICES=1")
+        pytest.skip("redis-server is not installed")
+    pytest.importorskip("redis")
+    with RestartableRedis(free_port(), tmp_path) as server:
+        yield RedisStopped(server)
+
+
+def submit(client: FlaskClient, path: str) -> str:
+    response = client.post(path)
+    assert response.status_code == 202, response.get_data()
+    return str(response.headers["Location"])
+
+
+def gated_app(make_app: AppFactory, store: TaskStore, **config: t.Any) -> tuple[t.Any, dict]:
+    gates: dict[str, dict[str, threading.Event]] = {"a": gate(), "b": gate()}
+    app, api = make_app(
+        store=store,
+        config={
+            "RESTFUL_ASYNC_LEASE": LEASE,
+            "RESTFUL_ASYNC_MAX_WORKERS": 1,
+            "RESTFUL_ASYNC_PROGRESS_INTERVAL": 0,
+            "GATES": gates,
+            **config,
+        },
+    )
+    api.add_resource(Gated, "/gated")
+    return app, gates
+
+
+def test_a_store_outage_ends_every_task_and_kills_no_handler(
+    make_app: AppFactory, outage: Outage, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A runs and reports progress, checks for cancellation and finishes while the
+    store is down; B (waiting for the one worker) starts while it is down. Both
+    end succeeded once the store is back (within the lease: a longer outage makes
+    the lease lapse, and the tasks lost)."""
+    app, gates = gated_app(make_app, outage.store, RESTFUL_ASYNC_LEASE=4)
+    client = app.test_client()
+    first = submit(client, "/gated?gate=a")
+    assert gates["a"]["started"].wait(10)
+    gates["b"]["go"].set()
+    second = submit(client, "/gated?gate=b")
+    outage.down()
+    try:
+        gates["a"]["go"].set()
+        time.sleep(1.0)  # A's progress, cancel check and outcome fail; B's start too
+    finally:
+        outage.up()
+    for location, name in ((first, "a"), (second, "b")):
+        response = wait_done(client, location, timeout=10)
+        assert response.status_code == 200, response.get_data()
+        assert response.json == {"gate": name, "done": True}
+    # Each of the three writes did meet the outage.
+    logged = caplog.text
+    assert f"Progress of task {first.rsplit('/', 1)[1]} could not be stored" in logged
+    assert f"The outcome of task {first.rsplit('/', 1)[1]} waits for the store" in logged
+    assert f"Task {second.rsplit('/', 1)[1]} cannot start yet" in logged
+
+
+class FinishRefused(SQLiteStore):
+    """Takes every write but the outcome of the tasks named in ``refused``, as a
+    full disk takes a small write and refuses a large one."""
+
+    refused: set[str]
+
+    def finish(self, task_id: str, state: TaskState, response: t.Any = None) -> None:
+        if task_id in self.refused:
+            raise StoreUnavailable("The task store is not available: database or disk is full")
+        super().finish(task_id, state, response)
+
+
+def test_an_outcome_given_up_reads_lost_and_the_process_goes_on(
+    make_app: AppFactory, tmp_path: Path
+) -> None:
+    """The lease renews fine, the outcome never lands: after the bound, the
+    process gives up its lease for that task, which reads lost; new tasks run."""
+    store = FinishRefused(str(tmp_path / "tasks.db"))
+    store.refused = set()
+    app, gates = gated_app(make_app, store)
+    client = app.test_client()
+    first = submit(client, "/gated?gate=a")
+    assert gates["a"]["started"].wait(10)
+    store.refused.add(first.rsplit("/", 1)[1])
+    gates["a"]["go"].set()
+    started = time.monotonic()
+    response = wait_done(client, first, timeout=4 * LEASE + 5)
+    assert response.status_code == 500, response.get_data()
+    assert response.json is not None
+    assert response.json["state"] == "lost"
+    assert time.monotonic() - started >= 4 * LEASE - 0.5  # retried for the whole bound
+    # The process goes on under a new name, whose lease it renews: a task that
+    # runs for several leases still reads running, then succeeds.
+    second = submit(client, "/gated?gate=b")
+    assert gates["b"]["started"].wait(10)
+    time.sleep(3 * LEASE)
+    running = client.get(second)
+    assert running.status_code == 202, running.get_data()
+    gates["b"]["go"].set()
+    response = wait_done(client, second, timeout=10)
+    assert response.status_code == 200, response.get_data()
+
+
+class ResponseRefused(SQLiteStore):
+    """Refuses every response, as Redis past its maxmemory refuses a large write
+    (an error that is no outage: trying again would not help)."""
+
+    def finish(self, task_id: str, state: TaskState, response: t.Any = None) -> None:
+        if response is not None:
+            raise sqlite3.DataError("string or blob too big")
+        super().finish(task_id, state, response)
+
+
+def test_an_outcome_the_store_refuses_ends_the_task_lost(
+    make_app: AppFactory, tmp_path: Path
+) -> None:
+    store = ResponseRefused(str(tmp_path / "tasks.db"))
+    app, gates = gated_app(make_app, store)
+    for name in ("a", "b"):
+        gates[name]["go"].set()
+    client = app.test_client()
+    # Twice: the worker thread that ran the first is still there to run the second.
+    for name in ("a", "b"):
+        response = wait_done(client, submit(client, f"/gated?gate={name}"))
+        assert response.status_code == 500, response.get_data()
+        assert response.json is not None
+        assert response.json["state"] == "lost"
+
+
+class StartReplyLost(SQLiteStore):
+    """The first start takes effect, and its reply is lost."""
+
+    lost_replies = 0
+
+    def start(self, task_id: str, worker: str) -> t.Any:
+        started = super().start(task_id, worker)
+        if self.lost_replies == 0:
+            self.lost_replies += 1
+            raise StoreUnavailable("The task store is not available: connection reset")
+        return started
+
+
+def test_a_start_whose_reply_was_lost_runs_the_task(make_app: AppFactory, tmp_path: Path) -> None:
+    store = StartReplyLost(str(tmp_path / "tasks.db"))
+    app, gates = gated_app(make_app, store)
+    gates["a"]["go"].set()
+    client = app.test_client()
+    response = wait_done(client, submit(client, "/gated?gate=a"))
+    assert response.status_code == 200, response.get_data()
+    assert response.json == {"gate": "a", "done": True}
+    assert store.lost_replies == 1
+
+
+class ProgressRefused(SQLiteStore):
+    error: type[Exception] = StoreUnavailable
+
+    def set_progress(self, task_id: str, progress: Progress) -> bool:
+        raise self.error("The task store is not available: no answer")
+
+
+@pytest.mark.parametrize("error", [StoreUnavailable, RuntimeError])
+def test_a_failing_progress_write_never_kills_the_handler(
+    make_app: AppFactory, tmp_path: Path, error: type[Exception]
+) -> None:
+    store = ProgressRefused(str(tmp_path / "tasks.db"))
+    store.error = error
+    app, gates = gated_app(make_app, store)
+    gates["a"]["go"].set()
+    client = app.test_client()
+    response = wait_done(client, submit(client, "/gated?gate=a"))
+    assert response.status_code == 200, response.get_data()
+    assert response.json == {"gate": "a", "done": True}
+
+
+# -- coalescing ------------------------------------------------------------------------
+
+
+class CountingProgress(SQLiteStore):
+    """Counts progress writes, and notes what each wrote."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.written: list[Progress] = []
+
+    def set_progress(self, task_id: str, progress: Progress) -> bool:
+        self.written.append(progress)
+        return super().set_progress(task_id, progress)
+
+
+class Rows(AsyncResource):
+    """Reports progress per row for ``?seconds=S``, then waits for its gate."""
+
+    def post(self) -> dict[str, t.Any]:
+        gates = current_app.config["GATES"]
+        deadline = time.monotonic() + float(request.args["seconds"])
+        row = 0
+        while time.monotonic() < deadline:
+            row += 1
+            current_task.progress(row, message="rows")
+        gates["reported"]["row"] = row
+        gates["reported"]["event"].set()
+        assert gates["go"].wait(20)
+        return {"rows": row}
+
+
+def test_progress_is_coalesced_and_the_latest_lands_without_another_call(
+    make_app: AppFactory, tmp_path: Path
+) -> None:
+    store = CountingProgress(str(tmp_path / "tasks.db"))
+    gates: dict[str, t.Any] = {"reported": {"event": threading.Event()}, "go": threading.Event()}
+    app, api = make_app(
+        store=store, config={"GATES": gates, "RESTFUL_ASYNC_PROGRESS_INTERVAL": 0.25}
+    )
+    api.add_resource(Rows, "/rows")
+    client = app.test_client()
+    location = submit(client, "/rows?seconds=1.0")
+    task_id = location.rsplit("/", 1)[1]
+    try:
+        assert gates["reported"]["event"].wait(10)
+        reported_at = time.monotonic()
+        last = gates["reported"]["row"]
+        assert last > 1000, "the loop should report far more often than it writes"
+        # 1 s at one write per 0.25 s: 4 or 5, plus the first at once.
+        assert len(store.written) <= 6, len(store.written)
+
+        def landed() -> bool:
+            task = store.get(task_id)
+            return task is not None and task.progress == Progress(last, None, "rows")
+
+        wait_for(landed, timeout=1.0)
+        assert time.monotonic() - reported_at < 1.0
+        assert len(store.written) <= 7
+    finally:
+        gates["go"].set()
+    response = wait_done(client, location)
+    assert response.status_code == 200
+    assert response.json == {"rows": last}
+
+
+class Twice(AsyncResource):
+    def post(self) -> dict[str, t.Any]:
+        current_task.progress(1, total=2)
+        current_task.progress(2, total=2, message="last")
+        return {"ok": True}
+
+
+def test_the_latest_progress_is_written_before_the_outcome(
+    make_app: AppFactory, tmp_path: Path
+) -> None:
+    store = CountingProgress(str(tmp_path / "tasks.db"))
+    # An interval far longer than the task: only the finish can flush the report.
+    app, api = make_app(store=store, config={"RESTFUL_ASYNC_PROGRESS_INTERVAL": 60})
+    api.add_resource(Twice, "/twice")
+    client = app.test_client()
+    location = submit(client, "/twice")
+    assert wait_done(client, location).status_code == 200
+    task = store.get(location.rsplit("/", 1)[1])
+    assert task is not None
+    assert task.state is TaskState.SUCCEEDED
+    assert task.progress == Progress(2, 2, "last")
+    assert store.written == [Progress(1, 2, None), Progress(2, 2, "last")]
+
+
+def test_outcomes_still_waiting_at_close_make_their_tasks_lost(
+    make_app: AppFactory, tmp_path: Path
+) -> None:
+    """A process that stops with an outcome unwritten releases its lease: the task
+    reads lost, not running."""
+    store = FinishRefused(str(tmp_path / "tasks.db"))
+    store.refused = set()
+    app, gates = gated_app(make_app, store, RESTFUL_ASYNC_LEASE=30)
+    client = app.test_client()
+    location = submit(client, "/gated?gate=a")
+    assert gates["a"]["started"].wait(10)
+    task_id = location.rsplit("/", 1)[1]
+    store.refused.add(task_id)
+    gates["a"]["go"].set()
+    wait_for(lambda: _outbox_holds(store, task_id))
+    get_state(app).close()
+    box = outbox.existing_outbox(store)
+    assert box is not None
+    assert len(box) == 0, "released: nothing left to retry"
+    reader = SQLiteStore(str(tmp_path / "tasks.db"))
+    try:
+        task = reader.get(task_id)
+        assert task is not None
+        assert task.state is TaskState.LOST
+    finally:
+        reader.close()
+
+
+def test_the_outbox_keeps_a_bounded_number_of_response_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the bound, the oldest waiting outcomes lose their response: they end
+    lost, the newer ones as they ended."""
+    monkeypatch.setattr(outbox, "MAX_BYTES", 100)
+    store = FinishRefused(str(tmp_path / "tasks.db"))
+    store.refused = set()
+    store.renew_lease("w")
+    ids = []
+    for _ in range(3):
+        task = store.create(Task(id=new_task_id()))
+        assert store.start(task.id, "w") is not None
+        store.refused.add(task.id)
+        ids.append(task.id)
+    box = outbox.outbox_for(store)
+    logger = logging.getLogger(__name__)
+    for task_id in ids:
+        outbox.finish(
+            store, task_id, TaskState.SUCCEEDED, StoredResponse(200, [], b"x" * 40), "w", logger
+        )
+    assert len(box) == 3
+    store.refused.clear()
+    wait_for(lambda: len(box) == 0)
+    states = [store.get(task_id) for task_id in ids]
+    assert [task.state if task else None for task in states] == [
+        TaskState.LOST,
+        TaskState.SUCCEEDED,
+        TaskState.SUCCEEDED,
+    ]
+    store.close()
+
+
+def _outbox_holds(store: TaskStore, task_id: str) -> bool:
+    found = outbox.existing_outbox(store)
+    return found is not None and len(found) == 1
+
+
+@pytest.mark.parametrize("interval", [-1, "0.5", None, True])
+def test_a_wrong_progress_interval_is_refused_at_setup(
+    make_app: AppFactory, interval: object
+) -> None:
+    with pytest.raises(ValueError, match="RESTFUL_ASYNC_PROGRESS_INTERVAL must be"):
+        make_app(config={"RESTFUL_ASYNC_PROGRESS_INTERVAL": interval})
