@@ -200,6 +200,9 @@ def test_demo() -> None:
             output, _ = demo.communicate()
         pytest.fail(f"demo.py did not finish in 60 s:\n{output}")
     assert demo.returncode == 0, output
+    # Every process closed the store at exit: no write-ahead log is left beside it.
+    assert not list((EXAMPLES / "instance").glob("*-wal"))
+    assert not list((EXAMPLES / "instance").glob("*-shm"))
     assert "202 ACCEPTED  Location: /status/" in output
     assert "200 OK  application/json" in output
     assert '"The answer is: hello/world"' in output

@@ -308,3 +308,26 @@ def test_the_write_ahead_log_stays_bounded_under_polls(tmp_path: Path) -> None:
         store.close()
     assert len(ids) == 2100
     assert wal <= sqlite_store.WAL_SIZE_LIMIT, wal
+
+
+def test_a_process_that_exits_leaves_no_write_ahead_log(tmp_path: Path) -> None:
+    """Connections still open at exit (task threads, the lease) are closed then, so the
+    file is left alone, without -wal and -shm beside it."""
+    path = tmp_path / "tasks.db"
+    script = (
+        "import threading\n"
+        "from flask_restful_async.stores import SQLiteStore\n"
+        "from flask_restful_async.task import Task, new_task_id\n"
+        f"store = SQLiteStore({str(path)!r})\n"
+        "store.create(Task(new_task_id()))\n"
+        "created = threading.Event()\n"
+        "def work():\n"
+        "    store.create(Task(new_task_id()))\n"
+        "    created.set()\n"
+        "    threading.Event().wait()  # a task thread still alive when the process ends\n"
+        "threading.Thread(target=work, daemon=True).start()\n"
+        "created.wait(10)\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=30)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tasks.db"]
+    assert len(SQLiteStore(str(path)).list(owner=None)) == 2

@@ -8,6 +8,7 @@ survive restarts; a process that dies is detected through its lease.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import json
@@ -777,3 +778,15 @@ def _reset_after_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+def _close_at_exit() -> None:
+    # A connection still open when the process ends leaves the write-ahead log and
+    # its index (-wal, -shm) beside the file; the last connection closed removes
+    # them. Registered at import, so it runs after the executor has let its tasks
+    # finish and the lease is released (atexit runs the latest registration first).
+    for store in list(_stores):
+        store.close()
+
+
+atexit.register(_close_at_exit)
