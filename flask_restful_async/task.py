@@ -120,6 +120,9 @@ class Task:
     Times are POSIX timestamps (seconds). ``response`` is set once the task has
     finished with a response of its own (succeeded or failed). ``expired`` marks a
     tombstone: the result is gone, only the fact that the task existed is kept.
+    ``rerun`` says that the handler may run again if the process running it dies
+    (the resource's ``rerun_on_crash``): such a task goes back to the queue rather
+    than reading lost.
     """
 
     id: str
@@ -135,6 +138,7 @@ class Task:
     worker: str | None = None
     response: StoredResponse | None = None
     expired: bool = False
+    rerun: bool = False
 
     def status_document(self) -> dict[str, t.Any]:
         """The JSON body clients see while polling (CONTRACT section 3)."""

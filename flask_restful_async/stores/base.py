@@ -15,6 +15,14 @@ from .outages import OutageLog
 ACTIVE_STATES = (TaskState.QUEUED, TaskState.RUNNING)
 
 
+class Claimed(t.NamedTuple):
+    """A queued task that :meth:`TaskStore.claim` gave to a worker, with the request
+    snapshot that was stored with it (opaque bytes, as the submit wrote them)."""
+
+    task: Task
+    snapshot: bytes
+
+
 @dataclasses.dataclass(frozen=True)
 class Ending:
     """How a task ended, as a store may announce it along with its id, so that a
@@ -62,8 +70,19 @@ class TaskStore(abc.ABC):
 
     Liveness: a queued or running task records the ``worker`` (process) that holds
     it, and every such process renews a lease of ``lease`` seconds. A task whose
-    worker's lease has lapsed reads as ``lost``, and is recorded so; so does a task
-    still queued ``queued_ttl`` seconds after it was created (no worker took it).
+    worker's lease has lapsed reads as ``lost``, and is recorded so, with two
+    exceptions: a queued task stored with its request snapshot stays queued, for
+    another process to :meth:`claim`; and a running task with ``rerun=True`` goes
+    back to queued (no worker, no start time), claimable the same way. A task still
+    queued ``queued_ttl`` seconds after it was created (no worker took it) reads
+    lost, whatever holds it.
+
+    Queue of record: a task created with a snapshot can be run by any process that
+    shares the store. :meth:`claim` takes such tasks when their holder is gone
+    (lease lapsed) or has handed them back (:meth:`hand_back`, on a graceful
+    stop), oldest first, each by exactly one caller. The snapshot is dropped when
+    the task starts (kept until it ends for ``rerun`` tasks) and whenever the task
+    ends or is deleted.
     """
 
     #: The URL this store was made from (``memory://``, ``sqlite:///…``, ``redis://…``).
@@ -93,8 +112,14 @@ class TaskStore(abc.ABC):
         self.queued_ttl = queued_ttl
 
     @abc.abstractmethod
-    def create(self, task: Task) -> Task:
+    def create(self, task: Task, snapshot: bytes | None = None) -> Task:
         """Record a new queued task and return it.
+
+        ``snapshot`` (the request, as
+        :meth:`~flask_restful_async.snapshot.RequestSnapshot.to_bytes` wrote it,
+        body included; opaque to the store) is recorded in the same write as the
+        task, so that another process can :meth:`claim` and run it. Without one,
+        only the process that holds the task can run it.
 
         If ``task.idempotency_key`` is set and a task of the same owner with the
         same key exists, return that one instead and record nothing.
@@ -117,7 +142,34 @@ class TaskStore(abc.ABC):
 
     @abc.abstractmethod
     def start(self, task_id: str, worker: str) -> Task | None:
-        """Move a queued task to running; None if it is no longer queued (cancelled)."""
+        """Move a queued task to running, held by ``worker``; None if it is no
+        longer queued (cancelled, lost).
+
+        Drops the task's stored snapshot, unless the task has ``rerun=True``: then
+        it is kept until the task ends, in case its worker dies.
+        """
+
+    def claim(self, worker: str, limit: int) -> list[Claimed]:
+        """Take up to ``limit`` (>= 1) queued tasks that no live process holds, for
+        ``worker`` to run, and return each with its stored snapshot.
+
+        Claimable: queued, stored with a snapshot, not cancelled, created less than
+        ``queued_ttl`` seconds ago, and held by no worker (handed back) or by one
+        whose lease has lapsed. Oldest first (``created_at``, then ``id``). Atomic:
+        across threads, processes and machines, each task goes to exactly one
+        caller. A claimed task stays queued, held by ``worker``, until that worker
+        starts it (or hands it back, or its lease lapses in turn).
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot claim tasks yet")
+
+    def hand_back(self, worker: str, task_ids: t.Sequence[str]) -> int:
+        """Give up the queued tasks among ``task_ids`` that ``worker`` still holds:
+        they are held by no worker, for any process to :meth:`claim`. Returns how
+        many. A graceful stop calls this rather than losing its queue. (A task
+        stored without a snapshot is handed back too, but no process can claim
+        it: it waits until ``queued_ttl`` and reads lost.)
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot hand tasks back yet")
 
     @abc.abstractmethod
     def set_progress(self, task_id: str, progress: Progress) -> bool:
@@ -131,7 +183,8 @@ class TaskStore(abc.ABC):
     def finish(
         self, task_id: str, state: TaskState, response: StoredResponse | None = None
     ) -> None:
-        """Record the end of a task (from queued or running) and its response.
+        """Record the end of a task (from queued or running) and its response,
+        and drop its snapshot.
 
         A task that has already finished keeps its first outcome.
         """
@@ -142,7 +195,7 @@ class TaskStore(abc.ABC):
 
     @abc.abstractmethod
     def delete(self, task_id: str) -> None:
-        """Forget a task entirely."""
+        """Forget a task entirely, with its snapshot."""
 
     @abc.abstractmethod
     def list(
@@ -165,7 +218,8 @@ class TaskStore(abc.ABC):
 
     @abc.abstractmethod
     def release_lease(self, worker: str) -> None:
-        """``worker`` is going away: its tasks that are still active become lost."""
+        """``worker`` is going away: its tasks that are still active read as if its
+        lease had lapsed (lost, or claimable; see the class)."""
 
     @abc.abstractmethod
     def purge_expired(self, now: float | None = None) -> int:

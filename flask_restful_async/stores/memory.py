@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import threading
 import time
+import typing as t
 from collections import OrderedDict
 
 from ..task import Progress, StoredResponse, Task, TaskState
-from .base import TaskStore
+from .base import Claimed, TaskStore
 
 #: Expired results are looked for at most this often (seconds), by whichever
 #: request happens to create or finish a task: no thread of its own.
@@ -20,7 +21,8 @@ class MemoryStore(TaskStore):
     Every process has its own copy, so this store is wrong under ``gunicorn -w 4``
     (the poll may reach another process): use it for tests and for servers that
     run one process (``gunicorn -w 1 --threads N``). Its tasks die with the
-    process, so it keeps no leases.
+    process, so it keeps no leases: :meth:`claim` takes the tasks handed back
+    (:meth:`hand_back`), which is all that another holder's lapse could mean here.
     """
 
     url = "memory://"
@@ -35,6 +37,8 @@ class MemoryStore(TaskStore):
         self._keys: dict[tuple[str | None, str], str] = {}
         self._next_purge = 0.0
         self._blobs: dict[str, tuple[bytes, float]] = {}
+        # Request snapshots of tasks that another worker may take over, by task id.
+        self._snapshots: dict[str, bytes] = {}
 
     @staticmethod
     def _copy(task: Task) -> Task:
@@ -44,7 +48,7 @@ class MemoryStore(TaskStore):
         copied.__dict__.update(task.__dict__)
         return copied
 
-    def create(self, task: Task) -> Task:
+    def create(self, task: Task, snapshot: bytes | None = None) -> Task:
         with self._lock:
             self._maybe_purge()
             if task.idempotency_key is not None:
@@ -55,6 +59,8 @@ class MemoryStore(TaskStore):
                     return self._copy(existing)
                 self._keys[scope] = task.id
             self._tasks[task.id] = self._copy(task)
+            if snapshot is not None:
+                self._snapshots[task.id] = bytes(snapshot)
             return task
 
     def get(self, task_id: str) -> Task | None:
@@ -79,8 +85,13 @@ class MemoryStore(TaskStore):
         """Record as lost a task that no worker started within ``queued_ttl``
         (with the lock held)."""
         if task.state is TaskState.QUEUED and task.created_at < now - self.queued_ttl:
-            task.state, task.finished_at = TaskState.LOST, now
-            self._finished[task.id] = now
+            self._end(task, TaskState.LOST, now)
+
+    def _end(self, task: Task, state: TaskState, now: float) -> None:
+        """Record ``task``'s end (with the lock held); its snapshot goes."""
+        task.state, task.finished_at = state, now
+        self._finished[task.id] = now
+        self._snapshots.pop(task.id, None)
 
     def start(self, task_id: str, worker: str) -> Task | None:
         with self._lock:
@@ -90,7 +101,37 @@ class MemoryStore(TaskStore):
             task.state = TaskState.RUNNING
             task.started_at = time.time()
             task.worker = worker
+            if not task.rerun:
+                self._snapshots.pop(task_id, None)
             return self._copy(task)
+
+    def claim(self, worker: str, limit: int) -> list[Claimed]:
+        if limit < 1:
+            raise ValueError(f"claim limit must be 1 or more, not {limit}")
+        now = time.time()
+        with self._lock:
+            claimable = []
+            for task_id in self._snapshots:
+                task = self._tasks[task_id]
+                self._lose_if_stale(task, now)
+                if task.state is TaskState.QUEUED and task.worker is None:
+                    claimable.append(task)
+            claimable.sort(key=lambda task: (task.created_at, task.id))
+            claimed = []
+            for task in claimable[:limit]:
+                task.worker = worker
+                claimed.append(Claimed(self._copy(task), self._snapshots[task.id]))
+            return claimed
+
+    def hand_back(self, worker: str, task_ids: t.Sequence[str]) -> int:
+        with self._lock:
+            handed = 0
+            for task_id in task_ids:
+                task = self._tasks.get(task_id)
+                if task is not None and task.state is TaskState.QUEUED and task.worker == worker:
+                    task.worker = None
+                    handed += 1
+            return handed
 
     def set_progress(self, task_id: str, progress: Progress) -> bool:
         with self._lock:
@@ -114,10 +155,8 @@ class MemoryStore(TaskStore):
             if task is None or task.state.finished:
                 return
             now = time.time()
-            task.state = state
-            task.finished_at = now
             task.response = response
-            self._finished[task_id] = now
+            self._end(task, state, now)
             self._maybe_purge(now)
 
     def request_cancel(self, task_id: str) -> Task | None:
@@ -127,9 +166,7 @@ class MemoryStore(TaskStore):
                 return None
             self._lose_if_stale(task, time.time())
             if task.state is TaskState.QUEUED:
-                task.state = TaskState.CANCELLED
-                task.finished_at = time.time()
-                self._finished[task_id] = task.finished_at
+                self._end(task, TaskState.CANCELLED, time.time())
             task.cancel_requested = True
             return self._copy(task)
 
@@ -218,6 +255,7 @@ class MemoryStore(TaskStore):
 
     def _forget(self, task_id: str) -> None:
         task = self._tasks.pop(task_id, None)
+        self._snapshots.pop(task_id, None)
         self._finished.pop(task_id, None)
         self._tombstones.pop(task_id, None)
         if task is not None and task.idempotency_key is not None:

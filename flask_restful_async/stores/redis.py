@@ -522,7 +522,9 @@ class RedisStore(TaskStore):
         """The creation time before which a task still queued is lost."""
         return repr(now - self.queued_ttl)
 
-    def create(self, task: Task) -> Task:
+    def create(self, task: Task, snapshot: bytes | None = None) -> Task:
+        if snapshot is not None:
+            raise NotImplementedError("snapshots are not stored here yet")
         fields = _encode(task)
         keys = [self._task_key(task.id), self._owner_key(task.owner)]
         if task.idempotency_key is not None:

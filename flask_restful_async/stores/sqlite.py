@@ -368,7 +368,9 @@ class SQLiteStore(TaskStore):
 
     # -- writing -------------------------------------------------------------------
 
-    def create(self, task: Task) -> Task:
+    def create(self, task: Task, snapshot: bytes | None = None) -> Task:
+        if snapshot is not None:
+            raise NotImplementedError("snapshots are not stored here yet")
         now = time.time()
         if now >= self._next_purge:
             self._next_purge = now + PURGE_INTERVAL
