@@ -15,6 +15,7 @@ from .executors.threads import ThreadExecutor
 from .state import EXTENSION_KEY, RESULT_SUFFIX, AsyncState, OwnerCallable
 from .status import TaskListResource, TaskResultResource, TaskStatusResource
 from .stores import TaskStore, open_store
+from .takeover import Takeover
 
 STATUS_ENDPOINT = "restful_async_task"
 LIST_ENDPOINT = "restful_async_tasks"
@@ -267,7 +268,7 @@ def _make_state(
             " identity."
         )
     executor.bind(app)
-    return AsyncState(
+    state = AsyncState(
         app=app,
         api=api,
         store=store,
@@ -283,3 +284,11 @@ def _make_state(
         max_body=int(config["RESTFUL_ASYNC_MAX_BODY"]),
         max_result=int(config["RESTFUL_ASYNC_MAX_RESULT"]),
     )
+    if state.lease is not None:
+        # Tasks other processes could not run are taken over here: from the lease
+        # keeper, which the first request of any kind starts (see takeover.py).
+        state.takeover = Takeover(app, store, executor, state.lease)
+        state.lease.on_renew = state.takeover.claim
+        executor.on_done = state.takeover.done
+        app.before_request(state.lease.start)
+    return state

@@ -8,6 +8,8 @@ import os
 import secrets
 import socket
 import threading
+import time
+import typing as t
 import weakref
 
 from flask import Flask
@@ -36,16 +38,23 @@ def worker_id() -> str:
 EXIT_DRAIN_TIMEOUT = 2.0
 #: Seconds between two tries to renew a lease that could not be renewed.
 RENEW_RETRY = 0.5
+#: Seconds between two tries of :meth:`LeaseKeeper.start` while the store is down.
+START_RETRY = 1.0
 
 
 class LeaseKeeper:
     """Renews this process's lease in a shared store every third of its length.
 
-    Started by the first submit in each process (so forked workers start their
-    own), it also reclaims expired results in batches: the one place, besides the
-    amortized purge on submit, where cleanup runs, and never a thread per request.
-    At interpreter exit the lease is released, and tasks the process still held
-    become ``lost`` at once instead of after the lease.
+    Started by the first request of any kind in each process (so forked workers
+    start their own, and a process started by a reload soon takes over the tasks
+    its predecessor handed back), or the first submit, it also reclaims expired
+    results in batches: the one place, besides the amortized purge on submit,
+    where cleanup runs, and never a thread per request. After each renewal, and
+    when woken (:meth:`wake`), it calls ``on_renew`` (set by the app's wiring:
+    :meth:`Takeover.claim <flask_restful_async.takeover.Takeover.claim>`). At
+    interpreter exit the lease is released, and tasks the process still held
+    become ``lost`` at once (running ones) or free for others (waiting ones)
+    instead of after the lease.
 
     It never renews a name whose tasks' outcomes the process gave up on (see
     :mod:`flask_restful_async.outbox`): it releases that name's lease instead,
@@ -55,6 +64,7 @@ class LeaseKeeper:
     def __init__(self, app: Flask, store: TaskStore) -> None:
         self.app = app
         self.store = store
+        self.on_renew: t.Callable[[], object] | None = None
         self._reset()
         _keepers.add(self)
 
@@ -62,6 +72,8 @@ class LeaseKeeper:
         self._pid: int | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._next_start = 0.0
         # The names this process renews in this store, the current one last;
         # older ones until the process gives them up.
         self._held: list[str] = []
@@ -86,13 +98,37 @@ class LeaseKeeper:
             atexit.register(self.release)
             self._pid = os.getpid()
 
+    def start(self) -> None:
+        """:meth:`ensure`, for a request of any kind: never raises, and costs a
+        comparison once started. While the store is down, tried again at most
+        once per :data:`START_RETRY` seconds."""
+        if self._pid == os.getpid() or time.monotonic() < self._next_start:
+            return
+        try:
+            self.ensure()
+        except RestfulAsyncError:
+            self._next_start = time.monotonic() + START_RETRY
+
+    def wake(self) -> None:
+        """Call ``on_renew`` soon, without waiting for the next renewal."""
+        self._wake.set()
+
     def _renew(self, stop: threading.Event) -> None:
-        pause = self.store.lease / 3
+        renew_at = time.monotonic() + self.store.lease / 3
         failing = False
-        while not stop.wait(pause):
+        self._turn()  # the lease was just taken: the first use takes over at once
+        while True:
+            self._wake.wait(max(0.0, renew_at - time.monotonic()))
+            self._wake.clear()
+            if stop.is_set():
+                return
+            if time.monotonic() < renew_at:
+                if not failing:
+                    self._turn()
+                continue
             # After a failure, sooner: a store back within the lease must find it
             # renewed before it lapses, or running tasks would read as lost.
-            pause = min(self.store.lease / 3, RENEW_RETRY)
+            renew_at = time.monotonic() + min(self.store.lease / 3, RENEW_RETRY)
             try:
                 # First what the outbox gave up: never renew a lease for those tasks.
                 self._give_up()
@@ -102,7 +138,7 @@ class LeaseKeeper:
                     held = list(self._held)
                 for worker in held:
                     self.store.renew_lease(worker)
-                pause = self.store.lease / 3
+                renew_at = time.monotonic() + self.store.lease / 3
                 if failing:
                     failing = False
                     self.app.logger.info("The task lease is renewed again")
@@ -114,6 +150,17 @@ class LeaseKeeper:
                 if not failing:
                     failing = True
                     self.app.logger.warning("Could not renew the task lease", exc_info=True)
+            else:
+                self._turn()
+
+    def _turn(self) -> None:
+        if self.on_renew is None:
+            return
+        try:
+            self.on_renew()
+        except Exception:
+            # A store that fails now is tried again at the next renewal.
+            self.app.logger.warning("Could not take over waiting tasks", exc_info=True)
 
     def _give_up(self) -> None:
         found = outbox.existing_outbox(self.store)
@@ -140,6 +187,7 @@ class LeaseKeeper:
         if self._pid != os.getpid():
             return
         self._stop.set()
+        self._wake.set()
         self._pid = None
         found = outbox.existing_outbox(self.store)
         if found is not None and found.drain(EXIT_DRAIN_TIMEOUT):

@@ -64,6 +64,15 @@ class AsyncResource(Resource):
     #: when the class is created.
     sync_methods: t.ClassVar[t.Collection[str]] = frozenset()
 
+    #: Whether a task of this resource may run again, from the start, when the
+    #: process running it dies without a graceful stop (SIGKILL, out of memory,
+    #: power loss): another process takes it over once the lease lapses. Only for
+    #: idempotent handlers, which a second run does no harm. By default such a task
+    #: ends ``lost``: it never runs twice behind the client's back. Needs a shared
+    #: store and the thread executor (tasks whose view arguments are not JSON data
+    #: are never taken over).
+    rerun_on_crash: t.ClassVar[bool] = False
+
     def __init_subclass__(cls, **kwargs: t.Any) -> None:
         super().__init_subclass__(**kwargs)
         cls.sync_methods = _method_names(cls.sync_methods, cls.__name__)

@@ -26,6 +26,7 @@ from .task import Task, TaskState, new_task_id
 
 if t.TYPE_CHECKING:
     from .executors.base import Executor
+    from .takeover import Takeover
 
 EXTENSION_KEY = "restful_async"
 RESULT_SUFFIX = "/result"
@@ -80,6 +81,9 @@ class AsyncState:
         # Only a process that holds tasks (threads) in a store that other
         # processes read needs a lease.
         self.lease = LeaseKeeper(app, store) if store.shared and executor.local else None
+        # With a lease, tasks are stored with their request, for another process
+        # to take over (set up by register_async).
+        self.takeover: Takeover | None = None
         self._location_prefixes: dict[tuple[str, str], str] = {}
 
     def close(self, timeout: float = 5.0) -> None:
@@ -149,6 +153,10 @@ class AsyncState:
             task.idempotency_key = f"{request.method} {request.path} {key}"
             task.fingerprint = _fingerprint(body)
         snapshot = RequestSnapshot.capture(body, method, args, kwargs)
+        stored: bytes | None = None
+        if self.takeover is not None and snapshot.portable:
+            stored = snapshot.to_bytes()
+            task.rerun = bool(getattr(resource, "rerun_on_crash", False))
         # With Prefer (perhaps wait=N), the task as created counts as a first read.
         ticket = waiting.ticket(self.store) if "HTTP_PREFER" in request.environ else None
         try:
@@ -156,7 +164,7 @@ class AsyncState:
                 self.lease.ensure()
             self.executor.acquire()
             try:
-                recorded = self.store.create(task)
+                recorded = self.store.create(task, stored)
             except BaseException:
                 self.executor.release()
                 raise

@@ -46,7 +46,7 @@ import tempfile
 import time
 import typing as t
 import urllib.parse
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from http import client as http_client
 from pathlib import Path
 from types import TracebackType
@@ -88,6 +88,8 @@ def serve(
     timeout: float = 20,
     stop_timeout: float = 10,
     log: t.IO[bytes] | None = None,
+    options: Sequence[str] = (),
+    may_exit: bool = False,
 ) -> Iterator[str]:
     """Run ``app_spec`` (``"package.module:attr"``) under a server of ``kind``.
 
@@ -99,13 +101,15 @@ def serve(
     starts a thread per request). ``timeout`` bounds the start-up,
     ``stop_timeout`` the graceful part of the shutdown. The server's output
     goes to ``log`` (a file opened for binary writing) if given, so that a test
-    can read it; to a temporary file otherwise.
+    can read it; to a temporary file otherwise. ``options`` are added to
+    gunicorn's command line (e.g. ``("--max-requests", "50")``).
 
     Raises :class:`ServerError` with the server's output if it does not answer
     within ``timeout``, exits during start-up, or has died by the time the
-    ``with`` block ends normally. Otherwise, the output is echoed to stderr at
-    exit if it contains a traceback (a handler that failed in a worker shows up
-    there, not in the 500 the client gets).
+    ``with`` block ends normally (unless ``may_exit``: a test that stops it).
+    Otherwise, the output is echoed to stderr at exit if it contains a traceback
+    (a handler that failed in a worker shows up there, not in the 500 the client
+    gets).
     """
     if workers < 1 or threads < 1:
         raise ValueError("workers and threads must be at least 1")
@@ -117,7 +121,7 @@ def serve(
         with socket.create_server(("127.0.0.1", 0)) as listener:
             port = listener.getsockname()[1]
             proc = subprocess.Popen(
-                _command(kind, app_spec, listener.fileno(), workers, threads),
+                _command(kind, app_spec, listener.fileno(), workers, threads, options),
                 cwd=ROOT,
                 env=_environment(env),
                 stdin=subprocess.DEVNULL,
@@ -133,7 +137,7 @@ def serve(
         base = f"http://127.0.0.1:{port}"
         _wait_until_ready(proc, kind, base, timeout, log)
         yield base
-        if _has_exited(proc):
+        if _has_exited(proc) and not may_exit:
             raise ServerError(f"{kind} server died while in use:\n{_read(log)}")
 
 
@@ -199,8 +203,12 @@ def poll_until_done(
         interval = min(interval * 2, 0.5)
 
 
-def _command(kind: str, app_spec: str, fd: int, workers: int, threads: int) -> list[str]:
+def _command(
+    kind: str, app_spec: str, fd: int, workers: int, threads: int, options: Sequence[str]
+) -> list[str]:
     if kind == "werkzeug":
+        if options:
+            raise ValueError("options are for gunicorn only")
         return [sys.executable, "-c", _WERKZEUG_SCRIPT, app_spec, str(fd)]
     if kind == "gunicorn-sync":
         # No --threads: with more than one, gunicorn silently switches to gthread.
@@ -221,6 +229,7 @@ def _command(kind: str, app_spec: str, fd: int, workers: int, threads: int) -> l
         "--graceful-timeout",
         str(GUNICORN_GRACEFUL_TIMEOUT),
         *_gunicorn_no_control_socket(),
+        *options,
         app_spec,
     ]
 

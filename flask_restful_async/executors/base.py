@@ -29,6 +29,10 @@ class Executor(abc.ABC):
     #: process then holds them, and keeps a lease in shared stores.
     local: bool = False
 
+    #: For a local executor: called each time one of its tasks is done (see
+    #: :class:`~flask_restful_async.takeover.Takeover`).
+    on_done: t.Callable[[], None] | None = None
+
     def bind(self, app: Flask) -> None:
         """``register_async`` is setting ``app`` up with this executor (once per app).
         An executor whose workers run in other processes remembers the app here, so
@@ -39,6 +43,12 @@ class Executor(abc.ABC):
 
     def release(self) -> None:
         """Give back a reservation that will not be submitted."""
+
+    def reserve(self, limit: int) -> int:
+        """Reserve room for up to ``limit`` tasks that this process takes over from
+        others (a local executor); return how many. None by default: the
+        executor takes over no task."""
+        return 0
 
     @abc.abstractmethod
     def submit(

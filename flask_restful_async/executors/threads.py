@@ -26,6 +26,7 @@ if t.TYPE_CHECKING:
 class _Job:
     app: Flask
     task_id: str
+    worker: str | None
     snapshot: RequestSnapshot
     resource: Resource | None
 
@@ -38,7 +39,9 @@ class ThreadExecutor(Executor):
 
     Threads are started on demand in the process that submits, so an executor
     created before ``fork`` (``gunicorn --preload``) works in every child. At
-    interpreter exit, waiting tasks are marked ``lost`` and running ones get
+    interpreter exit (a graceful stop), it takes no new task, hands the waiting
+    ones back to the store for another process to run (see
+    :mod:`flask_restful_async.takeover`), and gives running ones
     ``shutdown_timeout`` seconds to finish.
     """
 
@@ -65,6 +68,8 @@ class ThreadExecutor(Executor):
         self._idle = threading.Semaphore(0)
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
+        # Tasks accepted or taken over and not yet done (running or waiting).
+        self._taken = 0
         self._closed = False
         self._exit_hook_registered = False
 
@@ -79,9 +84,27 @@ class ThreadExecutor(Executor):
                 f"All {self.max_workers} workers are busy and {self.max_pending}"
                 " tasks are waiting; try again later."
             )
+        with self._lock:
+            self._taken += 1
 
     def release(self) -> None:
+        with self._lock:
+            self._taken -= 1
         self._slots.release()
+
+    def reserve(self, limit: int) -> int:
+        """Reserve room for up to ``limit`` tasks taken over from other processes,
+        but only in idle workers: the waiting room (``max_pending``) stays for
+        this process's own submits, and a backlog spreads over the processes."""
+        with self._lock:
+            if self._closed:
+                return 0
+            wanted = min(limit, self.max_workers - self._taken)
+            reserved = 0
+            while reserved < wanted and self._slots.acquire(blocking=False):
+                reserved += 1
+            self._taken += reserved
+            return reserved
 
     def submit(
         self,
@@ -90,7 +113,12 @@ class ThreadExecutor(Executor):
         snapshot: RequestSnapshot,
         resource: Resource | None = None,
     ) -> None:
-        self._queue.put(_Job(app, task.id, snapshot, resource))
+        self._queue.put(_Job(app, task.id, task.worker, snapshot, resource))
+        if self._closed:
+            # Shut down while this request was on its way: no worker may be left
+            # to take the task, so it goes back to the store with the rest.
+            self._hand_back()
+            return
         if self._idle.acquire(blocking=False):
             return
         with self._lock:
@@ -119,8 +147,10 @@ class ThreadExecutor(Executor):
             try:
                 run_task(job.app, job.task_id, job.snapshot, job.resource)
             finally:
-                self._slots.release()
+                self.release()
             self._idle.release()
+            if self.on_done is not None:
+                self.on_done()
 
     def shutdown(self, timeout: float | None = None) -> None:
         if os.getpid() != self._pid:
@@ -131,20 +161,34 @@ class ThreadExecutor(Executor):
             self._closed = True
             threads = list(self._threads)
         deadline = time.monotonic() + (self.shutdown_timeout if timeout is None else timeout)
+        self._hand_back()
+        for _ in threads:
+            self._queue.put(None)
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    def _hand_back(self) -> None:
+        """Take every waiting task out of the queue and give it back to the store."""
+        from ..takeover import hand_back
+
+        jobs: list[_Job] = []
+        stops = 0
         while True:
             try:
                 job = self._queue.get_nowait()
             except queue.Empty:
                 break
-            if job is not None:
-                from ..runner import abandon_task
-
-                abandon_task(job.app, job.task_id)
-                self._slots.release()
-        for _ in threads:
+            if job is None:
+                stops += 1
+            else:
+                jobs.append(job)
+        for _ in range(stops):  # a late submit's drain took them: put them back
             self._queue.put(None)
-        for thread in threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
+        for app in {id(job.app): job.app for job in jobs}.values():
+            mine = [(job.task_id, job.worker, job.snapshot) for job in jobs if job.app is app]
+            hand_back(app, mine)
+        for _ in jobs:
+            self.release()
 
 
 _executors: weakref.WeakSet[ThreadExecutor] = weakref.WeakSet()

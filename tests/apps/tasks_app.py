@@ -3,8 +3,13 @@
 ``POST /jobs/echo`` (an :class:`AsyncResource`) returns ``{"echo": <JSON body>,
 "pid": <pid>}``; ``POST /jobs/sleep?seconds=S`` sleeps ``S`` seconds in small
 steps, reporting progress, then returns ``{"slept": S, "pid": <pid>}``. ``GET
-/pid`` (a plain ``Resource``, answered at once) returns ``{"pid": <pid>}``: the
-process that served the request. The pids tell which process ran a task.
+/pid`` (a plain ``Resource``, answered at once) returns ``{"pid": <pid>, "ppid":
+<ppid>}``: the process that served the request, and its parent (gunicorn's
+master). The pids tell which process ran a task. ``POST /jobs/count?seconds=S``
+sleeps ``S`` seconds and returns ``{"echo": <JSON body>, "pid": <pid>}``, having
+appended its task id to the file named by ``TASKS_APP_RUNS`` (one line per run:
+a task run twice shows twice); ``size`` and ``sha256`` of the body are in the
+result instead of ``echo`` when the body is not JSON.
 
 The instance folder, where the default SQLite store lives, comes from the
 ``TASKS_APP_INSTANCE`` environment variable, so that each test's store is in a
@@ -20,6 +25,7 @@ building an app it does not use.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 import typing as t
@@ -30,6 +36,8 @@ from flask_restful import Api, Resource
 from flask_restful_async import AsyncResource, current_task, register_async
 
 INSTANCE_ENV = "TASKS_APP_INSTANCE"
+#: The file ``/jobs/count`` appends the id of each task it runs to.
+RUNS_ENV = "TASKS_APP_RUNS"
 #: Config key (env ``FLASK_TASKS_APP_REDIS_PREFIX``): with a ``redis://``
 #: ``RESTFUL_ASYNC_STORE``, the prefix of the store's keys.
 REDIS_PREFIX_KEY = "TASKS_APP_REDIS_PREFIX"
@@ -53,9 +61,20 @@ class Sleep(AsyncResource):
         return {"slept": seconds, "pid": os.getpid()}
 
 
+class Count(AsyncResource):
+    def post(self) -> dict[str, t.Any]:
+        with open(os.environ[RUNS_ENV], "a") as runs:
+            runs.write(current_task.id + "\n")
+        time.sleep(float(request.args.get("seconds", "0")))
+        if request.is_json:
+            return {"echo": request.get_json(), "pid": os.getpid()}
+        body = request.get_data()
+        return {"size": len(body), "sha256": hashlib.sha256(body).hexdigest(), "pid": os.getpid()}
+
+
 class Pid(Resource):
     def get(self) -> dict[str, t.Any]:
-        return {"pid": os.getpid()}
+        return {"pid": os.getpid(), "ppid": os.getppid()}
 
 
 def create_app(instance_path: str, **config: t.Any) -> Flask:
@@ -79,6 +98,7 @@ def create_app(instance_path: str, **config: t.Any) -> Flask:
         register_async(api)
     api.add_resource(Echo, "/jobs/echo")
     api.add_resource(Sleep, "/jobs/sleep")
+    api.add_resource(Count, "/jobs/count")
     api.add_resource(Pid, "/pid")
     return app
 

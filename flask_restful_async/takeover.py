@@ -1,0 +1,129 @@
+"""Taking over accepted tasks that the process which accepted them cannot run.
+
+With the thread executor and a shared store (SQLite file, Redis), a submit
+records the request with its task (:meth:`TaskStore.create
+<flask_restful_async.stores.base.TaskStore.create>`), and the accepting process
+runs the task from memory as before. The stored copy serves only when that
+process cannot:
+
+- on a graceful stop (SIGTERM, a gunicorn reload or ``--max-requests``
+  recycling, the dev server's reloader) the executor takes no new task, lets
+  running ones finish and hands the waiting ones back (:func:`hand_back`);
+- on a hard death (SIGKILL, out of memory) its waiting tasks are free once its
+  lease lapses; its running ones end ``lost``, unless their resource has
+  ``rerun_on_crash = True``, when they wait again.
+
+Every process with idle workers takes such tasks (:class:`Takeover`), oldest
+first, each exactly once (the store's :meth:`claim` is atomic): at its first
+request of any kind, at each renewal of its lease (every third of
+``RESTFUL_ASYNC_LEASE``), and, while tasks wait, each time one of its own tasks
+is done. It never reads the store per request for this. A task taken over runs
+from its stored request, with a new instance of its resource, as a Celery worker
+runs it. Tasks nobody takes wait in the store (a restart takes them) for at most
+``RESTFUL_ASYNC_QUEUED_TTL`` seconds, then read ``lost``.
+
+A task whose view arguments are not JSON data (a converter that returns an
+object) is stored without its request: it cannot be handed over, and a stop ends
+it ``lost`` as before.
+"""
+
+from __future__ import annotations
+
+import typing as t
+
+from . import outbox
+from .exceptions import RestfulAsyncError
+from .lease import LeaseKeeper, worker_id
+from .runner import abandon_task
+from .snapshot import RequestSnapshot
+from .state import get_state
+from .task import TaskState
+
+if t.TYPE_CHECKING:
+    from flask import Flask
+
+    from .executors.base import Executor
+    from .stores.base import TaskStore
+
+#: The most tasks one claim asks for; fewer when fewer workers are idle.
+MAX_CLAIM = 64
+
+
+class Takeover:
+    """Takes over tasks that wait in ``store`` for a process, as many as
+    ``executor`` has idle workers; called by the lease keeper (see the module)."""
+
+    def __init__(
+        self, app: Flask, store: TaskStore, executor: Executor, lease: LeaseKeeper
+    ) -> None:
+        self.app = app
+        self.store = store
+        self.executor = executor
+        self.lease = lease
+        # Whether the last claim took all it asked for: more may be waiting.
+        self.backlog = False
+
+    def done(self) -> None:
+        """One of this process's tasks is done: while tasks wait, take another."""
+        if self.backlog:
+            self.lease.wake()
+
+    def claim(self) -> int:
+        """Take up to as many waiting tasks as there are idle workers and start
+        them; return how many. Raises what the store raises. Called in the lease
+        keeper's thread, right after the lease is renewed: a process never holds
+        a task under a lease that may have lapsed."""
+        free = self.executor.reserve(MAX_CLAIM)
+        if not free:
+            return 0
+        try:
+            claimed = self.store.claim(worker_id(), free)
+        except BaseException:
+            for _ in range(free):
+                self.executor.release()
+            raise
+        for _ in range(free - len(claimed)):
+            self.executor.release()
+        self.backlog = len(claimed) == free
+        for task, data in claimed:
+            try:
+                snapshot = RequestSnapshot.from_bytes(data)
+            except ValueError:
+                self.app.logger.exception("Task %s cannot be taken over", task.id)
+                self.executor.release()
+                outbox.finish(
+                    self.store, task.id, TaskState.LOST, None, worker_id(), self.app.logger
+                )
+                continue
+            task.worker = worker_id()
+            self.executor.submit(self.app, task, snapshot, None)
+        if claimed:
+            self.app.logger.info("Took over %d waiting tasks", len(claimed))
+        return len(claimed)
+
+
+def hand_back(app: Flask, jobs: t.Sequence[tuple[str, str | None, RequestSnapshot]]) -> None:
+    """Give back to the store the tasks ``(task_id, holder, snapshot)`` that this
+    process accepted or took over and will not run (it is stopping), for another
+    process, or the next one, to take over. Tasks that no other process can run
+    (a store of this process only, view arguments that are not JSON data) end
+    ``lost``. Never raises.
+    """
+    state = get_state(app)
+    held: dict[str, list[str]] = {}
+    for task_id, holder, snapshot in jobs:
+        if state.takeover is not None and holder is not None and snapshot.portable:
+            held.setdefault(holder, []).append(task_id)
+        else:
+            abandon_task(app, task_id)
+    for holder, task_ids in held.items():
+        try:
+            count = state.store.hand_back(holder, task_ids)
+        except RestfulAsyncError:
+            # Still held by this process: free for others once its lease is
+            # released at exit, or lapses.
+            app.logger.warning(
+                "Could not hand %d waiting tasks back to the store", len(task_ids), exc_info=True
+            )
+            continue
+        app.logger.info("Handed %d waiting tasks back to the store", count)
