@@ -143,16 +143,17 @@ def test_a_forked_child_opens_its_own_connection(tmp_path: Path) -> None:
     store.close()
 
 
-@pytest.mark.parametrize("layout", ["other tables", "a later version"])
+@pytest.mark.parametrize("layout", ["other tables", "a later version", "the previous version"])
 def test_a_file_of_another_layout_is_refused_with_a_503(
     tmp_path: Path, layout: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     path = tmp_path / "tasks.db"
+    versions = {"a later version": 999, "the previous version": sqlite_store.SCHEMA_VERSION - 1}
     with sqlite3.connect(path) as conn:
         if layout == "other tables":
             conn.execute("CREATE TABLE tasks (id TEXT PRIMARY KEY, response_body BLOB)")
         else:
-            conn.execute("PRAGMA user_version = 999")
+            conn.execute(f"PRAGMA user_version = {versions[layout]}")
     conn.close()
     app = Flask(__name__)
     api = Api(app)
@@ -166,7 +167,7 @@ def test_a_file_of_another_layout_is_refused_with_a_503(
     assert str(path) in caplog.text
     assert "is not a task store of this version" in caplog.text
     with sqlite3.connect(path) as conn:  # untouched
-        assert conn.execute("PRAGMA user_version").fetchone()[0] in (0, 999)
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == versions.get(layout, 0)
     conn.close()
     get_state(app).close()
 

@@ -7,6 +7,8 @@ import logging
 import secrets
 import sqlite3
 import statistics
+import subprocess
+import sys
 import threading
 import time
 import typing as t
@@ -491,3 +493,228 @@ def test_a_task_no_worker_started_within_queued_ttl_reads_lost(store: TaskStore)
         kept = store.get(task_id)
         assert kept is not None
         assert kept.state is state
+
+
+# --- the queue of record: snapshots, claims, hand-backs -----------------------------
+
+# A request snapshot as the submit stores it: opaque bytes, every byte value.
+SNAPSHOT = b'{"v": 1}\n' + bytes(range(256)) * 6
+
+
+def stored_snapshots(store: TaskStore) -> int:
+    """How many snapshots the store keeps, read behind its back."""
+    if isinstance(store, MemoryStore):
+        return len(store._snapshots)
+    if isinstance(store, SQLiteStore):
+        with contextlib.closing(sqlite3.connect(store.path)) as conn:
+            return int(conn.execute("SELECT count(*) FROM snapshots").fetchone()[0])
+    import redis
+
+    with redis.Redis.from_url(CONTRACT_REDIS_URL) as client:
+        return len(list(client.scan_iter(match=f"{store.prefix}snapshot:*")))  # type: ignore[attr-defined]
+
+
+def test_handed_back_tasks_are_claimed_once_oldest_first_with_their_snapshots(
+    store: TaskStore,
+) -> None:
+    for worker in ("taker", "late"):
+        store.renew_lease(worker)
+    tasks = {
+        i: store.create(new_task(worker="w", created_at=BASE + i), SNAPSHOT + bytes([i]))
+        for i in (2, 0, 1)
+    }
+    ids = [task.id for task in tasks.values()]
+    assert store.claim("taker", 10) == []  # their holder is alive
+    assert store.hand_back("w", [*ids, new_task_id()]) == 3
+    assert store.hand_back("w", ids) == 0  # no longer held by w
+    first = store.claim("taker", 2)
+    assert [each.task.id for each in first] == [tasks[0].id, tasks[1].id]
+    assert [each.snapshot for each in first] == [SNAPSHOT + b"\x00", SNAPSHOT + b"\x01"]
+    for each in first:
+        assert each.task.state is TaskState.QUEUED
+        assert each.task.worker == "taker"
+    second = store.claim("late", 5)
+    assert [(each.task.id, each.snapshot) for each in second] == [(tasks[2].id, SNAPSHOT + b"\x02")]
+    assert store.claim("late", 5) == []
+    held = store.get(tasks[0].id)
+    assert held is not None
+    assert (held.state, held.worker) == (TaskState.QUEUED, "taker")
+    started = store.start(tasks[0].id, "taker")
+    assert started is not None
+    assert started.state is TaskState.RUNNING
+    with pytest.raises(ValueError, match="1 or more"):
+        store.claim("taker", 0)
+
+
+def test_claim_takes_only_queued_tasks_with_a_snapshot_in_time(store: TaskStore) -> None:
+    store.configure(result_ttl=3600, tombstone_ttl=3600, lease=30, queued_ttl=60)
+    store.renew_lease("w")
+    claimable = store.create(new_task(worker="w"), SNAPSHOT)
+    without_snapshot = store.create(new_task(worker="w"))
+    cancelled = store.create(new_task(worker="w"), SNAPSHOT)
+    store.request_cancel(cancelled.id)
+    running = store.create(new_task(worker="w", rerun=True), SNAPSHOT)
+    store.start(running.id, "w")
+    stale = store.create(new_task(worker="w", created_at=time.time() - 61), SNAPSHOT)
+    ids = [claimable.id, without_snapshot.id, cancelled.id, running.id, stale.id]
+    assert store.hand_back("w", ids) == 3  # the queued ones, stale included
+    assert [each.task.id for each in store.claim("w", 10)] == [claimable.id]
+    lost = store.get(stale.id)
+    assert lost is not None
+    assert lost.state is TaskState.LOST
+    kept = store.get(without_snapshot.id)
+    assert kept is not None
+    assert (kept.state, kept.worker) == (TaskState.QUEUED, None)
+
+
+def test_hand_back_gives_up_only_the_workers_own_queued_tasks(store: TaskStore) -> None:
+    store.renew_lease("other")
+    mine = store.create(new_task(worker="w"), SNAPSHOT)
+    mine_running = store.create(new_task(worker="w"), SNAPSHOT)
+    store.start(mine_running.id, "w")
+    theirs = store.create(new_task(worker="other"), SNAPSHOT)
+    assert store.hand_back("w", [mine.id, mine_running.id, theirs.id]) == 1
+    assert store.hand_back("w", []) == 0
+    assert [each.task.id for each in store.claim("other", 10)] == [mine.id]
+
+
+def test_the_snapshot_goes_when_the_task_starts_ends_or_is_deleted(store: TaskStore) -> None:
+    started = store.create(new_task(worker="w"), SNAPSHOT)
+    rerun = store.create(new_task(worker="w", rerun=True), SNAPSHOT)
+    finished = store.create(new_task(worker="w"), SNAPSHOT)
+    cancelled = store.create(new_task(worker="w"), SNAPSHOT)
+    deleted = store.create(new_task(worker="w"), SNAPSHOT)
+    store.create(new_task(worker="w"))
+    assert stored_snapshots(store) == 5
+    store.start(started.id, "w")
+    store.start(rerun.id, "w")  # kept until it ends, in case its worker dies
+    assert stored_snapshots(store) == 4
+    store.finish(finished.id, TaskState.SUCCEEDED, RESPONSE)
+    store.request_cancel(cancelled.id)
+    store.delete(deleted.id)
+    assert stored_snapshots(store) == 1
+    store.request_cancel(rerun.id)  # a running task's cancel is a request only
+    assert stored_snapshots(store) == 1
+    store.finish(rerun.id, TaskState.CANCELLED)
+    assert stored_snapshots(store) == 0
+
+
+def test_an_idempotent_repeat_records_no_snapshot(store: TaskStore) -> None:
+    first = store.create(new_task(owner="a", idempotency_key="k", worker="w"), SNAPSHOT)
+    again = store.create(new_task(owner="a", idempotency_key="k", worker="w"), b"another")
+    assert again.id == first.id
+    assert stored_snapshots(store) == 1
+    store.hand_back("w", [first.id])
+    assert [each.snapshot for each in store.claim("w", 5)] == [SNAPSHOT]
+
+
+def test_a_lapsed_holders_tasks_are_claimable_lost_or_queued_again(
+    shared_store: TaskStore,
+) -> None:
+    store = shared_store
+    store.configure(result_ttl=3600, tombstone_ttl=3600, lease=0.2)
+    store.renew_lease("alive")
+    store.renew_lease("dying")
+    queued = store.create(new_task(worker="dying", created_at=BASE), SNAPSHOT + b"q")
+    queued_plain = store.create(new_task(worker="dying", created_at=BASE + 1))
+    running = store.create(new_task(worker="dying", created_at=BASE + 2), SNAPSHOT)
+    rerun = store.create(new_task(worker="dying", created_at=BASE + 3, rerun=True), SNAPSHOT + b"r")
+    rerun_cancelled = store.create(
+        new_task(worker="dying", created_at=BASE + 4, rerun=True), SNAPSHOT
+    )
+    for task in (running, rerun, rerun_cancelled):
+        store.start(task.id, "dying")
+        store.set_progress(task.id, Progress(1, 2))
+    store.request_cancel(rerun_cancelled.id)
+    time.sleep(0.1)
+    store.renew_lease("alive")
+    time.sleep(0.15)
+    # Listed by the state they read as, before any read of their own.
+    listed = {
+        state: {task.id for task in store.list(owner=None, state=state)}
+        for state in (TaskState.QUEUED, TaskState.RUNNING, TaskState.LOST, TaskState.CANCELLED)
+    }
+    assert listed == {
+        TaskState.QUEUED: {queued.id, rerun.id},
+        TaskState.RUNNING: set(),
+        TaskState.LOST: {queued_plain.id, running.id},
+        TaskState.CANCELLED: {rerun_cancelled.id},
+    }
+    states = {}
+    for task in (queued, queued_plain, running, rerun, rerun_cancelled):
+        found = store.get(task.id)
+        assert found is not None
+        states[task.id] = found.state
+    assert states == {
+        queued.id: TaskState.QUEUED,
+        queued_plain.id: TaskState.LOST,
+        running.id: TaskState.LOST,
+        rerun.id: TaskState.QUEUED,
+        rerun_cancelled.id: TaskState.CANCELLED,
+    }
+    again = store.get(rerun.id)
+    assert again is not None
+    assert (again.worker, again.started_at, again.progress) == (None, None, None)
+    claimed = store.claim("alive", 10)
+    assert [(each.task.id, each.snapshot) for each in claimed] == [
+        (queued.id, SNAPSHOT + b"q"),
+        (rerun.id, SNAPSHOT + b"r"),
+    ]
+    restarted = store.start(rerun.id, "alive")
+    assert restarted is not None
+    assert (restarted.state, restarted.worker) == (TaskState.RUNNING, "alive")
+    assert stored_snapshots(store) == 2  # the queued one's and the rerun one's
+
+
+def test_a_released_lease_makes_its_queued_tasks_claimable_at_once(
+    shared_store: TaskStore,
+) -> None:
+    store = shared_store
+    store.renew_lease("leaving")
+    store.renew_lease("staying")
+    task = store.create(new_task(worker="leaving"), SNAPSHOT)
+    assert store.claim("staying", 5) == []
+    store.release_lease("leaving")
+    assert [each.task.id for each in store.claim("staying", 5)] == [task.id]
+    # The new holder is alive: nobody else takes it.
+    assert store.claim("another", 5) == []
+
+
+def test_two_processes_claim_each_orphaned_task_exactly_once(
+    shared_store: TaskStore, tmp_path: Path
+) -> None:
+    store = shared_store
+    orphans = {store.create(new_task(worker="gone"), SNAPSHOT).id for _ in range(1000)}
+    if isinstance(store, SQLiteStore):
+        url, prefix = f"sqlite:///{store.path}", ""
+    else:
+        url, prefix = CONTRACT_REDIS_URL, store.prefix  # type: ignore[attr-defined]
+    start_at = str(time.time() + 3.0)
+    claimers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.apps.claimer", url, prefix, f"claimer-{i}", start_at],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=Path(__file__).resolve().parents[1],
+        )
+        for i in range(2)
+    ]
+    claimed: list[list[str]] = []
+    try:
+        for claimer in claimers:
+            out, _ = claimer.communicate(timeout=60)
+            assert claimer.returncode == 0
+            claimed.append(out.split())
+    finally:
+        for claimer in claimers:
+            if claimer.poll() is None:
+                claimer.kill()
+                claimer.wait()
+    assert all(claimed), "both processes took part"
+    assert len(claimed[0]) + len(claimed[1]) == len(orphans)
+    assert set(claimed[0]) | set(claimed[1]) == orphans
+    for worker, ids in (("claimer-0", claimed[0][:20]), ("claimer-1", claimed[1][:20])):
+        for task_id in ids:
+            found = store.get(task_id)
+            assert found is not None
+            assert found.worker == worker

@@ -111,7 +111,7 @@ class MemoryStore(TaskStore):
         now = time.time()
         with self._lock:
             claimable = []
-            for task_id in self._snapshots:
+            for task_id in list(self._snapshots):
                 task = self._tasks[task_id]
                 self._lose_if_stale(task, now)
                 if task.state is TaskState.QUEUED and task.worker is None:

@@ -25,7 +25,7 @@ import weakref
 
 from ..exceptions import StoreUnavailable
 from ..task import Progress, StoredResponse, Task, TaskState
-from .base import ChangeCallback, StopSignal, TaskStore
+from .base import ChangeCallback, Claimed, StopSignal, TaskStore
 
 #: Records changed per statement when reclaiming space, so that no purge holds the
 #: write lock for long.
@@ -48,12 +48,16 @@ FILE_CHECK_INTERVAL = 1.0
 LISTEN_INTERVAL = 0.02
 
 #: The layout of the file, kept in ``PRAGMA user_version``.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Tasks are small rows in a WITHOUT ROWID table (the id is the b-tree's key, so a
 # submit writes two pages: the table's and the owner index's). Responses, which
 # can be large, live in a table of their own, found by their rowid (``result``):
-# one more b-tree step for a poll, no index to keep.
+# one more b-tree step for a poll, no index to keep. Request snapshots (the queue
+# of record, for another process to take a task over) live the same way, found by
+# ``snapshot``; the partial index lists the tasks that have one, oldest first, for
+# claim(). Triggers drop a snapshot when its task lets go of it or is deleted, so
+# that no path (start, finish, cancel, lost, delete) can leave one behind.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
     id TEXT PRIMARY KEY,
@@ -68,7 +72,9 @@ CREATE TABLE IF NOT EXISTS tasks (
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     worker TEXT,
     expired INTEGER NOT NULL DEFAULT 0,
-    result INTEGER
+    result INTEGER,
+    rerun INTEGER NOT NULL DEFAULT 0,
+    snapshot INTEGER
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS tasks_by_owner ON tasks (owner, created_at);
 CREATE INDEX IF NOT EXISTS tasks_by_finish ON tasks (finished_at) WHERE finished_at IS NOT NULL;
@@ -80,6 +86,22 @@ CREATE TABLE IF NOT EXISTS results (
     headers TEXT NOT NULL,
     body BLOB NOT NULL
 );
+CREATE INDEX IF NOT EXISTS tasks_claimable ON tasks (created_at, id)
+    WHERE snapshot IS NOT NULL;
+CREATE TABLE IF NOT EXISTS snapshots (
+    id INTEGER PRIMARY KEY,
+    data BLOB NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS snapshot_dropped AFTER UPDATE OF snapshot ON tasks
+    WHEN old.snapshot IS NOT NULL AND new.snapshot IS NOT old.snapshot
+BEGIN
+    DELETE FROM snapshots WHERE id = old.snapshot;
+END;
+CREATE TRIGGER IF NOT EXISTS snapshot_forgotten AFTER DELETE ON tasks
+    WHEN old.snapshot IS NOT NULL
+BEGIN
+    DELETE FROM snapshots WHERE id = old.snapshot;
+END;
 CREATE TABLE IF NOT EXISTS blobs (
     key TEXT PRIMARY KEY,
     data BLOB NOT NULL,
@@ -97,15 +119,17 @@ _COLUMNS = (
 )
 # What UPDATE ... RETURNING gives back: a task's row, laid out as _SELECT's, without
 # its response.
-_RETURNING = f"RETURNING {_COLUMNS}, NULL, NULL, NULL, expired"
+_RETURNING = f"RETURNING {_COLUMNS}, NULL, NULL, NULL, expired, rerun"
 # A task with its response and, while it is active, the expiry of its worker's
-# lease: one read per poll, and no lease lookup once the task has finished.
+# lease and its snapshot's id: one read per poll, and no lease lookup once the task
+# has finished.
 _SELECT = (
     "SELECT t.id, t.state, t.created_at, t.started_at, t.finished_at, t.progress, t.owner,"
     " t.idempotency_key, t.fingerprint, t.cancel_requested, t.worker, r.status,"
-    " r.headers, r.body, t.expired,"
+    " r.headers, r.body, t.expired, t.rerun,"
     " CASE WHEN t.state IN ('queued', 'running')"
-    " THEN (SELECT l.expires_at FROM leases AS l WHERE l.worker = t.worker) END"
+    " THEN (SELECT l.expires_at FROM leases AS l WHERE l.worker = t.worker) END,"
+    " t.snapshot"
     " FROM tasks AS t LEFT JOIN results AS r ON r.id = t.result"
 )
 _GET = f"{_SELECT} WHERE t.id = ?"
@@ -115,7 +139,10 @@ _GET_OWNED = (
     _SELECT.replace("ON r.id = t.result", "ON r.id = t.result AND t.owner IS ?")
     + " WHERE t.id = ? AND t.owner IS ?"
 )
-_INSERT = f"INSERT INTO tasks ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_INSERT = (
+    f"INSERT INTO tasks ({_COLUMNS}, rerun, snapshot)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
 _ACTIVE = "('queued', 'running')"
 _ACTIVE_VALUES = frozenset(("queued", "running"))
 _STATES = {state.value: state for state in TaskState}
@@ -126,6 +153,36 @@ _LAPSED = (
 )
 # True for a task that no worker started in time (bind: now - queued_ttl).
 _STALE = "(t.state = 'queued' AND t.created_at < ?)"
+# How an active task reads, for list() to filter on: (condition, how many times it
+# binds now, then now - queued_ttl). A queued task of a lapsed worker stays queued
+# when another process can claim it (it has a snapshot); a running one with
+# ``rerun`` goes back to the queue (or ends cancelled, if that was asked).
+_READS_AS: dict[TaskState, tuple[str, tuple[str, ...]]] = {
+    TaskState.QUEUED: (
+        f"((t.state = 'queued' AND NOT {_STALE} AND (t.snapshot IS NOT NULL OR NOT {_LAPSED}))"
+        f" OR (t.state = 'running' AND t.rerun = 1 AND t.cancel_requested = 0 AND {_LAPSED}))",
+        ("stale", "now", "now"),
+    ),
+    TaskState.RUNNING: (f"(t.state = 'running' AND NOT {_LAPSED})", ("now",)),
+    TaskState.LOST: (
+        f"(t.state = 'lost' OR (t.state = 'queued' AND ({_STALE} OR"
+        f" (t.snapshot IS NULL AND {_LAPSED})))"
+        f" OR (t.state = 'running' AND t.rerun = 0 AND {_LAPSED}))",
+        ("stale", "now", "now"),
+    ),
+    TaskState.CANCELLED: (
+        "(t.state = 'cancelled' OR (t.state = 'running' AND t.rerun = 1"
+        f" AND t.cancel_requested = 1 AND {_LAPSED}))",
+        ("now",),
+    ),
+}
+# The tasks claim() may take, oldest first (bind: now - queued_ttl, now, limit).
+_CLAIMABLE = (
+    "SELECT t.id FROM tasks AS t"
+    " WHERE t.snapshot IS NOT NULL AND t.state = 'queued' AND t.cancel_requested = 0"
+    f" AND t.created_at >= ? AND (t.worker IS NULL OR {_LAPSED})"
+    " ORDER BY t.created_at, t.id LIMIT ?"
+)
 
 
 class SQLiteStore(TaskStore):
@@ -314,36 +371,56 @@ class SQLiteStore(TaskStore):
             if status is not None
             else None,
             row[14] == 1,
+            row[15] == 1,
         )
 
     def _read(self, row: t.Sequence[t.Any], now: float) -> Task | None:
-        """A row of ``_SELECT`` as clients see it: lost if its lease lapsed or it
-        waited too long for a worker, retention."""
+        """A row of ``_SELECT`` as clients see it: the rules of a lapsed lease and
+        of a task that waited too long for a worker (see :class:`TaskStore`),
+        retention."""
         task = self._task(row)
         if row[1] in _ACTIVE_VALUES:
-            lease_expires = row[15]
+            lease_expires = row[16]
             lapsed = task.worker is not None and (lease_expires is None or lease_expires < now)
-            if lapsed or (row[1] == "queued" and row[2] < now - self.queued_ttl):
-                self._mark_lost(task, now)
-            else:
+            if row[1] == "queued" and row[2] < now - self.queued_ttl:
+                self._move(task, TaskState.LOST, now)
+            elif not lapsed or (row[1] == "queued" and row[17] is not None):
+                return task  # alive, or claimable by another process
+            elif task.rerun:
+                moved = TaskState.CANCELLED if task.cancel_requested else TaskState.QUEUED
+                self._move(task, moved, now)
                 return task
+            else:
+                self._move(task, TaskState.LOST, now)
         elif row[4] is not None and now - row[4] <= self.result_ttl:  # the common case
             return task
         return self.retention_view(task, now)
 
-    def _mark_lost(self, task: Task, now: float) -> None:
+    def _move(self, task: Task, state: TaskState, now: float) -> None:
+        """Record what ``task`` (active, as read) has become: ended (its snapshot
+        dropped), or queued again without worker; unless someone else moved it on
+        meanwhile: then ``task`` becomes what they wrote."""
         with self._writing() as conn:
-            changed = conn.execute(
-                "UPDATE tasks SET state = 'lost', finished_at = ?"
-                " WHERE id = ? AND state = ? AND worker IS ?",
-                (now, task.id, task.state.value, task.worker),
-            ).rowcount
-        if changed:
-            task.state, task.finished_at = TaskState.LOST, now
-        else:  # someone else moved it on meanwhile: read what they wrote
+            if state is TaskState.QUEUED:
+                changed = conn.execute(
+                    "UPDATE tasks SET state = 'queued', worker = NULL, started_at = NULL,"
+                    " progress = NULL WHERE id = ? AND state = ? AND worker IS ?",
+                    (task.id, task.state.value, task.worker),
+                ).rowcount
+            else:
+                changed = conn.execute(
+                    "UPDATE tasks SET state = ?, finished_at = ?, snapshot = NULL"
+                    " WHERE id = ? AND state = ? AND worker IS ?",
+                    (state.value, now, task.id, task.state.value, task.worker),
+                ).rowcount
+        if not changed:
             fresh = self.get(task.id)
             if fresh is not None:
                 task.__dict__.update(fresh.__dict__)
+        elif state is TaskState.QUEUED:
+            task.state, task.worker, task.started_at, task.progress = state, None, None, None
+        else:
+            task.state, task.finished_at = state, now
 
     def get(self, task_id: str) -> Task | None:
         # The hot path of every poll: the connection without _Access's wrapping.
@@ -369,18 +446,19 @@ class SQLiteStore(TaskStore):
     # -- writing -------------------------------------------------------------------
 
     def create(self, task: Task, snapshot: bytes | None = None) -> Task:
-        if snapshot is not None:
-            raise NotImplementedError("snapshots are not stored here yet")
         now = time.time()
         if now >= self._next_purge:
             self._next_purge = now + PURGE_INTERVAL
             self.purge_expired(now)
-        if task.idempotency_key is None:
+        if task.idempotency_key is None and snapshot is None:
             # One statement, committed on its own: the common case stays one write.
             with self._writing() as conn:
-                self._insert(conn, task)
+                self._insert(conn, task, None)
             return task
         with self._transaction() as conn:
+            if task.idempotency_key is None:
+                self._insert(conn, task, snapshot)
+                return task
             row = conn.execute(
                 f"{_SELECT} WHERE coalesce(t.owner, '') = coalesce(?, '')"
                 " AND t.idempotency_key = ?",
@@ -391,11 +469,17 @@ class SQLiteStore(TaskStore):
                 if existing is not None and not existing.expired:
                     return existing
                 conn.execute("UPDATE tasks SET idempotency_key = NULL WHERE id = ?", (row[0],))
-            self._insert(conn, task)
+            self._insert(conn, task, snapshot)
         return task
 
     @staticmethod
-    def _insert(conn: sqlite3.Connection, task: Task) -> None:
+    def _insert(conn: sqlite3.Connection, task: Task, snapshot: bytes | None) -> None:
+        """Insert ``task`` and its snapshot (inside a transaction, if there is one)."""
+        reference = None
+        if snapshot is not None:
+            reference = conn.execute(
+                "INSERT INTO snapshots (data) VALUES (?)", (snapshot,)
+            ).lastrowid
         conn.execute(
             _INSERT,
             (
@@ -410,17 +494,51 @@ class SQLiteStore(TaskStore):
                 task.fingerprint,
                 int(task.cancel_requested),
                 task.worker,
+                int(task.rerun),
+                reference,
             ),
         )
 
     def start(self, task_id: str, worker: str) -> Task | None:
         with self._writing() as conn:
             row = conn.execute(
-                f"UPDATE tasks SET state = 'running', started_at = ?, worker = ?"
+                "UPDATE tasks SET state = 'running', started_at = ?, worker = ?,"
+                " snapshot = CASE WHEN rerun = 1 THEN snapshot END"
                 f" WHERE id = ? AND state = 'queued' {_RETURNING}",
                 (time.time(), worker, task_id),
             ).fetchone()
         return None if row is None else self._task(row)
+
+    def claim(self, worker: str, limit: int) -> list[Claimed]:
+        if limit < 1:
+            raise ValueError(f"claim limit must be 1 or more, not {limit}")
+        now = time.time()
+        with self._transaction() as conn:
+            # One statement picks and takes: no other writer can come in between.
+            rows = conn.execute(
+                f"UPDATE tasks SET worker = ? WHERE id IN ({_CLAIMABLE}) {_RETURNING}, snapshot",
+                (worker, now - self.queued_ttl, now, limit),
+            ).fetchall()
+            claimed = [
+                Claimed(
+                    self._task(row),
+                    conn.execute("SELECT data FROM snapshots WHERE id = ?", (row[16],)).fetchone()[
+                        0
+                    ],
+                )
+                for row in rows
+            ]
+        claimed.sort(key=lambda each: (each.task.created_at, each.task.id))
+        return claimed
+
+    def hand_back(self, worker: str, task_ids: t.Sequence[str]) -> int:
+        if not task_ids:
+            return 0
+        with self._transaction() as conn:
+            return conn.executemany(
+                "UPDATE tasks SET worker = NULL WHERE id = ? AND state = 'queued' AND worker = ?",
+                [(task_id, worker) for task_id in task_ids],
+            ).rowcount
 
     def set_progress(self, task_id: str, progress: Progress) -> bool:
         with self._writing() as conn:
@@ -449,7 +567,7 @@ class SQLiteStore(TaskStore):
                     (response.status, _encode_headers(response.headers), response.body),
                 ).lastrowid
             changed = conn.execute(
-                "UPDATE tasks SET state = ?, finished_at = ?, result = ?"
+                "UPDATE tasks SET state = ?, finished_at = ?, result = ?, snapshot = NULL"
                 f" WHERE id = ? AND state IN {_ACTIVE}",
                 (state.value, time.time(), result, task_id),
             ).rowcount
@@ -462,7 +580,8 @@ class SQLiteStore(TaskStore):
             row = conn.execute(
                 "UPDATE tasks SET cancel_requested = 1,"
                 " finished_at = CASE WHEN state = 'queued' THEN ? ELSE finished_at END,"
-                " state = CASE WHEN state = 'queued' THEN 'cancelled' ELSE state END"
+                " state = CASE WHEN state = 'queued' THEN 'cancelled' ELSE state END,"
+                " snapshot = CASE WHEN state = 'queued' THEN NULL ELSE snapshot END"
                 f" WHERE id = ? AND expired = 0 {_RETURNING}",
                 (now, task_id),
             ).fetchone()
@@ -488,15 +607,12 @@ class SQLiteStore(TaskStore):
         params: list[t.Any] = [owner]
         query.append("AND (t.finished_at IS NULL OR t.finished_at >= ?)")
         params.append(fresh_after)
-        # Filter on the state as read: an active task whose lease lapsed is lost.
-        if state in (TaskState.QUEUED, TaskState.RUNNING):
-            query.append(f"AND t.state = ? AND NOT {_LAPSED} AND NOT {_STALE}")
-            params.extend([state.value, now, now - self.queued_ttl])
-        elif state is TaskState.LOST:
-            query.append(
-                f"AND (t.state = 'lost' OR (t.state IN {_ACTIVE} AND ({_LAPSED} OR {_STALE})))"
-            )
-            params.extend([now, now - self.queued_ttl])
+        # Filter on the state as read (see _READS_AS).
+        if state in _READS_AS:
+            condition, binds = _READS_AS[state]
+            query.append(f"AND {condition}")
+            bound = {"now": now, "stale": now - self.queued_ttl}
+            params.extend(bound[name] for name in binds)
         elif state is not None:
             query.append("AND t.state = ?")
             params.append(state.value)
@@ -708,9 +824,12 @@ def _ensure_schema(conn: sqlite3.Connection, store: SQLiteStore) -> None:
         ]
         if version == 0 and tables == 0:
             # Statement by statement: executescript would commit the transaction.
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
+            statement = ""
+            for line in _SCHEMA.splitlines(keepends=True):
+                statement += line
+                if sqlite3.complete_statement(statement):
                     conn.execute(statement)
+                    statement = ""
         if version not in (0, SCHEMA_VERSION) or (version == 0 and tables):
             # Not a passing outage, but a deployment to mend: logged loudly, and
             # answered 503 like any store that cannot serve.

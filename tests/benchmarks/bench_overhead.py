@@ -19,6 +19,10 @@ seconds here) hits both alike:
 While submits are timed, held tasks pile up in the process (and its heap grows):
 the plain POSTs of the same round are timed under the same conditions.
 
+``--body-size N`` pads the JSON body to N bytes (a ``note`` string beside the
+order; default: the order alone, about 300 bytes), to see what the size of a
+request costs a submit, which copies and stores it.
+
 Run with ``make bench``. Prints the median time per request over blocks, and the
 ratios the README quotes: for each operation, the median over all pairs of
 adjacent blocks of (operation / plain counterpart).
@@ -27,6 +31,7 @@ adjacent blocks of (operation / plain counterpart).
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import threading
@@ -44,7 +49,7 @@ from flask_restful_async import AsyncResource, TaskState, register_async
 from flask_restful_async.state import get_state
 from flask_restful_async.stores import TaskStore
 
-BODY = {"customer": 42, "items": [{"sku": f"sku-{i}", "qty": i} for i in range(10)]}
+ORDER = {"customer": 42, "items": [{"sku": f"sku-{i}", "qty": i} for i in range(10)]}
 RESULT = {"accepted": 10, "customer": 42, "total": 45}
 
 #: Requests per block: each ratio compares two blocks timed one right after the other.
@@ -81,6 +86,12 @@ class PlainResult(Resource):
         return RESULT
 
 
+def padded(size: int) -> dict[str, t.Any]:
+    """The order as a JSON body of ``size`` bytes (at least the order's own size)."""
+    pad = max(0, size - len(json.dumps({**ORDER, "note": ""})))
+    return {**ORDER, "note": "x" * pad}
+
+
 def make_app(store: TaskStore | str) -> Flask:
     app = Flask(__name__)
     app.config["RESTFUL_ASYNC_MAX_PENDING"] = 1_000_000
@@ -110,9 +121,9 @@ def timed(operation: t.Callable[[], t.Any], requests: int) -> float:
     return (time.perf_counter() - start) / requests
 
 
-def run(url: str, rounds: int, requests: int, block: int = BLOCK) -> Figures:
+def run(url: str, rounds: int, requests: int, block: int = BLOCK, body_size: int = 0) -> Figures:
     with bench_store(url) as store:
-        return run_on(store, rounds, requests, block)
+        return run_on(store, rounds, requests, block, body_size)
 
 
 class Figures(t.NamedTuple):
@@ -144,19 +155,26 @@ def paired(
     return references, measures, ratios
 
 
-def run_on(store: TaskStore | str, rounds: int, requests: int, block: int = BLOCK) -> Figures:
+def run_on(
+    store: TaskStore | str,
+    rounds: int,
+    requests: int,
+    block: int = BLOCK,
+    body_size: int = 0,
+) -> Figures:
+    body = padded(body_size) if body_size else ORDER
     app = make_app(store)
     client = app.test_client()
-    location = client.post("/orders", json=BODY).headers["Location"]
+    location = client.post("/orders", json=body).headers["Location"]
     drain(app)
     assert client.get(location).json == RESULT
     assert client.get("/plain/result").json == RESULT
 
     def plain_post() -> None:
-        client.post("/plain/orders", json=BODY)
+        client.post("/plain/orders", json=body)
 
     def submit() -> None:
-        assert client.post("/orders", json=BODY).status_code == 202
+        assert client.post("/orders", json=body).status_code == 202
 
     samples: dict[str, list[float]] = {}
     ratios: dict[str, list[float]] = {}
@@ -199,12 +217,14 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--block", type=int, default=BLOCK)
     parser.add_argument("--store", default="memory://")
+    parser.add_argument("--body-size", type=int, default=0, help="bytes of the JSON body")
     options = parser.parse_args()
-    figures = run(options.store, options.rounds, options.requests, options.block)
+    figures = run(options.store, options.rounds, options.requests, options.block, options.body_size)
     pairs = options.rounds * max(1, options.requests // options.block)
     print(
         f"store {options.store}: {options.rounds} rounds of {options.requests} requests"
         f" per operation, in blocks of {options.block}"
+        + (f", {options.body_size}-byte bodies" if options.body_size else "")
     )
     for name, seconds in figures.seconds.items():
         print(f"  {name:<24} {seconds * 1e6:8.1f} µs/request (median over blocks)")
