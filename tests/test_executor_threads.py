@@ -67,8 +67,17 @@ def test_a_pool_warmed_before_fork_works_in_the_child(make_app: AppFactory) -> N
     assert os.waitstatus_to_exitcode(status) == 0
 
 
-def test_shutdown_marks_waiting_tasks_lost_and_lets_running_ones_finish(
-    make_app: AppFactory,
+@pytest.mark.parametrize(
+    ("store", "waiting"),
+    [
+        # A shared store: handed back, queued and held by no process, for another to run.
+        (None, (TaskState.QUEUED, None)),
+        # A store of this process only: nobody else could run them.
+        ("memory://", (TaskState.LOST, "held")),
+    ],
+)
+def test_shutdown_hands_waiting_tasks_back_and_lets_running_ones_finish(
+    make_app: AppFactory, store: str | None, waiting: tuple[TaskState, str | None]
 ) -> None:
     started = threading.Event()
     release = threading.Event()
@@ -79,12 +88,14 @@ def test_shutdown_marks_waiting_tasks_lost_and_lets_running_ones_finish(
             release.wait(10)
             return {"finished": True}
 
-    app, api = make_app(config={"RESTFUL_ASYNC_MAX_WORKERS": 1, "RESTFUL_ASYNC_MAX_PENDING": 2})
+    app, api = make_app(
+        store=store, config={"RESTFUL_ASYNC_MAX_WORKERS": 1, "RESTFUL_ASYNC_MAX_PENDING": 2}
+    )
     api.add_resource(Blocked, "/blocked")
     client = app.test_client()
     locations = [client.post("/blocked").headers["Location"] for _ in range(3)]
     assert started.wait(10)
-    store, executor = get_state(app).store, get_state(app).executor
+    tasks, executor = get_state(app).store, get_state(app).executor
 
     stopper = threading.Thread(target=executor.shutdown, kwargs={"timeout": 10})
     stopper.start()
@@ -93,12 +104,13 @@ def test_shutdown_marks_waiting_tasks_lost_and_lets_running_ones_finish(
     stopper.join(10)
     assert not stopper.is_alive()
 
-    states = [store.get(location.rsplit("/", 1)[1]) for location in locations]
+    states = [tasks.get(location.rsplit("/", 1)[1]) for location in locations]
     assert [task.state if task else None for task in states] == [
         TaskState.SUCCEEDED,
-        TaskState.LOST,
-        TaskState.LOST,
+        waiting[0],
+        waiting[0],
     ]
+    assert [task.worker and "held" for task in states[1:] if task] == [waiting[1]] * 2
     assert client.post("/blocked").status_code == 503
 
 

@@ -291,7 +291,7 @@ def run_and_kill(store: Store, client: FlaskClient, outcome: list[t.Any]) -> Non
     with serve(SERVER, APP, env=env, workers=1, threads=4) as base:
         worker_pid = as_json(http("GET", base + "/pid"))["pid"]
         running = submit(base, "/jobs/sleep?seconds=60")
-        queued = submit(base, "/jobs/sleep?seconds=60")
+        queued = submit(base, "/jobs/sleep?seconds=0.1")
         wait_for_state(client, running, "running")
         wait_for_state(client, queued, "queued")
         # The worker is in the session (and process group) of the gunicorn master,
@@ -309,12 +309,15 @@ def run_and_kill(store: Store, client: FlaskClient, outcome: list[t.Any]) -> Non
             time.sleep(0.01)
 
 
-def test_killed_process_tasks_are_lost_within_lease(store: Store, local_app: LocalApp) -> None:
+def test_killed_process_running_task_is_lost_within_lease_and_its_queue_taken_over(
+    store: Store, local_app: LocalApp
+) -> None:
     client = local_app(store, RESTFUL_ASYNC_LEASE=LEASE).test_client()
     outcome: list[tuple[list[str], float]] = []
     with pytest.raises(ServerError, match="died while in use"):
         run_and_kill(store, client, outcome)
     ((locations, killed_at),) = outcome
+    queued = locations.pop()
 
     lost_after: dict[str, float] = {}
     deadline = killed_at + LEASE + LOST_SLACK + 3  # past the bound, to report by how much
@@ -336,6 +339,10 @@ def test_killed_process_tasks_are_lost_within_lease(store: Store, local_app: Loc
     print(f"tasks read as lost {sorted(round(s, 2) for s in lost_after.values())} s after kill")
     assert len(lost_after) == len(locations), "tasks of the killed process never read lost"
     assert max(lost_after.values()) <= LEASE + LOST_SLACK, lost_after
+    # The queued task is taken over by this process (its app shares the store).
+    taken_over = wait_done(client, queued)
+    assert taken_over.status_code == 200, taken_over.get_data()
+    assert taken_over.json == {"slept": 0.1, "pid": os.getpid()}
 
 
 # -- e. retention: 410, then 404 -----------------------------------------------------
