@@ -38,6 +38,8 @@ def worker_id() -> str:
 EXIT_DRAIN_TIMEOUT = 2.0
 #: Seconds between two tries to renew a lease that could not be renewed.
 RENEW_RETRY = 0.5
+#: Seconds :meth:`LeaseKeeper.release` waits for a renewal or claim under way.
+STOP_TIMEOUT = 2.0
 #: Seconds between two tries of :meth:`LeaseKeeper.start` while the store is down.
 START_RETRY = 1.0
 
@@ -73,6 +75,7 @@ class LeaseKeeper:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
         self._next_start = 0.0
         # The names this process renews in this store, the current one last;
         # older ones until the process gives them up.
@@ -92,11 +95,15 @@ class LeaseKeeper:
             self.store.renew_lease(current)
             self._held = [current]
             self._stop = threading.Event()
-            threading.Thread(
+            self._thread = threading.Thread(
                 target=self._renew, args=(self._stop,), name="restful-async-lease", daemon=True
-            ).start()
+            )
+            # Registered before the thread can take over a task (and so start the
+            # executor, whose exit hook must run first: atexit runs the latest
+            # registration first), so that the lease outlives the tasks at exit.
             atexit.register(self.release)
             self._pid = os.getpid()
+            self._thread.start()
 
     def start(self) -> None:
         """:meth:`ensure`, for a request of any kind: never raises, and costs a
@@ -189,6 +196,11 @@ class LeaseKeeper:
         self._stop.set()
         self._wake.set()
         self._pid = None
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            # Let a renewal or a claim under way end before the lease goes (and,
+            # at exit, before the store's connections are closed under it).
+            thread.join(STOP_TIMEOUT)
         found = outbox.existing_outbox(self.store)
         if found is not None and found.drain(EXIT_DRAIN_TIMEOUT):
             self.app.logger.error(

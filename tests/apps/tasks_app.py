@@ -7,8 +7,8 @@ steps, reporting progress, then returns ``{"slept": S, "pid": <pid>}``. ``GET
 <ppid>}``: the process that served the request, and its parent (gunicorn's
 master). The pids tell which process ran a task. ``POST /jobs/count?seconds=S``
 sleeps ``S`` seconds and returns ``{"echo": <JSON body>, "pid": <pid>}``, having
-appended its task id to the file named by ``TASKS_APP_RUNS`` (one line per run:
-a task run twice shows twice); ``size`` and ``sha256`` of the body are in the
+appended its task id and pid to the file named by ``TASKS_APP_RUNS`` (one line
+per run: a task run twice shows twice); ``size`` and ``sha256`` of the body are in the
 result instead of ``echo`` when the body is not JSON.
 
 The instance folder, where the default SQLite store lives, comes from the
@@ -64,7 +64,7 @@ class Sleep(AsyncResource):
 class Count(AsyncResource):
     def post(self) -> dict[str, t.Any]:
         with open(os.environ[RUNS_ENV], "a") as runs:
-            runs.write(current_task.id + "\n")
+            runs.write(f"{current_task.id} {os.getpid()}\n")
         time.sleep(float(request.args.get("seconds", "0")))
         if request.is_json:
             return {"echo": request.get_json(), "pid": os.getpid()}

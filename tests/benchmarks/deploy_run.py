@@ -62,6 +62,7 @@ class DeployReport(Report):
     max_workers: int = 0
     runs: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     lost: list[str] = dataclasses.field(default_factory=list)
+    pids: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def twice(self) -> list[str]:
@@ -105,6 +106,7 @@ def run(
     lease: float = 2.0,
     seconds: float = 0.1,
     log: t.Callable[[str], None] = print,
+    server_log: t.IO[bytes] | None = None,
 ) -> DeployReport:
     """Run one scenario; see the module documentation."""
     if scenario not in SCENARIOS or store not in STORES:
@@ -136,7 +138,7 @@ def run(
         def start() -> str:
             return stack.enter_context(
                 serve("gunicorn-gthread", "tests.apps.tasks_app:app", env=env, workers=workers,
-                      threads=8, options=options, may_exit=True)
+                      threads=8, options=options, may_exit=True, log=server_log)
             )  # fmt: skip
 
         started = time.monotonic()
@@ -144,7 +146,8 @@ def run(
         submitted = _load(base, start, report, scenario, submits, clients, seconds, log)
         _settle(base[0], submitted, report, lease=max(lease, 15.0))
         report.duration = time.monotonic() - started
-        report.runs.update(line for line in runs.read_text().split())
+        report.runs.update(line.split()[0] for line in runs.read_text().splitlines())
+        report.pids = dict(line.split() for line in runs.read_text().splitlines())
         report.lost = [
             task.location.rsplit("/", 1)[-1] for task in submitted if task.outcome == "lost"
         ]
@@ -182,7 +185,7 @@ def _load(
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:
                 try:
-                    status, headers, _ = http(
+                    status, headers, answer = http(
                         "POST", f"{base[0]}/jobs/count?seconds={seconds}",
                         body=json.dumps(payload).encode(),
                         headers={"Content-Type": "application/json"}, timeout=10,
@@ -197,7 +200,8 @@ def _load(
                         report.refused += 1
                     time.sleep(0.1)
                     continue
-                assert status == 202, f"submit answered {status}"
+                if status != 202:
+                    raise AssertionError(f"submit answered {status}: {answer!r}")
                 path = urllib.parse.urlsplit(headers["location"]).path
                 with lock:
                     report.accepted += 1
@@ -237,6 +241,7 @@ def main() -> int:
     parser.add_argument("--submits", type=int, default=600)
     parser.add_argument("--max-workers", type=int, default=2, help="RESTFUL_ASYNC_MAX_WORKERS")
     parser.add_argument("--lease", type=float, default=2.0, help="RESTFUL_ASYNC_LEASE")
+    parser.add_argument("--server-log", type=argparse.FileType("w+b"), help="gunicorn's output")
     options = parser.parse_args()
     report = run(
         options.scenario,
@@ -245,6 +250,7 @@ def main() -> int:
         max_workers=options.max_workers,
         lease=options.lease,
         log=lambda line: print(line, flush=True),
+        server_log=options.server_log,
     )
     print("\n".join(report.lines()))
     return 0 if report.ok else 1
