@@ -29,7 +29,6 @@ import argparse
 import collections
 import contextlib
 import dataclasses
-import http.client
 import json
 import os
 import secrets
@@ -40,6 +39,7 @@ import threading
 import time
 import typing as t
 import urllib.parse
+from http import client as http_client
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -63,6 +63,7 @@ class DeployReport(Report):
     runs: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     lost: list[str] = dataclasses.field(default_factory=list)
     pids: dict[str, str] = dataclasses.field(default_factory=dict)
+    killed: str | None = None
 
     @property
     def twice(self) -> list[str]:
@@ -82,6 +83,7 @@ class DeployReport(Report):
             and self.outcomes["succeeded"] + len(self.lost) == self.accepted
             and len(self.lost) <= self.allowed_lost
             and all(self.runs[task_id] == 1 for task_id in self.lost)
+            and all(self.pids[task_id] == self.killed for task_id in self.lost)
         )
 
     def figures(self) -> str:
@@ -190,7 +192,7 @@ def _load(
                         body=json.dumps(payload).encode(),
                         headers={"Content-Type": "application/json"}, timeout=10,
                     )  # fmt: skip
-                except (OSError, http.client.HTTPException):
+                except (OSError, http_client.HTTPException):
                     with lock:
                         report.unanswered += 1
                     time.sleep(0.1)
@@ -221,6 +223,7 @@ def _load(
             note(f"kill -HUP {pids['ppid']} (the master) after {report.accepted} accepted")
         elif scenario == "kill":
             os.kill(pids["pid"], signal.SIGKILL)
+            report.killed = str(pids["pid"])
             note(f"SIGKILL of worker {pids['pid']} after {report.accepted} accepted")
         else:
             os.kill(pids["ppid"], signal.SIGTERM)
