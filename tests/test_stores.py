@@ -684,6 +684,8 @@ def test_two_processes_claim_each_orphaned_task_exactly_once(
     shared_store: TaskStore, tmp_path: Path
 ) -> None:
     store = shared_store
+    # Their worker's lease (which Redis's create takes up) lapses before the claims.
+    store.configure(result_ttl=3600, tombstone_ttl=3600, lease=1.0)
     orphans = {store.create(new_task(worker="gone"), SNAPSHOT).id for _ in range(1000)}
     if isinstance(store, SQLiteStore):
         url, prefix = f"sqlite:///{store.path}", ""
