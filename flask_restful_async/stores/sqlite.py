@@ -57,9 +57,7 @@ SCHEMA_VERSION = 3
 # of record, for another process to take a task over) live the same way, found by
 # ``snapshot``; the partial index lists the tasks that have one, oldest first, for
 # claim(). Triggers drop a snapshot when its task lets go of it or is deleted, so
-# that no path (start, finish, cancel, lost, delete) can leave one behind. A task
-# and its snapshot are inserted by one statement, through the view ``new_tasks``
-# (its trigger writes both): atomic as a transaction, at the cost of one.
+# that no path (start, finish, cancel, lost, delete) can leave one behind.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
     id TEXT PRIMARY KEY,
@@ -94,18 +92,6 @@ CREATE TABLE IF NOT EXISTS snapshots (
     id INTEGER PRIMARY KEY,
     data BLOB NOT NULL
 );
-CREATE VIEW IF NOT EXISTS new_tasks AS
-    SELECT id, state, created_at, started_at, finished_at, progress, owner, idempotency_key,
-        fingerprint, cancel_requested, worker, rerun, NULL AS data FROM tasks;
-CREATE TRIGGER IF NOT EXISTS new_task INSTEAD OF INSERT ON new_tasks
-BEGIN
-    INSERT INTO snapshots (data) VALUES (new.data);
-    INSERT INTO tasks (id, state, created_at, started_at, finished_at, progress, owner,
-        idempotency_key, fingerprint, cancel_requested, worker, rerun, snapshot)
-    VALUES (new.id, new.state, new.created_at, new.started_at, new.finished_at, new.progress,
-        new.owner, new.idempotency_key, new.fingerprint, new.cancel_requested, new.worker,
-        new.rerun, last_insert_rowid());
-END;
 CREATE TRIGGER IF NOT EXISTS snapshot_dropped AFTER UPDATE OF snapshot ON tasks
     WHEN old.snapshot IS NOT NULL AND new.snapshot IS NOT old.snapshot
 BEGIN
@@ -153,9 +139,8 @@ _GET_OWNED = (
     _SELECT.replace("ON r.id = t.result", "ON r.id = t.result AND t.owner IS ?")
     + " WHERE t.id = ? AND t.owner IS ?"
 )
-_INSERT = f"INSERT INTO tasks ({_COLUMNS}, rerun) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-_INSERT_WITH_SNAPSHOT = (
-    f"INSERT INTO new_tasks ({_COLUMNS}, rerun, data)"
+_INSERT = (
+    f"INSERT INTO tasks ({_COLUMNS}, rerun, snapshot)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _ACTIVE = "('queued', 'running')"
@@ -465,12 +450,15 @@ class SQLiteStore(TaskStore):
         if now >= self._next_purge:
             self._next_purge = now + PURGE_INTERVAL
             self.purge_expired(now)
-        if task.idempotency_key is None:
+        if task.idempotency_key is None and snapshot is None:
             # One statement, committed on its own: the common case stays one write.
             with self._writing() as conn:
-                self._insert(conn, task, snapshot)
+                self._insert(conn, task, None)
             return task
         with self._transaction() as conn:
+            if task.idempotency_key is None:
+                self._insert(conn, task, snapshot)
+                return task
             row = conn.execute(
                 f"{_SELECT} WHERE coalesce(t.owner, '') = coalesce(?, '')"
                 " AND t.idempotency_key = ?",
@@ -486,25 +474,30 @@ class SQLiteStore(TaskStore):
 
     @staticmethod
     def _insert(conn: sqlite3.Connection, task: Task, snapshot: bytes | None) -> None:
-        """Insert ``task``, with its snapshot if there is one, in one statement."""
-        values = (
-            task.id,
-            task.state.value,
-            task.created_at,
-            task.started_at,
-            task.finished_at,
-            json.dumps(task.progress.to_dict()) if task.progress is not None else None,
-            task.owner,
-            task.idempotency_key,
-            task.fingerprint,
-            int(task.cancel_requested),
-            task.worker,
-            int(task.rerun),
+        """Insert ``task`` and its snapshot (inside a transaction, if there is one)."""
+        reference = None
+        if snapshot is not None:
+            reference = conn.execute(
+                "INSERT INTO snapshots (data) VALUES (?)", (snapshot,)
+            ).lastrowid
+        conn.execute(
+            _INSERT,
+            (
+                task.id,
+                task.state.value,
+                task.created_at,
+                task.started_at,
+                task.finished_at,
+                json.dumps(task.progress.to_dict()) if task.progress is not None else None,
+                task.owner,
+                task.idempotency_key,
+                task.fingerprint,
+                int(task.cancel_requested),
+                task.worker,
+                int(task.rerun),
+                reference,
+            ),
         )
-        if snapshot is None:
-            conn.execute(_INSERT, values)
-        else:
-            conn.execute(_INSERT_WITH_SNAPSHOT, (*values, snapshot))
 
     def start(self, task_id: str, worker: str) -> Task | None:
         with self._writing() as conn:
