@@ -316,6 +316,7 @@ def test_every_field_round_trips_exactly(store: RedisStore) -> None:
         finished_at=None,
         progress=Progress(0.1 + 0.2, None, "héllo\nworld"),
         cancel_requested=True,
+        rerun=True,
         worker="w:1",
     )
     assert store.create(task) == task

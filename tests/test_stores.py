@@ -95,7 +95,7 @@ def new_task(**fields: t.Any) -> Task:
 
 
 def test_create_then_get_round_trips_every_field(store: TaskStore) -> None:
-    task = new_task(owner="alice", idempotency_key="POST /x k1", fingerprint="abc")
+    task = new_task(owner="alice", idempotency_key="POST /x k1", fingerprint="abc", rerun=True)
     assert store.create(task) == task
     found = store.get(task.id)
     assert found == task

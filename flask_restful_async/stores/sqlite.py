@@ -514,11 +514,17 @@ class SQLiteStore(TaskStore):
         if limit < 1:
             raise ValueError(f"claim limit must be 1 or more, not {limit}")
         now = time.time()
+        bound = (now - self.queued_ttl, now)
+        # Most claims find nothing: a read says so without taking the write lock
+        # from the submits.
+        with self._reading() as conn:
+            if not conn.execute(f"SELECT EXISTS ({_CLAIMABLE})", (*bound, 1)).fetchone()[0]:
+                return []
         with self._transaction() as conn:
             # One statement picks and takes: no other writer can come in between.
             rows = conn.execute(
                 f"UPDATE tasks SET worker = ? WHERE id IN ({_CLAIMABLE}) {_RETURNING}, snapshot",
-                (worker, now - self.queued_ttl, now, limit),
+                (worker, *bound, limit),
             ).fetchall()
             snapshot = "SELECT data FROM snapshots WHERE id = ?"
             claimed = [
