@@ -251,6 +251,47 @@ def test_a_retried_start_returns_the_task_and_a_second_start_does_not(
     assert store.start(task.id, "w") is None
 
 
+def test_a_retried_claim_returns_the_same_tasks_and_takes_no_more(
+    store: RedisStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The same token is what a call that redis-py retries sends again.
+    monkeypatch.setattr(redis_store_module.secrets, "token_urlsafe", lambda size: "same-call")
+    store.renew_lease("taker")
+    base = time.time() - 100
+    tasks = [store.create(new_task(created_at=base + i), b"snap") for i in range(4)]
+    first = store.claim("taker", 2)
+    assert [each.task.id for each in first] == [tasks[0].id, tasks[1].id]
+    assert store.claim("taker", 2) == first
+    monkeypatch.undo()
+    assert [each.task.id for each in store.claim("taker", 5)] == [tasks[2].id, tasks[3].id]
+
+
+def test_claim_takes_a_lapsed_workers_tasks_out_of_its_set_in_batches(
+    store: RedisStore, raw: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(redis_store_module, "ORPHAN_BATCH", 10)
+    store.configure(result_ttl=3600, tombstone_ttl=3600, lease=0.2)
+    store.renew_lease("dying")
+    queued = [store.create(new_task(worker="dying"), b"snap").id for _ in range(15)]
+    running = store.create(new_task(worker="dying"), b"snap")
+    store.start(running.id, "dying")
+    store.configure(result_ttl=3600, tombstone_ttl=3600, lease=30)
+    store.renew_lease("alive")
+    time.sleep(0.3)
+    holders = f"{store.prefix}holders"
+    assert raw.smembers(holders) == {b"dying"}
+    first = store.claim("alive", 100)  # the first 10 of the lapsed worker's set
+    second = store.claim("alive", 100)  # the rest; the lapsed worker is forgotten
+    assert sorted(each.task.id for each in first + second) == sorted(queued)
+    assert raw.smembers(holders) == {b"alive"}
+    assert not raw.exists(f"{store.prefix}worker:dying")
+    lost = store.get(running.id)
+    assert lost is not None
+    assert lost.state is TaskState.LOST
+    assert not raw.exists(f"{store.prefix}snapshot:{running.id}")
+    assert raw.zcard(f"{store.prefix}unheld") == 0
+
+
 def test_other_redis_errors_propagate(store: RedisStore, raw: redis.Redis) -> None:
     task_id = new_task_id()
     raw.set(f"{store.prefix}task:{task_id}", "not a hash")
@@ -275,6 +316,7 @@ def test_every_field_round_trips_exactly(store: RedisStore) -> None:
         finished_at=None,
         progress=Progress(0.1 + 0.2, None, "héllo\nworld"),
         cancel_requested=True,
+        rerun=True,
         worker="w:1",
     )
     assert store.create(task) == task

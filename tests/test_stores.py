@@ -95,7 +95,7 @@ def new_task(**fields: t.Any) -> Task:
 
 
 def test_create_then_get_round_trips_every_field(store: TaskStore) -> None:
-    task = new_task(owner="alice", idempotency_key="POST /x k1", fingerprint="abc")
+    task = new_task(owner="alice", idempotency_key="POST /x k1", fingerprint="abc", rerun=True)
     assert store.create(task) == task
     found = store.get(task.id)
     assert found == task
@@ -684,6 +684,8 @@ def test_two_processes_claim_each_orphaned_task_exactly_once(
     shared_store: TaskStore, tmp_path: Path
 ) -> None:
     store = shared_store
+    # Their worker's lease (which Redis's create takes up) lapses before the claims.
+    store.configure(result_ttl=3600, tombstone_ttl=3600, lease=1.0)
     orphans = {store.create(new_task(worker="gone"), SNAPSHOT).id for _ in range(1000)}
     if isinstance(store, SQLiteStore):
         url, prefix = f"sqlite:///{store.path}", ""

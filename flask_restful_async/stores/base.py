@@ -149,6 +149,7 @@ class TaskStore(abc.ABC):
         it is kept until the task ends, in case its worker dies.
         """
 
+    @abc.abstractmethod
     def claim(self, worker: str, limit: int) -> list[Claimed]:
         """Take up to ``limit`` (>= 1) queued tasks that no live process holds, for
         ``worker`` to run, and return each with its stored snapshot.
@@ -160,8 +161,8 @@ class TaskStore(abc.ABC):
         caller. A claimed task stays queued, held by ``worker``, until that worker
         starts it (or hands it back, or its lease lapses in turn).
         """
-        raise NotImplementedError(f"{type(self).__name__} cannot claim tasks yet")
 
+    @abc.abstractmethod
     def hand_back(self, worker: str, task_ids: t.Sequence[str]) -> int:
         """Give up the queued tasks among ``task_ids`` that ``worker`` still holds:
         they are held by no worker, for any process to :meth:`claim`. Returns how
@@ -169,7 +170,6 @@ class TaskStore(abc.ABC):
         stored without a snapshot is handed back too, but no process can claim
         it: it waits until ``queued_ttl`` and reads lost.)
         """
-        raise NotImplementedError(f"{type(self).__name__} cannot hand tasks back yet")
 
     @abc.abstractmethod
     def set_progress(self, task_id: str, progress: Progress) -> bool:

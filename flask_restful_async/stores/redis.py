@@ -23,6 +23,20 @@ Key layout, every key under the store's ``prefix`` (``{restful_async}:`` by defa
 ``worker:<worker>``
     A set of the queued and running tasks that ``worker`` holds, so that
     :meth:`RedisStore.release_lease` finds them without scanning.
+``holders``
+    The set of workers that hold tasks: :meth:`RedisStore.claim` looks at their
+    leases, and takes the tasks of those whose lease lapsed out of their sets.
+``snapshot:<id>``
+    The request snapshot stored with a queued task (and kept while a task with
+    ``rerun`` runs), for another process to run it; dropped when the task starts
+    or ends.
+``unheld``
+    A sorted set of the queued tasks with a snapshot that no worker holds (handed
+    back, or of a worker whose lease lapsed), scored by ``created_at``: what
+    :meth:`RedisStore.claim` takes, oldest first.
+``claim:<token>``
+    The ids one :meth:`RedisStore.claim` call took, for a minute, so that a call
+    redis-py retries (its reply lost) returns the same tasks rather than more.
 ``blob:<key>``
     An opaque blob (:meth:`RedisStore.put_blob`), with its own TTL.
 ``expiry``
@@ -58,6 +72,7 @@ import contextlib
 import json
 import logging
 import random
+import secrets
 import time
 import urllib.parse
 from collections.abc import Iterator, Sequence
@@ -75,7 +90,7 @@ except ImportError as e:
     ) from e
 
 from ..task import Progress, StoredResponse, Task, TaskState
-from .base import ChangeCallback, Ending, StopSignal, TaskStore
+from .base import ChangeCallback, Claimed, Ending, StopSignal, TaskStore
 
 #: Index entries one list() script looks at, at most; it is called again from
 #: where it stopped until the page is full, so work per call stays bounded.
@@ -84,8 +99,11 @@ LIST_SCAN = 200
 #: purge_expired() call runs at most.
 PURGE_BATCH = 500
 PURGE_MAX_BATCHES = 20
-#: Tasks one release_lease() script marks lost at a time.
+#: Tasks one release_lease() script marks lost (or hands back) at a time.
 RELEASE_BATCH = 256
+#: Tasks of workers whose lease lapsed that one claim() takes out of their sets
+#: at most (the next claim goes on).
+ORPHAN_BATCH = 1000
 #: :meth:`RedisStore.listen`: seconds one read of the subscription waits (and so
 #: at most how long it takes to see that it should stop), and seconds between two
 #: PINGs on it; three intervals without any answer count as a lost connection.
@@ -104,8 +122,10 @@ _PRELUDE = """
 local prefix, now, result_ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local ttl_ms, result_due = ARGV[4], ARGV[5]
 local schedule = prefix .. 'expiry'
+local unheld, holders = prefix .. 'unheld', prefix .. 'holders'
 local META = {
-  'id', 'state', 'worker', 'ix', 'ik', 'finished_at', 'expired', 'owner', 'created_at'
+  'id', 'state', 'worker', 'ix', 'ik', 'finished_at', 'expired', 'owner', 'created_at',
+  'rerun', 'cancel'
 }
 
 local function load(key)
@@ -134,12 +154,18 @@ local function schedule_member(kind, id, ix)
   return kind .. #id .. ':' .. id .. ix
 end
 
+local function snapshot_key(id)
+  return prefix .. 'snapshot:' .. id
+end
+
 -- End an active task: it gets its TTL (and so does its idempotency key), leaves
--- its worker's set and is scheduled for expiry.
+-- its worker's set and the queue, loses its snapshot and is scheduled for expiry.
 local function conclude(key, h, state, news)
   redis.call('HSET', key, 'state', state, 'finished_at', now)
   h['state'], h['finished_at'] = state, now
   redis.call('PEXPIRE', key, ttl_ms)
+  redis.call('DEL', snapshot_key(h['id']))
+  redis.call('ZREM', unheld, h['id'])
   if h['ik'] and redis.call('GET', h['ik']) == h['id'] then
     redis.call('PEXPIRE', h['ik'], ttl_ms)
   end
@@ -152,23 +178,57 @@ local function conclude(key, h, state, news)
   redis.pcall('PUBLISH', prefix .. 'finished', news or h['id'])
 end
 
--- An active task whose worker no longer holds a lease is lost, and recorded so;
--- so is a task still queued that was created before queued_before (a number):
--- no worker started it within queued_ttl.
-local function check_alive(key, h, queued_before)
-  local worker = h['worker']
-  if worker and is_active(h['state'])
-      and redis.call('EXISTS', prefix .. 'lease:' .. worker) == 0 then
-    conclude(key, h, 'lost')
-  elseif h['state'] == 'queued' and tonumber(h['created_at']) < queued_before then
+-- A queued task that its worker no longer holds: any process may claim it.
+local function unhold(key, h)
+  redis.call('HDEL', key, 'worker')
+  redis.call('SREM', prefix .. 'worker:' .. h['worker'], h['id'])
+  h['worker'] = nil
+  redis.call('ZADD', unheld, h['created_at'], h['id'])
+end
+
+-- An active task whose worker is gone: queued with a snapshot, it waits for
+-- another process to claim it; running with rerun, it goes back to the queue
+-- (or ends cancelled, if that was asked); otherwise it is lost.
+local function orphan(key, h)
+  local has_snapshot = redis.call('EXISTS', snapshot_key(h['id'])) == 1
+  if h['state'] == 'queued' and has_snapshot then
+    unhold(key, h)
+  elseif h['state'] == 'running' and h['rerun'] and has_snapshot then
+    if h['cancel'] then
+      conclude(key, h, 'cancelled')
+    else
+      redis.call('HSET', key, 'state', 'queued')
+      redis.call('HDEL', key, 'started_at', 'progress')
+      h['state'] = 'queued'
+      unhold(key, h)
+    end
+  else
     conclude(key, h, 'lost')
   end
+end
+
+-- A task still queued that was created before queued_before (a number) is lost,
+-- and recorded so: no worker started it within queued_ttl. An active task whose
+-- worker no longer holds a lease is orphaned (see there).
+local function check_alive(key, h, queued_before)
+  if h['state'] == 'queued' and tonumber(h['created_at']) < queued_before then
+    conclude(key, h, 'lost')
+  elseif h['worker'] and is_active(h['state'])
+      and redis.call('EXISTS', prefix .. 'lease:' .. h['worker']) == 0 then
+    orphan(key, h)
+  end
+end
+
+-- Record that worker holds the task id, for claim() to look at its lease.
+local function hold(id, worker)
+  redis.call('SADD', prefix .. 'worker:' .. worker, id)
+  redis.call('SADD', holders, worker)
 end
 """
 
 # KEYS: task, owner index[, idempotency key]. ARGV[6..]: id, created_at, worker
-# ('' for none), the lease (ms), queued_before (see check_alive), then the hash's
-# fields and values.
+# ('' for none), the lease (ms), queued_before (see check_alive), '1' and the
+# snapshot or '0' and '', then the hash's fields and values.
 _CREATE = (
     _PRELUDE
     + """
@@ -188,11 +248,15 @@ if KEYS[3] then
     end
   end
 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 11))
+redis.call('HSET', KEYS[1], unpack(ARGV, 13))
 redis.call('ZADD', KEYS[2], ARGV[7], id)
 if KEYS[3] then redis.call('SET', KEYS[3], id) end
+if ARGV[11] == '1' then
+  redis.call('SET', snapshot_key(id), ARGV[12])
+  if worker == '' then redis.call('ZADD', unheld, ARGV[7], id) end
+end
 if worker ~= '' then
-  redis.call('SADD', prefix .. 'worker:' .. worker, id)
+  hold(id, worker)
   -- Only the living worker itself creates its tasks: if Redis lost its lease
   -- (a restart without persistence, a flush), take it up again now rather than
   -- let the new task read as lost until the next renewal.
@@ -219,7 +283,9 @@ redis.call('HSET', KEYS[1], 'state', 'running', 'started_at', now, 'worker', wor
 if h['worker'] and h['worker'] ~= worker then
   redis.call('SREM', prefix .. 'worker:' .. h['worker'], h['id'])
 end
-redis.call('SADD', prefix .. 'worker:' .. worker, h['id'])
+hold(h['id'], worker)
+redis.call('ZREM', unheld, h['id'])
+if not h['rerun'] then redis.call('DEL', snapshot_key(h['id'])) end
 return redis.call('HGETALL', KEYS[1])
 """
 )
@@ -276,6 +342,8 @@ redis.call('DEL', KEYS[1])
 redis.call('ZREM', h['ix'], h['id'])
 if h['ik'] and redis.call('GET', h['ik']) == h['id'] then redis.call('DEL', h['ik']) end
 if h['worker'] then redis.call('SREM', prefix .. 'worker:' .. h['worker'], h['id']) end
+redis.call('DEL', snapshot_key(h['id']))
+redis.call('ZREM', unheld, h['id'])
 redis.call('ZREM', schedule, schedule_member('r', h['id'], h['ix']),
   schedule_member('f', h['id'], h['ix']))
 return 1
@@ -347,20 +415,115 @@ return out
 """
 )
 
+# Orphan (see there) up to ARGV[7] tasks of the worker whose set is KEYS[2] and
+# name ARGV[6]; forget the worker as a holder once its set is empty. Returns how
+# many tasks it took from the set.
+_ORPHAN_TASKS = """
+local function orphan_tasks(worker_set, worker, batch)
+  local ids = redis.call('SPOP', worker_set, batch)
+  for _, id in ipairs(ids) do
+    local key = prefix .. 'task:' .. id
+    local h = load(key)
+    if h and is_active(h['state']) and h['worker'] == worker then
+      -- SPOP took it out of the set already: unhold's SREM finds nothing.
+      orphan(key, h)
+    end
+  end
+  if redis.call('SCARD', worker_set) == 0 then redis.call('SREM', holders, worker) end
+  return #ids
+end
+"""
+
 # KEYS: lease, worker's set. ARGV[6..]: worker, batch size.
 _RELEASE = (
     _PRELUDE
+    + _ORPHAN_TASKS
     + """
 redis.call('DEL', KEYS[1])
-local ids = redis.call('SPOP', KEYS[2], ARGV[7])
-for _, id in ipairs(ids) do
-  local key = prefix .. 'task:' .. id
-  local h = load(key)
-  if h and is_active(h['state']) and h['worker'] == ARGV[6] then conclude(key, h, 'lost') end
-end
-return #ids
+return orphan_tasks(KEYS[2], ARGV[6], tonumber(ARGV[7]))
 """
 )
+
+# KEYS: the claim's record. ARGV[6..]: worker, limit, queued_before (see
+# check_alive), how many tasks of lapsed workers to orphan at most.
+# Returns {task hash, snapshot, task hash, snapshot, ...}.
+_CLAIM = (
+    _PRELUDE
+    + _ORPHAN_TASKS
+    + """
+local worker, limit, queued_before = ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8])
+local out = {}
+local function take(key, id)
+  out[#out + 1] = redis.call('HGETALL', key)
+  out[#out + 1] = redis.call('GET', snapshot_key(id))
+end
+local done = redis.call('LRANGE', KEYS[1], 0, -1)
+if #done > 0 then
+  -- This very call again (its reply was lost and redis-py retried it).
+  for _, id in ipairs(done) do
+    local key = prefix .. 'task:' .. id
+    local h = load(key)
+    if h and h['state'] == 'queued' and h['worker'] == worker then take(key, id) end
+  end
+  return out
+end
+-- The tasks of workers whose lease lapsed become claimable first.
+local budget = tonumber(ARGV[9])
+for _, holder in ipairs(redis.call('SMEMBERS', holders)) do
+  if budget <= 0 then break end
+  if redis.call('EXISTS', prefix .. 'lease:' .. holder) == 0 then
+    budget = budget - orphan_tasks(prefix .. 'worker:' .. holder, holder, budget)
+  end
+end
+local taken = {}
+while #taken < limit do
+  local first = redis.call('ZRANGE', unheld, 0, limit - #taken - 1)
+  if #first == 0 then break end
+  for _, id in ipairs(first) do
+    redis.call('ZREM', unheld, id)
+    local key = prefix .. 'task:' .. id
+    local h = load(key)
+    if h and h['state'] == 'queued' and not h['worker'] and not h['cancel']
+        and redis.call('EXISTS', snapshot_key(id)) == 1 then
+      if tonumber(h['created_at']) < queued_before then
+        conclude(key, h, 'lost')
+      else
+        redis.call('HSET', key, 'worker', worker)
+        hold(id, worker)
+        taken[#taken + 1] = id
+        take(key, id)
+      end
+    end
+  end
+end
+if #taken > 0 then
+  redis.call('RPUSH', KEYS[1], unpack(taken))
+  redis.call('PEXPIRE', KEYS[1], 60000)
+end
+return out
+"""
+)
+
+# KEYS: the worker's set. ARGV[1..]: worker, task ids. Returns how many it let go.
+_HAND_BACK = """
+local prefix, worker = ARGV[1], ARGV[2]
+local unheld = prefix .. 'unheld'
+local count = 0
+for i = 3, #ARGV do
+  local id = ARGV[i]
+  local key = prefix .. 'task:' .. id
+  local found = redis.call('HMGET', key, 'state', 'worker', 'created_at')
+  if found[1] == 'queued' and found[2] == worker then
+    redis.call('HDEL', key, 'worker')
+    redis.call('SREM', KEYS[1], id)
+    if redis.call('EXISTS', prefix .. 'snapshot:' .. id) == 1 then
+      redis.call('ZADD', unheld, found[3], id)
+    end
+    count = count + 1
+  end
+end
+return count
+"""
 
 # KEYS: expiry schedule. ARGV[6..]: batch size, tombstone_ttl (seconds).
 # Returns {records changed, entries handled}.
@@ -477,6 +640,8 @@ class RedisStore(TaskStore):
         self._get = register(_GET)
         self._list = register(_LIST)
         self._release = register(_RELEASE)
+        self._claim = register(_CLAIM)
+        self._hand_back = register(_HAND_BACK)
         self._purge = register(_PURGE)
 
     # Key names. Owners and workers are arbitrary strings: the markers ("-" for
@@ -523,8 +688,6 @@ class RedisStore(TaskStore):
         return repr(now - self.queued_ttl)
 
     def create(self, task: Task, snapshot: bytes | None = None) -> Task:
-        if snapshot is not None:
-            raise NotImplementedError("snapshots are not stored here yet")
         fields = _encode(task)
         keys = [self._task_key(task.id), self._owner_key(task.owner)]
         if task.idempotency_key is not None:
@@ -539,6 +702,7 @@ class RedisStore(TaskStore):
             task.worker or "",
             _ms(self.lease),
             self._queued_before(time.time()),
+            *(("0", "") if snapshot is None else ("1", snapshot)),
             *fields,
         ]
         with self._reaching():
@@ -567,6 +731,35 @@ class RedisStore(TaskStore):
         with self._reaching():
             reply = self._start(keys=[self._task_key(task_id)], args=args)
         return None if reply is None else _decode(reply)
+
+    def claim(self, worker: str, limit: int) -> list[Claimed]:
+        if limit < 1:
+            raise ValueError(f"claim limit must be 1 or more, not {limit}")
+        now = time.time()
+        args = [
+            *self._clock(now),
+            worker,
+            limit,
+            self._queued_before(now),
+            ORPHAN_BATCH,
+        ]
+        # The token tells a retry of this call (same token) from the next call.
+        token = f"{self.prefix}claim:{secrets.token_urlsafe(12)}"
+        with self._reaching():
+            reply = self._claim(keys=[token], args=args)
+        claimed = [Claimed(_decode(reply[i]), bytes(reply[i + 1])) for i in range(0, len(reply), 2)]
+        claimed.sort(key=lambda each: (each.task.created_at, each.task.id))
+        return claimed
+
+    def hand_back(self, worker: str, task_ids: Sequence[str]) -> int:
+        if not task_ids:
+            return 0
+        with self._reaching():
+            return int(
+                self._hand_back(
+                    keys=[self._worker_key(worker)], args=[self.prefix, worker, *task_ids]
+                )
+            )
 
     def set_progress(self, task_id: str, progress: Progress) -> bool:
         with self._reaching():
@@ -800,6 +993,8 @@ def _encode(task: Task) -> list[bytes]:
             fields[name] = value
     if task.cancel_requested:
         fields["cancel"] = "1"
+    if task.rerun:
+        fields["rerun"] = "1"
     if task.response is not None:
         fields["status"] = str(task.response.status)
         fields["headers"] = _encode_headers(task.response.headers)
@@ -845,4 +1040,5 @@ def _decode(flat: Sequence[bytes]) -> Task:
         worker=text(b"worker"),
         response=response,
         expired=b"expired" in h,
+        rerun=b"rerun" in h,
     )

@@ -153,10 +153,11 @@ _LAPSED = (
 )
 # True for a task that no worker started in time (bind: now - queued_ttl).
 _STALE = "(t.state = 'queued' AND t.created_at < ?)"
-# How an active task reads, for list() to filter on: (condition, how many times it
-# binds now, then now - queued_ttl). A queued task of a lapsed worker stays queued
-# when another process can claim it (it has a snapshot); a running one with
-# ``rerun`` goes back to the queue (or ends cancelled, if that was asked).
+# How an active task reads, for list() to filter on: (condition, the names of the
+# values it binds, in order: "now", or "stale" for now - queued_ttl). A queued
+# task of a lapsed worker stays queued when another process can claim it (it has
+# a snapshot); a running one with ``rerun`` goes back to the queue (or ends
+# cancelled, if that was asked).
 _READS_AS: dict[TaskState, tuple[str, tuple[str, ...]]] = {
     TaskState.QUEUED: (
         f"((t.state = 'queued' AND NOT {_STALE} AND (t.snapshot IS NOT NULL OR NOT {_LAPSED}))"
@@ -513,19 +514,21 @@ class SQLiteStore(TaskStore):
         if limit < 1:
             raise ValueError(f"claim limit must be 1 or more, not {limit}")
         now = time.time()
+        bound = (now - self.queued_ttl, now)
+        # Most claims find nothing: a read says so without taking the write lock
+        # from the submits.
+        with self._reading() as conn:
+            if not conn.execute(f"SELECT EXISTS ({_CLAIMABLE})", (*bound, 1)).fetchone()[0]:
+                return []
         with self._transaction() as conn:
             # One statement picks and takes: no other writer can come in between.
             rows = conn.execute(
                 f"UPDATE tasks SET worker = ? WHERE id IN ({_CLAIMABLE}) {_RETURNING}, snapshot",
-                (worker, now - self.queued_ttl, now, limit),
+                (worker, *bound, limit),
             ).fetchall()
+            snapshot = "SELECT data FROM snapshots WHERE id = ?"
             claimed = [
-                Claimed(
-                    self._task(row),
-                    conn.execute("SELECT data FROM snapshots WHERE id = ?", (row[16],)).fetchone()[
-                        0
-                    ],
-                )
+                Claimed(self._task(row), conn.execute(snapshot, (row[16],)).fetchone()[0])
                 for row in rows
             ]
         claimed.sort(key=lambda each: (each.task.created_at, each.task.id))
