@@ -123,7 +123,8 @@ def test_a_graceful_stop_hands_queued_tasks_over_with_a_5_mb_body_intact(
     app = _app(tmp_path, config)
     client = app.test_client()
     done = wait_done(client, first)
-    assert done.status_code == 200 and done.json["pid"] != PARENT  # type: ignore[index]
+    assert done.status_code == 200
+    assert done.json["pid"] != PARENT
     results = [wait_done(client, location) for location in queued]
     assert [response.status_code for response in results] == [200, 200]
     assert [response.json for response in results] == [
@@ -150,7 +151,8 @@ def test_a_process_killed_hard_loses_its_running_task_but_not_its_queue(
     assert wait_done(client, plain).json["state"] == "lost"  # type: ignore[index]
     for location in (rerun, queued):
         done = wait_done(client, location)
-        assert done.status_code == 200 and done.json["pid"] == PARENT  # type: ignore[index]
+        assert done.status_code == 200
+        assert done.json["pid"] == PARENT
     get_state(app).close()
 
 
@@ -171,9 +173,11 @@ def test_a_task_no_process_takes_reads_lost_after_the_queued_ttl(
     store.configure(result_ttl=60, tombstone_ttl=60, lease=1, queued_ttl=1.5)
     try:
         task = store.get(task_id)
-        assert task is not None and task.state is TaskState.QUEUED
+        assert task is not None
+        assert task.state is TaskState.QUEUED
         time.sleep(1.6)
         task = store.get(task_id)
-        assert task is not None and task.state is TaskState.LOST
+        assert task is not None
+        assert task.state is TaskState.LOST
     finally:
         store.close()

@@ -1,0 +1,28 @@
+"""Deploys lose nothing (tests/benchmarks/deploy_run.py): 600 submits to
+``gunicorn -w 4`` while it reloads, restarts, loses a worker to SIGKILL or recycles
+its workers (``--max-requests 50``); every accepted task ends ``succeeded`` with the
+right result, run once, except the tasks the killed worker was running (``lost``)."""
+
+from __future__ import annotations
+
+import pytest
+
+from .benchmarks.deploy_run import SCENARIOS, run
+from .services import require_redis
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("store", ["sqlite", "redis"])
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_every_accepted_task_runs_once_through_a_deploy(scenario: str, store: str) -> None:
+    if store == "redis":
+        require_redis()
+    report = run(scenario, store, log=lambda line: None)
+    print("\n".join(report.lines()))
+    assert report.accepted == 600, report.lines()
+    assert report.twice == [], report.lines()
+    assert report.wrong == [], report.lines()
+    assert report.active == [], report.lines()
+    assert len(report.lost) <= report.allowed_lost, report.lines()
+    assert all(report.pids[task_id] == report.killed for task_id in report.lost), report.lines()
+    assert report.outcomes["succeeded"] + len(report.lost) == report.accepted, report.lines()
