@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import math
 import os
 import secrets
 import socket
@@ -75,6 +76,7 @@ class LeaseKeeper:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()
+        self._turn_at = math.inf
         self._thread: threading.Thread | None = None
         self._next_start = 0.0
         # The names this process renews in this store, the current one last;
@@ -116,21 +118,26 @@ class LeaseKeeper:
         except RestfulAsyncError:
             self._next_start = time.monotonic() + START_RETRY
 
-    def wake(self) -> None:
-        """Call ``on_renew`` soon, without waiting for the next renewal."""
-        self._wake.set()
+    def wake(self, at: float | None = None) -> None:
+        """Call ``on_renew`` at ``at`` (a :func:`time.monotonic` time; now when
+        None), without waiting for the next renewal. Calls asked for before the
+        next one are one call, at the earliest time asked."""
+        at = time.monotonic() if at is None else at
+        if at < self._turn_at:
+            self._turn_at = at
+            self._wake.set()
 
     def _renew(self, stop: threading.Event) -> None:
         renew_at = time.monotonic() + self.store.lease / 3
         failing = False
         self._turn()  # the lease was just taken: the first use takes over at once
         while True:
-            self._wake.wait(max(0.0, renew_at - time.monotonic()))
+            self._wake.wait(max(0.0, min(renew_at, self._turn_at) - time.monotonic()))
             self._wake.clear()
             if stop.is_set():
                 return
             if time.monotonic() < renew_at:
-                if not failing:
+                if time.monotonic() >= self._turn_at and not failing:
                     self._turn()
                 continue
             # After a failure, sooner: a store back within the lease must find it
@@ -161,6 +168,7 @@ class LeaseKeeper:
                 self._turn()
 
     def _turn(self) -> None:
+        self._turn_at = math.inf
         if self.on_renew is None:
             return
         try:

@@ -17,7 +17,9 @@ Every process with idle workers takes such tasks (:class:`Takeover`), oldest
 first, each exactly once (the store's :meth:`claim` is atomic): at its first
 request of any kind, at each renewal of its lease (every third of
 ``RESTFUL_ASYNC_LEASE``), and, while tasks wait, each time one of its own tasks
-is done. It never reads the store per request for this. A task taken over runs
+is done, and when this process hears that the store changed (while something
+long-polls, see :mod:`flask_restful_async.waiting`), at most once a second. It
+never reads the store per request for this. A task taken over runs
 from its stored request, with a new instance of its resource, as a Celery worker
 runs it. Tasks nobody takes wait in the store (a restart takes them) for at most
 ``RESTFUL_ASYNC_QUEUED_TTL`` seconds, then read ``lost``.
@@ -29,9 +31,11 @@ it ``lost`` as before.
 
 from __future__ import annotations
 
+import math
+import time
 import typing as t
 
-from . import outbox
+from . import outbox, waiting
 from .exceptions import RestfulAsyncError
 from .lease import LeaseKeeper, worker_id
 from .runner import abandon_task
@@ -47,6 +51,8 @@ if t.TYPE_CHECKING:
 
 #: The most tasks one claim asks for; fewer when fewer workers are idle.
 MAX_CLAIM = 64
+#: Seconds between two looks for waiting tasks prompted by news of the store.
+CHANGE_INTERVAL = 1.0
 
 
 class Takeover:
@@ -62,17 +68,27 @@ class Takeover:
         self.lease = lease
         # Whether the last claim took all it asked for: more may be waiting.
         self.backlog = False
+        self._last_look = -math.inf
+        waiting.watch(store, self.changed)
 
     def done(self) -> None:
         """One of this process's tasks is done: while tasks wait, take another."""
         if self.backlog:
             self.lease.wake()
 
+    def changed(self) -> None:
+        """The store changed (see :func:`waiting.watch`): tasks may have been handed
+        back. Look soon: at most once per :data:`CHANGE_INTERVAL` (news heard
+        meanwhile waits for the end of it); a look with no idle worker does not
+        read the store."""
+        self.lease.wake(max(time.monotonic(), self._last_look + CHANGE_INTERVAL))
+
     def claim(self) -> int:
         """Take up to as many waiting tasks as there are idle workers and start
         them; return how many. Raises what the store raises. Called in the lease
         keeper's thread, right after the lease is renewed: a process never holds
         a task under a lease that may have lapsed."""
+        self._last_look = time.monotonic()
         free = self.executor.reserve(MAX_CLAIM)
         if not free:
             return 0

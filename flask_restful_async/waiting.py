@@ -34,6 +34,7 @@ import logging
 import os
 import threading
 import time
+import typing as t
 import weakref
 
 from .stores.base import Ending, TaskStore
@@ -205,7 +206,12 @@ class Waiters:
 
     def notify(self, task_id: str | None = None, ending: Ending | None = None) -> None:
         """Wake the waits on ``task_id`` (on every task when None) to read it again,
-        or, given how it ended, to take that instead of reading it."""
+        or, given how it ended, to take that instead of reading it; and tell the
+        watchers (:func:`watch`) that something changed."""
+        store = self._store()
+        if store is not None:
+            for watcher in _watchers.get(store, ()):
+                watcher()
         with self._lock:
             if task_id is None:
                 entries = list(self._entries.values())
@@ -312,6 +318,9 @@ class Waiters:
 _registry: weakref.WeakKeyDictionary[TaskStore, Waiters] = weakref.WeakKeyDictionary()
 _registry_lock = threading.Lock()
 _all: weakref.WeakSet[Waiters] = weakref.WeakSet()
+_watchers: weakref.WeakKeyDictionary[TaskStore, list[t.Callable[[], None]]] = (
+    weakref.WeakKeyDictionary()
+)
 _exiting = False
 
 
@@ -351,6 +360,14 @@ def notify(store: TaskStore, task_id: str | None = None) -> None:
     found = _registry.get(store)
     if found is not None:
         found.notify(task_id)
+
+
+def watch(store: TaskStore, watcher: t.Callable[[], None]) -> None:
+    """Call ``watcher`` (in the listener thread: it must be quick and never raise)
+    whenever this process hears of a change in ``store``: a task ended here or in
+    another process (Redis), or the file changed (SQLite). Heard only while a
+    listener runs, i.e. while something long-polls (see the module)."""
+    _watchers.setdefault(store, []).append(watcher)
 
 
 def close(store: TaskStore, timeout: float = 2.0) -> None:

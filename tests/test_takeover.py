@@ -2,21 +2,24 @@
 after the lease of a process killed hard; run once, by another process, from the
 request stored with them.
 
-The first process is a forked child that accepts the tasks and then stops (or
-dies); the test process is the other one, on the same store."""
+The first process is a child (started with ``spawn``, not forked: a fork copies
+locks that the test's threads may hold) that accepts the tasks and then stops or
+dies; the test process is the other one, on the same store."""
 
 from __future__ import annotations
 
 import hashlib
-import json
+import multiprocessing
 import os
 import secrets
+import threading
 import time
 import typing as t
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import pytest
-from flask import Flask, request
+from flask import Flask, current_app, request
 from flask.testing import FlaskClient
 from flask_restful import Api
 
@@ -28,13 +31,16 @@ from .conftest import wait_done
 from .services import delete_redis_keys, require_redis
 
 REDIS_DB = 14
-#: The test process: handlers block only in the forked child, which then stops.
-PARENT = os.getpid()
+#: Config key set in the child's app only: its handlers sleep as asked, so that
+#: tasks are running or waiting when it stops.
+CHILD = "TEST_TAKEOVER_CHILD"
+#: Seconds a child may take.
+CHILD_TIMEOUT = 60
 
 
 class Work(AsyncResource):
     def post(self) -> dict[str, t.Any]:
-        if os.getpid() != PARENT:
+        if current_app.config.get(CHILD):
             time.sleep(float(request.args.get("seconds", "0")))
         body = request.get_data()
         return {"pid": os.getpid(), "size": len(body), "sha256": hashlib.sha256(body).hexdigest()}
@@ -42,6 +48,15 @@ class Work(AsyncResource):
 
 class Rerun(Work):
     rerun_on_crash = True
+
+
+RELEASE = threading.Event()
+
+
+class Blocked(AsyncResource):
+    def post(self) -> dict[str, t.Any]:
+        RELEASE.wait(10)
+        return {"pid": os.getpid()}
 
 
 @pytest.fixture(params=["sqlite", "redis"])
@@ -67,31 +82,59 @@ def _app(tmp_path: Path, config: dict[str, t.Any]) -> Flask:
     register_async(api)
     api.add_resource(Work, "/work")
     api.add_resource(Rerun, "/rerun")
+    api.add_resource(Blocked, "/blocked")
     return app
 
 
-def _in_child(
-    tmp_path: Path, config: dict[str, t.Any], act: t.Callable[[Flask, FlaskClient], t.Any]
-) -> t.Any:
-    """Run ``act(app, client)`` in a forked child, which then ends as ``act`` leaves
-    it (``os._exit``: no exit hooks); return what ``act`` returned (JSON data)."""
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child reports through the pipe
-        code = 1
-        try:
-            app = _app(tmp_path, config)
-            result = act(app, app.test_client())
-            os.write(write, json.dumps(result).encode())
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(write)
-    with os.fdopen(read, "rb") as pipe:
-        data = pipe.read()
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
-    return json.loads(data)
+def _in_child(tmp_path: Path, config: dict[str, t.Any], act: str) -> t.Any:
+    """Run ``ACTS[act](app, client)`` in a child process on the same store and
+    return what it returned; the child then exits (``die``: without exit hooks)."""
+    context = multiprocessing.get_context("spawn")
+    receiver, sender = context.Pipe(duplex=False)
+    child = context.Process(target=_child, args=(str(tmp_path), config, act, sender))
+    child.start()
+    try:
+        assert receiver.poll(CHILD_TIMEOUT), "the child did not answer"
+        result = receiver.recv()
+        child.join(CHILD_TIMEOUT)
+        assert child.exitcode == 0
+        return result
+    finally:
+        if child.is_alive():
+            child.kill()
+            child.join()
+
+
+def _child(tmp_path: str, config: dict[str, t.Any], act: str, sender: Connection) -> None:
+    app = _app(Path(tmp_path), {**config, CHILD: True})
+    sender.send(ACTS[act](app, app.test_client()))
+    if act.endswith("die"):
+        os._exit(0)  # as SIGKILL would: no exit hooks, no hand-back
+
+
+def _accept_then_stop(app: Flask, client: FlaskClient) -> list[str]:
+    """A running task, then two queued behind it (one with a 5 MB body); then a
+    graceful stop, as a SIGTERM does it at exit."""
+    first = _submit(client, "/work?seconds=0.5")
+    _running(client, first)
+    queued = [_submit(client, "/work", BIG), _submit(client, "/work", b"small")]
+    get_state(app).close(timeout=5)
+    return [first, *queued]
+
+
+def _accept_then_die(app: Flask, client: FlaskClient) -> list[str]:
+    running = [_submit(client, "/work?seconds=60"), _submit(client, "/rerun?seconds=60")]
+    for location in running:
+        _running(client, location)
+    return [*running, _submit(client, "/work")]  # queued: both workers are busy
+
+
+ACTS: dict[str, t.Callable[[Flask, FlaskClient], t.Any]] = {
+    "stop": _accept_then_stop,
+    "die": _accept_then_die,
+}
+#: Not random: the child must send the same bytes the test expects.
+BIG = hashlib.sha256(b"5 MB").digest() * (5 * 1024 * 1024 // 32)
 
 
 def _submit(client: FlaskClient, path: str, body: bytes = b"") -> str:
@@ -110,26 +153,17 @@ def _running(client: FlaskClient, location: str, timeout: float = 10.0) -> None:
 def test_a_graceful_stop_hands_queued_tasks_over_with_a_5_mb_body_intact(
     tmp_path: Path, config: dict[str, t.Any]
 ) -> None:
-    big = secrets.token_bytes(5 * 1024 * 1024)
-
-    def accept_then_stop(app: Flask, client: FlaskClient) -> list[str]:
-        first = _submit(client, "/work?seconds=0.5")
-        _running(client, first)
-        queued = [_submit(client, "/work", big), _submit(client, "/work", b"small")]
-        get_state(app).close(timeout=5)  # what a SIGTERM does at exit
-        return [first, *queued]
-
-    first, *queued = _in_child(tmp_path, config, accept_then_stop)
+    first, *queued = _in_child(tmp_path, config, "stop")
     app = _app(tmp_path, config)
     client = app.test_client()
     done = wait_done(client, first)
     assert done.status_code == 200
-    assert done.json["pid"] != PARENT
+    assert done.json["pid"] != os.getpid()  # type: ignore[index]
     results = [wait_done(client, location) for location in queued]
     assert [response.status_code for response in results] == [200, 200]
     assert [response.json for response in results] == [
-        {"pid": PARENT, "size": len(big), "sha256": hashlib.sha256(big).hexdigest()},
-        {"pid": PARENT, "size": 5, "sha256": hashlib.sha256(b"small").hexdigest()},
+        {"pid": os.getpid(), "size": len(BIG), "sha256": hashlib.sha256(BIG).hexdigest()},
+        {"pid": os.getpid(), "size": 5, "sha256": hashlib.sha256(b"small").hexdigest()},
     ]
     get_state(app).close()
 
@@ -138,34 +172,21 @@ def test_a_process_killed_hard_loses_its_running_task_but_not_its_queue(
     tmp_path: Path, config: dict[str, t.Any]
 ) -> None:
     config = {**config, "RESTFUL_ASYNC_MAX_WORKERS": 2}
-
-    def accept_then_die(app: Flask, client: FlaskClient) -> list[str]:
-        running = [_submit(client, "/work?seconds=60"), _submit(client, "/rerun?seconds=60")]
-        for location in running:
-            _running(client, location)
-        return [*running, _submit(client, "/work")]  # queued: both workers are busy
-
-    plain, rerun, queued = _in_child(tmp_path, config, accept_then_die)
+    plain, rerun, queued = _in_child(tmp_path, config, "die")
     app = _app(tmp_path, config)
     client = app.test_client()
     assert wait_done(client, plain).json["state"] == "lost"  # type: ignore[index]
     for location in (rerun, queued):
         done = wait_done(client, location)
         assert done.status_code == 200
-        assert done.json["pid"] == PARENT
+        assert done.json["pid"] == os.getpid()  # type: ignore[index]
     get_state(app).close()
 
 
 def test_a_task_no_process_takes_reads_lost_after_the_queued_ttl(
     tmp_path: Path, config: dict[str, t.Any]
 ) -> None:
-    def accept_then_stop(app: Flask, client: FlaskClient) -> str:
-        _running(client, _submit(client, "/work?seconds=0.5"))
-        queued = _submit(client, "/work")
-        get_state(app).close(timeout=5)
-        return queued
-
-    location = _in_child(tmp_path, config, accept_then_stop)
+    location = _in_child(tmp_path, config, "stop")[-1]
     task_id = location.rsplit("/", 1)[-1]
     reader = Flask(__name__, instance_path=str(tmp_path))  # reads, takes nothing over
     reader.config.update(config)
@@ -181,3 +202,32 @@ def test_a_task_no_process_takes_reads_lost_after_the_queued_ttl(
         assert task.state is TaskState.LOST
     finally:
         store.close()
+
+
+def test_a_long_poll_hears_of_tasks_handed_back_before_the_next_renewal(tmp_path: Path) -> None:
+    # SQLite: another process's write is heard by the long-poll's listener.
+    config = {
+        "RESTFUL_ASYNC_STORE": f"sqlite:///{tmp_path / 'tasks.db'}",
+        "RESTFUL_ASYNC_LEASE": 30,  # renewals 10 s apart: too late for this test
+        "RESTFUL_ASYNC_MAX_WORKERS": 2,
+    }
+    app = _app(tmp_path, config)
+    client = app.test_client()
+    RELEASE.clear()
+    blocked = _submit(client, "/blocked")
+    poll = threading.Thread(target=client.get, args=(blocked + "?wait=10",))
+    poll.start()
+    try:
+        handed_back_at = time.monotonic()
+        queued = _in_child(tmp_path, config, "stop")[-1]
+        done = wait_done(client, queued, timeout=5)
+        assert done.json == {
+            "pid": os.getpid(),
+            "size": 5,
+            "sha256": hashlib.sha256(b"small").hexdigest(),
+        }
+        assert time.monotonic() - handed_back_at < 5
+    finally:
+        RELEASE.set()
+        poll.join(10)
+        get_state(app).close()
