@@ -683,6 +683,8 @@ def test_a_released_lease_makes_its_queued_tasks_claimable_at_once(
 def test_two_processes_claim_each_orphaned_task_exactly_once(
     shared_store: TaskStore, tmp_path: Path
 ) -> None:
+    """1,000 tasks of a worker that died; two processes (tests/apps/claimer.py)
+    claim at the same moment, in small batches, until nothing is left."""
     store = shared_store
     # Their worker's lease (which Redis's create takes up) lapses before the claims.
     store.configure(result_ttl=3600, tombstone_ttl=3600, lease=1.0)

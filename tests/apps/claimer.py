@@ -17,7 +17,7 @@ import time
 from flask_restful_async.stores import SQLiteStore, TaskStore
 
 
-def open_store(url: str, prefix: str) -> TaskStore:
+def store_at(url: str, prefix: str) -> TaskStore:
     if url.startswith("sqlite:///"):
         return SQLiteStore(url.removeprefix("sqlite:///"))
     from flask_restful_async.stores.redis import RedisStore
@@ -26,7 +26,7 @@ def open_store(url: str, prefix: str) -> TaskStore:
 
 
 def main(url: str, prefix: str, worker: str, start_at: str) -> None:
-    store = open_store(url, prefix)
+    store = store_at(url, prefix)
     store.renew_lease(worker)
     time.sleep(max(0.0, float(start_at) - time.time()))
     claimed: list[str] = []
