@@ -44,11 +44,6 @@ def run_task(
     return contextvars.Context().run(_run_task, app, task_id, snapshot, resource)
 
 
-def abandon_task(app: Flask, task_id: str) -> None:
-    """Mark a task that will never run (its process is going away) as ``lost``."""
-    outbox.finish(get_state(app).store, task_id, TaskState.LOST, None, worker_id(), app.logger)
-
-
 def _run_task(
     app: Flask, task_id: str, snapshot: RequestSnapshot, resource: Resource | None
 ) -> bool:

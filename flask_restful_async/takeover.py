@@ -38,7 +38,6 @@ import typing as t
 from . import outbox, waiting
 from .exceptions import RestfulAsyncError
 from .lease import LeaseKeeper, worker_id
-from .runner import abandon_task
 from .snapshot import RequestSnapshot
 from .state import get_state
 from .task import TaskState
@@ -130,8 +129,8 @@ def hand_back(app: Flask, jobs: t.Sequence[tuple[str, str | None, RequestSnapsho
     for task_id, holder, snapshot in jobs:
         if state.takeover is not None and holder is not None and snapshot.portable:
             held.setdefault(holder, []).append(task_id)
-        else:
-            abandon_task(app, task_id)
+        else:  # nobody else can run it: it ends as a stop always ended it
+            outbox.finish(state.store, task_id, TaskState.LOST, None, worker_id(), app.logger)
     for holder, task_ids in held.items():
         try:
             count = state.store.hand_back(holder, task_ids)
