@@ -12,7 +12,10 @@ import pytest
 from flask import request
 
 from flask_restful_async import AsyncResource, TaskState, ThreadExecutor
+from flask_restful_async.lease import worker_id
+from flask_restful_async.snapshot import RequestSnapshot
 from flask_restful_async.state import get_state
+from flask_restful_async.task import Task, new_task_id
 
 from .conftest import AppFactory, wait_done
 
@@ -118,3 +121,34 @@ def test_shutdown_hands_waiting_tasks_back_and_lets_running_ones_finish(
 def test_sizes_are_validated(kwargs: dict[str, int]) -> None:
     with pytest.raises(ValueError, match="max_"):
         ThreadExecutor(**kwargs)
+
+
+def test_a_submit_that_arrives_after_the_shutdown_is_handed_back(make_app: AppFactory) -> None:
+    # A request that was accepted (room reserved, task recorded) just before the
+    # stop: no worker is left to take it, so it goes back to the store.
+    app, api = make_app()
+    api.add_resource(Echo, "/echo")
+    state = get_state(app)
+    client = app.test_client()
+    wait_done(client, client.post("/echo", json=0).headers["Location"])
+    executor = state.executor
+    executor.acquire()
+    with app.test_request_context("/echo", method="POST", json=1):
+        snapshot = RequestSnapshot.capture(b"1", "post", (), {})
+    task = state.store.create(Task(new_task_id(), worker=worker_id()), snapshot.to_bytes())
+    executor.shutdown(timeout=5)
+    executor.submit(app, task, snapshot)
+    stored = state.store.get(task.id)
+    assert stored is not None
+    assert (stored.state, stored.worker) == (TaskState.QUEUED, None)
+
+
+def test_taking_over_uses_only_idle_workers() -> None:
+    executor = ThreadExecutor(max_workers=3, max_pending=10)
+    executor.acquire()  # a task of its own
+    assert executor.reserve(64) == 2
+    assert executor.reserve(64) == 0  # every worker is promised
+    executor.release()
+    assert executor.reserve(1) == 1
+    executor.shutdown()
+    assert executor.reserve(64) == 0  # stopping: it takes nothing over
