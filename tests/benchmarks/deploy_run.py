@@ -53,6 +53,8 @@ STORES = ("sqlite", "redis")
 REDIS_DB = 13
 #: Seconds between the SIGTERM of the master and the start of the new server.
 RESTART_PAUSE = 5.0
+#: Seconds after the load within which every task must have ended.
+SETTLE = 30.0
 
 
 @dataclasses.dataclass
@@ -94,7 +96,15 @@ class DeployReport(Report):
         )
 
     def lines(self) -> list[str]:
-        return [self.figures(), *super().lines()]
+        outcomes = ", ".join(f"{k} {v}" for k, v in sorted(self.outcomes.items()))
+        return [
+            self.figures(),
+            *(f"  {event}" for event in self.events),
+            f"submits refused (503): {self.refused}; unanswered (retried): {self.unanswered}",
+            f"outcomes: {outcomes}; wrong results: {len(self.wrong)}",
+            f"still queued or running at the end: {len(self.active)}",
+            f"time to settle after the load: {self.settle_seconds:.2f} s",
+        ]
 
 
 def run(
@@ -146,7 +156,7 @@ def run(
         started = time.monotonic()
         base = [start()]
         submitted = _load(base, start, report, scenario, submits, clients, seconds, log)
-        _settle(base[0], submitted, report, lease=max(lease, 15.0))
+        _settle(base[0], submitted, report, lease=SETTLE / 2)
         report.duration = time.monotonic() - started
         report.runs.update(line.split()[0] for line in runs.read_text().splitlines())
         report.pids = dict(line.split() for line in runs.read_text().splitlines())
