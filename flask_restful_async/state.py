@@ -87,10 +87,10 @@ class AsyncState:
         self._location_prefixes: dict[tuple[str, str], str] = {}
 
     def close(self, timeout: float = 5.0) -> None:
-        """Stop what this app started in this process: its task threads (giving
-        running tasks ``timeout`` seconds), its lease, its long-poll listener; then
-        close the store. For tests and embedding; a server process does the same
-        at exit by itself."""
+        """Stop what this app started in this process: its task threads (handing
+        waiting tasks back to a shared store, giving running ones ``timeout``
+        seconds), its lease, its long-poll listener; then close the store. For
+        tests and embedding; a server process does the same at exit by itself."""
         self.executor.shutdown(timeout=timeout)
         if self.lease is not None:
             self.lease.release()
