@@ -36,7 +36,7 @@ import time
 import typing as t
 
 from . import outbox, waiting
-from .exceptions import RestfulAsyncError
+from .exceptions import RestfulAsyncError, Saturated
 from .lease import LeaseKeeper, worker_id
 from .snapshot import RequestSnapshot
 from .state import get_state
@@ -68,6 +68,8 @@ class Takeover:
         # Whether the last claim took all it asked for: more may be waiting.
         self.backlog = False
         self._last_look = -math.inf
+        # Claimed tasks there was no room for, to hand back (see claim).
+        self._surplus: list[str] = []
         waiting.watch(store, self.changed)
 
     def done(self) -> None:
@@ -88,19 +90,21 @@ class Takeover:
         keeper's thread, right after the lease is renewed: a process never holds
         a task under a lease that may have lapsed."""
         self._last_look = time.monotonic()
-        free = self.executor.reserve(MAX_CLAIM)
+        self._return_surplus()
+        free = self.executor.idle(MAX_CLAIM)
         if not free:
             return 0
-        try:
-            claimed = self.store.claim(worker_id(), free)
-        except BaseException:
-            for _ in range(free):
-                self.executor.release()
-            raise
-        for _ in range(free - len(claimed)):
-            self.executor.release()
+        claimed = self.store.claim(worker_id(), free)
         self.backlog = len(claimed) == free
+        taken = 0
         for task, data in claimed:
+            try:
+                self.executor.acquire()
+            except Saturated:
+                # This process's own submits took the room since the look: the
+                # task goes back to the store, for the next look or another process.
+                self._surplus.append(task.id)
+                continue
             try:
                 snapshot = RequestSnapshot.from_bytes(data)
             except ValueError:
@@ -112,9 +116,28 @@ class Takeover:
                 continue
             task.worker = worker_id()
             self.executor.submit(self.app, task, snapshot, None)
-        if claimed:
-            self.app.logger.info("Took over %d waiting tasks", len(claimed))
-        return len(claimed)
+            taken += 1
+        self._return_surplus()
+        if taken:
+            self.app.logger.info("Took over %d waiting tasks", taken)
+        return taken
+
+    def _return_surplus(self) -> None:
+        """Hand back the claimed tasks there was no room for. Kept for the next
+        look if the store does not take them: held under this process's live
+        lease, nobody else could take them."""
+        if not self._surplus:
+            return
+        try:
+            self.store.hand_back(worker_id(), self._surplus)
+        except RestfulAsyncError:
+            self.app.logger.warning(
+                "Could not hand %d claimed tasks back to the store",
+                len(self._surplus),
+                exc_info=True,
+            )
+            return
+        self._surplus = []
 
 
 def hand_back(app: Flask, jobs: t.Sequence[tuple[str, str | None, RequestSnapshot]]) -> None:

@@ -143,12 +143,54 @@ def test_a_submit_that_arrives_after_the_shutdown_is_handed_back(make_app: AppFa
     assert (stored.state, stored.worker) == (TaskState.QUEUED, None)
 
 
-def test_taking_over_uses_only_idle_workers() -> None:
-    executor = ThreadExecutor(max_workers=3, max_pending=10)
+def test_taking_over_uses_only_idle_workers_and_reserves_nothing() -> None:
+    executor = ThreadExecutor(max_workers=3, max_pending=1)
     executor.acquire()  # a task of its own
-    assert executor.reserve(64) == 2
-    assert executor.reserve(64) == 0  # every worker is promised
+    assert executor.idle(64) == 2
+    assert executor.idle(1) == 1
+    # Looking reserved nothing: the process's own submits still find their room.
+    executor.acquire()
+    executor.acquire()
+    assert executor.idle(64) == 0  # every worker is busy
+    executor.acquire()  # the waiting room is for its own submits
     executor.release()
-    assert executor.reserve(1) == 1
+    executor.release()
+    assert executor.idle(64) == 1
     executor.shutdown()
-    assert executor.reserve(64) == 0  # stopping: it takes nothing over
+    assert executor.idle(64) == 0  # stopping: it takes nothing over
+
+
+class Overstating(ThreadExecutor):
+    """Says every worker is idle: as if this process's own submits took the room
+    between a claim's look and its taking."""
+
+    def idle(self, limit: int) -> int:
+        return limit
+
+
+def test_claimed_tasks_without_room_go_back_to_the_store(make_app: AppFactory) -> None:
+    app, api = make_app(executor=Overstating(max_workers=1, max_pending=0))
+    api.add_resource(Echo, "/echo")
+    state = get_state(app)
+    assert state.takeover is not None
+    with app.test_request_context("/echo", method="POST", json=1):
+        snapshot = RequestSnapshot.capture(b"1", "post", (), {})
+    orphans = [Task(new_task_id(), worker="gone:1:0") for _ in range(3)]
+    for task in orphans:
+        state.store.create(task, snapshot.to_bytes())
+    state.store.hand_back("gone:1:0", [task.id for task in orphans])
+
+    assert state.takeover.claim() == 1  # room for one: the others go back
+    found = [state.store.get(task.id) for task in orphans]
+    waiting = [task for task in found if task is not None and task.state is TaskState.QUEUED]
+    assert len(waiting) >= 2
+    assert all(task.worker is None for task in waiting[-2:])
+    # Handed back, not held by this live process: the next looks take them.
+    deadline = time.monotonic() + 10
+    while not all((state.store.get(task.id) or task).state.finished for task in orphans):
+        assert time.monotonic() < deadline, "the handed-back tasks were not taken again"
+        state.takeover.claim()
+        time.sleep(0.01)
+    assert {t.state for t in map(state.store.get, [task.id for task in orphans]) if t} == {
+        TaskState.SUCCEEDED
+    }

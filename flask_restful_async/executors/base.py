@@ -44,10 +44,11 @@ class Executor(abc.ABC):
     def release(self) -> None:
         """Give back a reservation that will not be submitted."""
 
-    def reserve(self, limit: int) -> int:
-        """Reserve room for up to ``limit`` tasks that this process takes over from
-        others (a local executor); return how many. None by default: the
-        executor takes over no task."""
+    def idle(self, limit: int) -> int:
+        """How many of ``limit`` tasks taken over from other processes this
+        executor could start at once (a local executor). Reserves nothing: the
+        taker claims that many, then takes room for each with :meth:`acquire`. None by
+        default: the executor takes over no task."""
         return 0
 
     @abc.abstractmethod

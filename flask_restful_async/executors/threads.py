@@ -92,19 +92,15 @@ class ThreadExecutor(Executor):
             self._taken -= 1
         self._slots.release()
 
-    def reserve(self, limit: int) -> int:
-        """Reserve room for up to ``limit`` tasks taken over from other processes,
-        but only in idle workers: the waiting room (``max_pending``) stays for
-        this process's own submits, and a backlog spreads over the processes."""
+    def idle(self, limit: int) -> int:
+        """Idle workers, at most ``limit``: room for tasks taken over from other
+        processes. The waiting room (``max_pending``) stays for this process's own
+        submits, and a backlog spreads over the processes. Nothing is reserved, so
+        a submit is never refused because a claim is under way."""
         with self._lock:
             if self._closed:
                 return 0
-            wanted = min(limit, self.max_workers - self._taken)
-            reserved = 0
-            while reserved < wanted and self._slots.acquire(blocking=False):
-                reserved += 1
-            self._taken += reserved
-            return reserved
+            return max(0, min(limit, self.max_workers - self._taken))
 
     def submit(
         self,
