@@ -179,6 +179,9 @@ def test_claimed_tasks_without_room_go_back_to_the_store(make_app: AppFactory) -
     for task in orphans:
         state.store.create(task, snapshot.to_bytes())
     state.store.hand_back("gone:1:0", [task.id for task in orphans])
+    # Claims are made under a live lease, as the lease keeper makes them (its
+    # thread is not started here: this test makes the claims itself).
+    state.store.renew_lease(worker_id())
 
     assert state.takeover.claim() == 1  # room for one: the others go back
     found = [state.store.get(task.id) for task in orphans]
