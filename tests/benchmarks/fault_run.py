@@ -39,7 +39,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.servers import http, serve
+from tests.servers import http as send
+from tests.servers import serve
 from tests.services import RestartableRedis, free_port
 
 
@@ -165,7 +166,7 @@ def _load(
                 kind, path, body = "echo", "/jobs/echo", json.dumps(payload).encode()
                 expected = {"echo": payload}
             try:
-                status, headers, _ = http(
+                status, headers, _ = send(
                     "POST", base + path, body=body,
                     headers={"Content-Type": "application/json"}, timeout=10,
                 )  # fmt: skip
@@ -194,7 +195,7 @@ def _load(
         redis.start()
         note(f"Redis store started again after {outage:g} s, its data loaded")
         time.sleep(max(0.0, duration * 0.6 - (time.monotonic() - started)))
-        _, _, body = http("GET", base + "/pid")
+        _, _, body = send("GET", base + "/pid")
         pid = json.loads(body)["pid"]
         os.kill(pid, signal.SIGKILL)
         note(f"gunicorn worker {pid} SIGKILLed")
@@ -216,7 +217,7 @@ def _settle(base: str, submitted: list[Submitted], report: Report, lease: float)
         for task in active:
             url = urllib.parse.urljoin(base + "/", task.location)
             try:
-                status, _, body = http("GET", url, timeout=10)
+                status, _, body = send("GET", url, timeout=10)
             except (OSError, http.client.HTTPException):
                 still.append(task)
                 continue
