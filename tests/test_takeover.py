@@ -204,10 +204,13 @@ def test_a_task_no_process_takes_reads_lost_after_the_queued_ttl(
         store.close()
 
 
-def test_a_long_poll_hears_of_tasks_handed_back_before_the_next_renewal(tmp_path: Path) -> None:
-    # SQLite: another process's write is heard by the long-poll's listener.
+def test_a_long_poll_hears_of_tasks_handed_back_before_the_next_renewal(
+    tmp_path: Path, config: dict[str, t.Any]
+) -> None:
+    # Another process's hand-back is heard by the long-poll's listener (SQLite: the
+    # file changed; Redis: the hand-back publishes).
     config = {
-        "RESTFUL_ASYNC_STORE": f"sqlite:///{tmp_path / 'tasks.db'}",
+        **config,
         "RESTFUL_ASYNC_LEASE": 30,  # renewals 10 s apart: too late for this test
         "RESTFUL_ASYNC_MAX_WORKERS": 2,
     }

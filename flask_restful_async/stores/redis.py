@@ -508,7 +508,7 @@ return out
 _HAND_BACK = """
 local prefix, worker = ARGV[1], ARGV[2]
 local unheld = prefix .. 'unheld'
-local count = 0
+local count, last = 0, nil
 for i = 3, #ARGV do
   local id = ARGV[i]
   local key = prefix .. 'task:' .. id
@@ -520,7 +520,12 @@ for i = 3, #ARGV do
       redis.call('ZADD', unheld, found[3], id)
     end
     count = count + 1
+    last = id
   end
+end
+if last then
+  -- News for the listeners of other processes: tasks wait to be taken over.
+  redis.pcall('PUBLISH', prefix .. 'finished', last)
 end
 return count
 """
