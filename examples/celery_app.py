@@ -33,13 +33,14 @@ import os
 import time
 import typing as t
 
+from celery import Celery
 from celery.signals import after_setup_logger
 from flask import Flask
 from flask.logging import default_handler
 from flask_restful import Api
 
 from flask_restful_async import AsyncResource, current_task, register_async
-from flask_restful_async.celery import CeleryExecutor, make_celery
+from flask_restful_async.celery import CeleryExecutor
 from flask_restful_async.stores.redis import RedisStore
 
 #: How long the "intensive processing" takes (seconds), in STEPS steps.
@@ -61,8 +62,10 @@ if PREFIX:
 
 flask_app = Flask(__name__)
 flask_app.logger.setLevel(logging.INFO)
-flask_app.config.update(CELERY_BROKER_URL=REDIS_URL, CELERY_CONFIG=celery_config)
-celery = make_celery(flask_app)  # what `celery -A examples.celery_app:celery` runs
+# A plain Celery app, as Flask's own docs make one: register_async binds it to
+# flask_app through the executor. This is what `celery -A examples.celery_app:celery` runs.
+celery = Celery(__name__, broker=REDIS_URL)
+celery.conf.update(broker_connection_retry_on_startup=True, **celery_config)
 
 
 @after_setup_logger.connect
