@@ -223,8 +223,13 @@ class RequestSnapshot:
             raise ValueError(f"malformed request snapshot: {e!r}") from None
 
 
+# One encoder for every snapshot: json.dumps with arguments of its own would build
+# a new one per call, a third of the cost of a small header.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
 def _dumps(data: dict[str, t.Any]) -> str:
-    return json.dumps(data, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    return _ENCODER.encode(data)
 
 
 def _is_json(value: t.Any) -> bool:

@@ -24,5 +24,5 @@ def test_every_accepted_task_runs_once_through_a_deploy(scenario: str, store: st
     assert report.wrong == [], report.lines()
     assert report.active == [], report.lines()
     assert len(report.lost) <= report.allowed_lost, report.lines()
-    assert all(report.pids[task_id] == report.killed for task_id in report.lost), report.lines()
+    assert report.lost_in_killed_worker, report.lines()
     assert report.outcomes["succeeded"] + len(report.lost) == report.accepted, report.lines()

@@ -507,7 +507,8 @@ def stored_snapshots(store: TaskStore) -> int:
         return len(store._snapshots)
     if isinstance(store, SQLiteStore):
         with contextlib.closing(sqlite3.connect(store.path)) as conn:
-            return int(conn.execute("SELECT count(*) FROM snapshots").fetchone()[0])
+            query = "SELECT count(*) FROM tasks WHERE snapshot IS NOT NULL"
+            return int(conn.execute(query).fetchone()[0])
     import redis
 
     with redis.Redis.from_url(CONTRACT_REDIS_URL) as client:
@@ -686,8 +687,10 @@ def test_two_processes_claim_each_orphaned_task_exactly_once(
     """1,000 tasks of a worker that died; two processes (tests/apps/claimer.py)
     claim at the same moment, in small batches, until nothing is left."""
     store = shared_store
-    # Their worker's lease (which Redis's create takes up) lapses before the claims.
+    # Their worker held a lease, as a submitting process does; it lapses before
+    # the claims.
     store.configure(result_ttl=3600, tombstone_ttl=3600, lease=1.0)
+    store.renew_lease("gone")
     orphans = {store.create(new_task(worker="gone"), SNAPSHOT).id for _ in range(1000)}
     if isinstance(store, SQLiteStore):
         url, prefix = f"sqlite:///{store.path}", ""

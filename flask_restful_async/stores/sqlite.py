@@ -26,6 +26,7 @@ import weakref
 from ..exceptions import StoreUnavailable
 from ..task import Progress, StoredResponse, Task, TaskState
 from .base import ChangeCallback, Claimed, StopSignal, TaskStore
+from .spool import SnapshotSpool
 
 #: Records changed per statement when reclaiming space, so that no purge holds the
 #: write lock for long.
@@ -48,16 +49,16 @@ FILE_CHECK_INTERVAL = 1.0
 LISTEN_INTERVAL = 0.02
 
 #: The layout of the file, kept in ``PRAGMA user_version``.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # Tasks are small rows in a WITHOUT ROWID table (the id is the b-tree's key, so a
 # submit writes two pages: the table's and the owner index's). Responses, which
 # can be large, live in a table of their own, found by their rowid (``result``):
-# one more b-tree step for a poll, no index to keep. Request snapshots (the queue
-# of record, for another process to take a task over) live the same way, found by
-# ``snapshot``; the partial index lists the tasks that have one, oldest first, for
-# claim(). Triggers drop a snapshot when its task lets go of it or is deleted, so
-# that no path (start, finish, cancel, lost, delete) can leave one behind.
+# one more b-tree step for a poll, no index to keep. A task's request snapshot
+# (the queue of record, for another process to take the task over) lies in a
+# spool file beside the database (see .spool); ``snapshot`` says where, until the
+# task starts. Only tasks that no process holds (handed back, or freed from a
+# lapsed lease) are in the claim index, so a submit adds nothing to it.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
     id TEXT PRIMARY KEY,
@@ -74,7 +75,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     expired INTEGER NOT NULL DEFAULT 0,
     result INTEGER,
     rerun INTEGER NOT NULL DEFAULT 0,
-    snapshot INTEGER
+    snapshot TEXT
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS tasks_by_owner ON tasks (owner, created_at);
 CREATE INDEX IF NOT EXISTS tasks_by_finish ON tasks (finished_at) WHERE finished_at IS NOT NULL;
@@ -86,22 +87,8 @@ CREATE TABLE IF NOT EXISTS results (
     headers TEXT NOT NULL,
     body BLOB NOT NULL
 );
-CREATE INDEX IF NOT EXISTS tasks_claimable ON tasks (created_at, id)
-    WHERE snapshot IS NOT NULL;
-CREATE TABLE IF NOT EXISTS snapshots (
-    id INTEGER PRIMARY KEY,
-    data BLOB NOT NULL
-);
-CREATE TRIGGER IF NOT EXISTS snapshot_dropped AFTER UPDATE OF snapshot ON tasks
-    WHEN old.snapshot IS NOT NULL AND new.snapshot IS NOT old.snapshot
-BEGIN
-    DELETE FROM snapshots WHERE id = old.snapshot;
-END;
-CREATE TRIGGER IF NOT EXISTS snapshot_forgotten AFTER DELETE ON tasks
-    WHEN old.snapshot IS NOT NULL
-BEGIN
-    DELETE FROM snapshots WHERE id = old.snapshot;
-END;
+CREATE INDEX IF NOT EXISTS tasks_unheld ON tasks (created_at, id)
+    WHERE worker IS NULL AND snapshot IS NOT NULL;
 CREATE TABLE IF NOT EXISTS blobs (
     key TEXT PRIMARY KEY,
     data BLOB NOT NULL,
@@ -177,12 +164,17 @@ _READS_AS: dict[TaskState, tuple[str, tuple[str, ...]]] = {
         ("now",),
     ),
 }
-# The tasks claim() may take, oldest first (bind: now - queued_ttl, now, limit).
+# The tasks claim() may take, oldest first (bind: now - queued_ttl, limit): those
+# no process holds (see _free_lapsed), through the partial index tasks_unheld.
 _CLAIMABLE = (
-    "SELECT t.id FROM tasks AS t"
-    " WHERE t.snapshot IS NOT NULL AND t.state = 'queued' AND t.cancel_requested = 0"
-    f" AND t.created_at >= ? AND (t.worker IS NULL OR {_LAPSED})"
-    " ORDER BY t.created_at, t.id LIMIT ?"
+    "SELECT id FROM tasks WHERE worker IS NULL AND snapshot IS NOT NULL"
+    " AND state = 'queued' AND cancel_requested = 0 AND created_at >= ?"
+    " ORDER BY created_at, id LIMIT ?"
+)
+# Frees the queued tasks of a worker that is gone, for claim() (bind: worker).
+# A scan of the table, but once per worker that dies or leaves.
+_FREE = (
+    "UPDATE tasks SET worker = NULL WHERE worker = ? AND state = 'queued' AND snapshot IS NOT NULL"
 )
 
 
@@ -217,6 +209,7 @@ class SQLiteStore(TaskStore):
         self._identity: tuple[int, int] | None = None
         self._check_at = 0.0
         self._replaced = False
+        self._spool = SnapshotSpool(self.path + "-snapshots")
         _stores.add(self)
 
     # -- connections -------------------------------------------------------------
@@ -342,6 +335,7 @@ class SQLiteStore(TaskStore):
         self._inherited += self._connections
         self._connections = []
         self._local = threading.local()
+        self._spool.after_fork()
 
     def close(self) -> None:
         with self._lock:
@@ -349,6 +343,7 @@ class SQLiteStore(TaskStore):
         for conn in connections:
             conn.close()
         self._local = threading.local()
+        self._spool.close()
 
     # -- reading -------------------------------------------------------------------
 
@@ -451,15 +446,12 @@ class SQLiteStore(TaskStore):
         if now >= self._next_purge:
             self._next_purge = now + PURGE_INTERVAL
             self.purge_expired(now)
-        if task.idempotency_key is None and snapshot is None:
+        if task.idempotency_key is None:
             # One statement, committed on its own: the common case stays one write.
             with self._writing() as conn:
-                self._insert(conn, task, None)
+                self._insert(conn, task, snapshot)
             return task
         with self._transaction() as conn:
-            if task.idempotency_key is None:
-                self._insert(conn, task, snapshot)
-                return task
             row = conn.execute(
                 f"{_SELECT} WHERE coalesce(t.owner, '') = coalesce(?, '')"
                 " AND t.idempotency_key = ?",
@@ -473,14 +465,10 @@ class SQLiteStore(TaskStore):
             self._insert(conn, task, snapshot)
         return task
 
-    @staticmethod
-    def _insert(conn: sqlite3.Connection, task: Task, snapshot: bytes | None) -> None:
-        """Insert ``task`` and its snapshot (inside a transaction, if there is one)."""
-        reference = None
-        if snapshot is not None:
-            reference = conn.execute(
-                "INSERT INTO snapshots (data) VALUES (?)", (snapshot,)
-            ).lastrowid
+    def _insert(self, conn: sqlite3.Connection, task: Task, snapshot: bytes | None) -> None:
+        """Insert ``task``, its snapshot appended to the spool first (under the
+        write lock, inside the transaction if there is one)."""
+        reference = None if snapshot is None else self._spool.append(task.worker, snapshot)
         conn.execute(
             _INSERT,
             (
@@ -514,25 +502,38 @@ class SQLiteStore(TaskStore):
         if limit < 1:
             raise ValueError(f"claim limit must be 1 or more, not {limit}")
         now = time.time()
-        bound = (now - self.queued_ttl, now)
+        stale = now - self.queued_ttl
         # Most claims find nothing: a read says so without taking the write lock
         # from the submits.
         with self._reading() as conn:
-            if not conn.execute(f"SELECT EXISTS ({_CLAIMABLE})", (*bound, 1)).fetchone()[0]:
-                return []
+            found = conn.execute(
+                "SELECT EXISTS (SELECT 1 FROM leases WHERE expires_at < ?)"
+                f" OR EXISTS ({_CLAIMABLE})",
+                (now, stale, 1),
+            ).fetchone()[0]
+        if not found:
+            return []
         with self._transaction() as conn:
+            self._free_lapsed(conn, now)
             # One statement picks and takes: no other writer can come in between.
             rows = conn.execute(
                 f"UPDATE tasks SET worker = ? WHERE id IN ({_CLAIMABLE}) {_RETURNING}, snapshot",
-                (worker, *bound, limit),
+                (worker, stale, limit),
             ).fetchall()
-            snapshot = "SELECT data FROM snapshots WHERE id = ?"
-            claimed = [
-                Claimed(self._task(row), conn.execute(snapshot, (row[16],)).fetchone()[0])
-                for row in rows
-            ]
-        claimed.sort(key=lambda each: (each.task.created_at, each.task.id))
-        return claimed
+        rows.sort(key=lambda row: (row[2], row[0]))  # RETURNING keeps no order
+        # A snapshot that cannot be read (its file removed by hand) comes back
+        # empty: the taker ends its task lost, as for any snapshot it cannot decode.
+        return [Claimed(self._task(row), self._spool.read(row[16]) or b"") for row in rows]
+
+    @staticmethod
+    def _free_lapsed(conn: sqlite3.Connection, now: float) -> None:
+        """Free the queued tasks of every worker whose lease has lapsed, for any
+        process to claim, and forget the lease: a worker without one has lapsed
+        all the same (its running tasks read lost)."""
+        lapsed = conn.execute("SELECT worker FROM leases WHERE expires_at < ?", (now,)).fetchall()
+        for (gone,) in lapsed:
+            conn.execute(_FREE, (gone,))
+            conn.execute("DELETE FROM leases WHERE worker = ?", (gone,))
 
     def hand_back(self, worker: str, task_ids: t.Sequence[str]) -> int:
         if not task_ids:
@@ -643,8 +644,10 @@ class SQLiteStore(TaskStore):
             )
 
     def release_lease(self, worker: str) -> None:
-        # A worker without a lease has lapsed: its active tasks read as lost now.
-        with self._writing() as conn:
+        # A worker without a lease has lapsed: its running tasks read as lost now,
+        # and its queued ones (if any were not handed back) are free to claim.
+        with self._transaction() as conn:
+            conn.execute(_FREE, (worker,))
             conn.execute("DELETE FROM leases WHERE worker = ?", (worker,))
 
     # -- opaque blobs ------------------------------------------------------------
@@ -695,7 +698,7 @@ class SQLiteStore(TaskStore):
                 (now, PURGE_BATCH),
             )
             # A lapsed lease and a missing one mean the same: the worker is gone.
-            conn.execute("DELETE FROM leases WHERE expires_at < ?", (now - self.lease,))
+            self._free_lapsed(conn, now - self.lease)
         return changed
 
     def maintain(self) -> None:
@@ -709,14 +712,32 @@ class SQLiteStore(TaskStore):
         there. This one waits up to ``CHECKPOINT_WAIT`` seconds for the readers
         of the moment (each a single statement) and writers to let it truncate
         the log; if they do not, the next call tries again.
+
+        Also removes the snapshot spool's segments that no task needs any longer.
         """
         self.purge_expired()
+        now = time.time()
+        with self._reading() as conn:
+            live = conn.execute("SELECT worker FROM leases WHERE expires_at >= ?", (now,))
+            workers = [row[0] for row in live.fetchall()]
+        self._spool.collect(self._referenced_segments, workers)
         with self._writing() as conn:
             conn.execute(f"PRAGMA busy_timeout = {int(CHECKPOINT_WAIT * 1000)}")
             try:
                 conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
             finally:
                 conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
+
+    def _referenced_segments(self) -> set[str]:
+        """The spool segments that task rows point into, but for tasks that waited
+        too long to be claimed (they read lost)."""
+        with self._reading() as conn:
+            rows = conn.execute(
+                "SELECT DISTINCT substr(snapshot, 1, instr(snapshot, ':') - 1) FROM tasks"
+                " WHERE snapshot IS NOT NULL AND NOT (state = 'queued' AND created_at < ?)",
+                (time.time() - self.queued_ttl,),
+            ).fetchall()
+        return {row[0] for row in rows}
 
     # -- change notifications --------------------------------------------------------
 

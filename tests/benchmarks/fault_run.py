@@ -51,6 +51,8 @@ class Submitted:
     expected: t.Any
     outcome: str | None = None
     settled_at: float | None = None
+    # For a lost task: whether it had started (it was running, not waiting).
+    started: bool = False
 
 
 @dataclasses.dataclass
@@ -97,6 +99,7 @@ def classify(status: int, body: bytes, task: Submitted) -> str | None:
     if status == 409:
         return "cancelled"
     if isinstance(document, dict) and document.get("state") == "lost":
+        task.started = document.get("started_at") is not None
         return "lost"
     return "failed"
 
