@@ -30,15 +30,38 @@ def dump_json(data: t.Any, code: int, headers: t.Any = None) -> Response:
     (``RESTFUL_JSON`` settings, indent in debug mode, trailing newline, key order)
     and adds what Flask's JSON provider knows how to encode.
     """
+    response: Response = current_app.response_class(_json_text(data), code)
+    if headers:
+        response.headers.extend(headers)
+    return response
+
+
+def _json_text(data: t.Any) -> str:
     app = current_app
     settings = dict(app.config.get("RESTFUL_JSON") or ())
     if app.debug:
         settings.setdefault("indent", 4)
     settings.setdefault("sort_keys", False)
-    response: Response = app.response_class(app.json.dumps(data, **settings) + "\n", code)
-    if headers:
-        response.headers.extend(headers)
-    return response
+    return app.json.dumps(data, **settings) + "\n"
+
+
+def render_stored(api: Api, resource: Resource, rv: t.Any, max_size: int) -> StoredResponse:
+    """What :func:`render_result` then :func:`store_response` give, without making a
+    ``Response`` in the common case: data rendered by the default JSON
+    representation, with no headers of the handler's."""
+    if not isinstance(rv, ResponseBase) and not resource.representations:
+        data, code, headers = unpack(rv)
+        if (
+            not headers
+            and type(code) is int
+            and _api_mediatype(api) == JSON
+            and api.representations.get(JSON) is output_json
+        ):
+            body = _json_text(data).encode()
+            if len(body) > max_size:
+                raise ResultTooLarge(max_size)
+            return StoredResponse(code, list(_JSON_HEADERS), body)
+    return store_response(render_result(api, resource, rv), max_size)
 
 
 def render_result(api: Api, resource: Resource, rv: t.Any) -> ResponseBase:
@@ -58,12 +81,7 @@ def render_result(api: Api, resource: Resource, rv: t.Any) -> ResponseBase:
             response = _represent(representations[mediatype], data, code, headers)
             response.headers["Content-Type"] = mediatype
             return response
-    if api.default_mediatype is None:
-        mediatype = request.accept_mimetypes.best_match(api.representations)
-    else:
-        mediatype = request.accept_mimetypes.best_match(
-            api.representations, default=api.default_mediatype
-        )
+    mediatype = _api_mediatype(api)
     if mediatype is None:
         raise NotAcceptable()
     if mediatype in api.representations:
@@ -71,6 +89,14 @@ def render_result(api: Api, resource: Resource, rv: t.Any) -> ResponseBase:
         response.headers["Content-Type"] = mediatype
         return response
     return api.make_response(data, code, headers)
+
+
+def _api_mediatype(api: Api) -> str | None:
+    """The API's representation that the request accepts best (flask-restful's
+    choice in ``Api.make_response``)."""
+    if api.default_mediatype is None:
+        return request.accept_mimetypes.best_match(api.representations)
+    return request.accept_mimetypes.best_match(api.representations, default=api.default_mediatype)
 
 
 def _represent(
@@ -135,6 +161,9 @@ def served_headers(headers: t.Iterable[tuple[str, str]]) -> list[tuple[str, str]
     kept.append(("Vary", ", ".join([*vary, "Prefer"])))
     return kept
 
+
+#: The headers of a JSON result with none of the handler's, as served.
+_JSON_HEADERS = tuple(served_headers([("Content-Type", JSON)]))
 
 #: What the URLs of a task whose result was larger than ``RESTFUL_ASYNC_MAX_RESULT``
 #: answer: the task failed, and the message says why.

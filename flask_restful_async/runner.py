@@ -14,7 +14,7 @@ from .context import TaskHandle, _cv_task
 from .exceptions import ResultTooLarge, TaskCancelled
 from .lease import worker_id
 from .resource import Replay, _cv_replay
-from .responses import RESULT_TOO_LARGE, render_result, served_headers, store_response
+from .responses import RESULT_TOO_LARGE, render_stored, served_headers, store_response
 from .state import get_state
 from .task import StoredResponse, TaskState
 
@@ -83,9 +83,7 @@ def _run_in_request(
         state = get_state(app)
         try:
             rv, resource = _call_handler(snapshot, resource)
-            return TaskState.SUCCEEDED, store_response(
-                render_result(state.api, resource, rv), state.max_result
-            )
+            return TaskState.SUCCEEDED, render_stored(state.api, resource, rv, state.max_result)
         except TaskCancelled:
             return TaskState.CANCELLED, None
         except ResultTooLarge as e:

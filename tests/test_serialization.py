@@ -7,9 +7,13 @@ import typing as t
 import uuid
 from datetime import UTC, datetime
 
+import pytest
 from flask import make_response
+from werkzeug.exceptions import HTTPException
 
 from flask_restful_async import AsyncResource, TaskState
+from flask_restful_async.exceptions import ResultTooLarge
+from flask_restful_async.responses import render_result, render_stored, store_response
 from flask_restful_async.state import get_state
 
 from .conftest import AppFactory, wait_done
@@ -107,3 +111,57 @@ def test_a_response_object_is_stored_as_is(make_app: AppFactory) -> None:
     assert final.data == b"\x00\x01binary"
     assert final.headers["Content-Type"] == "application/octet-stream"
     assert "seen=1" in final.headers["Set-Cookie"]
+
+
+class Plain(AsyncResource):
+    def get(self) -> t.Any:
+        return {}
+
+
+class Represented(AsyncResource):
+    representations = {"text/csv": lambda data, code, headers: make_response("a,b\n", code)}
+
+    def get(self) -> t.Any:
+        return {}
+
+
+@pytest.mark.parametrize(
+    "rv",
+    [
+        {"b": 1, "a": [1, 2.5, None, "é"]},
+        [1, 2],
+        "text",
+        None,
+        ({"created": True}, 201),
+        ({"created": True}, 201, {"X-A": "b", "Content-Type": "text/plain"}),
+        ({"x": 1}, 200, [("Set-Cookie", "a=1"), ("Set-Cookie", "b=2"), ("Vary", "Accept")]),
+        ({"x": 1}, "202"),
+        (1, 2, 3, 4),
+    ],
+)
+@pytest.mark.parametrize("debug", [False, True])
+@pytest.mark.parametrize("accept", [None, "application/json", "text/html", "text/csv"])
+@pytest.mark.parametrize("resource", [Plain, Represented])
+def test_the_short_way_to_a_stored_result_gives_what_the_long_way_gives(
+    make_app: AppFactory,
+    rv: t.Any,
+    debug: bool,
+    accept: str | None,
+    resource: type[AsyncResource],
+) -> None:
+    """The worker skips the Response object for plain JSON results: whatever the
+    handler returns, the stored response is the one flask-restful's path gives."""
+    app, api = make_app()
+    app.debug = debug
+    app.config["RESTFUL_JSON"] = {"separators": (",", ":")} if debug else {}
+    headers = {} if accept is None else {"Accept": accept}
+    with app.test_request_context("/x", headers=headers):
+        try:
+            long = store_response(render_result(api, resource(), rv), 1 << 20)
+        except HTTPException as e:
+            with pytest.raises(type(e)):
+                render_stored(api, resource(), rv, 1 << 20)
+            return
+        assert render_stored(api, resource(), rv, 1 << 20) == long
+        with pytest.raises(ResultTooLarge):
+            render_stored(api, resource(), rv, len(long.body) - 1)

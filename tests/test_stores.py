@@ -144,6 +144,30 @@ def test_finish_records_the_response_and_is_final(store: TaskStore) -> None:
     assert again.state is TaskState.SUCCEEDED
 
 
+@pytest.mark.parametrize("size", [0, 400, 600, 70_000])
+def test_responses_of_every_size_come_back_as_stored_until_they_expire(
+    store: TaskStore, size: int
+) -> None:
+    """Small and large responses alike (SQLite keeps the small ones in the task
+    row, the others in a table of their own): read back whole, by owner too, and
+    gone with the result's retention."""
+    response = StoredResponse(200, [("Content-Type", "application/octet-stream")], b"r" * size)
+    task = store.create(new_task(owner="o"))
+    store.start(task.id, "w")
+    store.finish(task.id, TaskState.SUCCEEDED, response)
+    assert (store.get(task.id) or new_task()).response == response
+    assert (store.get_owned(task.id, "o") or new_task()).response == response
+    assert store.get_owned(task.id, "another") is None
+    store.configure(result_ttl=0.05, tombstone_ttl=3600, lease=30)
+    time.sleep(0.1)
+    store.purge_expired()
+    expired = store.get(task.id)
+    assert expired is not None
+    assert (expired.expired, expired.response) == (True, None)
+    store.delete(task.id)
+    assert store.get(task.id) is None
+
+
 def test_cancel_of_a_queued_task_is_immediate_and_start_then_refuses(store: TaskStore) -> None:
     task = store.create(new_task())
     cancelled = store.request_cancel(task.id)

@@ -48,13 +48,20 @@ FILE_CHECK_INTERVAL = 1.0
 #: Seconds between two looks at the database's change counter by :meth:`SQLiteStore.listen`.
 LISTEN_INTERVAL = 0.02
 
+#: Bytes of a response (body and encoded headers) up to which it is kept in its task
+#: row: a finish is one statement, and a poll reads one row. (Rows of a WITHOUT ROWID
+#: table spill to overflow pages past about 1,000 bytes.) Larger ones go to the
+#: results table.
+INLINE_RESPONSE = 512
+
 #: The layout of the file, kept in ``PRAGMA user_version``.
 SCHEMA_VERSION = 4
 
 # Tasks are small rows in a WITHOUT ROWID table (the id is the b-tree's key, so a
-# submit writes two pages: the table's and the owner index's). Responses, which
-# can be large, live in a table of their own, found by their rowid (``result``):
-# one more b-tree step for a poll, no index to keep. A task's request snapshot
+# submit writes two pages: the table's and the owner index's). A small response
+# (status, headers, body) is kept in its task's row; larger ones live in a table of
+# their own, found by their rowid (``result``): one more b-tree step for a poll, no
+# index to keep. A task's request snapshot
 # (the queue of record, for another process to take the task over) lies in a
 # spool file beside the database (see .spool); ``snapshot`` says where, until the
 # task starts. Only tasks that no process holds (handed back, or freed from a
@@ -74,6 +81,9 @@ CREATE TABLE IF NOT EXISTS tasks (
     worker TEXT,
     expired INTEGER NOT NULL DEFAULT 0,
     result INTEGER,
+    status INTEGER,
+    headers TEXT,
+    body BLOB,
     rerun INTEGER NOT NULL DEFAULT 0,
     snapshot TEXT
 ) WITHOUT ROWID;
@@ -112,8 +122,9 @@ _RETURNING = f"RETURNING {_COLUMNS}, NULL, NULL, NULL, expired, rerun"
 # has finished.
 _SELECT = (
     "SELECT t.id, t.state, t.created_at, t.started_at, t.finished_at, t.progress, t.owner,"
-    " t.idempotency_key, t.fingerprint, t.cancel_requested, t.worker, r.status,"
-    " r.headers, r.body, t.expired, t.rerun,"
+    " t.idempotency_key, t.fingerprint, t.cancel_requested, t.worker,"
+    " coalesce(t.status, r.status), coalesce(t.headers, r.headers), coalesce(t.body, r.body),"
+    " t.expired, t.rerun,"
     " CASE WHEN t.state IN ('queued', 'running')"
     " THEN (SELECT l.expires_at FROM leases AS l WHERE l.worker = t.worker) END,"
     " t.snapshot"
@@ -563,12 +574,29 @@ class SQLiteStore(TaskStore):
     def finish(
         self, task_id: str, state: TaskState, response: StoredResponse | None = None
     ) -> None:
+        headers = None if response is None else _encode_headers(response.headers)
+        if response is None or len(response.body) + len(headers or "") <= INLINE_RESPONSE:
+            # One statement: the response (if any) in the task row itself.
+            with self._writing() as conn:
+                conn.execute(
+                    "UPDATE tasks SET state = ?, finished_at = ?, status = ?, headers = ?,"
+                    f" body = ?, snapshot = NULL WHERE id = ? AND state IN {_ACTIVE}",
+                    (
+                        state.value,
+                        time.time(),
+                        None if response is None else response.status,
+                        headers,
+                        None if response is None else response.body,
+                        task_id,
+                    ),
+                )
+            return
         with self._transaction() as conn:
             result = None
             if response is not None:
                 result = conn.execute(
                     "INSERT INTO results (status, headers, body) VALUES (?, ?, ?)",
-                    (response.status, _encode_headers(response.headers), response.body),
+                    (response.status, headers, response.body),
                 ).lastrowid
             changed = conn.execute(
                 "UPDATE tasks SET state = ?, finished_at = ?, result = ?, snapshot = NULL"
@@ -687,7 +715,7 @@ class SQLiteStore(TaskStore):
             ).fetchall()
             conn.executemany(
                 "UPDATE tasks SET expired = 1, progress = NULL, idempotency_key = NULL,"
-                " result = NULL WHERE id = ?",
+                " result = NULL, status = NULL, headers = NULL, body = NULL WHERE id = ?",
                 [(row[1],) for row in expired],
             )
             _drop_results(conn, [*gone, *expired])
