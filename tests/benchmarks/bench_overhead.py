@@ -8,20 +8,18 @@ seconds here) hits both alike:
 - ``submit``: the same handler on an ``AsyncResource``, until the 202. This is
   what the request thread spends: the tasks wait at a gate while it is timed, so
   that their work (which a real deployment runs on other threads, cores or
-  machines) does not land on this figure;
+  machines) does not land on this figure; they run (untimed) after each pair of
+  blocks, so that every block starts from the same empty queue;
 - ``submit, work alongside``: the same, with the tasks running in this process
   at the same time and sharing its GIL;
-- ``submit+run``: a submit round until its last task has finished: the whole
+- ``submit+run``: a block of submits until its last task has finished: the whole
   cost of the work, not what the client waits for;
 - ``plain GET``: a plain ``Resource`` returning the finished task's result;
 - ``poll``: ``GET`` on the status URL of that finished task.
 
-While submits are timed, held tasks pile up in the process (and its heap grows):
-the plain POSTs of the same round are timed under the same conditions.
-
 ``--body-size N`` pads the JSON body to N bytes (a ``note`` string beside the
-order; default: the order alone, about 300 bytes), to see what the size of a
-request costs a submit, which copies and stores it.
+order; default: the order alone, about 300 bytes; 0: ``{"x": 1}``), to see what
+the size of a request costs a submit, which copies and stores it.
 
 Run with ``make bench``. Prints the median time per request over blocks, and the
 ratios the README quotes: for each operation, the median over all pairs of
@@ -50,6 +48,8 @@ from flask_restful_async.state import get_state
 from flask_restful_async.stores import TaskStore
 
 ORDER = {"customer": 42, "items": [{"sku": f"sku-{i}", "qty": i} for i in range(10)]}
+#: The small body (``--body-size 0``).
+SMALL = {"x": 1}
 RESULT = {"accepted": 10, "customer": 42, "total": 45}
 
 #: Requests per block: each ratio compares two blocks timed one right after the other.
@@ -63,10 +63,11 @@ GATE.set()
 
 def summarize() -> dict[str, int]:
     order = request.get_json()
+    items = order.get("items", [])
     return {
-        "accepted": len(order["items"]),
-        "customer": order["customer"],
-        "total": sum(item["qty"] for item in order["items"]),
+        "accepted": len(items),
+        "customer": order.get("customer"),
+        "total": sum(item["qty"] for item in items),
     }
 
 
@@ -121,7 +122,9 @@ def timed(operation: t.Callable[[], t.Any], requests: int) -> float:
     return (time.perf_counter() - start) / requests
 
 
-def run(url: str, rounds: int, requests: int, block: int = BLOCK, body_size: int = 0) -> Figures:
+def run(
+    url: str, rounds: int, requests: int, block: int = BLOCK, body_size: int | None = None
+) -> Figures:
     with bench_store(url) as store:
         return run_on(store, rounds, requests, block, body_size)
 
@@ -138,8 +141,10 @@ def paired(
     measured: t.Callable[[], t.Any],
     requests: int,
     block: int,
+    between: t.Callable[[], t.Any] | None = None,
 ) -> tuple[list[float], list[float], list[float]]:
-    """Alternate blocks of ``reference`` and ``measured`` requests.
+    """Alternate blocks of ``reference`` and ``measured`` requests, calling
+    ``between`` (untimed) after each pair.
 
     This machine's speed drifts by 10-20 % over seconds (other processes,
     frequency, caches); a ratio of two blocks timed back to back cancels most of
@@ -152,6 +157,8 @@ def paired(
         references.append(before)
         measures.append(after)
         ratios.append(after / before)
+        if between is not None:
+            between()
     return references, measures, ratios
 
 
@@ -160,12 +167,12 @@ def run_on(
     rounds: int,
     requests: int,
     block: int = BLOCK,
-    body_size: int = 0,
+    body_size: int | None = None,
 ) -> Figures:
-    body = padded(body_size) if body_size else ORDER
+    body = SMALL if body_size == 0 else padded(body_size) if body_size else ORDER
     app = make_app(store)
     client = app.test_client()
-    location = client.post("/orders", json=body).headers["Location"]
+    location = client.post("/orders", json=ORDER).headers["Location"]
     drain(app)
     assert client.get(location).json == RESULT
     assert client.get("/plain/result").json == RESULT
@@ -182,15 +189,24 @@ def run_on(
     def add(name: str, values: list[float]) -> None:
         samples.setdefault(name, []).extend(values)
 
-    for _ in range(rounds):
-        GATE.clear()
+    runs: list[float] = []
+
+    def release() -> None:
+        # The held tasks run and end before the next pair: each submit block is
+        # timed from the same start, not on top of a growing pile.
         start = time.perf_counter()
-        posts, submits, submit_ratios = paired(plain_post, submit, requests, block)
         GATE.set()
         drain(app)
-        # From the first submit to the last task's end, without the plain POSTs.
-        elapsed = time.perf_counter() - start - sum(posts) * block
-        add("submit+run", [elapsed / (len(submits) * block)])
+        runs.append(time.perf_counter() - start)
+        GATE.clear()
+
+    for _ in range(rounds):
+        GATE.clear()
+        runs.clear()
+        posts, submits, submit_ratios = paired(plain_post, submit, requests, block, release)
+        GATE.set()
+        # From a block's first submit to its last task's end.
+        add("submit+run", [(sum(submits) * block + sum(runs)) / (len(submits) * block)])
         add("plain POST", posts)
         add("submit", submits)
         ratios.setdefault("submit / plain POST", []).extend(submit_ratios)
@@ -217,7 +233,12 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--block", type=int, default=BLOCK)
     parser.add_argument("--store", default="memory://")
-    parser.add_argument("--body-size", type=int, default=0, help="bytes of the JSON body")
+    parser.add_argument(
+        "--body-size",
+        type=int,
+        default=None,
+        help='bytes of the JSON body (0: {"x": 1}; default: the order, about 300 bytes)',
+    )
     options = parser.parse_args()
     figures = run(options.store, options.rounds, options.requests, options.block, options.body_size)
     pairs = options.rounds * max(1, options.requests // options.block)
@@ -225,6 +246,7 @@ def main() -> None:
         f"store {options.store}: {options.rounds} rounds of {options.requests} requests"
         f" per operation, in blocks of {options.block}"
         + (f", {options.body_size}-byte bodies" if options.body_size else "")
+        + (', body {"x": 1}' if options.body_size == 0 else "")
     )
     for name, seconds in figures.seconds.items():
         print(f"  {name:<24} {seconds * 1e6:8.1f} µs/request (median over blocks)")
