@@ -182,7 +182,7 @@ class RequestSnapshot:
             _require_json(value, f"view argument {index}")
         for name, value in self.kwargs.items():
             _require_json(value, f"view argument {name!r}")
-        g_values = {name: value for name, value in self.g.items() if _is_json(value)}
+        g_values = self.g and {name: value for name, value in self.g.items() if _is_json(value)}
         if len(g_values) != len(self.g):
             dropped = sorted(set(self.g) - set(g_values))
             _logger.debug("Not sent to the worker (not JSON data): g.%s", ", g.".join(dropped))

@@ -154,9 +154,13 @@ class AsyncState:
             task.fingerprint = _fingerprint(body)
         snapshot = RequestSnapshot.capture(body, method, args, kwargs)
         stored: bytes | None = None
-        if self.takeover is not None and snapshot.portable:
-            stored = snapshot.to_bytes()
-            task.rerun = bool(getattr(resource, "rerun_on_crash", False))
+        if self.takeover is not None:
+            try:
+                stored = snapshot.to_bytes()
+            except TypeError:
+                pass  # view arguments that are not JSON data: no other process can run it
+            else:
+                task.rerun = bool(getattr(resource, "rerun_on_crash", False))
         # With Prefer (perhaps wait=N), the task as created counts as a first read.
         ticket = waiting.ticket(self.store) if "HTTP_PREFER" in request.environ else None
         try:

@@ -13,6 +13,7 @@ import pytest
 
 from flask_restful_async import StoreUnavailable, TaskState
 from flask_restful_async.stores import SQLiteStore
+from flask_restful_async.stores import spool as spool_module
 from flask_restful_async.stores.spool import SUFFIX, SnapshotSpool, owner_tag
 from flask_restful_async.task import Task, new_task_id
 
@@ -64,9 +65,10 @@ def test_a_full_segment_is_followed_by_a_new_one(tmp_path: Path) -> None:
     spool.close()
 
 
-def test_a_segment_removed_under_its_writer_is_replaced_before_the_next_append(
-    tmp_path: Path,
+def test_a_segment_removed_under_its_writer_is_replaced_once_it_looks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(spool_module, "LINK_CHECK_INTERVAL", 0.0)
     spool = SnapshotSpool(str(tmp_path))
     first = spool.append("w", b"one")
     (tmp_path / first.rsplit(":", 2)[0]).unlink()

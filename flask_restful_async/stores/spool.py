@@ -19,17 +19,33 @@ process has moved on to a newer segment (:meth:`SnapshotSpool.collect`).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import os
 import secrets
 import threading
+import time
 import typing as t
 
 #: A process starts a new segment once its current one holds this many bytes.
 SEGMENT_SIZE = 64 * 1024 * 1024
 #: What segment files are called: ``<owner>-<serial>.snapshots``.
 SUFFIX = ".snapshots"
+#: Seconds between two looks at whether this process's segment was removed (see
+#: :meth:`SnapshotSpool.collect`), rather than one per append.
+LINK_CHECK_INTERVAL = 1.0
+
+
+@dataclasses.dataclass
+class _Segment:
+    """A segment this process appends to: only it writes there, so the size it
+    counts is where the next bytes land."""
+
+    fd: int
+    name: str
+    size: int = 0
+    check_at: float = 0.0
 
 
 @functools.lru_cache(maxsize=64)
@@ -52,9 +68,8 @@ class SnapshotSpool:
         self.folder = folder
         self.segment_size = segment_size
         self._lock = threading.Lock()
-        # The segment this process appends to for each owner (one in practice):
-        # owner tag -> (file descriptor, segment name).
-        self._current: dict[str, tuple[int, str]] = {}
+        # The segment this process appends to for each owner (one in practice).
+        self._current: dict[str, _Segment] = {}
         self._serial = 0
 
     def append(self, worker: str | None, data: bytes) -> str:
@@ -65,19 +80,26 @@ class SnapshotSpool:
         """
         owner = owner_tag(worker)
         with self._lock:
-            fd, name = self._current.get(owner) or self._open(owner)
-            info = os.fstat(fd)
-            if info.st_nlink == 0 or info.st_size >= self.segment_size:
-                # Removed under us (see collect), or full: a new one.
+            segment = self._current.get(owner) or self._open(owner)
+            if segment.size >= self.segment_size or (
+                time.monotonic() >= segment.check_at and self._removed(segment)
+            ):
+                # Full, or removed under us (see collect): a new one.
                 self._seal(owner)
-                fd, name = self._open(owner)
-                info = os.fstat(fd)
-            written = os.write(fd, data)
-            if written != len(data):
+                segment = self._open(owner)
+            offset = segment.size
+            try:
+                written = os.write(segment.fd, data)
+                if written != len(data):
+                    raise OSError(
+                        f"short write to the snapshot spool: {written} of {len(data)} bytes"
+                    )
+            except OSError:
                 # Start over in a new segment: this one's end is a fragment.
                 self._seal(owner)
-                raise OSError(f"short write to the snapshot spool: {written} of {len(data)} bytes")
-            return f"{name}:{info.st_size}:{len(data)}"
+                raise
+            segment.size += written
+            return f"{segment.name}:{offset}:{written}"
 
     def read(self, reference: str) -> bytes | None:
         """The bytes at ``reference`` (as :meth:`append` returned it), or None if
@@ -107,11 +129,13 @@ class SnapshotSpool:
         moved on). ``referenced()`` names the segments that task rows still point
         into; it is called only when there are candidates, since it reads every
         row. A process whose lease lapsed while it lived, and whose segment was
-        removed, sees that before its next append and starts a new one.
+        removed, sees that within :data:`LINK_CHECK_INTERVAL` and starts a new one
+        (snapshots it wrote meanwhile cannot be taken over: a task of theirs that
+        this process does not run ends lost).
         """
         live = {owner_tag(worker) for worker in live_workers}
         with self._lock:
-            mine = {name for _, name in self._current.values()}
+            mine = {segment.name for segment in self._current.values()}
         try:
             names = [name for name in os.listdir(self.folder) if name.endswith(SUFFIX)]
         except FileNotFoundError:
@@ -144,8 +168,8 @@ class SnapshotSpool:
     def close(self) -> None:
         """Close this process's segments (they stay on disk for others to read)."""
         with self._lock:
-            for fd, _ in self._current.values():
-                os.close(fd)
+            for segment in self._current.values():
+                os.close(segment.fd)
             self._current = {}
 
     def after_fork(self) -> None:
@@ -156,7 +180,7 @@ class SnapshotSpool:
         self._current = {}
         self._serial = 0
 
-    def _open(self, owner: str) -> tuple[int, str]:
+    def _open(self, owner: str) -> _Segment:
         os.makedirs(self.folder, mode=0o700, exist_ok=True)
         while True:
             self._serial += 1
@@ -171,12 +195,16 @@ class SnapshotSpool:
                 )
             except FileExistsError:
                 continue
-            self._current[owner] = (fd, name)
-            return fd, name
+            segment = self._current[owner] = _Segment(fd, name)
+            return segment
 
     def _seal(self, owner: str) -> None:
-        fd, _ = self._current.pop(owner)
-        os.close(fd)
+        os.close(self._current.pop(owner).fd)
+
+    @staticmethod
+    def _removed(segment: _Segment) -> bool:
+        segment.check_at = time.monotonic() + LINK_CHECK_INTERVAL
+        return os.fstat(segment.fd).st_nlink == 0
 
 
 def _serial(name: str | None) -> int:
