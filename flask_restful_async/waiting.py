@@ -47,6 +47,9 @@ LISTENER_LINGER = 10.0
 #: Endings (announced with their response, at most 4 KiB each) kept per store and
 #: process for waits that start after the news.
 REMEMBERED_ENDINGS = 1024
+#: Notifications (which task, or all) kept per store and process, so that a wait
+#: tells news of its own task from news of others since its ticket.
+REMEMBERED_NEWS = 1024
 
 _logger = logging.getLogger(__name__)
 
@@ -127,6 +130,11 @@ class Waiters:
         self._entries: dict[str, _Entry] = {}
         self._waiting = 0
         self._notices = 0  # notifications ever made, of any task
+        # The last notifications, as (number, task id or None for all): a wait
+        # whose ticket is older reads again only if one of them was about its task.
+        self._news: collections.deque[tuple[int, str | None]] = collections.deque(
+            maxlen=REMEMBERED_NEWS
+        )
         # The last endings the store announced, waited for or not: a wait whose
         # task ended between its read and its start takes the ending from here,
         # as Celery's result consumer keeps results it was sent.
@@ -150,7 +158,8 @@ class Waiters:
     def ticket(self) -> int:
         """A mark to take *before* reading a task that may then be waited on: pass
         both to :meth:`wait_finished`, which then reads again only if something
-        was notified in between (an int read under the GIL: no lock needed)."""
+        was notified about that task (or all tasks) in between (an int read under
+        the GIL: no lock needed)."""
         return self._notices
 
     def wait_finished(
@@ -219,6 +228,7 @@ class Waiters:
                 entry = self._entries.get(task_id)
                 entries = [] if entry is None else [entry]
             self._notices += 1
+            self._news.append((self._notices, task_id))
             if task_id is None:
                 self._endings.clear()  # whatever was missed may have changed them
             elif ending is None:
@@ -260,7 +270,23 @@ class Waiters:
             self._waiting += 1
             if self._listener is None and store.shared and not _exiting:
                 self._start_listener(store)
-            return entry, entry.version, self._notices != notices
+            return entry, entry.version, self._news_since(notices, task_id)
+
+    def _news_since(self, notices: int, task_id: str) -> bool:
+        """Whether a notification made since ``notices`` may concern ``task_id``;
+        the caller holds the lock. Under load, other tasks end all the time
+        between a ticket and its wait: news of them is no reason to read again."""
+        if self._notices == notices:
+            return False
+        news = self._news
+        if not news or news[0][0] > notices + 1:
+            return True  # some of it is forgotten
+        for number, about in reversed(news):
+            if number <= notices:
+                return False
+            if about is None or about == task_id:
+                return True
+        return False
 
     def _leave(self, task_id: str, entry: _Entry) -> None:
         with self._lock:

@@ -488,6 +488,52 @@ def test_an_ending_announced_before_a_wait_spares_its_read(
     assert reads == [task.id]
 
 
+def test_news_of_other_tasks_since_a_ticket_costs_no_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from flask_restful_async.stores.base import Ending
+
+    store = MemoryStore()
+    waiters = Waiters(store)
+    task = running_task(store)
+    ticket = waiters.ticket()
+    for other in ("a", "b", "c"):
+        waiters.notify(other)
+    reads, _ = count_reads(store, monkeypatch)
+    response = StoredResponse(200, [], b"done")
+    ending = Ending(TaskState.SUCCEEDED, time.time(), response)
+    ender = later(0.05, lambda: waiters.notify(task.id, ending))
+    got = waiters.wait_finished(task.id, 5, read=(ticket, task))
+    ender.join(5)
+    assert got is not None
+    assert got.state is TaskState.SUCCEEDED
+    assert reads == []  # nothing read: not at the start, not at the end
+
+
+@pytest.mark.parametrize("news", ["all", "forgotten"])
+def test_news_that_may_concern_a_task_since_its_ticket_is_read(
+    news: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(waiting, "REMEMBERED_NEWS", 2)
+    store = MemoryStore()
+    waiters = Waiters(store)
+    task = running_task(store)
+    ticket = waiters.ticket()
+    store.finish(task.id, TaskState.SUCCEEDED)
+    if news == "all":
+        waiters.notify(None)
+    else:
+        # news of this very task, then more than are remembered of others
+        waiters.notify(task.id)
+        for other in ("a", "b"):
+            waiters.notify(other)
+    reads, _ = count_reads(store, monkeypatch)
+    got = waiters.wait_finished(task.id, 5, read=(ticket, task))
+    assert got is not None
+    assert got.state is TaskState.SUCCEEDED
+    assert reads == [task.id]
+
+
 # -- across processes --------------------------------------------------------------------
 
 # argv: kind, where, prefix. Reads "<task id> <delay>" lines, finishes each task
