@@ -33,8 +33,12 @@ DEFAULTS: dict[str, t.Any] = {
     "RESTFUL_ASYNC_REDIS_PREFIX": "{restful_async}:",
     # Tasks running at once in one process (the thread pool's size).
     "RESTFUL_ASYNC_MAX_WORKERS": min(32, (os.cpu_count() or 1) + 4),
-    # Accepted tasks waiting for a worker, per process; beyond that, 503.
-    "RESTFUL_ASYNC_MAX_PENDING": 64,
+    # Accepted tasks waiting for a worker, per process; beyond that, 503. A waiting
+    # task costs its request snapshot in memory, not a thread.
+    "RESTFUL_ASYNC_MAX_PENDING": 4096,
+    # Bytes of request snapshots (body and headers) that the tasks waiting for a
+    # worker may hold between them, per process; beyond that, 503.
+    "RESTFUL_ASYNC_MAX_PENDING_BYTES": 64 * 1024 * 1024,
     # Seconds a finished task's result is kept; then the status URL answers 410.
     "RESTFUL_ASYNC_RESULT_TTL": 24 * 3600,
     # Seconds an expired task still answers 410 before it is forgotten (404).
@@ -247,6 +251,7 @@ def _make_state(
         executor = ThreadExecutor(
             max_workers=int(config["RESTFUL_ASYNC_MAX_WORKERS"]),
             max_pending=int(config["RESTFUL_ASYNC_MAX_PENDING"]),
+            max_pending_bytes=int(config["RESTFUL_ASYNC_MAX_PENDING_BYTES"]),
             shutdown_timeout=float(config["RESTFUL_ASYNC_SHUTDOWN_TIMEOUT"]),
         )
     if not executor.local and not store.shared:

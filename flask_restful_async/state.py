@@ -153,6 +153,7 @@ class AsyncState:
             task.idempotency_key = f"{request.method} {request.path} {key}"
             task.fingerprint = _fingerprint(body)
         snapshot = RequestSnapshot.capture(body, method, args, kwargs)
+        size = snapshot.held_bytes
         stored: bytes | None = None
         if self.takeover is not None and snapshot.portable:
             stored = snapshot.to_bytes()
@@ -162,17 +163,17 @@ class AsyncState:
         try:
             if self.lease is not None:
                 self.lease.ensure()
-            self.executor.acquire()
+            self.executor.acquire(size)
             try:
                 recorded = self.store.create(task, stored)
             except BaseException:
-                self.executor.release()
+                self.executor.release(size)
                 raise
         except Unavailable as e:
             return error_response(503, e.message, {"Retry-After": str(e.retry_after)})
         if recorded.id != task.id:
             # A repeat of an earlier submit: answer as it was answered, create nothing.
-            self.executor.release()
+            self.executor.release(size)
             if recorded.fingerprint != task.fingerprint:
                 return error_response(
                     422, "This Idempotency-Key was already used with a different request body."
@@ -183,7 +184,7 @@ class AsyncState:
             except Unavailable as e:
                 # An executor that cannot hand the task over (a broker that is down)
                 # has removed it from the store again: nothing is left behind.
-                self.executor.release()
+                self.executor.release(size)
                 return error_response(503, e.message, {"Retry-After": str(e.retry_after)})
         return self.accepted(recorded, ticket)
 

@@ -38,11 +38,14 @@ class Executor(abc.ABC):
         An executor whose workers run in other processes remembers the app here, so
         that a worker, which imported the same code, finds it. Nothing by default."""
 
-    def acquire(self) -> None:
-        """Reserve room for one task, or raise ``Saturated``. Unbounded by default."""
+    def acquire(self, size: int = 0) -> None:
+        """Reserve room for one task whose request snapshot holds ``size`` bytes
+        (:attr:`RequestSnapshot.held_bytes
+        <flask_restful_async.snapshot.RequestSnapshot.held_bytes>`), or raise
+        ``Saturated``. Unbounded by default."""
 
-    def release(self) -> None:
-        """Give back a reservation that will not be submitted."""
+    def release(self, size: int = 0) -> None:
+        """Give back a reservation (of the same ``size``) that will not be submitted."""
 
     def idle(self, limit: int) -> int:
         """How many of ``limit`` tasks taken over from other processes this
