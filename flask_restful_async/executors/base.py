@@ -33,6 +33,11 @@ class Executor(abc.ABC):
     #: :class:`~flask_restful_async.takeover.Takeover`).
     on_done: t.Callable[[], None] | None = None
 
+    #: For a local executor: called with the endpoint, the method (lower case) and
+    #: the seconds from :meth:`submit` to the end of each of its tasks (see
+    #: :mod:`flask_restful_async.estimates`). What it raises is logged and ignored.
+    on_ran: t.Callable[[str, str, float], None] | None = None
+
     def bind(self, app: Flask) -> None:
         """``register_async`` is setting ``app`` up with this executor (once per app).
         An executor whose workers run in other processes remembers the app here, so
