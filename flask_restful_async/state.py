@@ -282,7 +282,9 @@ class AsyncState:
         store does not answer: the task is accepted all the same)."""
         read = None if ticket is None else (ticket, task)
         try:
-            waited = waiting.wait_finished(self.store, task.id, seconds, read=read)
+            # The task runs in this process, which tells its end directly: nothing
+            # to hear from other processes in so short a wait.
+            waited = waiting.wait_finished(self.store, task.id, seconds, read=read, listen=False)
         except Unavailable:
             return task
         return task if waited is None else waited

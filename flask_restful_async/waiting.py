@@ -61,14 +61,16 @@ def _settled(task: Task | None) -> bool:
 
 class _Entry:
     """The waits on one task id: a condition on the shared lock, and a counter
-    that every notification of that id bumps (so no wake-up is ever missed)."""
+    that every notification of that id bumps (so no wake-up is ever missed);
+    ``deaf`` of the waits are not woken by news of every task (see ``listen``)."""
 
-    __slots__ = ("cond", "version", "waiters")
+    __slots__ = ("cond", "deaf", "version", "waiters")
 
     def __init__(self, lock: threading.Lock) -> None:
         self.cond = threading.Condition(lock)
         self.version = 0
         self.waiters = 0
+        self.deaf = 0
 
 
 class _Listener:
@@ -168,12 +170,18 @@ class Waiters:
         timeout: float,
         *,
         read: tuple[int, Task | None] | None = None,
+        listen: bool = True,
     ) -> Task | None:
         """The task once it has finished (or expired, or is unknown: None), or as
         it reads after ``timeout`` seconds if it is still queued or running.
 
         ``read`` is ``(ticket, task)``: the task as the caller read it after taking
         :meth:`ticket`, which saves the first read when nothing ended meanwhile.
+        With ``listen=False`` the wait neither starts the listener nor wakes for
+        news of every task (SQLite's listener hears only that the file changed):
+        only news of its own task wakes it, as this process gives when it ran the
+        task. For short waits on this process's own tasks, which are read at
+        their end anyway.
         Raises ``StoreUnavailable`` as :meth:`TaskStore.get` does, from the first
         read or from any later one.
         """
@@ -188,7 +196,7 @@ class Waiters:
             notices, task = read
         if _settled(task) or timeout <= 0:
             return task
-        entry, seen, missed = self._enter(task_id, store, notices)
+        entry, seen, missed = self._enter(task_id, store, notices, listen)
         try:
             while True:
                 # Read after taking note of the counter (``seen``): a notification
@@ -211,7 +219,7 @@ class Waiters:
                         entry.cond.wait(min(remaining, self.recheck))
                     seen = entry.version
         finally:
-            self._leave(task_id, entry)
+            self._leave(task_id, entry, listen)
 
     def notify(self, task_id: str | None = None, ending: Ending | None = None) -> None:
         """Wake the waits on ``task_id`` (on every task when None) to read it again,
@@ -223,7 +231,7 @@ class Waiters:
                 watcher()
         with self._lock:
             if task_id is None:
-                entries = list(self._entries.values())
+                entries = [e for e in self._entries.values() if e.waiters > e.deaf]
             else:
                 entry = self._entries.get(task_id)
                 entries = [] if entry is None else [entry]
@@ -259,7 +267,9 @@ class Waiters:
 
     # -- bookkeeping ---------------------------------------------------------------
 
-    def _enter(self, task_id: str, store: TaskStore, notices: int) -> tuple[_Entry, int, bool]:
+    def _enter(
+        self, task_id: str, store: TaskStore, notices: int, listen: bool
+    ) -> tuple[_Entry, int, bool]:
         """Register a wait: its entry, the entry's counter now, and whether anything
         was notified since ``notices`` was read (then the task must be read again)."""
         with self._lock:
@@ -267,8 +277,9 @@ class Waiters:
             if entry is None:
                 entry = self._entries[task_id] = _Entry(self._lock)
             entry.waiters += 1
+            entry.deaf += not listen
             self._waiting += 1
-            if self._listener is None and store.shared and not _exiting:
+            if listen and self._listener is None and store.shared and not _exiting:
                 self._start_listener(store)
             return entry, entry.version, self._news_since(notices, task_id)
 
@@ -288,9 +299,10 @@ class Waiters:
                 return True
         return False
 
-    def _leave(self, task_id: str, entry: _Entry) -> None:
+    def _leave(self, task_id: str, entry: _Entry, listen: bool) -> None:
         with self._lock:
             entry.waiters -= 1
+            entry.deaf -= not listen
             if entry.waiters == 0 and self._entries.get(task_id) is entry:
                 del self._entries[task_id]
             self._waiting -= 1
@@ -368,9 +380,10 @@ def wait_finished(
     timeout: float,
     *,
     read: tuple[int, Task | None] | None = None,
+    listen: bool = True,
 ) -> Task | None:
     """:meth:`Waiters.wait_finished` on this process's waiters of ``store``."""
-    return waiters_for(store).wait_finished(task_id, timeout, read=read)
+    return waiters_for(store).wait_finished(task_id, timeout, read=read, listen=listen)
 
 
 def ticket(store: TaskStore) -> int:

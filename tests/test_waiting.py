@@ -534,6 +534,33 @@ def test_news_that_may_concern_a_task_since_its_ticket_is_read(
     assert reads == [task.id]
 
 
+def test_a_wait_that_does_not_listen_hears_only_of_its_own_task(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = SQLiteStore(str(tmp_path / "deaf.db"))
+    try:
+        waiters = Waiters(store)
+        task = running_task(store)
+        reads, _ = count_reads(store, monkeypatch)
+        # news of every task (as SQLite's listener gives it) does not wake it;
+        # news of its own task does
+        ender = later(
+            0.1,
+            lambda: waiters.notify(None),
+            lambda: store.finish(task.id, TaskState.SUCCEEDED),
+            lambda: waiters.notify(task.id),
+        )
+        got = waiters.wait_finished(task.id, 5, read=(waiters.ticket(), task), listen=False)
+        ender.join(5)
+        assert got is not None
+        assert got.state is TaskState.SUCCEEDED
+        assert reads == [task.id]
+        assert not waiters.listening  # a shared store, but nothing listened
+    finally:
+        waiters.close()
+        store.close()
+
+
 # -- across processes --------------------------------------------------------------------
 
 # argv: kind, where, prefix. Reads "<task id> <delay>" lines, finishes each task
