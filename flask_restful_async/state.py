@@ -225,8 +225,16 @@ class AsyncState:
         if hold and seconds is None and not respond_async(prefs):
             task = self.wait_briefly(task, hold, ticket)
         elif seconds:
+            limit = min(seconds, self.max_wait)
+            # The first part of the wait as a short one: the end of a task that runs
+            # in this process is told here directly, and quick tasks are spared the
+            # news of every other (which SQLite's listener cannot tell apart).
+            first = min(limit, self.short_wait) if self.executor.local else 0.0
+            if first:
+                task = self.wait_briefly(task, first, ticket)
+                ticket = None  # read again at the end of that wait
             try:
-                finished = self.wait(task, seconds, ticket)
+                finished = self.wait(task, limit - first, ticket)
             except Unavailable:
                 finished = None  # the task is accepted: answer 202 all the same
             if finished is not None and finished.state.finished:
@@ -260,7 +268,7 @@ class AsyncState:
         assert task.response is not None
         return stored_to_response(task.response)
 
-    def wait(self, task: Task, seconds: int, ticket: int | None = None) -> Task | None:
+    def wait(self, task: Task, seconds: float, ticket: int | None = None) -> Task | None:
         """``task`` once finished, or as it reads after ``seconds`` (capped by
         ``RESTFUL_ASYNC_MAX_WAIT``); None if it went away meanwhile.
 

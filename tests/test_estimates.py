@@ -10,7 +10,7 @@ import typing as t
 import pytest
 from flask import Flask
 
-from flask_restful_async import AsyncResource
+from flask_restful_async import AsyncResource, waiting
 from flask_restful_async.estimates import RunTimes
 from flask_restful_async.state import AsyncState, get_state
 from flask_restful_async.task import Task
@@ -194,3 +194,16 @@ def test_a_failing_estimate_never_breaks_a_submit_nor_a_worker(
             assert (done.status_code, done.json) == (200, {"quick": True})
         wait_for(lambda: "Recording the run time" in caplog.text)
     assert "Estimating the run time of post quick failed" in caplog.text
+
+
+def test_prefer_wait_on_a_quick_task_needs_no_listener(make_app: AppFactory) -> None:
+    # The default store (SQLite) is shared: a long-poll there starts a listener
+    # thread; the first part of a submit's wait, on its own task, does not.
+    app, api = make_app(config=GENEROUS)
+    api.add_resource(Quick, "/quick")
+    state = get_state(app)
+    response = app.test_client().post("/quick", headers={"Prefer": "wait=10"})
+    assert response.status_code == 200
+    assert response.json == {"quick": True}
+    assert response.headers["Preference-Applied"] == "wait=10"
+    assert not waiting.waiters_for(state.store).listening
