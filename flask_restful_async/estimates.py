@@ -19,8 +19,6 @@ waits.
 
 from __future__ import annotations
 
-import threading
-
 #: Weight of the newest sample in the average: about the last ten tasks count.
 WEIGHT = 0.2
 
@@ -32,18 +30,18 @@ class RunTimes:
         if not 0 < weight <= 1:
             raise ValueError("weight must be above 0 and at most 1")
         self.weight = weight
-        self._lock = threading.Lock()
         self._averages: dict[tuple[str, str], float] = {}
 
     def record(self, endpoint: str, method: str, seconds: float) -> None:
         """One task of ``endpoint`` and ``method`` (lower case) took ``seconds``."""
+        # No lock: two workers recording at once may lose one sample of an average,
+        # which costs nothing, where a lock would have to be remade after a fork.
         key = (endpoint, method)
-        with self._lock:
-            average = self._averages.get(key)
-            if average is None:
-                self._averages[key] = seconds
-            else:
-                self._averages[key] = average + self.weight * (seconds - average)
+        average = self._averages.get(key)
+        if average is None:
+            self._averages[key] = seconds
+        else:
+            self._averages[key] = average + self.weight * (seconds - average)
 
     def estimate(self, endpoint: str, method: str) -> float | None:
         """The expected seconds from submit to end; None before the first sample."""
