@@ -24,8 +24,8 @@ gunicorn master and its workers, their reaped children included, read from
 Every answer is checked: a call whose final answer is not the handler's ``200``
 counts as an error and is reported.
 
-Run (one store per run; Redis under a prefix of its own, whose keys are deleted
-afterwards)::
+Run with ``make bench-e2e``, or one store at a time (Redis under a prefix of its
+own, whose keys are deleted afterwards)::
 
     .venv/bin/python tests/benchmarks/bench_e2e.py --store sqlite
     .venv/bin/python tests/benchmarks/bench_e2e.py --store redis://127.0.0.1:6379/12
