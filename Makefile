@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-celery test lint typecheck pytest bench bench-celery clean
+.PHONY: demo demo-celery test lint typecheck pytest bench bench-e2e bench-celery clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,12 @@ bench: $(STAMP)
 	$(BIN)/python tests/benchmarks/bench_overhead.py --store redis://127.0.0.1:6379/12
 	$(BIN)/python tests/benchmarks/bench_retention.py --stores memory sqlite redis://127.0.0.1:6379/12
 	$(BIN)/python tests/benchmarks/bench_progress.py --stores sqlite redis://127.0.0.1:6379/12
+
+# A whole task on real gunicorn against a plain call, each way a client gets its
+# answer, with the default SQLite store and with Redis (db 12, a prefix of its own).
+bench-e2e: $(STAMP)
+	$(BIN)/python tests/benchmarks/bench_e2e.py --store sqlite
+	$(BIN)/python tests/benchmarks/bench_e2e.py --store redis://127.0.0.1:6379/12
 
 # Our CeleryExecutor against raw Celery, through one worker (Redis db 12).
 bench-celery: $(STAMP)

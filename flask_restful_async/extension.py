@@ -33,8 +33,17 @@ DEFAULTS: dict[str, t.Any] = {
     "RESTFUL_ASYNC_REDIS_PREFIX": "{restful_async}:",
     # Tasks running at once in one process (the thread pool's size).
     "RESTFUL_ASYNC_MAX_WORKERS": min(32, (os.cpu_count() or 1) + 4),
-    # Accepted tasks waiting for a worker, per process; beyond that, 503.
-    "RESTFUL_ASYNC_MAX_PENDING": 64,
+    # Accepted tasks waiting for a worker, per process; beyond that, 503. A waiting
+    # task costs its request snapshot in memory, not a thread.
+    "RESTFUL_ASYNC_MAX_PENDING": 4096,
+    # Bytes of request snapshots (body and headers) that the tasks waiting for a
+    # worker may hold between them, per process; beyond that, 503.
+    "RESTFUL_ASYNC_MAX_PENDING_BYTES": 64 * 1024 * 1024,
+    # Seconds a submit waits for its task before the 202 when the endpoint's tasks
+    # usually end within that (as this process has seen them run): the 202 then
+    # reads finished, with Retry-After: 0. Holds the request thread meanwhile.
+    # 0: never wait.
+    "RESTFUL_ASYNC_SHORT_WAIT": 0.5,
     # Seconds a finished task's result is kept; then the status URL answers 410.
     "RESTFUL_ASYNC_RESULT_TTL": 24 * 3600,
     # Seconds an expired task still answers 410 before it is forgotten (404).
@@ -235,6 +244,12 @@ def _make_state(
             "RESTFUL_ASYNC_PROGRESS_INTERVAL must be a number of seconds, 0 or more"
             f" (0 writes every progress report), not {interval!r}"
         )
+    short_wait = config["RESTFUL_ASYNC_SHORT_WAIT"]
+    if isinstance(short_wait, bool) or not isinstance(short_wait, int | float) or short_wait < 0:
+        raise ValueError(
+            "RESTFUL_ASYNC_SHORT_WAIT must be a number of seconds, 0 or more"
+            f" (0: a submit never waits for its task), not {short_wait!r}"
+        )
     if store is None or isinstance(store, str):
         store = open_store(store or config["RESTFUL_ASYNC_STORE"], app)
     store.configure(
@@ -247,6 +262,7 @@ def _make_state(
         executor = ThreadExecutor(
             max_workers=int(config["RESTFUL_ASYNC_MAX_WORKERS"]),
             max_pending=int(config["RESTFUL_ASYNC_MAX_PENDING"]),
+            max_pending_bytes=int(config["RESTFUL_ASYNC_MAX_PENDING_BYTES"]),
             shutdown_timeout=float(config["RESTFUL_ASYNC_SHUTDOWN_TIMEOUT"]),
         )
     if not executor.local and not store.shared:
@@ -283,6 +299,7 @@ def _make_state(
         max_wait=int(config["RESTFUL_ASYNC_MAX_WAIT"]),
         max_body=int(config["RESTFUL_ASYNC_MAX_BODY"]),
         max_result=int(config["RESTFUL_ASYNC_MAX_RESULT"]),
+        short_wait=float(short_wait),
     )
     if state.lease is not None:
         # Tasks other processes could not run are taken over here: from the lease

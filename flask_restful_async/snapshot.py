@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import functools
 import io
 import json
 import logging
@@ -113,6 +114,13 @@ class RequestSnapshot:
         """Copy the submit-time ``g`` into the (fresh) ``g`` of the current context."""
         for name, value in self.g.items():
             setattr(g, name, value)
+
+    @functools.cached_property
+    def held_bytes(self) -> int:
+        """What holding this snapshot in memory is counted as, against
+        ``RESTFUL_ASYNC_MAX_PENDING_BYTES``: the body and the request's strings
+        (headers and the other WSGI keys)."""
+        return len(self.body) + sum(len(key) + len(value) for key, value in self.environ.items())
 
     @property
     def portable(self) -> bool:

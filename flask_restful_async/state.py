@@ -11,6 +11,7 @@ from flask import Flask, Response, request
 from flask_restful import Api, Resource
 
 from . import waiting
+from .estimates import RunTimes
 from .exceptions import Unavailable
 from .lease import LeaseKeeper, worker_id
 from .prefer import request_prefer, respond_async, wait_seconds
@@ -63,6 +64,7 @@ class AsyncState:
         max_wait: int,
         max_body: int,
         max_result: int,
+        short_wait: float = 0.0,
     ) -> None:
         self.app = app
         self.api = api
@@ -78,6 +80,11 @@ class AsyncState:
         self.max_wait = max_wait
         self.max_body = max_body
         self.max_result = max_result
+        self.short_wait = short_wait
+        # Fed by a local executor's workers: which submits may wait (estimates.py).
+        self.run_times = RunTimes()
+        if executor.local:
+            executor.on_ran = self.run_times.record
         # Only a process that holds tasks (threads) in a store that other
         # processes read needs a lease.
         self.lease = LeaseKeeper(app, store) if store.shared and executor.local else None
@@ -153,6 +160,7 @@ class AsyncState:
             task.idempotency_key = f"{request.method} {request.path} {key}"
             task.fingerprint = _fingerprint(body)
         snapshot = RequestSnapshot.capture(body, method, args, kwargs)
+        size = snapshot.held_bytes
         stored: bytes | None = None
         if self.takeover is not None:
             try:
@@ -161,22 +169,24 @@ class AsyncState:
                 pass  # view arguments that are not JSON data: no other process can run it
             else:
                 task.rerun = bool(getattr(resource, "rerun_on_crash", False))
-        # With Prefer (perhaps wait=N), the task as created counts as a first read.
-        ticket = waiting.ticket(self.store) if "HTTP_PREFER" in request.environ else None
+        hold = self.short_hold(snapshot.endpoint, method)
+        # With Prefer (perhaps wait=N), or a short wait ahead, the task as created
+        # counts as a first read.
+        ticket = waiting.ticket(self.store) if hold or "HTTP_PREFER" in request.environ else None
         try:
             if self.lease is not None:
                 self.lease.ensure()
-            self.executor.acquire()
+            self.executor.acquire(size)
             try:
                 recorded = self.store.create(task, stored)
             except BaseException:
-                self.executor.release()
+                self.executor.release(size)
                 raise
         except Unavailable as e:
             return error_response(503, e.message, {"Retry-After": str(e.retry_after)})
         if recorded.id != task.id:
             # A repeat of an earlier submit: answer as it was answered, create nothing.
-            self.executor.release()
+            self.executor.release(size)
             if recorded.fingerprint != task.fingerprint:
                 return error_response(
                     422, "This Idempotency-Key was already used with a different request body."
@@ -187,19 +197,48 @@ class AsyncState:
             except Unavailable as e:
                 # An executor that cannot hand the task over (a broker that is down)
                 # has removed it from the store again: nothing is left behind.
-                self.executor.release()
+                self.executor.release(size)
                 return error_response(503, e.message, {"Retry-After": str(e.retry_after)})
-        return self.accepted(recorded, ticket)
+        return self.accepted(recorded, ticket, hold)
 
-    def accepted(self, task: Task, ticket: int | None = None) -> Response:
+    def short_hold(self, endpoint: str, method: str) -> float:
+        """Seconds a submit of ``endpoint`` and ``method`` waits for its task before
+        its 202: ``RESTFUL_ASYNC_SHORT_WAIT`` when the tasks there usually end within
+        it (see :mod:`~flask_restful_async.estimates`), else 0."""
+        if self.short_wait <= 0:
+            return 0.0
+        try:
+            estimate = self.run_times.estimate(endpoint, method)
+        except Exception:
+            # A guess that fails costs the wait, never the submit.
+            self.app.logger.exception("Estimating the run time of %s %s failed", method, endpoint)
+            return 0.0
+        return self.short_wait if estimate is not None and estimate <= self.short_wait else 0.0
+
+    def accepted(self, task: Task, ticket: int | None = None, hold: float = 0.0) -> Response:
         """The answer to a submit: 202, or with ``Prefer: wait=N`` the task's final
-        response if it finishes within N seconds (RFC 7240)."""
+        response if it finishes within N seconds (RFC 7240).
+
+        Without ``Prefer: wait`` or ``respond-async``, a submit waits up to ``hold``
+        seconds for its task before the 202: a task that ended meanwhile is shown
+        finished, with ``Retry-After: 0``, and the first poll gets its response.
+        """
         prefs = request_prefer(request.environ)
         seconds = wait_seconds(prefs)
         response: Response | None = None
-        if seconds:
+        if hold and seconds is None and not respond_async(prefs):
+            task = self.wait_briefly(task, hold, ticket)
+        elif seconds:
+            limit = min(seconds, self.max_wait)
+            # The first part of the wait as a short one: the end of a task that runs
+            # in this process is told here directly, and quick tasks are spared the
+            # news of every other (which SQLite's listener cannot tell apart).
+            first = min(limit, self.short_wait) if self.executor.local else 0.0
+            if first:
+                task = self.wait_briefly(task, first, ticket)
+                ticket = None  # read again at the end of that wait
             try:
-                finished = self.wait(task, seconds, ticket)
+                finished = self.wait(task, limit - first, ticket)
             except Unavailable:
                 finished = None  # the task is accepted: answer 202 all the same
             if finished is not None and finished.state.finished:
@@ -233,7 +272,7 @@ class AsyncState:
         assert task.response is not None
         return stored_to_response(task.response)
 
-    def wait(self, task: Task, seconds: int, ticket: int | None = None) -> Task | None:
+    def wait(self, task: Task, seconds: float, ticket: int | None = None) -> Task | None:
         """``task`` once finished, or as it reads after ``seconds`` (capped by
         ``RESTFUL_ASYNC_MAX_WAIT``); None if it went away meanwhile.
 
@@ -249,6 +288,18 @@ class AsyncState:
             min(seconds, self.max_wait),
             read=None if ticket is None else (ticket, task),
         )
+
+    def wait_briefly(self, task: Task, seconds: float, ticket: int | None) -> Task:
+        """``task`` once finished, or as it was if it runs past ``seconds`` (or the
+        store does not answer: the task is accepted all the same)."""
+        read = None if ticket is None else (ticket, task)
+        try:
+            # The task runs in this process, which tells its end directly: nothing
+            # to hear from other processes in so short a wait.
+            waited = waiting.wait_finished(self.store, task.id, seconds, read=read, listen=False)
+        except Unavailable:
+            return task
+        return task if waited is None else waited
 
     def status(self, task: Task, code: int) -> Response:
         """The status document as ``code``, with ``Location`` and ``Retry-After``."""
@@ -266,7 +317,10 @@ class AsyncState:
         From the progress the handler reported, if any: the time the rest of the
         work should take at the rate seen so far, at least 1 s and at most
         ``RESTFUL_ASYNC_MAX_RETRY_AFTER``. Otherwise ``RESTFUL_ASYNC_RETRY_AFTER``.
+        0 for a task that has finished (a submit that waited for it).
         """
+        if task.state.finished:
+            return 0
         progress = task.progress
         if (
             progress is None

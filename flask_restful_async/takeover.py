@@ -99,20 +99,20 @@ class Takeover:
         taken = 0
         for task, data in claimed:
             try:
-                self.executor.acquire()
+                snapshot = RequestSnapshot.from_bytes(data)
+            except ValueError:
+                self.app.logger.exception("Task %s cannot be taken over", task.id)
+                outbox.finish(
+                    self.store, task.id, TaskState.LOST, None, worker_id(), self.app.logger
+                )
+                continue
+            try:
+                # Held from here until a worker starts it, as a submit's snapshot.
+                self.executor.acquire(snapshot.held_bytes)
             except Saturated:
                 # This process's own submits took the room since the look: the
                 # task goes back to the store, for the next look or another process.
                 self._surplus.append(task.id)
-                continue
-            try:
-                snapshot = RequestSnapshot.from_bytes(data)
-            except ValueError:
-                self.app.logger.exception("Task %s cannot be taken over", task.id)
-                self.executor.release()
-                outbox.finish(
-                    self.store, task.id, TaskState.LOST, None, worker_id(), self.app.logger
-                )
                 continue
             task.worker = worker_id()
             self.executor.submit(self.app, task, snapshot, None)

@@ -47,6 +47,9 @@ LISTENER_LINGER = 10.0
 #: Endings (announced with their response, at most 4 KiB each) kept per store and
 #: process for waits that start after the news.
 REMEMBERED_ENDINGS = 1024
+#: Notifications (which task, or all) kept per store and process, so that a wait
+#: tells news of its own task from news of others since its ticket.
+REMEMBERED_NEWS = 1024
 
 _logger = logging.getLogger(__name__)
 
@@ -58,14 +61,16 @@ def _settled(task: Task | None) -> bool:
 
 class _Entry:
     """The waits on one task id: a condition on the shared lock, and a counter
-    that every notification of that id bumps (so no wake-up is ever missed)."""
+    that every notification of that id bumps (so no wake-up is ever missed);
+    ``deaf`` of the waits are not woken by news of every task (see ``listen``)."""
 
-    __slots__ = ("cond", "version", "waiters")
+    __slots__ = ("cond", "deaf", "version", "waiters")
 
     def __init__(self, lock: threading.Lock) -> None:
         self.cond = threading.Condition(lock)
         self.version = 0
         self.waiters = 0
+        self.deaf = 0
 
 
 class _Listener:
@@ -127,6 +132,11 @@ class Waiters:
         self._entries: dict[str, _Entry] = {}
         self._waiting = 0
         self._notices = 0  # notifications ever made, of any task
+        # The last notifications, as (number, task id or None for all): a wait
+        # whose ticket is older reads again only if one of them was about its task.
+        self._news: collections.deque[tuple[int, str | None]] = collections.deque(
+            maxlen=REMEMBERED_NEWS
+        )
         # The last endings the store announced, waited for or not: a wait whose
         # task ended between its read and its start takes the ending from here,
         # as Celery's result consumer keeps results it was sent.
@@ -150,7 +160,8 @@ class Waiters:
     def ticket(self) -> int:
         """A mark to take *before* reading a task that may then be waited on: pass
         both to :meth:`wait_finished`, which then reads again only if something
-        was notified in between (an int read under the GIL: no lock needed)."""
+        was notified about that task (or all tasks) in between (an int read under
+        the GIL: no lock needed)."""
         return self._notices
 
     def wait_finished(
@@ -159,12 +170,18 @@ class Waiters:
         timeout: float,
         *,
         read: tuple[int, Task | None] | None = None,
+        listen: bool = True,
     ) -> Task | None:
         """The task once it has finished (or expired, or is unknown: None), or as
         it reads after ``timeout`` seconds if it is still queued or running.
 
         ``read`` is ``(ticket, task)``: the task as the caller read it after taking
         :meth:`ticket`, which saves the first read when nothing ended meanwhile.
+        With ``listen=False`` the wait neither starts the listener nor wakes for
+        news of every task (SQLite's listener hears only that the file changed):
+        only news of its own task wakes it, as this process gives when it ran the
+        task. For short waits on this process's own tasks, which are read at
+        their end anyway.
         Raises ``StoreUnavailable`` as :meth:`TaskStore.get` does, from the first
         read or from any later one.
         """
@@ -179,7 +196,7 @@ class Waiters:
             notices, task = read
         if _settled(task) or timeout <= 0:
             return task
-        entry, seen, missed = self._enter(task_id, store, notices)
+        entry, seen, missed = self._enter(task_id, store, notices, listen)
         try:
             while True:
                 # Read after taking note of the counter (``seen``): a notification
@@ -202,7 +219,7 @@ class Waiters:
                         entry.cond.wait(min(remaining, self.recheck))
                     seen = entry.version
         finally:
-            self._leave(task_id, entry)
+            self._leave(task_id, entry, listen)
 
     def notify(self, task_id: str | None = None, ending: Ending | None = None) -> None:
         """Wake the waits on ``task_id`` (on every task when None) to read it again,
@@ -214,11 +231,12 @@ class Waiters:
                 watcher()
         with self._lock:
             if task_id is None:
-                entries = list(self._entries.values())
+                entries = [e for e in self._entries.values() if e.waiters > e.deaf]
             else:
                 entry = self._entries.get(task_id)
                 entries = [] if entry is None else [entry]
             self._notices += 1
+            self._news.append((self._notices, task_id))
             if task_id is None:
                 self._endings.clear()  # whatever was missed may have changed them
             elif ending is None:
@@ -249,7 +267,9 @@ class Waiters:
 
     # -- bookkeeping ---------------------------------------------------------------
 
-    def _enter(self, task_id: str, store: TaskStore, notices: int) -> tuple[_Entry, int, bool]:
+    def _enter(
+        self, task_id: str, store: TaskStore, notices: int, listen: bool
+    ) -> tuple[_Entry, int, bool]:
         """Register a wait: its entry, the entry's counter now, and whether anything
         was notified since ``notices`` was read (then the task must be read again)."""
         with self._lock:
@@ -257,14 +277,32 @@ class Waiters:
             if entry is None:
                 entry = self._entries[task_id] = _Entry(self._lock)
             entry.waiters += 1
+            entry.deaf += not listen
             self._waiting += 1
-            if self._listener is None and store.shared and not _exiting:
+            if listen and self._listener is None and store.shared and not _exiting:
                 self._start_listener(store)
-            return entry, entry.version, self._notices != notices
+            return entry, entry.version, self._news_since(notices, task_id)
 
-    def _leave(self, task_id: str, entry: _Entry) -> None:
+    def _news_since(self, notices: int, task_id: str) -> bool:
+        """Whether a notification made since ``notices`` may concern ``task_id``;
+        the caller holds the lock. Under load, other tasks end all the time
+        between a ticket and its wait: news of them is no reason to read again."""
+        if self._notices == notices:
+            return False
+        news = self._news
+        if not news or news[0][0] > notices + 1:
+            return True  # some of it is forgotten
+        for number, about in reversed(news):
+            if number <= notices:
+                return False
+            if about is None or about == task_id:
+                return True
+        return False
+
+    def _leave(self, task_id: str, entry: _Entry, listen: bool) -> None:
         with self._lock:
             entry.waiters -= 1
+            entry.deaf -= not listen
             if entry.waiters == 0 and self._entries.get(task_id) is entry:
                 del self._entries[task_id]
             self._waiting -= 1
@@ -342,9 +380,10 @@ def wait_finished(
     timeout: float,
     *,
     read: tuple[int, Task | None] | None = None,
+    listen: bool = True,
 ) -> Task | None:
     """:meth:`Waiters.wait_finished` on this process's waiters of ``store``."""
-    return waiters_for(store).wait_finished(task_id, timeout, read=read)
+    return waiters_for(store).wait_finished(task_id, timeout, read=read, listen=listen)
 
 
 def ticket(store: TaskStore) -> int:

@@ -488,6 +488,79 @@ def test_an_ending_announced_before_a_wait_spares_its_read(
     assert reads == [task.id]
 
 
+def test_news_of_other_tasks_since_a_ticket_costs_no_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from flask_restful_async.stores.base import Ending
+
+    store = MemoryStore()
+    waiters = Waiters(store)
+    task = running_task(store)
+    ticket = waiters.ticket()
+    for other in ("a", "b", "c"):
+        waiters.notify(other)
+    reads, _ = count_reads(store, monkeypatch)
+    response = StoredResponse(200, [], b"done")
+    ending = Ending(TaskState.SUCCEEDED, time.time(), response)
+    ender = later(0.05, lambda: waiters.notify(task.id, ending))
+    got = waiters.wait_finished(task.id, 5, read=(ticket, task))
+    ender.join(5)
+    assert got is not None
+    assert got.state is TaskState.SUCCEEDED
+    assert reads == []  # nothing read: not at the start, not at the end
+
+
+@pytest.mark.parametrize("news", ["all", "forgotten"])
+def test_news_that_may_concern_a_task_since_its_ticket_is_read(
+    news: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(waiting, "REMEMBERED_NEWS", 2)
+    store = MemoryStore()
+    waiters = Waiters(store)
+    task = running_task(store)
+    ticket = waiters.ticket()
+    store.finish(task.id, TaskState.SUCCEEDED)
+    if news == "all":
+        waiters.notify(None)
+    else:
+        # news of this very task, then more than are remembered of others
+        waiters.notify(task.id)
+        for other in ("a", "b"):
+            waiters.notify(other)
+    reads, _ = count_reads(store, monkeypatch)
+    got = waiters.wait_finished(task.id, 5, read=(ticket, task))
+    assert got is not None
+    assert got.state is TaskState.SUCCEEDED
+    assert reads == [task.id]
+
+
+def test_a_wait_that_does_not_listen_hears_only_of_its_own_task(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = SQLiteStore(str(tmp_path / "deaf.db"))
+    try:
+        waiters = Waiters(store)
+        task = running_task(store)
+        reads, _ = count_reads(store, monkeypatch)
+        # news of every task (as SQLite's listener gives it) does not wake it;
+        # news of its own task does
+        ender = later(
+            0.1,
+            lambda: waiters.notify(None),
+            lambda: store.finish(task.id, TaskState.SUCCEEDED),
+            lambda: waiters.notify(task.id),
+        )
+        got = waiters.wait_finished(task.id, 5, read=(waiters.ticket(), task), listen=False)
+        ender.join(5)
+        assert got is not None
+        assert got.state is TaskState.SUCCEEDED
+        assert reads == [task.id]
+        assert not waiters.listening  # a shared store, but nothing listened
+    finally:
+        waiters.close()
+        store.close()
+
+
 # -- across processes --------------------------------------------------------------------
 
 # argv: kind, where, prefix. Reads "<task id> <delay>" lines, finishes each task

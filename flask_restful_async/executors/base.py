@@ -33,16 +33,24 @@ class Executor(abc.ABC):
     #: :class:`~flask_restful_async.takeover.Takeover`).
     on_done: t.Callable[[], None] | None = None
 
+    #: For a local executor: called with the endpoint, the method (lower case) and
+    #: the seconds from :meth:`submit` to the end of each of its tasks (see
+    #: :mod:`flask_restful_async.estimates`). What it raises is logged and ignored.
+    on_ran: t.Callable[[str, str, float], None] | None = None
+
     def bind(self, app: Flask) -> None:
         """``register_async`` is setting ``app`` up with this executor (once per app).
         An executor whose workers run in other processes remembers the app here, so
         that a worker, which imported the same code, finds it. Nothing by default."""
 
-    def acquire(self) -> None:
-        """Reserve room for one task, or raise ``Saturated``. Unbounded by default."""
+    def acquire(self, size: int = 0) -> None:
+        """Reserve room for one task whose request snapshot holds ``size`` bytes
+        (:attr:`RequestSnapshot.held_bytes
+        <flask_restful_async.snapshot.RequestSnapshot.held_bytes>`), or raise
+        ``Saturated``. Unbounded by default."""
 
-    def release(self) -> None:
-        """Give back a reservation that will not be submitted."""
+    def release(self, size: int = 0) -> None:
+        """Give back a reservation (of the same ``size``) that will not be submitted."""
 
     def idle(self, limit: int) -> int:
         """How many of ``limit`` tasks taken over from other processes this

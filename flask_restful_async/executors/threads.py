@@ -29,13 +29,19 @@ class _Job:
     worker: str | None
     snapshot: RequestSnapshot
     resource: Resource | None
+    # When it was submitted (time.monotonic()): its run time counts from there.
+    submitted: float = dataclasses.field(default_factory=time.monotonic)
 
 
 class ThreadExecutor(Executor):
-    """At most ``max_workers`` tasks run at once; at most ``max_pending`` more wait.
+    """At most ``max_workers`` tasks run at once; at most ``max_pending`` more wait,
+    holding at most ``max_pending_bytes`` of request snapshots between them.
 
-    Beyond that, :meth:`acquire` raises ``Saturated`` and the client gets 503 with
-    ``Retry-After``: the process never grows an unbounded queue or thread count.
+    Beyond either bound, :meth:`acquire` raises ``Saturated`` and the client gets
+    503 with ``Retry-After``: the process never grows an unbounded queue, heap or
+    thread count. A task counts against ``max_pending_bytes`` from its submit until
+    a worker starts it; one task is always let in when none waits, whatever its
+    size (the body's own bound is ``RESTFUL_ASYNC_MAX_BODY``).
 
     Threads are started on demand in the process that submits, so an executor
     created before ``fork`` (``gunicorn --preload``) works in every child. At
@@ -48,14 +54,21 @@ class ThreadExecutor(Executor):
     local = True
 
     def __init__(
-        self, max_workers: int = 8, max_pending: int = 64, shutdown_timeout: float = 20.0
+        self,
+        max_workers: int = 8,
+        max_pending: int = 4096,
+        shutdown_timeout: float = 20.0,
+        max_pending_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         if max_workers < 1:
             raise ValueError("max_workers must be at least 1")
         if max_pending < 0:
             raise ValueError("max_pending must be 0 or more")
+        if max_pending_bytes < 0:
+            raise ValueError("max_pending_bytes must be 0 or more")
         self.max_workers = max_workers
         self.max_pending = max_pending
+        self.max_pending_bytes = max_pending_bytes
         self.shutdown_timeout = shutdown_timeout
         self._reset()
         _executors.add(self)
@@ -70,6 +83,8 @@ class ThreadExecutor(Executor):
         self._threads: list[threading.Thread] = []
         # Tasks accepted or taken over and not yet done (running or waiting).
         self._taken = 0
+        # Bytes of the snapshots of tasks reserved or waiting, not yet started.
+        self._held_bytes = 0
         self._closed = False
         self._exit_hook_registered = False
 
@@ -78,18 +93,35 @@ class ThreadExecutor(Executor):
         """Worker threads started in this process so far (at most ``max_workers``)."""
         return len(self._threads)
 
-    def acquire(self) -> None:
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of request snapshots held by tasks accepted and not yet started."""
+        return self._held_bytes
+
+    def acquire(self, size: int = 0) -> None:
         if self._closed or not self._slots.acquire(blocking=False):
             raise Saturated(
                 f"All {self.max_workers} workers are busy and {self.max_pending}"
                 " tasks are waiting; try again later."
             )
         with self._lock:
-            self._taken += 1
+            if self._held_bytes and self._held_bytes + size > self.max_pending_bytes:
+                full = True
+            else:
+                full = False
+                self._taken += 1
+                self._held_bytes += size
+        if full:
+            self._slots.release()
+            raise Saturated(
+                f"The tasks waiting here hold {self.max_pending_bytes} bytes of requests"
+                " between them; try again later."
+            )
 
-    def release(self) -> None:
+    def release(self, size: int = 0) -> None:
         with self._lock:
             self._taken -= 1
+            self._held_bytes -= size
         self._slots.release()
 
     def idle(self, limit: int) -> int:
@@ -140,13 +172,26 @@ class ThreadExecutor(Executor):
             job = self._queue.get()
             if job is None:
                 return
+            with self._lock:
+                self._held_bytes -= job.snapshot.held_bytes
             try:
                 run_task(job.app, job.task_id, job.snapshot, job.resource)
             finally:
                 self.release()
             self._idle.release()
+            if self.on_ran is not None:
+                self._report_run_time(job)
             if self.on_done is not None:
                 self.on_done()
+
+    def _report_run_time(self, job: _Job) -> None:
+        assert self.on_ran is not None
+        seconds = time.monotonic() - job.submitted
+        try:
+            self.on_ran(job.snapshot.endpoint, job.snapshot.method, seconds)
+        except Exception:
+            # Only a guess of run times is lost: the worker carries on.
+            job.app.logger.exception("Recording the run time of task %s failed", job.task_id)
 
     def shutdown(self, timeout: float | None = None) -> None:
         if os.getpid() != self._pid:
@@ -183,8 +228,8 @@ class ThreadExecutor(Executor):
         for app in {id(job.app): job.app for job in jobs}.values():
             mine = [(job.task_id, job.worker, job.snapshot) for job in jobs if job.app is app]
             hand_back(app, mine)
-        for _ in jobs:
-            self.release()
+        for job in jobs:
+            self.release(job.snapshot.held_bytes)
 
 
 _executors: weakref.WeakSet[ThreadExecutor] = weakref.WeakSet()

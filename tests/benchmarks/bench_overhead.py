@@ -96,6 +96,10 @@ def padded(size: int) -> dict[str, t.Any]:
 def make_app(store: TaskStore | str) -> Flask:
     app = Flask(__name__)
     app.config["RESTFUL_ASYNC_MAX_PENDING"] = 1_000_000
+    app.config["RESTFUL_ASYNC_MAX_PENDING_BYTES"] = 1 << 40
+    # What a submit costs the request thread, without waiting for its task: the
+    # tasks are held at a gate while submits are timed.
+    app.config["RESTFUL_ASYNC_SHORT_WAIT"] = 0
     api = Api(app)
     register_async(api, store=store)
     api.add_resource(PlainOrders, "/plain/orders")

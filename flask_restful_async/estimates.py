@@ -1,0 +1,48 @@
+"""How long the tasks of each endpoint take, as this process has seen them.
+
+A client that polls as ``Retry-After`` tells it waits at least a second (the
+header counts whole seconds) for a task that may take 20 ms. So a submit whose
+task will most likely end within ``RESTFUL_ASYNC_SHORT_WAIT`` seconds waits for
+it in the request thread, through the long-poll machinery (see
+:mod:`flask_restful_async.waiting`), before it answers ``202``: the status
+document then already reads finished and ``Retry-After`` is ``0``, so the
+client's first poll gets the result. Whether a task will likely end soon is
+told by :class:`RunTimes`: per endpoint and method, an exponentially weighted
+average of the time from submit to end of the tasks this process ran.
+
+Samples come from a local executor (threads), which calls :meth:`RunTimes.record`
+as each task is done; what a sample measures includes the time the task waited
+for a worker, so a backlog makes submits stop waiting by itself. With an
+executor that runs tasks elsewhere (Celery), nothing is sampled and no submit
+waits.
+"""
+
+from __future__ import annotations
+
+#: Weight of the newest sample in the average: about the last ten tasks count.
+WEIGHT = 0.2
+
+
+class RunTimes:
+    """Seconds from submit to end, per ``(endpoint, method)``, in this process."""
+
+    def __init__(self, weight: float = WEIGHT) -> None:
+        if not 0 < weight <= 1:
+            raise ValueError("weight must be above 0 and at most 1")
+        self.weight = weight
+        self._averages: dict[tuple[str, str], float] = {}
+
+    def record(self, endpoint: str, method: str, seconds: float) -> None:
+        """One task of ``endpoint`` and ``method`` (lower case) took ``seconds``."""
+        # No lock: two workers recording at once may lose one sample of an average,
+        # which costs nothing, where a lock would have to be remade after a fork.
+        key = (endpoint, method)
+        average = self._averages.get(key)
+        if average is None:
+            self._averages[key] = seconds
+        else:
+            self._averages[key] = average + self.weight * (seconds - average)
+
+    def estimate(self, endpoint: str, method: str) -> float | None:
+        """The expected seconds from submit to end; None before the first sample."""
+        return self._averages.get((endpoint, method))
