@@ -138,7 +138,7 @@ def store_response(response: ResponseBase, max_size: int) -> StoredResponse:
 #: answered, not when the task ended) and ``Cache-Control`` (replaced).
 _MESSAGE_HEADERS = frozenset(("cache-control", "content-length", "date"))
 #: Headers of a stored ``200`` that make a ``GET`` of it conditional.
-_CONDITIONAL = ("ETag", "Last-Modified", "Accept-Ranges")
+_CONDITIONAL = frozenset(("etag", "last-modified", "accept-ranges"))
 
 
 def served_headers(headers: t.Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -184,7 +184,7 @@ def stored_to_response(stored: StoredResponse) -> Response:
     ``Accept-Ranges``; otherwise the whole body comes with ``200``.
     """
     response = current_app.response_class(stored.body, stored.status, stored.headers)
-    if stored.status == 200 and any(name in response.headers for name in _CONDITIONAL):
+    if stored.status == 200 and any(name.lower() in _CONDITIONAL for name, _ in stored.headers):
         response.make_conditional(
             request,
             accept_ranges=response.accept_ranges == "bytes",
