@@ -691,6 +691,41 @@ def test_a_lapsed_holders_tasks_are_claimable_lost_or_queued_again(
     assert stored_snapshots(store) == 2  # the queued one's and the rerun one's
 
 
+def test_a_lapsed_holders_tasks_are_settled_by_a_claim_without_any_read(
+    shared_store: TaskStore,
+) -> None:
+    """Nobody polls them: the next claim still requeues the rerun task (and runs
+    it again), and records the others as lost or cancelled."""
+    store = shared_store
+    store.configure(result_ttl=3600, tombstone_ttl=3600, lease=0.2)
+    store.renew_lease("dying")
+    queued = store.create(new_task(worker="dying", created_at=BASE), SNAPSHOT + b"q")
+    plain = store.create(new_task(worker="dying", created_at=BASE + 1))
+    running = store.create(new_task(worker="dying", created_at=BASE + 2), SNAPSHOT)
+    rerun = store.create(new_task(worker="dying", created_at=BASE + 3, rerun=True), SNAPSHOT)
+    rerun_cancelled = store.create(
+        new_task(worker="dying", created_at=BASE + 4, rerun=True), SNAPSHOT
+    )
+    for task in (running, rerun, rerun_cancelled):
+        store.start(task.id, "dying")
+    store.request_cancel(rerun_cancelled.id)
+    time.sleep(0.3)
+    store.renew_lease("alive")
+    claimed = store.claim("alive", 10)
+    assert [each.task.id for each in claimed] == [queued.id, rerun.id]
+    ended = {
+        state: {task.id for task in store.list(owner=None, state=state)}
+        for state in (TaskState.LOST, TaskState.CANCELLED)
+    }
+    assert ended == {
+        TaskState.LOST: {plain.id, running.id},
+        TaskState.CANCELLED: {rerun_cancelled.id},
+    }
+    again = store.start(rerun.id, "alive")
+    assert again is not None
+    assert (again.state, again.worker) == (TaskState.RUNNING, "alive")
+
+
 def test_a_released_lease_makes_its_queued_tasks_claimable_at_once(
     shared_store: TaskStore,
 ) -> None:

@@ -176,16 +176,24 @@ _READS_AS: dict[TaskState, tuple[str, tuple[str, ...]]] = {
     ),
 }
 # The tasks claim() may take, oldest first (bind: now - queued_ttl, limit): those
-# no process holds (see _free_lapsed), through the partial index tasks_unheld.
+# no process holds (see _ORPHAN), through the partial index tasks_unheld.
 _CLAIMABLE = (
     "SELECT id FROM tasks WHERE worker IS NULL AND snapshot IS NOT NULL"
     " AND state = 'queued' AND cancel_requested = 0 AND created_at >= ?"
     " ORDER BY created_at, id LIMIT ?"
 )
-# Frees the queued tasks of a worker that is gone, for claim() (bind: worker).
-# A scan of the table, but once per worker that dies or leaves.
-_FREE = (
-    "UPDATE tasks SET worker = NULL WHERE worker = ? AND state = 'queued' AND snapshot IS NOT NULL"
+# What becomes of the active tasks of a worker that is gone, in this order (bind:
+# worker; then now, worker): those another process can run (queued with their
+# request, or running with ``rerun``) wait again, held by none, for claim(); the
+# others end, recorded so: cancelled if that was asked of a ``rerun`` one, lost
+# otherwise. Scans of the table, but once per worker that dies or leaves.
+_ORPHAN = (
+    "UPDATE tasks SET state = 'queued', worker = NULL, started_at = NULL, progress = NULL"
+    " WHERE worker = ? AND snapshot IS NOT NULL AND cancel_requested = 0"
+    " AND (state = 'queued' OR (state = 'running' AND rerun = 1))",
+    "UPDATE tasks SET finished_at = ?, snapshot = NULL, state = CASE"
+    " WHEN state = 'running' AND rerun = 1 AND cancel_requested = 1 THEN 'cancelled'"
+    f" ELSE 'lost' END WHERE worker = ? AND state IN {_ACTIVE}",
 )
 
 
@@ -537,13 +545,14 @@ class SQLiteStore(TaskStore):
         return [Claimed(self._task(row), self._spool.read(row[16]) or b"") for row in rows]
 
     @staticmethod
-    def _free_lapsed(conn: sqlite3.Connection, now: float) -> None:
-        """Free the queued tasks of every worker whose lease has lapsed, for any
-        process to claim, and forget the lease: a worker without one has lapsed
-        all the same (its running tasks read lost)."""
-        lapsed = conn.execute("SELECT worker FROM leases WHERE expires_at < ?", (now,)).fetchall()
+    def _free_lapsed(conn: sqlite3.Connection, lapsed_before: float) -> None:
+        """Orphan the active tasks of every worker whose lease lapsed before
+        ``lapsed_before`` (see _ORPHAN), and forget the lease."""
+        lapsed = conn.execute(
+            "SELECT worker FROM leases WHERE expires_at < ?", (lapsed_before,)
+        ).fetchall()
         for (gone,) in lapsed:
-            conn.execute(_FREE, (gone,))
+            _orphan(conn, gone)
             conn.execute("DELETE FROM leases WHERE worker = ?", (gone,))
 
     def hand_back(self, worker: str, task_ids: t.Sequence[str]) -> int:
@@ -672,10 +681,9 @@ class SQLiteStore(TaskStore):
             )
 
     def release_lease(self, worker: str) -> None:
-        # A worker without a lease has lapsed: its running tasks read as lost now,
-        # and its queued ones (if any were not handed back) are free to claim.
+        # A worker without a lease has lapsed: what it still held is orphaned now.
         with self._transaction() as conn:
-            conn.execute(_FREE, (worker,))
+            _orphan(conn, worker)
             conn.execute("DELETE FROM leases WHERE worker = ?", (worker,))
 
     # -- opaque blobs ------------------------------------------------------------
@@ -846,6 +854,13 @@ def _decoded_headers(text: str) -> tuple[tuple[str, str], ...]:
         return ()
     parts = text.split("\x00")
     return tuple(zip(parts[::2], parts[1::2], strict=True))
+
+
+def _orphan(conn: sqlite3.Connection, worker: str) -> None:
+    """What becomes of the active tasks of ``worker``, which is gone (see _ORPHAN)."""
+    requeue, end = _ORPHAN
+    conn.execute(requeue, (worker,))
+    conn.execute(end, (time.time(), worker))
 
 
 def _drop_results(conn: sqlite3.Connection, rows: t.Iterable[t.Sequence[t.Any]]) -> None:
