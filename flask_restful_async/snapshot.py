@@ -23,6 +23,7 @@ import typing as t
 from flask import Flask, g, request
 from flask.ctx import RequestContext
 from werkzeug.datastructures import MultiDict
+from werkzeug.routing import Rule
 from werkzeug.test import EnvironBuilder
 
 # Headers that described the original transfer, not the request itself: the copy
@@ -57,6 +58,12 @@ class RequestSnapshot:
     args: tuple[t.Any, ...] = ()
     kwargs: dict[str, t.Any] = dataclasses.field(default_factory=dict)
     g: dict[str, t.Any] = dataclasses.field(default_factory=dict)
+    #: The URL rule and view arguments the submit matched: a replay in the same
+    #: process takes them instead of matching the URL again. Never written out
+    #: (another process matches).
+    match: tuple[Rule, dict[str, t.Any]] | None = dataclasses.field(
+        default=None, compare=False, repr=False
+    )
 
     @classmethod
     def capture(
@@ -92,6 +99,11 @@ class RequestSnapshot:
             args=args,
             kwargs=kwargs,
             g={name: g.get(name) for name in g},
+            match=(
+                (request.url_rule, dict(request.view_args))
+                if request.url_rule is not None and request.view_args is not None
+                else None
+            ),
         )
 
     def request_context(self, app: Flask) -> RequestContext:
@@ -108,7 +120,9 @@ class RequestSnapshot:
                 "wsgi.input_terminated": True,
             }
         )
-        return app.request_context(environ)
+        if self.match is None or type(app).request_context is not Flask.request_context:
+            return app.request_context(environ)
+        return _MatchedContext(app, environ, self.match)
 
     def restore_g(self) -> None:
         """Copy the submit-time ``g`` into the (fresh) ``g`` of the current context."""
@@ -234,6 +248,21 @@ class RequestSnapshot:
 # One encoder for every snapshot: json.dumps with arguments of its own would build
 # a new one per call, a third of the cost of a small header.
 _ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+class _MatchedContext(RequestContext):
+    """A request context whose URL was matched already, by the submit:
+    ``match_request`` is Flask's documented hook for this."""
+
+    def __init__(
+        self, app: Flask, environ: dict[str, t.Any], match: tuple[Rule, dict[str, t.Any]]
+    ) -> None:
+        super().__init__(app, environ)
+        self.known_match = match
+
+    def match_request(self) -> None:
+        rule, view_args = self.known_match
+        self.request.url_rule, self.request.view_args = rule, dict(view_args)
 
 
 def _dumps(data: dict[str, t.Any]) -> str:

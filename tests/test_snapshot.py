@@ -68,3 +68,32 @@ def test_view_arguments_that_are_not_json_make_it_not_portable() -> None:
 def test_from_bytes_refuses_other_data(data: bytes) -> None:
     with pytest.raises(ValueError, match="snapshot"):
         RequestSnapshot.from_bytes(data)
+
+
+class _Custom(Flask):
+    def request_context(self, environ: t.Any) -> t.Any:
+        self.contexts = getattr(self, "contexts", 0) + 1
+        return super().request_context(environ)
+
+
+@pytest.mark.parametrize("app_class", [Flask, _Custom])
+def test_a_replay_sees_the_url_rule_and_view_args_the_submit_matched(
+    app_class: type[Flask],
+) -> None:
+    """In process, the submit's match is taken as it is (the URL is not matched
+    again, unless the app makes its own request contexts); from bytes, in another
+    process, the URL is matched: either way the handler sees the same."""
+    app = app_class(__name__)
+    app.add_url_rule("/things/<int:thing>", "thing", lambda thing: "", methods=["PUT"])
+    with app.test_request_context("/things/7", method="PUT"):
+        snapshot = RequestSnapshot.capture(b"", "put", (), {"thing": 7})
+    assert snapshot.match is not None
+    for replayed in (snapshot, RequestSnapshot.from_bytes(snapshot.to_bytes())):
+        with replayed.request_context(app):
+            assert request.url_rule is not None
+            assert (request.url_rule.rule, request.endpoint) == ("/things/<int:thing>", "thing")
+            assert request.view_args == {"thing": 7}
+            request.view_args["thing"] = 8  # a handler's change stays in its request
+    assert snapshot.match[1] == {"thing": 7}
+    if app_class is _Custom:
+        assert app.contexts == 3  # type: ignore[attr-defined]
