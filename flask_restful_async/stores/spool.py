@@ -90,10 +90,14 @@ class SnapshotSpool:
             offset = segment.size
             try:
                 written = os.write(segment.fd, data)
-                if written != len(data):
-                    raise OSError(
-                        f"short write to the snapshot spool: {written} of {len(data)} bytes"
-                    )
+                if written < len(data):
+                    # A large write may be cut short (by a signal): write the rest.
+                    with memoryview(data) as rest:
+                        while written < len(data):
+                            step = os.write(segment.fd, rest[written:])
+                            if step == 0:
+                                raise OSError("the snapshot spool takes no more bytes")
+                            written += step
             except OSError:
                 # Start over in a new segment: this one's end is a fragment.
                 self._seal(owner)
