@@ -37,6 +37,7 @@ Resolved points where the RFC leaves room:
 
 from __future__ import annotations
 
+import functools
 import typing as t
 from dataclasses import dataclass, field
 
@@ -106,7 +107,21 @@ def request_prefer(environ: t.Mapping[str, t.Any]) -> dict[str, Preference]:
     through every header of the request).
     """
     value = environ.get("HTTP_PREFER")
-    return parse_prefer((value,)) if value else {}
+    if not value:
+        return {}
+    if len(value) > _CACHED_VALUE_MAX:
+        return parse_prefer((value,))
+    return dict(_parse_cached(value))
+
+
+#: Header values up to this length are parsed once per process (clients send the
+#: same few, e.g. ``wait=20``, over and over); longer ones every time.
+_CACHED_VALUE_MAX = 256
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_cached(value: str) -> tuple[tuple[str, Preference], ...]:
+    return tuple(parse_prefer((value,)).items())
 
 
 def wait_seconds(prefs: t.Mapping[str, Preference]) -> int | None:
