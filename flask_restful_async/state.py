@@ -160,6 +160,7 @@ class AsyncState:
             task.idempotency_key = f"{request.method} {request.path} {key}"
             task.fingerprint = _fingerprint(body)
         snapshot = RequestSnapshot.capture(body, method, args, kwargs)
+        task.endpoint, task.method, task.path = snapshot.endpoint, request.method, request.path
         size = snapshot.held_bytes
         stored: bytes | None = None
         if self.takeover is not None:
