@@ -12,6 +12,11 @@ from .executors import Executor as Executor
 from .executors import ThreadExecutor as ThreadExecutor
 from .extension import register_async as register_async
 from .resource import AsyncResource as AsyncResource
+from .signals import task_finished as task_finished
+from .signals import task_progress as task_progress
+from .signals import task_rejected as task_rejected
+from .signals import task_started as task_started
+from .signals import task_submitted as task_submitted
 from .status import TaskListResource as TaskListResource
 from .status import TaskResultResource as TaskResultResource
 from .status import TaskStatusResource as TaskStatusResource
@@ -42,4 +47,9 @@ __all__ = [
     "Unavailable",
     "current_task",
     "register_async",
+    "task_finished",
+    "task_progress",
+    "task_rejected",
+    "task_started",
+    "task_submitted",
 ]

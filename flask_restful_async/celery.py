@@ -127,6 +127,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import time
 import typing as t
 import weakref
 
@@ -137,7 +138,7 @@ except ImportError as e:  # pragma: no cover - depends on the installed extras
         "flask_restful_async.celery needs Celery: pip install flask-restful-async[celery]"
     ) from e
 
-from . import waiting
+from . import signals, waiting
 from .exceptions import RestfulAsyncError, StoreUnavailable, Unavailable
 from .executors.base import Executor
 from .lease import LeaseKeeper
@@ -302,7 +303,12 @@ class CeleryExecutor(Executor):
                 connection.ensure_connection(max_retries=1, interval_start=0, timeout=2)
                 self.celery_app.control.revoke(task_id, connection=connection)
         except Exception as e:
-            app.logger.warning("Could not revoke the message of task %s: %r", task_id, e)
+            app.logger.warning(
+                "Could not revoke the message of task %s: %r",
+                task_id,
+                e,
+                extra={"task_id": task_id},
+            )
 
 
 def _forget(app: Flask, task_id: str, body_key: str | None = None) -> None:
@@ -313,7 +319,9 @@ def _forget(app: Flask, task_id: str, body_key: str | None = None) -> None:
         if body_key is not None:
             store.take_blob(body_key)
     except RestfulAsyncError:
-        app.logger.warning("Could not delete unsent task %s", task_id, exc_info=True)
+        app.logger.warning(
+            "Could not delete unsent task %s", task_id, exc_info=True, extra={"task_id": task_id}
+        )
 
 
 # -- which Flask app a message is for ------------------------------------------------
@@ -433,6 +441,11 @@ def _end_queued(flask_app: Flask, task_id: str, response: StoredResponse) -> Non
         if task is not None and task.state is TaskState.QUEUED:
             store.finish(task_id, TaskState.FAILED, response)
             waiting.notify(store, task_id)
+            if signals.task_finished.receivers:
+                ended = dataclasses.replace(
+                    task, state=TaskState.FAILED, finished_at=time.time(), response=response
+                )
+                signals.send(signals.task_finished, flask_app, task=ended)
     except RestfulAsyncError:
         flask_app.logger.error(
             "Could not mark task %s as failed: it reads queued until the store answers"
@@ -474,10 +487,20 @@ def _register(celery_app: Celery) -> t.Any:
         if app is None:
             message = _no_app_message(celery_app, task_id, flask_app)
             if self.request.retries >= APP_RETRIES:
-                _logger.error("%s Gave the task up after %d tries.", message, APP_RETRIES + 1)
+                _logger.error(
+                    "%s Gave the task up after %d tries.",
+                    message,
+                    APP_RETRIES + 1,
+                    extra={"task_id": task_id},
+                )
                 return
             delay = min(APP_RETRY_DELAY, 2**self.request.retries)
-            _logger.error("%s The message goes back to the broker for %d s.", message, delay)
+            _logger.error(
+                "%s The message goes back to the broker for %d s.",
+                message,
+                delay,
+                extra={"task_id": task_id},
+            )
             raise self.retry(countdown=delay, max_retries=APP_RETRIES)
         try:
             snapshot = _prepare(app, task_id, snapshot_json, body_key)

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import logging
 import time
 import typing as t
 
 from werkzeug.local import LocalProxy
 
+from . import signals
 from .exceptions import StoreUnavailable, TaskCancelled
 from .progress import ProgressReporter
 from .task import Progress
 
 if t.TYPE_CHECKING:
+    from flask import Flask
+
     from .stores.base import TaskStore
+    from .task import Task
 
 #: How long a read of the cancel flag is trusted before the store is asked again,
 #: so that a handler may test ``current_task.cancelled`` in a tight loop.
@@ -27,6 +32,9 @@ class TaskHandle:
     Nothing here raises for a store outage: progress is best effort (see
     :mod:`flask_restful_async.progress`), and the cancel flag keeps its last known
     value until the store answers again.
+
+    With ``app`` and ``record`` (the task as it started), each report sends
+    :data:`~flask_restful_async.signals.task_progress`.
     """
 
     def __init__(
@@ -36,9 +44,15 @@ class TaskHandle:
         *,
         progress_interval: float = 0.0,
         logger: logging.Logger | None = None,
+        app: Flask | None = None,
+        record: Task | None = None,
     ) -> None:
         self.id = task_id
         self._store = store
+        self._app = app
+        self._record = record
+        #: The latest progress the handler reported (None before the first report).
+        self.latest: Progress | None = None
         self._cancelled = False
         self._checked_at = 0.0
         self._reporter = ProgressReporter(
@@ -64,7 +78,11 @@ class TaskHandle:
             raise TypeError("current must be a number")
         if message is not None and not isinstance(message, str):
             raise TypeError("message must be a string or None")
-        self._reporter.report(Progress(current, total, message))
+        progress = self.latest = Progress(current, total, message)
+        self._reporter.report(progress)
+        if signals.task_progress.receivers and self._app is not None and self._record is not None:
+            task = dataclasses.replace(self._record, progress=progress)
+            signals.send(signals.task_progress, self._app, task=task)
 
     def _close(self) -> None:
         # The handler returned: write the progress still kept, take no more.

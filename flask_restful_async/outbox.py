@@ -78,10 +78,19 @@ def start(store: TaskStore, task_id: str, worker: str, logger: logging.Logger) -
             return None  # cancelled, or lost meanwhile
         except StoreUnavailable as e:
             if not tried:
-                logger.warning("Task %s cannot start yet, trying again: %s", task_id, e.message)
+                logger.warning(
+                    "Task %s cannot start yet, trying again: %s",
+                    task_id,
+                    e.message,
+                    extra={"task_id": task_id},
+                )
             tried = True
             if time.monotonic() >= deadline:
-                logger.error("Task %s could not be started; it ends as lost", task_id)
+                logger.error(
+                    "Task %s could not be started; it ends as lost",
+                    task_id,
+                    extra={"task_id": task_id},
+                )
                 outbox_for(store).put(task_id, TaskState.LOST, None, worker, logger)
                 return None
         time.sleep(pause * random.uniform(0.5, 1.0))
@@ -95,11 +104,12 @@ def finish(
     response: StoredResponse | None,
     worker: str | None,
     logger: logging.Logger,
-) -> None:
+) -> TaskState:
     """Record a task's outcome now, or, if the store does not take it, in the outbox.
 
     Never raises. An error other than an outage (the store refused this outcome)
-    is logged, and the task ends as ``lost`` instead.
+    is logged, and the task ends as ``lost`` instead. Returns the state recorded
+    (or waiting in the outbox): ``state``, or ``lost``.
     """
     try:
         store.finish(task_id, state, response)
@@ -108,14 +118,20 @@ def finish(
             "The outcome of task %s waits for the store, which did not take it: %s",
             task_id,
             e.message,
+            extra={"task_id": task_id},
         )
         outbox_for(store).put(task_id, state, response, worker, logger)
-        return
+        return state
     except Exception:
-        logger.exception("The store refused the outcome of task %s; it ends as lost", task_id)
+        logger.exception(
+            "The store refused the outcome of task %s; it ends as lost",
+            task_id,
+            extra={"task_id": task_id},
+        )
         outbox_for(store).put(task_id, TaskState.LOST, None, worker, logger)
-        return
+        return TaskState.LOST
     waiting.notify(store, task_id)  # long-polls in this process wake at once
+    return state
 
 
 @dataclasses.dataclass
@@ -219,7 +235,9 @@ class Outbox:
                 return False
             except Exception:
                 outcome.logger.exception(
-                    "The store refused the outcome of task %s", outcome.task_id
+                    "The store refused the outcome of task %s",
+                    outcome.task_id,
+                    extra={"task_id": outcome.task_id},
                 )
                 with self._lock:
                     if outcome.response is None and outcome.state is TaskState.LOST:
@@ -230,7 +248,11 @@ class Outbox:
             with self._lock:
                 if self._waiting.get(outcome.task_id) is outcome:
                     self._remove(outcome.task_id)
-            outcome.logger.info("The outcome of task %s is stored", outcome.task_id)
+            outcome.logger.info(
+                "The outcome of task %s is stored",
+                outcome.task_id,
+                extra={"task_id": outcome.task_id},
+            )
             waiting.notify(self.store, outcome.task_id)
         return True
 
@@ -253,6 +275,7 @@ class Outbox:
                         "Too many outcomes wait for the store: the response of task %s is"
                         " dropped, it ends as lost",
                         outcome.task_id,
+                        extra={"task_id": outcome.task_id},
                     )
                     self._degrade(outcome)
         while len(self._waiting) > MAX_TASKS:
@@ -267,6 +290,7 @@ class Outbox:
             "Gave up writing the outcome of task %s; the lease it ran under is given up,"
             " so that it reads as lost",
             outcome.task_id,
+            extra={"task_id": outcome.task_id},
         )
         self._remove(outcome.task_id)
         if outcome.worker is not None:

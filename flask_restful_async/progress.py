@@ -103,11 +103,14 @@ class ProgressReporter:
                     "Progress of task %s could not be stored; skipped until the store answers",
                     self.task_id,
                     exc_info=not isinstance(e, StoreUnavailable),
+                    extra={"task_id": self.task_id},
                 )
             return
         if self._failing:
             self._failing = False
-            self.logger.info("Progress of task %s is stored again", self.task_id)
+            self.logger.info(
+                "Progress of task %s is stored again", self.task_id, extra={"task_id": self.task_id}
+            )
         self.on_cancel(requested)
 
 

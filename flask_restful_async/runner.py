@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import inspect
+import time
 import typing as t
 
 from flask import Flask, current_app, request
 from werkzeug.exceptions import HTTPException
 
-from . import outbox
+from . import outbox, signals
 from .context import TaskHandle, _cv_task
 from .exceptions import ResultTooLarge, TaskCancelled
 from .lease import worker_id
@@ -58,17 +60,30 @@ def _run_task(
         store,
         progress_interval=float(app.config["RESTFUL_ASYNC_PROGRESS_INTERVAL"]),
         logger=app.logger,
+        app=app,
+        record=started,
     )
     _cv_task.set(handle)
+    if signals.task_started.receivers:
+        signals.send(signals.task_started, app, task=started)
     outcome: TaskState = TaskState.FAILED
     response: StoredResponse | None = _INTERNAL_ERROR
     try:
         outcome, response = _run_in_request(app, task_id, snapshot, resource)
     except Exception:
-        app.logger.exception("Task %s failed", task_id)
+        app.logger.exception("Task %s failed", task_id, extra={"task_id": task_id})
     finally:
         handle._close()  # the latest progress lands before the outcome
-        outbox.finish(store, task_id, outcome, response, started.worker, app.logger)
+        recorded = outbox.finish(store, task_id, outcome, response, started.worker, app.logger)
+        if signals.task_finished.receivers:
+            ended = dataclasses.replace(
+                started,
+                state=recorded,
+                finished_at=time.time(),
+                progress=handle.latest or started.progress,
+                response=response if recorded is outcome else None,
+            )
+            signals.send(signals.task_finished, app, task=ended)
     return True
 
 
@@ -98,7 +113,7 @@ def _run_in_request(
             return TaskState.FAILED, store_response(state.api.handle_error(e), state.max_result)
         except Exception as e:
             error = e
-            app.logger.exception("Task %s failed", task_id)
+            app.logger.exception("Task %s failed", task_id, extra={"task_id": task_id})
             return TaskState.FAILED, _INTERNAL_ERROR
     finally:
         ctx.pop(error)

@@ -10,9 +10,9 @@ import typing as t
 from flask import Flask, Response, request
 from flask_restful import Api, Resource
 
-from . import waiting
+from . import signals, waiting
 from .estimates import RunTimes
-from .exceptions import Unavailable
+from .exceptions import Saturated, StoreUnavailable, Unavailable
 from .lease import LeaseKeeper, worker_id
 from .prefer import request_prefer, respond_async, wait_seconds
 from .responses import (
@@ -160,6 +160,7 @@ class AsyncState:
             task.idempotency_key = f"{request.method} {request.path} {key}"
             task.fingerprint = _fingerprint(body)
         snapshot = RequestSnapshot.capture(body, method, args, kwargs)
+        task.endpoint, task.method, task.path = snapshot.endpoint, request.method, request.path
         size = snapshot.held_bytes
         stored: bytes | None = None
         if self.takeover is not None:
@@ -183,7 +184,7 @@ class AsyncState:
                 self.executor.release(size)
                 raise
         except Unavailable as e:
-            return error_response(503, e.message, {"Retry-After": str(e.retry_after)})
+            return self.rejected(e, "saturated" if isinstance(e, Saturated) else "store")
         if recorded.id != task.id:
             # A repeat of an earlier submit: answer as it was answered, create nothing.
             self.executor.release(size)
@@ -198,8 +199,16 @@ class AsyncState:
                 # An executor that cannot hand the task over (a broker that is down)
                 # has removed it from the store again: nothing is left behind.
                 self.executor.release(size)
-                return error_response(503, e.message, {"Retry-After": str(e.retry_after)})
+                return self.rejected(e, "store" if isinstance(e, StoreUnavailable) else "broker")
+            if signals.task_submitted.receivers:
+                signals.send(signals.task_submitted, self.app, task=recorded)
         return self.accepted(recorded, ticket, hold)
+
+    def rejected(self, error: Unavailable, reason: str) -> Response:
+        """The 503 of a submit that left no task; ``task_rejected`` tells why."""
+        if signals.task_rejected.receivers:
+            signals.send(signals.task_rejected, self.app, reason=reason)
+        return error_response(503, error.message, {"Retry-After": str(error.retry_after)})
 
     def short_hold(self, endpoint: str, method: str) -> float:
         """Seconds a submit of ``endpoint`` and ``method`` waits for its task before

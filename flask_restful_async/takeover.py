@@ -101,7 +101,9 @@ class Takeover:
             try:
                 snapshot = RequestSnapshot.from_bytes(data)
             except ValueError:
-                self.app.logger.exception("Task %s cannot be taken over", task.id)
+                self.app.logger.exception(
+                    "Task %s cannot be taken over", task.id, extra={"task_id": task.id}
+                )
                 outbox.finish(
                     self.store, task.id, TaskState.LOST, None, worker_id(), self.app.logger
                 )

@@ -122,7 +122,8 @@ class Task:
     tombstone: the result is gone, only the fact that the task existed is kept.
     ``rerun`` says that the handler may run again if the process running it dies
     (the resource's ``rerun_on_crash``): such a task goes back to the queue rather
-    than reading lost.
+    than reading lost. ``endpoint``, ``method`` (upper case) and ``path`` tell
+    which request made the task (None in records written before they were kept).
     """
 
     id: str
@@ -139,6 +140,9 @@ class Task:
     response: StoredResponse | None = None
     expired: bool = False
     rerun: bool = False
+    endpoint: str | None = None
+    method: str | None = None
+    path: str | None = None
 
     def status_document(self) -> dict[str, t.Any]:
         """The JSON body clients see while polling (CONTRACT section 3)."""
@@ -150,6 +154,8 @@ class Task:
             "finished_at": isoformat(self.finished_at),
             "progress": self.progress.to_dict() if self.progress is not None else None,
         }
+        if self.method is not None and self.path is not None:
+            doc["request"] = {"method": self.method, "path": self.path}
         if self.cancel_requested:
             doc["cancel_requested"] = True
         return doc

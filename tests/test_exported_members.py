@@ -32,4 +32,9 @@ def test_exported_members_are_the_documented_ones() -> None:
         "Unavailable",
         "current_task",
         "register_async",
+        "task_finished",
+        "task_progress",
+        "task_rejected",
+        "task_started",
+        "task_submitted",
     }

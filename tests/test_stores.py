@@ -95,11 +95,51 @@ def new_task(**fields: t.Any) -> Task:
 
 
 def test_create_then_get_round_trips_every_field(store: TaskStore) -> None:
-    task = new_task(owner="alice", idempotency_key="POST /x k1", fingerprint="abc", rerun=True)
+    task = new_task(
+        owner="alice",
+        idempotency_key="POST /x k1",
+        fingerprint="abc",
+        rerun=True,
+        endpoint="reports",
+        method="POST",
+        path="/reports/7",
+    )
     assert store.create(task) == task
     found = store.get(task.id)
     assert found == task
     assert found is not task
+
+
+REQUEST = {"endpoint": "reports", "method": "PATCH", "path": "/reports/%C3%A9 x"}
+
+
+def made_by(task: Task | None) -> dict[str, str | None]:
+    assert task is not None
+    return {"endpoint": task.endpoint, "method": task.method, "path": task.path}
+
+
+def test_every_read_tells_the_request_that_made_the_task(store: TaskStore) -> None:
+    store.renew_lease("w")
+    task = store.create(new_task(owner="alice", worker="w", **REQUEST), SNAPSHOT)
+    assert made_by(store.get(task.id)) == REQUEST
+    assert made_by(store.get_owned(task.id, "alice")) == REQUEST
+    assert [made_by(each) for each in store.list(owner="alice")] == [REQUEST]
+    assert store.hand_back("w", [task.id]) == 1
+    (claimed,) = store.claim("w", 1)
+    assert made_by(claimed.task) == REQUEST
+    assert made_by(store.start(task.id, "w")) == REQUEST
+    assert made_by(store.request_cancel(task.id)) == REQUEST
+    store.finish(task.id, TaskState.SUCCEEDED, StoredResponse(200, [], b"x" * 4000))
+    assert made_by(store.get(task.id)) == REQUEST
+    repeat = new_task(owner="bob", idempotency_key="k", **REQUEST)
+    store.create(repeat)
+    assert made_by(store.create(new_task(owner="bob", idempotency_key="k"))) == REQUEST
+
+
+def test_a_task_of_unknown_origin_reads_without_it(store: TaskStore) -> None:
+    task = store.create(new_task())
+    assert made_by(store.get(task.id)) == {"endpoint": None, "method": None, "path": None}
+    assert "request" not in task.status_document()
 
 
 def test_get_unknown_is_none(store: TaskStore) -> None:

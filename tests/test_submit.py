@@ -42,7 +42,16 @@ def test_accepted_answers_202_location_retry_after_and_status_document(
     assert response.headers["Retry-After"] == "1"
     doc = response.json
     assert doc is not None
-    assert set(doc) == {"id", "state", "created_at", "started_at", "finished_at", "progress"}
+    assert set(doc) == {
+        "id",
+        "state",
+        "created_at",
+        "started_at",
+        "finished_at",
+        "progress",
+        "request",
+    }
+    assert doc["request"] == {"method": "POST", "path": "/echo"}
     assert response.headers["Location"].endswith(doc["id"])
     assert doc["state"] in ("queued", "running")
     assert doc["progress"] is None

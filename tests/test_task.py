@@ -37,3 +37,9 @@ def test_status_document_shape_and_times() -> None:
         "progress": {"current": 3, "total": 10, "message": "crunching"},
     }
     assert isoformat(None) is None
+
+
+def test_status_document_tells_the_request_when_known() -> None:
+    task = Task(id="x" * 22, endpoint="reports", method="POST", path="/reports")
+    assert task.status_document()["request"] == {"method": "POST", "path": "/reports"}
+    assert "request" not in Task(id="x" * 22).status_document()

@@ -191,7 +191,11 @@ class ThreadExecutor(Executor):
             self.on_ran(job.snapshot.endpoint, job.snapshot.method, seconds)
         except Exception:
             # Only a guess of run times is lost: the worker carries on.
-            job.app.logger.exception("Recording the run time of task %s failed", job.task_id)
+            job.app.logger.exception(
+                "Recording the run time of task %s failed",
+                job.task_id,
+                extra={"task_id": job.task_id},
+            )
 
     def shutdown(self, timeout: float | None = None) -> None:
         if os.getpid() != self._pid:

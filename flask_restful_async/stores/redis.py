@@ -992,7 +992,7 @@ def _encode(task: Task) -> list[bytes]:
         fields["finished_at"] = repr(float(task.finished_at))
     if task.progress is not None:
         fields["progress"] = json.dumps(task.progress.to_dict())
-    for name in ("owner", "idempotency_key", "fingerprint", "worker"):
+    for name in ("owner", "idempotency_key", "fingerprint", "worker", "endpoint", "method", "path"):
         value = getattr(task, name)
         if value is not None:
             fields[name] = value
@@ -1046,4 +1046,7 @@ def _decode(flat: Sequence[bytes]) -> Task:
         response=response,
         expired=b"expired" in h,
         rerun=b"rerun" in h,
+        endpoint=text(b"endpoint"),
+        method=text(b"method"),
+        path=text(b"path"),
     )

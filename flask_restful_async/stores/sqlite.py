@@ -64,7 +64,8 @@ SCHEMA_VERSION = 4
 # index to keep. A task's request snapshot
 # (the queue of record, for another process to take the task over) lies in a
 # spool file beside the database (see .spool); ``snapshot`` says where, until the
-# task starts. Only tasks that no process holds (handed back, or freed from a
+# task starts. The request's endpoint, method and path come last: no read of the
+# columns before them pays for them. Only tasks that no process holds (handed back, or freed from a
 # lapsed lease) are in the claim index, so a submit adds nothing to it.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -85,7 +86,10 @@ CREATE TABLE IF NOT EXISTS tasks (
     headers TEXT,
     body BLOB,
     rerun INTEGER NOT NULL DEFAULT 0,
-    snapshot TEXT
+    snapshot TEXT,
+    endpoint TEXT,
+    method TEXT,
+    path TEXT
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS tasks_by_owner ON tasks (owner, created_at);
 CREATE INDEX IF NOT EXISTS tasks_by_finish ON tasks (finished_at) WHERE finished_at IS NOT NULL;
@@ -114,9 +118,11 @@ _COLUMNS = (
     "id, state, created_at, started_at, finished_at, progress, owner, idempotency_key,"
     " fingerprint, cancel_requested, worker"
 )
+# The request that made a task, at the end of every row read (see _task).
+_REQUEST = "endpoint, method, path"
 # What UPDATE ... RETURNING gives back: a task's row, laid out as _SELECT's, without
-# its response.
-_RETURNING = f"RETURNING {_COLUMNS}, NULL, NULL, NULL, expired, rerun"
+# its response, lease and snapshot.
+_RETURNING = f"RETURNING {_COLUMNS}, NULL, NULL, NULL, expired, rerun, NULL, NULL, {_REQUEST}"
 # A task with its response and, while it is active, the expiry of its worker's
 # lease and its snapshot's id: one read per poll, and no lease lookup once the task
 # has finished.
@@ -127,7 +133,7 @@ _SELECT = (
     " t.expired, t.rerun,"
     " CASE WHEN t.state IN ('queued', 'running')"
     " THEN (SELECT l.expires_at FROM leases AS l WHERE l.worker = t.worker) END,"
-    " t.snapshot"
+    " t.snapshot, t.endpoint, t.method, t.path"
     " FROM tasks AS t LEFT JOIN results AS r ON r.id = t.result"
 )
 _GET = f"{_SELECT} WHERE t.id = ?"
@@ -138,8 +144,8 @@ _GET_OWNED = (
     + " WHERE t.id = ? AND t.owner IS ?"
 )
 _INSERT = (
-    f"INSERT INTO tasks ({_COLUMNS}, rerun, snapshot)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    f"INSERT INTO tasks ({_COLUMNS}, rerun, snapshot, {_REQUEST})"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _ACTIVE = "('queued', 'running')"
 _ACTIVE_VALUES = frozenset(("queued", "running"))
@@ -387,6 +393,9 @@ class SQLiteStore(TaskStore):
             else None,
             row[14] == 1,
             row[15] == 1,
+            row[18],
+            row[19],
+            row[20],
         )
 
     def _read(self, row: t.Sequence[t.Any], now: float) -> Task | None:
@@ -504,6 +513,9 @@ class SQLiteStore(TaskStore):
                 task.worker,
                 int(task.rerun),
                 reference,
+                task.endpoint,
+                task.method,
+                task.path,
             ),
         )
 
@@ -542,7 +554,7 @@ class SQLiteStore(TaskStore):
         rows.sort(key=lambda row: (row[2], row[0]))  # RETURNING keeps no order
         # A snapshot that cannot be read (its file removed by hand) comes back
         # empty: the taker ends its task lost, as for any snapshot it cannot decode.
-        return [Claimed(self._task(row), self._spool.read(row[16]) or b"") for row in rows]
+        return [Claimed(self._task(row), self._spool.read(row[21]) or b"") for row in rows]
 
     @staticmethod
     def _free_lapsed(conn: sqlite3.Connection, lapsed_before: float) -> None:

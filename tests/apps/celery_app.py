@@ -11,7 +11,10 @@ the Celery app is made (:data:`WIRINGS`; ``plain`` by default): ``plain`` is
 ``Celery(__name__, broker=...)``, ``init_app`` Flask's documented
 ``celery_init_app``, ``make_celery`` this package's; ``unbound`` makes a worker
 whose module builds the Celery app and the executor but no Flask app (a
-misconfigured worker). A worker::
+misconfigured worker). ``CELERY_TEST_SIGNALS``, if set, is a file to which the
+app's receivers of ``task_started``, ``task_progress`` and ``task_finished``
+append one JSON line per signal (its name, the task's id, state, method and path,
+the sender's name and the pid that sent it). A worker::
 
     CELERY_TEST_PREFIX='{p}:' CELERY_TEST_QUEUE=q \\
         celery -A tests.apps.celery_app worker -P threads -c 4 -Q q
@@ -36,6 +39,7 @@ first access, from the environment; a test builds its own with :func:`create_app
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sys
 import time
@@ -46,9 +50,17 @@ from celery import Celery, Task
 from flask import Flask, current_app, request
 from flask_restful import Api, Resource, abort
 
-from flask_restful_async import AsyncResource, current_task, register_async
+from flask_restful_async import (
+    AsyncResource,
+    current_task,
+    register_async,
+    task_finished,
+    task_progress,
+    task_started,
+)
 from flask_restful_async.celery import CeleryExecutor, make_celery
 from flask_restful_async.stores.redis import RedisStore
+from flask_restful_async.task import Task as TaskRecord
 
 REDIS_DB = 13
 REDIS_URL = f"redis://127.0.0.1:6379/{REDIS_DB}"
@@ -59,6 +71,7 @@ LEASE_ENV = "CELERY_TEST_LEASE"
 BROKER_ENV = "CELERY_TEST_BROKER"
 REMOTE_CONTROL_ENV = "CELERY_TEST_REMOTE_CONTROL"
 WIRING_ENV = "CELERY_TEST_WIRING"
+SIGNALS_ENV = "CELERY_TEST_SIGNALS"
 #: The ways of making the Celery app that tasks must run with.
 WIRINGS = ("plain", "init_app", "make_celery")
 #: Seconds a ``?hold=NAME`` task waits for its release at most.
@@ -185,7 +198,36 @@ def create_app(
     )
     api.add_resource(Echo, "/echo")
     api.add_resource(Probe, "/probe")
+    if os.environ.get(SIGNALS_ENV):
+        record_signals(app, os.environ[SIGNALS_ENV])
     return app, celery_app, store
+
+
+def record_signals(app: Flask, path: str) -> None:
+    """Append a JSON line to ``path`` for each task signal that ``app`` sends."""
+
+    def receiver(name: str) -> t.Callable[..., None]:
+        def record(sender: Flask, *, task: TaskRecord) -> None:
+            line = {
+                "signal": name,
+                "id": task.id,
+                "state": task.state.value,
+                "method": task.method,
+                "path": task.path,
+                "sender": sender.name,
+                "pid": os.getpid(),
+            }
+            with open(path, "a", encoding="utf-8") as file:
+                file.write(json.dumps(line) + "\n")
+
+        return record
+
+    for name, signal in (
+        ("started", task_started),
+        ("progress", task_progress),
+        ("finished", task_finished),
+    ):
+        signal.connect(receiver(name), sender=app, weak=False)
 
 
 def create_unbound_celery(prefix: str, queue: str, broker_url: str) -> Celery:
