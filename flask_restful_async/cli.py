@@ -218,7 +218,7 @@ def show_command(task_id: str, as_json: bool) -> None:
         click.echo(f"  {name}: {value}")
     click.echo()
     shown = response.body[:SHOWN_BODY].decode(errors="replace")
-    click.echo(shown)
+    click.echo(shown, nl=not shown.endswith("\n"))
     if len(response.body) > SHOWN_BODY:
         click.echo(f"[... {len(response.body) - SHOWN_BODY} more bytes; --json shows them all]")
 
