@@ -34,6 +34,9 @@ SHOWN_BODY = 4096
 #: The most tasks one ``flask tasks list`` prints.
 MAX_LIST = 10_000
 
+# Task ids may start with "-": taken as they are rather than as unknown options.
+_ID_COMMAND = {"ignore_unknown_options": True}
+
 _FINISHED = [state.value for state in TaskState if state.finished]
 
 tasks_cli = AppGroup("tasks", help="See and operate the background tasks of every owner.")
@@ -174,7 +177,7 @@ def list_command(state: str | None, owner: str | None, limit: int, as_json: bool
     click.echo(_table(["ID", "STATE", "METHOD", "PATH", "CREATED", "PROGRESS"], rows))
 
 
-@tasks_cli.command("show")
+@tasks_cli.command("show", context_settings=_ID_COMMAND)
 @click.argument("task_id")
 @click.option("--json", "as_json", is_flag=True, help="JSON instead of text.")
 @_store_errors
@@ -223,7 +226,7 @@ def show_command(task_id: str, as_json: bool) -> None:
         click.echo(f"[... {len(response.body) - SHOWN_BODY} more bytes; --json shows them all]")
 
 
-@tasks_cli.command("cancel")
+@tasks_cli.command("cancel", context_settings=_ID_COMMAND)
 @click.argument("task_id")
 @_store_errors
 def cancel_command(task_id: str) -> None:
@@ -252,7 +255,7 @@ def cancel_command(task_id: str) -> None:
         click.echo(f"Asked running task {cancelled.id} to stop.")
 
 
-@tasks_cli.command("forget")
+@tasks_cli.command("forget", context_settings=_ID_COMMAND)
 @click.argument("task_id")
 @_store_errors
 def forget_command(task_id: str) -> None:

@@ -22,7 +22,7 @@ from flask_restful import Api, abort
 from flask_restful_async import AsyncResource, current_task, register_async
 from flask_restful_async.cli import SHOWN_BODY, tasks_cli
 from flask_restful_async.state import get_state
-from flask_restful_async.task import Task, TaskState, new_task_id
+from flask_restful_async.task import StoredResponse, Task, TaskState, new_task_id
 
 from .conftest import AppFactory, wait_for
 from .services import delete_redis_keys, free_port, require_redis
@@ -543,3 +543,15 @@ def test_tasks_of_a_worker_that_is_gone_count_as_they_read(cli_app: Flask) -> No
     assert stats.oldest_queued_at == pytest.approx(claimable.created_at)
     assert [task.id for task in store.list_all(state=TaskState.LOST)] == [lost.id]
     assert [task.id for task in store.list_all(state=TaskState.QUEUED)] == [claimable.id]
+
+
+def test_an_id_that_starts_with_a_dash_is_an_id(cli_app: Flask) -> None:
+    store = get_state(cli_app).store
+    task = Task("-" + new_task_id()[1:], owner="alice")
+    store.create(task)
+    store.start(task.id, "a-worker")
+    store.finish(task.id, TaskState.SUCCEEDED, StoredResponse(200, [], b"done"))
+    assert as_json(run(cli_app, "show", task.id, "--json"))["response"]["body"] == "done"
+    assert run(cli_app, "show", "--json", task.id).exit_code == 0
+    assert run(cli_app, "cancel", task.id).exit_code == 1
+    assert run(cli_app, "forget", "--", task.id).stdout == f"Forgot task {task.id}.\n"
