@@ -5,8 +5,13 @@ each app the blueprint is registered on). The commands read and change the store
 the app is configured with, from any process: the operator's shell needs the
 same ``RESTFUL_ASYNC_STORE`` as the servers, nothing else.
 
-Exit codes: 0 on success, 1 for an unknown task id or a store that cannot serve
-(a one-line message on stderr), 2 for bad usage.
+Exit codes: 0 on success; 1, with a one-line message on stderr, for an unknown
+task id, a ``cancel`` of a task that has finished, a ``forget`` of one that has
+not, or a store that cannot serve; 2 for bad usage.
+
+The group is :data:`tasks_cli`; an app that has a ``tasks`` command of its own
+keeps it, and may add this one under another name with
+``app.cli.add_command(tasks_cli, "async-tasks")``.
 """
 
 from __future__ import annotations
