@@ -10,6 +10,7 @@ from flask import Flask
 from flask.sansio.blueprints import BlueprintSetupState
 from flask_restful import Api, Resource
 
+from .cli import tasks_cli
 from .executors.base import Executor
 from .executors.threads import ThreadExecutor
 from .state import EXTENSION_KEY, RESULT_SUFFIX, AsyncState, OwnerCallable
@@ -112,6 +113,9 @@ def register_async(
       ``create_app()``): pass ``app=app`` in ``create_app()``, before or after
       ``api.init_app(app)``, once per app.
 
+    The app's CLI gets the ``flask tasks`` commands (see
+    :mod:`flask_restful_async.cli`), unless it has a ``tasks`` command already.
+
     Each app gets its own state: its config, store and executor. A store or
     executor object serves the one app it was first set up for; with several
     apps, give the store as a URL (or leave both to the config), or make the
@@ -135,6 +139,10 @@ def register_async(
             if shared is not None and not isinstance(shared, str):
                 _claim(shared, app)
         app.extensions[EXTENSION_KEY] = _make_state(app, api, store, executor, owner, decorators)
+        # An app's own command of that name wins; it can add ours under another:
+        # app.cli.add_command(tasks_cli, "async-tasks").
+        if tasks_cli.name not in app.cli.commands:
+            app.cli.add_command(tasks_cli)
 
     if api.blueprint is not None:
         if app is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import builtins
 import dataclasses
 import logging
 import time
@@ -37,6 +38,16 @@ class Ending:
         return dataclasses.replace(
             task, state=self.state, finished_at=self.finished_at, response=self.response
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreStats:
+    """What :meth:`TaskStore.stats` counts: the live tasks (not expired) of every
+    owner by state, as they read, and when the oldest queued one was created
+    (None if none is queued)."""
+
+    counts: dict[TaskState, int]
+    oldest_queued_at: float | None
 
 
 class ChangeCallback(t.Protocol):
@@ -306,6 +317,43 @@ class TaskStore(abc.ABC):
         if task.expired:
             return task
         return dataclasses.replace(task, expired=True, response=None, progress=None)
+
+    # -- operating: every owner's tasks, for the ``flask tasks`` commands -------------
+    # Not on any request path. A store that cannot do these raises
+    # NotImplementedError, and the commands say so.
+
+    def list_all(
+        self,
+        *,
+        state: TaskState | None = None,
+        limit: int = 50,
+        before: str | None = None,
+    ) -> builtins.list[Task]:
+        """Live (not expired) tasks of every owner, newest first, after the task
+        ``before`` (an unknown ``before`` gives an empty list), as :meth:`list`
+        reads one owner's."""
+        raise NotImplementedError(f"{type(self).__name__} cannot list every owner's tasks")
+
+    def stats(self) -> StoreStats:
+        """Live tasks of every owner counted by state (as they read: a task whose
+        worker is gone counts as lost), and the creation time of the oldest queued
+        one. Counted in the store, without reading the tasks' responses."""
+        raise NotImplementedError(f"{type(self).__name__} cannot count its tasks")
+
+    def purge_finished(self, *, older_than: float = 0.0, state: TaskState | None = None) -> int:
+        """Delete the tasks recorded as finished (tombstones too) more than
+        ``older_than`` seconds ago, of every owner; only those in ``state`` (a
+        finished state) if given. Their status URLs then answer 404. Works in
+        batches, each a short write of its own; returns how many it deleted.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot purge its tasks")
+
+    @staticmethod
+    def _finished_state(state: TaskState | None) -> TaskState | None:
+        """``state``, refused unless it is None or a finished state (for purges)."""
+        if state is not None and not state.finished:
+            raise ValueError(f"only finished tasks are purged, not {state.value!r} ones")
+        return state
 
     @staticmethod
     def _now() -> float:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import builtins
 import threading
 import time
 import typing as t
 from collections import OrderedDict
 
 from ..task import Progress, StoredResponse, Task, TaskState
-from .base import Claimed, TaskStore
+from .base import Claimed, StoreStats, TaskStore
 
 #: Expired results are looked for at most this often (seconds), by whichever
 #: request happens to create or finish a task: no thread of its own.
@@ -262,3 +263,56 @@ class MemoryStore(TaskStore):
             scope = (task.owner, task.idempotency_key)
             if self._keys.get(scope) == task_id:
                 del self._keys[scope]
+
+    # -- operating (see TaskStore.list_all) ----------------------------------------
+
+    def _live(self, now: float) -> builtins.list[Task]:
+        """Copies of every live task as it reads, newest first."""
+        with self._lock:
+            found = []
+            for task in reversed(self._tasks.values()):
+                self._lose_if_stale(task, now)
+                view = self.retention_view(task, now)
+                if view is not None and not view.expired:
+                    found.append(self._copy(view))
+            return found
+
+    def list_all(
+        self,
+        *,
+        state: TaskState | None = None,
+        limit: int = 50,
+        before: str | None = None,
+    ) -> builtins.list[Task]:
+        tasks = self._live(time.time())
+        if before is not None:
+            position = next((i for i, task in enumerate(tasks) if task.id == before), None)
+            if position is None:
+                return []
+            tasks = tasks[position + 1 :]
+        return [task for task in tasks if state is None or task.state is state][:limit]
+
+    def stats(self) -> StoreStats:
+        counts = dict.fromkeys(TaskState, 0)
+        oldest: float | None = None
+        for task in self._live(time.time()):
+            counts[task.state] += 1
+            if task.state is TaskState.QUEUED:
+                oldest = task.created_at if oldest is None else min(oldest, task.created_at)
+        return StoreStats(counts, oldest)
+
+    def purge_finished(self, *, older_than: float = 0.0, state: TaskState | None = None) -> int:
+        state = self._finished_state(state)
+        cutoff = time.time() - older_than
+        with self._lock:
+            doomed = [
+                task.id
+                for task in self._tasks.values()
+                if task.state.finished
+                and task.finished_at is not None
+                and task.finished_at <= cutoff
+                and (state is None or task.state is state)
+            ]
+            for task_id in doomed:
+                self._forget(task_id)
+        return len(doomed)

@@ -68,14 +68,16 @@ sync); the TTLs are counted by Redis.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
+import heapq
 import json
 import logging
 import random
 import secrets
 import time
 import urllib.parse
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 try:
     import redis
@@ -90,7 +92,7 @@ except ImportError as e:
     ) from e
 
 from ..task import Progress, StoredResponse, Task, TaskState
-from .base import ChangeCallback, Claimed, Ending, StopSignal, TaskStore
+from .base import ChangeCallback, Claimed, Ending, StopSignal, StoreStats, TaskStore
 
 #: Index entries one list() script looks at, at most; it is called again from
 #: where it stopped until the page is full, so work per call stays bounded.
@@ -566,6 +568,78 @@ return {changed, #due / 2}
 """
 )
 
+# The operator's view of every owner's tasks (see RedisStore.list_all). The owner
+# indexes are found with SCAN; each script below works on a bounded batch.
+
+# ARGV[6..]: the state wanted ('' for any), queued_before (see check_alive), then
+# task ids. Returns the hashes of those that are live and in that state, in order.
+_READ_LIVE = (
+    _PRELUDE
+    + """
+local wanted, queued_before = ARGV[6], tonumber(ARGV[7])
+local out = {}
+for i = 8, #ARGV do
+  local key = prefix .. 'task:' .. ARGV[i]
+  local h = load(key)
+  if h then
+    check_alive(key, h, queued_before)
+    if not is_expired(h) and (wanted == '' or h['state'] == wanted) then
+      out[#out + 1] = redis.call('HGETALL', key)
+    end
+  end
+end
+return out
+"""
+)
+
+# KEYS: owner index. ARGV[6..]: first rank, how many entries, queued_before (see
+# check_alive). Returns {entries looked at, then the live tasks among them by
+# state in the order of _STAT_STATES, then the created_at of the oldest queued
+# one or ''}.
+_STATS = (
+    _PRELUDE
+    + """
+local first, count, queued_before = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+local ids = redis.call('ZRANGE', KEYS[1], first, first + count - 1)
+local slots = {queued = 2, running = 3, succeeded = 4, failed = 5, cancelled = 6, lost = 7}
+local out = {#ids, 0, 0, 0, 0, 0, 0, ''}
+local oldest = nil
+for _, id in ipairs(ids) do
+  local key = prefix .. 'task:' .. id
+  local h = load(key)
+  if h then
+    check_alive(key, h, queued_before)
+    local slot = slots[h['state']]
+    if slot and not is_expired(h) then
+      out[slot] = out[slot] + 1
+      if h['state'] == 'queued'
+          and (not oldest or tonumber(h['created_at']) < tonumber(oldest)) then
+        oldest = h['created_at']
+      end
+    end
+  end
+end
+if oldest then out[8] = oldest end
+return out
+"""
+)
+_STAT_STATES = (
+    TaskState.QUEUED,
+    TaskState.RUNNING,
+    TaskState.SUCCEEDED,
+    TaskState.FAILED,
+    TaskState.CANCELLED,
+    TaskState.LOST,
+)
+#: Index entries one stats() script counts, and tasks one purge_finished() step
+#: looks at.
+OPERATE_BATCH = 500
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` matched literally by a SCAN ``MATCH`` pattern."""
+    return "".join("\\" + char if char in "*?[]\\" else char for char in text)
+
 
 def _ms(seconds: float) -> int:
     """Milliseconds for PX/PEXPIRE, at least 1 (0 would delete the key at once)."""
@@ -648,6 +722,8 @@ class RedisStore(TaskStore):
         self._claim = register(_CLAIM)
         self._hand_back = register(_HAND_BACK)
         self._purge = register(_PURGE)
+        self._read_live = register(_READ_LIVE)
+        self._stats = register(_STATS)
 
     # Key names. Owners and workers are arbitrary strings: the markers ("-" for
     # no owner, "=" and a length otherwise) keep every (owner, key) pair apart.
@@ -946,6 +1022,129 @@ class RedisStore(TaskStore):
                 with contextlib.suppress(Exception):
                     pubsub.close()
 
+    # -- operating (see TaskStore.list_all) ----------------------------------------
+
+    def _owner_indexes(self) -> builtins.list[str]:
+        """Every owner index, found with SCAN (never KEYS: it would block Redis)."""
+        match = _glob_escape(self.prefix) + "owner:*"
+        return sorted({key.decode() for key in self._client.scan_iter(match=match, count=1000)})
+
+    def _entries(self, index: str, bound: tuple[float, str] | None) -> Iterator[tuple[float, str]]:
+        """(created_at, id) of an owner index, newest first, after ``bound``,
+        fetched ``LIST_SCAN`` at a time."""
+        top = "+inf" if bound is None else repr(bound[0])
+        offset = 0
+        while True:
+            with self._reaching():
+                page: builtins.list[tuple[bytes, float]] = self._client.zrevrangebyscore(  # type: ignore[assignment]
+                    index, top, "-inf", start=offset, num=LIST_SCAN, withscores=True
+                )
+            for member, score in page:
+                task_id = member.decode()
+                # Same created_at as the cursor: Redis orders those by id, descending.
+                if bound is None or score < bound[0] or task_id < bound[1]:
+                    yield score, task_id
+            if len(page) < LIST_SCAN:
+                return
+            offset += len(page)
+
+    def list_all(
+        self,
+        *,
+        state: TaskState | None = None,
+        limit: int = 50,
+        before: str | None = None,
+    ) -> builtins.list[Task]:
+        """Every owner's live tasks, newest first: the owner indexes merged, and
+        the tasks read in batches, filtered by state in Redis."""
+        found: builtins.list[Task] = []
+        if limit <= 0:
+            return found
+        now = time.time()
+        with self._reaching():
+            bound = None
+            if before is not None:
+                created = self._client.hget(self._task_key(before), "created_at")
+                if created is None:
+                    return found
+                bound = (float(created), before)
+            indexes = self._owner_indexes()
+        merged: Iterable[tuple[float, str]] = heapq.merge(
+            *(self._entries(index, bound) for index in indexes), reverse=True
+        )
+        ids = (task_id for _, task_id in merged)
+        while len(found) < limit:
+            batch = [task_id for _, task_id in zip(range(LIST_SCAN), ids, strict=False)]
+            if not batch:
+                break
+            args = [*self._clock(now), state.value if state else "", self._queued_before(now)]
+            with self._reaching():
+                reply = self._read_live(keys=[], args=[*args, *batch])
+            for raw in reply:
+                view = self.retention_view(_decode(raw), now)
+                if view is not None and not view.expired:
+                    found.append(view)
+        return found[:limit]
+
+    def stats(self) -> StoreStats:
+        """Every owner index, ``OPERATE_BATCH`` entries per script: the counting
+        happens in Redis, and only numbers come back."""
+        counts = dict.fromkeys(TaskState, 0)
+        oldest: float | None = None
+        now = time.time()
+        with self._reaching():
+            for index in self._owner_indexes():
+                first = 0
+                while True:
+                    args = [*self._clock(now), first, OPERATE_BATCH, self._queued_before(now)]
+                    reply = self._stats(keys=[index], args=args)
+                    for state, count in zip(_STAT_STATES, reply[1:7], strict=True):
+                        counts[state] += int(count)
+                    if reply[7]:
+                        created = float(reply[7])
+                        oldest = created if oldest is None else min(oldest, created)
+                    if int(reply[0]) < OPERATE_BATCH:
+                        break
+                    first += OPERATE_BATCH
+        return StoreStats(counts, oldest)
+
+    def purge_finished(self, *, older_than: float = 0.0, state: TaskState | None = None) -> int:
+        """Through the ``expiry`` schedule, where every finished task has its
+        entry (scored at most ``result_ttl + tombstone_ttl`` after its end):
+        ``OPERATE_BATCH`` entries at a time, each task deleted by the same script
+        as :meth:`delete`."""
+        state = self._finished_state(state)
+        now = time.time()
+        cutoff = now - older_than
+        schedule = f"{self.prefix}expiry"
+        top = repr(cutoff + self.result_ttl + self.tombstone_ttl)
+        deleted = kept = 0
+        with self._reaching():
+            while True:
+                members: builtins.list[bytes] = self._client.zrangebyscore(  # type: ignore[assignment]
+                    schedule, "-inf", top, start=kept, num=OPERATE_BATCH
+                )
+                ids = [_scheduled_id(member) for member in members]
+                pipe = self._client.pipeline(transaction=False)
+                for task_id in ids:
+                    pipe.hmget(self._task_key(task_id), "state", "finished_at")
+                doomed = [
+                    task_id
+                    for task_id, (found, finished_at) in zip(ids, pipe.execute(), strict=True)
+                    if found is not None
+                    and finished_at is not None
+                    and float(finished_at) < cutoff
+                    and (state is None or found.decode() == state.value)
+                ]
+                pipe = self._client.pipeline(transaction=False)
+                for task_id in doomed:
+                    self._delete(keys=[self._task_key(task_id)], args=self._clock(now), client=pipe)
+                pipe.execute()
+                deleted += len(doomed)
+                kept += len(members) - len(doomed)
+                if len(members) < OPERATE_BATCH:
+                    return deleted
+
 
 _logger = logging.getLogger(__name__)
 
@@ -971,7 +1170,7 @@ def _announce(on_change: ChangeCallback, data: bytes) -> None:
     on_change(task_id.decode(), ending)
 
 
-def _decode_headers(data: bytes) -> list[tuple[str, str]]:
+def _decode_headers(data: bytes) -> builtins.list[tuple[str, str]]:
     return [(str(name), str(value)) for name, value in json.loads(data)]
 
 
@@ -979,7 +1178,7 @@ def _encode_headers(headers: Sequence[tuple[str, str]]) -> str:
     return json.dumps([[name, value] for name, value in headers])
 
 
-def _encode(task: Task) -> list[bytes]:
+def _encode(task: Task) -> builtins.list[bytes]:
     """The hash fields of a task, as alternating names and values."""
     fields: dict[str, str | bytes] = {
         "id": task.id,
@@ -1006,7 +1205,7 @@ def _encode(task: Task) -> list[bytes]:
         fields["body"] = task.response.body
     if task.expired:
         fields["expired"] = "1"
-    flat: list[bytes] = []
+    flat: builtins.list[bytes] = []
     for name, value in fields.items():
         flat.append(name.encode())
         flat.append(value.encode() if isinstance(value, str) else value)
@@ -1050,3 +1249,12 @@ def _decode(flat: Sequence[bytes]) -> Task:
         method=text(b"method"),
         path=text(b"path"),
     )
+
+
+def _scheduled_id(member: bytes) -> str:
+    """The task id in an ``expiry`` entry: a kind letter, the id's length, ``:``,
+    the id, then the owner index."""
+    text = member.decode()
+    colon = text.index(":", 1)
+    size = int(text[1:colon])
+    return text[colon + 1 : colon + 1 + size]

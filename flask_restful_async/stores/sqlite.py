@@ -9,6 +9,7 @@ survive restarts; a process that dies is detected through its lease.
 from __future__ import annotations
 
 import atexit
+import builtins
 import contextlib
 import functools
 import json
@@ -25,7 +26,7 @@ import weakref
 
 from ..exceptions import StoreUnavailable
 from ..task import Progress, StoredResponse, Task, TaskState
-from .base import ChangeCallback, Claimed, StopSignal, TaskStore
+from .base import ChangeCallback, Claimed, StopSignal, StoreStats, TaskStore
 from .spool import SnapshotSpool
 
 #: Records changed per statement when reclaiming space, so that no purge holds the
@@ -188,6 +189,27 @@ _CLAIMABLE = (
     " AND state = 'queued' AND cancel_requested = 0 AND created_at >= ?"
     " ORDER BY created_at, id LIMIT ?"
 )
+# Live tasks counted by the state they read as (bind: fresh_after, stale, now): a
+# queued task that waited too long is lost; an active task whose worker holds no
+# lease is lost, unless it waits to be claimed (queued, with a snapshot) or goes
+# back to the queue (running with rerun; cancelled if that was asked). With the
+# earliest creation time of each state, for the oldest queued task.
+_STATS = """
+SELECT CASE
+    WHEN t.state = 'queued' AND t.created_at < ?2 THEN 'lost'
+    WHEN t.state IN ('queued', 'running') AND t.worker IS NOT NULL AND coalesce(
+        (SELECT l.expires_at FROM leases AS l WHERE l.worker = t.worker), 0) < ?3 THEN
+        CASE
+            WHEN t.state = 'queued' AND t.snapshot IS NOT NULL THEN 'queued'
+            WHEN t.state = 'running' AND t.rerun = 1 AND t.cancel_requested = 1 THEN 'cancelled'
+            WHEN t.state = 'running' AND t.rerun = 1 THEN 'queued'
+            ELSE 'lost'
+        END
+    ELSE t.state
+END AS seen, count(*), min(t.created_at)
+FROM tasks AS t WHERE t.expired = 0 AND (t.finished_at IS NULL OR t.finished_at >= ?1)
+GROUP BY seen
+"""
 # What becomes of the active tasks of a worker that is gone, in this order (bind:
 # worker; then now, worker): those another process can run (queued with their
 # request, or running with ``rerun``) wait again, held by none, for claim(); the
@@ -844,6 +866,81 @@ class SQLiteStore(TaskStore):
         finally:
             if conn is not None:
                 conn.close()
+
+    # -- operating (see TaskStore.list_all) ----------------------------------------
+
+    def list_all(
+        self,
+        *,
+        state: TaskState | None = None,
+        limit: int = 50,
+        before: str | None = None,
+    ) -> builtins.list[Task]:
+        """Every owner's live tasks, newest first.
+
+        The page's ids are picked first, from the task rows alone (a scan of the
+        table and a sort that keeps ``limit`` rows); only those rows are then
+        joined to their responses and read.
+        """
+        now = time.time()
+        query = [
+            "SELECT t.id FROM tasks AS t WHERE t.expired = 0",
+            "AND (t.finished_at IS NULL OR t.finished_at >= ?)",
+        ]
+        params: builtins.list[t.Any] = [now - self.result_ttl]
+        if state in _READS_AS:
+            condition, binds = _READS_AS[state]
+            query.append(f"AND {condition}")
+            bound = {"now": now, "stale": now - self.queued_ttl}
+            params.extend(bound[name] for name in binds)
+        elif state is not None:
+            query.append("AND t.state = ?")
+            params.append(state.value)
+        if before is not None:
+            query.append(
+                "AND (t.created_at, t.id) < (SELECT created_at, id FROM tasks WHERE id = ?)"
+            )
+            params.append(before)
+        query.append("ORDER BY t.created_at DESC, t.id DESC LIMIT ?")
+        params.append(limit)
+        page = f"{_SELECT} WHERE t.id IN ({' '.join(query)}) ORDER BY t.created_at DESC, t.id DESC"
+        with self._reading() as conn:
+            rows = conn.execute(page, params).fetchall()
+        tasks = (self._read(row, now) for row in rows)
+        return [task for task in tasks if task is not None and not task.expired]
+
+    def stats(self) -> StoreStats:
+        """One statement: each live row's state as it reads (the rules of
+        :meth:`_read`, in SQL), grouped; nothing is decoded in Python."""
+        now = time.time()
+        with self._reading() as conn:
+            rows = conn.execute(_STATS, (now - self.result_ttl, now - self.queued_ttl, now))
+            counts = dict.fromkeys(TaskState, 0)
+            oldest = None
+            for name, count, first_created in rows.fetchall():
+                counts[_STATES[name]] = count
+                if name == "queued":
+                    oldest = first_created
+        return StoreStats(counts, oldest)
+
+    def purge_finished(self, *, older_than: float = 0.0, state: TaskState | None = None) -> int:
+        """Through the index of finish times, ``PURGE_BATCH`` rows per transaction."""
+        state = self._finished_state(state)
+        cutoff = time.time() - older_than
+        condition = "finished_at < ?" if state is None else "finished_at < ? AND state = ?"
+        params: tuple[t.Any, ...] = (cutoff,) if state is None else (cutoff, state.value)
+        deleted = 0
+        while True:
+            with self._transaction() as conn:
+                gone = conn.execute(
+                    f"DELETE FROM tasks WHERE id IN (SELECT id FROM tasks WHERE {condition}"
+                    " LIMIT ?) RETURNING result",
+                    (*params, PURGE_BATCH),
+                ).fetchall()
+                _drop_results(conn, gone)
+            deleted += len(gone)
+            if len(gone) < PURGE_BATCH:
+                return deleted
 
 
 def _encode_headers(headers: t.Sequence[tuple[str, str]]) -> str:
