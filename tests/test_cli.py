@@ -525,26 +525,6 @@ def test_flask_tasks_on_redis(tmp_path: Path) -> None:
         delete_redis_keys(13, prefix)
 
 
-def test_tasks_of_a_worker_that_is_gone_count_as_they_read(cli_app: Flask) -> None:
-    store = get_state(cli_app).store
-    if not store.shared:
-        pytest.skip("memory:// keeps no leases: its tasks die with the process")
-    lost = Task(new_task_id(), owner="carol", worker="gone-1")
-    claimable = Task(new_task_id(), owner="carol", worker="gone-2")
-    store.create(lost)
-    store.start(lost.id, "gone-1")
-    store.create(claimable, b"a snapshot another process could run")
-    for worker in ("gone-1", "gone-2"):
-        store.release_lease(worker)
-    stats = store.stats()
-    assert stats.counts[TaskState.LOST] == 1
-    assert stats.counts[TaskState.QUEUED] == 1
-    assert stats.counts[TaskState.RUNNING] == 0
-    assert stats.oldest_queued_at == pytest.approx(claimable.created_at)
-    assert [task.id for task in store.list_all(state=TaskState.LOST)] == [lost.id]
-    assert [task.id for task in store.list_all(state=TaskState.QUEUED)] == [claimable.id]
-
-
 def test_an_id_that_starts_with_a_dash_is_an_id(cli_app: Flask) -> None:
     store = get_state(cli_app).store
     task = Task("-" + new_task_id()[1:], owner="alice")

@@ -824,3 +824,23 @@ def test_two_processes_claim_each_orphaned_task_exactly_once(
             found = store.get(task_id)
             assert found is not None
             assert found.worker == worker
+
+
+def test_tasks_of_a_worker_that_is_gone_count_as_they_read(shared_store: TaskStore) -> None:
+    """What operators count and list (the CLI's stats and list) follows the reading
+    rules for a worker that is gone."""
+    store = shared_store
+    lost = Task(new_task_id(), owner="carol", worker="gone-1")
+    claimable = Task(new_task_id(), owner="carol", worker="gone-2")
+    store.create(lost)
+    store.start(lost.id, "gone-1")
+    store.create(claimable, b"a snapshot another process could run")
+    for worker in ("gone-1", "gone-2"):
+        store.release_lease(worker)
+    stats = store.stats()
+    assert stats.counts[TaskState.LOST] == 1
+    assert stats.counts[TaskState.QUEUED] == 1
+    assert stats.counts[TaskState.RUNNING] == 0
+    assert stats.oldest_queued_at == pytest.approx(claimable.created_at)
+    assert [task.id for task in store.list_all(state=TaskState.LOST)] == [lost.id]
+    assert [task.id for task in store.list_all(state=TaskState.QUEUED)] == [claimable.id]
