@@ -16,9 +16,11 @@ the ``current_app`` proxy), in the process where the event happens:
     receivers cheap. Keyword ``task``, its ``progress`` the new value.
 ``task_finished``
     The task ended in the worker, its outcome handed to the store: ``succeeded``,
-    ``failed``, ``cancelled``, or ``lost`` if the store refused it. Keyword
-    ``task``, with its final ``state``, ``finished_at`` and ``response``. Not sent
-    for ends that no worker sees (a queued task cancelled, a worker that died).
+    ``failed``, ``cancelled``, or ``lost`` if the store refused it; or, for a task
+    still queued, a ``DELETE`` cancelled it (sent in the process that answered the
+    ``DELETE``). Keyword ``task``, with its final ``state``, ``finished_at`` and
+    ``response``. Not sent for ends that no process sees as they happen (a worker
+    that died: its tasks read lost).
 ``task_rejected``
     A submit answered ``503`` and left no task: keyword ``reason``, one of
     ``"saturated"`` (the executor's backlog is full), ``"store"`` (the task store

@@ -8,7 +8,7 @@ from flask import Response, current_app, request
 from flask_restful import Resource
 from werkzeug.exceptions import NotFound
 
-from . import waiting
+from . import signals, waiting
 from .exceptions import Unavailable
 from .prefer import request_prefer, wait_seconds
 from .responses import (
@@ -108,6 +108,9 @@ class TaskStatusResource(_TaskResource):
                 if task.state is TaskState.CANCELLED:
                     waiting.notify(state.store, task.id)
                     state.executor.cancel(state.app, task.id)  # e.g. revoke its message
+                    if signals.task_finished.receivers:
+                        # It ended here, in this request: no worker will tell.
+                        signals.send(signals.task_finished, state.app, task=task)
                     return status_response(task, 200, None, None)
                 if not task.state.finished:
                     return state.status(task, 202)

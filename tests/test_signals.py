@@ -204,6 +204,24 @@ def test_a_task_cancelled_while_running_finishes_cancelled(make_app: AppFactory)
     assert sent[0].task.state is TaskState.CANCELLED
 
 
+def test_a_queued_task_cancelled_by_delete_finishes_where_it_was_deleted(
+    make_app: AppFactory,
+) -> None:
+    app, api = make_app(store="memory://", config={"RESTFUL_ASYNC_MAX_WORKERS": 1})
+    api.add_resource(Held, "/held")
+    client = app.test_client()
+    client.post("/held")
+    assert STARTED.wait(10)
+    with recording(app, signals.task_finished) as sent:
+        location = client.post("/held").headers["Location"]
+        assert client.delete(location).status_code == 200
+    [finished] = sent
+    assert finished.thread == threading.get_ident()  # the DELETE's request thread
+    assert finished.task is not None
+    assert finished.task.state is TaskState.CANCELLED
+    assert finished.task.id == location.rsplit("/", 1)[1]
+
+
 def test_an_idempotent_repeat_sends_nothing(make_app: AppFactory) -> None:
     app, api = make_app(store="memory://")
     api.add_resource(Report, "/reports/<report_id>")
