@@ -682,15 +682,7 @@ class SQLiteStore(TaskStore):
         params: list[t.Any] = [owner]
         query.append("AND (t.finished_at IS NULL OR t.finished_at >= ?)")
         params.append(fresh_after)
-        # Filter on the state as read (see _READS_AS).
-        if state in _READS_AS:
-            condition, binds = _READS_AS[state]
-            query.append(f"AND {condition}")
-            bound = {"now": now, "stale": now - self.queued_ttl}
-            params.extend(bound[name] for name in binds)
-        elif state is not None:
-            query.append("AND t.state = ?")
-            params.append(state.value)
+        self._filter_state(state, now, query, params)
         if before is not None:
             query.append(
                 "AND (t.created_at, t.id) < (SELECT created_at, id FROM tasks"
@@ -703,6 +695,24 @@ class SQLiteStore(TaskStore):
             rows = conn.execute(" ".join(query), params).fetchall()
         tasks = (self._read(row, now) for row in rows)
         return [task for task in tasks if task is not None and not task.expired]
+
+    def _filter_state(
+        self,
+        state: TaskState | None,
+        now: float,
+        query: builtins.list[str],
+        params: builtins.list[t.Any],
+    ) -> None:
+        """Add to ``query`` (with its ``params``) a filter on the state a task reads
+        as (see _READS_AS), for list() and list_all()."""
+        if state in _READS_AS:
+            condition, binds = _READS_AS[state]
+            query.append(f"AND {condition}")
+            bound = {"now": now, "stale": now - self.queued_ttl}
+            params.extend(bound[name] for name in binds)
+        elif state is not None:
+            query.append("AND t.state = ?")
+            params.append(state.value)
 
     # -- liveness and retention --------------------------------------------------
 
@@ -888,14 +898,7 @@ class SQLiteStore(TaskStore):
             "AND (t.finished_at IS NULL OR t.finished_at >= ?)",
         ]
         params: builtins.list[t.Any] = [now - self.result_ttl]
-        if state in _READS_AS:
-            condition, binds = _READS_AS[state]
-            query.append(f"AND {condition}")
-            bound = {"now": now, "stale": now - self.queued_ttl}
-            params.extend(bound[name] for name in binds)
-        elif state is not None:
-            query.append("AND t.state = ?")
-            params.append(state.value)
+        self._filter_state(state, now, query, params)
         if before is not None:
             query.append(
                 "AND (t.created_at, t.id) < (SELECT created_at, id FROM tasks WHERE id = ?)"
