@@ -196,7 +196,10 @@ def stored_to_response(stored: StoredResponse) -> Response:
 def json_response(
     code: int, document: t.Any, headers: t.Mapping[str, str] | None = None
 ) -> Response:
-    response = current_app.response_class(json.dumps(document) + "\n", code, headers, mimetype=JSON)
+    # content_type, not mimetype: JSON takes no charset, so there is nothing to derive.
+    response = current_app.response_class(
+        json.dumps(document) + "\n", code, headers, content_type=JSON
+    )
     return response
 
 

@@ -75,13 +75,16 @@ class RequestSnapshot:
     ) -> RequestSnapshot:
         """Copy the current request. ``body`` is the whole raw body, as
         :class:`~flask_restful_async.body.BodyReader` read it."""
+        # Each ``request.x`` goes through a context-local proxy: read what is
+        # needed once, from the request's own environ where that says the same.
+        source = request.environ
         environ = {
             key: value
-            for key, value in request.environ.items()
+            for key, value in source.items()
             if type(value) is str and key not in _TRANSFER_KEYS
         }
-        chunked = "HTTP_TRANSFER_ENCODING" in request.environ
-        framed = chunked or "CONTENT_LENGTH" in request.environ
+        chunked = "HTTP_TRANSFER_ENCODING" in source
+        framed = chunked or "CONTENT_LENGTH" in source
         if not body and (request.content_length or chunked) and (request.form or request.files):
             # A before_request hook parsed the form before the body could be
             # watched, so the raw bytes are gone: encode the fields and files again.
@@ -91,19 +94,16 @@ class RequestSnapshot:
             # The copy is replayed from a buffer of known length (a chunked upload
             # included); an explicit "Content-Length: 0" stays 0, not None.
             environ["CONTENT_LENGTH"] = str(len(body))
+        rule, view_args = request.url_rule, request.view_args
         return cls(
             environ=environ,
             body=body,
-            endpoint=request.endpoint or "",
+            endpoint=(rule.endpoint if rule is not None else None) or "",
             method=method,
             args=args,
             kwargs=kwargs,
             g={name: g.get(name) for name in g},
-            match=(
-                (request.url_rule, dict(request.view_args))
-                if request.url_rule is not None and request.view_args is not None
-                else None
-            ),
+            match=(rule, dict(view_args)) if rule is not None and view_args is not None else None,
         )
 
     def request_context(self, app: Flask) -> RequestContext:
@@ -134,7 +134,8 @@ class RequestSnapshot:
         """What holding this snapshot in memory is counted as, against
         ``RESTFUL_ASYNC_MAX_PENDING_BYTES``: the body and the request's strings
         (headers and the other WSGI keys)."""
-        return len(self.body) + sum(len(key) + len(value) for key, value in self.environ.items())
+        environ = self.environ
+        return len(self.body) + sum(map(len, environ)) + sum(map(len, environ.values()))
 
     @property
     def portable(self) -> bool:

@@ -91,7 +91,7 @@ class AsyncState:
         # With a lease, tasks are stored with their request, for another process
         # to take over (set up by register_async).
         self.takeover: Takeover | None = None
-        self._location_prefixes: dict[tuple[str, str], str] = {}
+        self._location_prefixes: dict[tuple[t.Any, ...], str] = {}
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop what this app started in this process: its task threads (handing
@@ -121,7 +121,16 @@ class AsyncState:
         ``url_for`` is the slowest step of a submit, and the URL differs between
         tasks only by the id: build it once per host and script root, then append.
         """
-        key = (request.host, request.script_root)
+        # Keyed by what the URL adapter was bound from (raw environ values: cheaper
+        # to read than request.host, which parses and checks the host each time).
+        environ = request.environ
+        key = (
+            environ.get("HTTP_HOST"),
+            environ.get("SERVER_NAME"),
+            environ.get("SERVER_PORT"),
+            environ.get("SCRIPT_NAME"),
+            environ.get("wsgi.url_scheme"),
+        )
         prefix = self._location_prefixes.get(key)
         if prefix is None:
             url = self.api.url_for(self.status_resource, task_id=_ID_PLACEHOLDER)
@@ -149,7 +158,8 @@ class AsyncState:
             owner=self.identity(),
             worker=worker_id() if self.executor.local else None,
         )
-        key = request.environ.get("HTTP_IDEMPOTENCY_KEY")
+        environ = request.environ
+        key = environ.get("HTTP_IDEMPOTENCY_KEY")
         if key is not None:
             if not _valid_idempotency_key(key):
                 return error_response(
@@ -160,7 +170,7 @@ class AsyncState:
             task.idempotency_key = f"{request.method} {request.path} {key}"
             task.fingerprint = _fingerprint(body)
         snapshot = RequestSnapshot.capture(body, method, args, kwargs)
-        task.endpoint, task.method, task.path = snapshot.endpoint, request.method, request.path
+        task.endpoint, task.method, task.path = snapshot.endpoint, method.upper(), request.path
         size = snapshot.held_bytes
         stored: bytes | None = None
         if self.takeover is not None:
@@ -173,7 +183,7 @@ class AsyncState:
         hold = self.short_hold(snapshot.endpoint, method)
         # With Prefer (perhaps wait=N), or a short wait ahead, the task as created
         # counts as a first read.
-        ticket = waiting.ticket(self.store) if hold or "HTTP_PREFER" in request.environ else None
+        ticket = waiting.ticket(self.store) if hold or "HTTP_PREFER" in environ else None
         try:
             if self.lease is not None:
                 self.lease.ensure()

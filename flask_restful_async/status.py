@@ -51,8 +51,15 @@ class _TaskResource(Resource):
     ``Api(decorators=...)`` would: authentication answers before anything else."""
 
     def dispatch_request(self, *args: t.Any, **kwargs: t.Any) -> t.Any:
+        decorators = get_state(current_app).decorators
+        if not decorators and not self.method_decorators:
+            # What Resource.dispatch_request does when there is nothing to wrap:
+            # the handler's answer is always a Response, never data to represent.
+            handler = getattr(self, request.method.lower(), None)
+            if handler is not None:
+                return handler(*args, **kwargs)
         view = super().dispatch_request
-        for decorator in get_state(current_app).decorators:
+        for decorator in decorators:
             view = decorator(view)
         return view(*args, **kwargs)
 
