@@ -12,6 +12,7 @@ from flask_restful import Api, Resource
 
 from .cli import tasks_cli
 from .executors.base import Executor
+from .executors.eager import EagerExecutor
 from .executors.threads import ThreadExecutor
 from .state import EXTENSION_KEY, RESULT_SUFFIX, AsyncState, OwnerCallable
 from .status import TaskListResource, TaskResultResource, TaskStatusResource
@@ -82,6 +83,9 @@ DEFAULTS: dict[str, t.Any] = {
     # Seconds running tasks get to finish when the process exits (keep it below
     # gunicorn's graceful timeout, 30 s by default).
     "RESTFUL_ASYNC_SHUTDOWN_TIMEOUT": 20,
+    # Test mode: every task runs in the request thread before its 202 leaves,
+    # whatever executor is configured (Celery too), through the same store.
+    "RESTFUL_ASYNC_EAGER": False,
 }
 
 
@@ -266,7 +270,10 @@ def _make_state(
         lease=float(config["RESTFUL_ASYNC_LEASE"]),
         queued_ttl=float(config["RESTFUL_ASYNC_QUEUED_TTL"]),
     )
-    if executor is None:
+    if config["RESTFUL_ASYNC_EAGER"]:
+        # In place of any executor given: tests need no worker, thread or broker.
+        executor = EagerExecutor()
+    elif executor is None:
         executor = ThreadExecutor(
             max_workers=int(config["RESTFUL_ASYNC_MAX_WORKERS"]),
             max_pending=int(config["RESTFUL_ASYNC_MAX_PENDING"]),
