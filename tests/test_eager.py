@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 import typing as t
+from pathlib import Path
 
 import pytest
 from flask import Flask, g, make_response, redirect, request
@@ -26,6 +27,7 @@ from flask_restful_async.executors import EagerExecutor, ThreadExecutor
 from flask_restful_async.state import get_state
 from flask_restful_async.testing import _retry_after, follow
 
+from . import test_results
 from .conftest import AppFactory
 
 EAGER = {"RESTFUL_ASYNC_EAGER": True}
@@ -162,6 +164,40 @@ def test_eager_task_is_final_at_the_first_poll_and_answers_as_a_plain_resource(
         name: plain.headers.getlist(name) for name in COMPARED
     }
     assert final.headers["Cache-Control"] == "no-store"
+
+
+@pytest.mark.parametrize("kind", test_results.HANDLERS)
+def test_eager_results_are_those_of_the_thread_executor(
+    make_app_any_store: AppFactory, tmp_path: Path, kind: str
+) -> None:
+    """Files, streams, redirects, cookies, representations: as ``test_results``
+    checks them for the thread executor, read at the first poll."""
+    app, _ = test_results.result_app(make_app_any_store, tmp_path, **EAGER)
+    client = app.test_client()
+    with client.post(f"/sync/{kind}", **test_results.request_for(kind)) as plain:
+        plain.get_data()
+    accepted = client.post(f"/async/{kind}", **test_results.request_for(kind))
+    assert accepted.status_code == 202
+    final = client.get(accepted.headers["Location"])
+    assert (final.status_code, final.data) == (plain.status_code, plain.data)
+    assert test_results.compared(final) == test_results.compared(plain)
+
+
+def test_eager_runs_async_def_handlers(make_app: AppFactory) -> None:
+    pytest.importorskip("asgiref")
+
+    class Coroutine(AsyncResource):
+        async def post(self) -> t.Any:
+            current_task.progress(1, total=1)
+            return {"task": current_task.id}, 201
+
+    app, api = eager_app(make_app)
+    api.add_resource(Coroutine, "/coroutine")
+    client = app.test_client()
+    accepted = client.post("/coroutine")
+    assert accepted.json is not None
+    final = client.get(accepted.headers["Location"])
+    assert (final.status_code, final.json) == (201, {"task": accepted.json["id"]})
 
 
 def test_eager_runs_in_the_request_thread_through_the_store(make_app: AppFactory) -> None:
