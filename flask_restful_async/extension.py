@@ -108,7 +108,10 @@ def register_async(
     returns the caller's identity (str) or None. ``decorators`` wrap the status,
     result and list resources as ``Api(decorators=...)`` wraps every resource: put
     the authentication there that loads what ``owner`` reads. Keyword arguments win
-    over the ``RESTFUL_ASYNC_*`` config keys, which are read when the app is set up.
+    over the ``RESTFUL_ASYNC_*`` config keys, which are read when the app is set up;
+    but with ``RESTFUL_ASYNC_EAGER = True`` (test mode) an
+    :class:`~flask_restful_async.executors.EagerExecutor` takes the place of any
+    ``executor``, Celery's included: each task runs before its ``202`` leaves.
 
     - ``Api(app)``: set up for that app, now.
     - ``Api(blueprint)``: set up for each app the blueprint is registered on, when
