@@ -12,6 +12,7 @@ from flask_restful import Api, Resource
 
 from .cli import tasks_cli
 from .executors.base import Executor
+from .executors.eager import EagerExecutor
 from .executors.threads import ThreadExecutor
 from .state import EXTENSION_KEY, RESULT_SUFFIX, AsyncState, OwnerCallable
 from .status import TaskListResource, TaskResultResource, TaskStatusResource
@@ -82,6 +83,9 @@ DEFAULTS: dict[str, t.Any] = {
     # Seconds running tasks get to finish when the process exits (keep it below
     # gunicorn's graceful timeout, 30 s by default).
     "RESTFUL_ASYNC_SHUTDOWN_TIMEOUT": 20,
+    # Test mode: every task runs in the request thread before its 202 leaves,
+    # whatever executor is configured (Celery too), through the same store.
+    "RESTFUL_ASYNC_EAGER": False,
 }
 
 
@@ -104,7 +108,10 @@ def register_async(
     returns the caller's identity (str) or None. ``decorators`` wrap the status,
     result and list resources as ``Api(decorators=...)`` wraps every resource: put
     the authentication there that loads what ``owner`` reads. Keyword arguments win
-    over the ``RESTFUL_ASYNC_*`` config keys, which are read when the app is set up.
+    over the ``RESTFUL_ASYNC_*`` config keys, which are read when the app is set up;
+    but with ``RESTFUL_ASYNC_EAGER = True`` (test mode) an
+    :class:`~flask_restful_async.executors.EagerExecutor` takes the place of any
+    ``executor``, Celery's included: each task runs before its ``202`` leaves.
 
     - ``Api(app)``: set up for that app, now.
     - ``Api(blueprint)``: set up for each app the blueprint is registered on, when
@@ -266,7 +273,10 @@ def _make_state(
         lease=float(config["RESTFUL_ASYNC_LEASE"]),
         queued_ttl=float(config["RESTFUL_ASYNC_QUEUED_TTL"]),
     )
-    if executor is None:
+    if config["RESTFUL_ASYNC_EAGER"]:
+        # In place of any executor given: tests need no worker, thread or broker.
+        executor = EagerExecutor()
+    elif executor is None:
         executor = ThreadExecutor(
             max_workers=int(config["RESTFUL_ASYNC_MAX_WORKERS"]),
             max_pending=int(config["RESTFUL_ASYNC_MAX_PENDING"]),

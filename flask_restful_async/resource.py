@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from flask import current_app, request
 from flask_restful import Resource
 from werkzeug.exceptions import MethodNotAllowed
+from werkzeug.wrappers import Response
 
 from .body import BodyReader
 from .state import get_state
@@ -72,6 +73,20 @@ class AsyncResource(Resource):
     #: store and the thread executor (tasks whose view arguments are not JSON data
     #: are never taken over).
     rerun_on_crash: t.ClassVar[bool] = False
+
+    # flask-restful ships no types: the class attributes users set on a Resource
+    # are declared here too, so that a subclass's are type-checked (see the
+    # README's "Type checking").
+
+    #: As on a plain ``Resource``: decorators of every method, or a mapping from
+    #: a method's lower-case name to its own. They run in the request thread,
+    #: around the submit (see above).
+    method_decorators: t.ClassVar[
+        t.Sequence[t.Callable[..., t.Any]] | t.Mapping[str, t.Sequence[t.Callable[..., t.Any]]]
+    ]
+    #: As on a plain ``Resource``: media type to representation function, for
+    #: this resource's results, taking the Api's place.
+    representations: t.ClassVar[t.Mapping[str, t.Callable[..., Response]] | None]
 
     def __init_subclass__(cls, **kwargs: t.Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -3,4 +3,5 @@
 from __future__ import annotations
 
 from .base import Executor as Executor
+from .eager import EagerExecutor as EagerExecutor
 from .threads import ThreadExecutor as ThreadExecutor

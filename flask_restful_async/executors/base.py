@@ -29,6 +29,12 @@ class Executor(abc.ABC):
     #: process then holds them, and keeps a lease in shared stores.
     local: bool = False
 
+    #: True when :meth:`submit` runs the task to its end before it returns (test
+    #: mode, see :class:`~flask_restful_async.executors.eager.EagerExecutor`):
+    #: the submit then tells the task submitted first, and answers with the task as
+    #: it ended. Such an executor never raises ``Unavailable`` from :meth:`submit`.
+    inline: bool = False
+
     #: For a local executor: called each time one of its tasks is done (see
     #: :class:`~flask_restful_async.takeover.Takeover`).
     on_done: t.Callable[[], None] | None = None
