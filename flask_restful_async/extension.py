@@ -187,6 +187,17 @@ def register_async(
         _add_routes_to(api, app, routes)
 
 
+#: Logged once per app without an owner callable, with the first request that
+#: submits, polls or lists a task.
+UNOWNED_WARNING = (
+    "register_async: no owner callable, so task ids are bearer tokens: whoever"
+    " learns a status URL can read that task's result and cancel it; the task"
+    " list answers 404 (RESTFUL_ASYNC_PUBLIC_LIST = True would show every id to"
+    " anyone). Pass register_async(api, owner=...) returning the caller's"
+    " identity."
+)
+
+
 def _routes(url: str) -> list[tuple[type[Resource], str, str]]:
     """The resources register_async adds, with their rules and endpoint names."""
     # The path converter also catches ids with slashes, so that every malformed id
@@ -293,14 +304,6 @@ def _make_state(
         )
     if owner is not None and not callable(owner):
         raise TypeError("owner must be a callable that returns the caller's identity")
-    if owner is None and not app.debug:
-        app.logger.warning(
-            "register_async: no owner callable, so task ids are bearer tokens: whoever"
-            " learns a status URL can read that task's result and cancel it; the task"
-            " list answers 404 (RESTFUL_ASYNC_PUBLIC_LIST = True would show every id to"
-            " anyone). Pass register_async(api, owner=...) returning the caller's"
-            " identity."
-        )
     executor.bind(app)
     state = AsyncState(
         app=app,
@@ -319,6 +322,10 @@ def _make_state(
         max_result=int(config["RESTFUL_ASYNC_MAX_RESULT"]),
         short_wait=float(short_wait),
     )
+    if owner is None and not app.debug:
+        # Told with the first request it concerns, not here: an app loaded by a
+        # command (flask tasks, flask shell) serves no one and should not say it.
+        state.unowned_warning = UNOWNED_WARNING
     if state.lease is not None:
         # Tasks other processes could not run are taken over here: from the lease
         # keeper, which the first request of any kind starts (see takeover.py).

@@ -92,6 +92,8 @@ class AsyncState:
         # to take over (set up by register_async).
         self.takeover: Takeover | None = None
         self._location_prefixes: dict[tuple[t.Any, ...], str] = {}
+        #: Logged (once) by the first identity() asked for without an owner callable.
+        self.unowned_warning: str | None = None
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop what this app started in this process: its task threads (handing
@@ -107,6 +109,9 @@ class AsyncState:
     def identity(self) -> str | None:
         """The caller's identity by the ``owner`` callable (None without one)."""
         if self.owner is None:
+            if self.unowned_warning is not None:
+                message, self.unowned_warning = self.unowned_warning, None
+                self.app.logger.warning(message)
             return None
         identity = self.owner()
         if identity is not None and not isinstance(identity, str):

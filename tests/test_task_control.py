@@ -201,9 +201,16 @@ def test_the_result_url_without_redirect_mode_and_for_unfinished_tasks(
 def test_without_owner_a_warning_says_ids_are_bearer_tokens(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    warned = Flask("warned", instance_path=str(tmp_path / "a"))
     with caplog.at_level(logging.WARNING):
-        register_async(Api(Flask("warned", instance_path=str(tmp_path / "a"))))
-    assert any("bearer tokens" in r.getMessage() for r in caplog.records)
+        register_async(Api(warned))
+        # Not at set-up (a command like flask tasks serves no one), but with the
+        # first request that relies on it, and once.
+        assert not any("bearer tokens" in r.getMessage() for r in caplog.records)
+        client = warned.test_client()
+        assert client.get("/tasks/" + "a" * 22).status_code == 404
+        assert client.get("/tasks/" + "a" * 22).status_code == 404
+    assert sum("bearer tokens" in r.getMessage() for r in caplog.records) == 1
     caplog.clear()
     quiet = Flask("quiet", instance_path=str(tmp_path / "b"))
     with caplog.at_level(logging.WARNING):
@@ -212,4 +219,5 @@ def test_without_owner_a_warning_says_ids_are_bearer_tokens(
     debug.debug = True
     with caplog.at_level(logging.WARNING):
         register_async(Api(debug))
+        assert debug.test_client().get("/tasks/" + "a" * 22).status_code == 404
     assert not any("bearer tokens" in r.getMessage() for r in caplog.records)
