@@ -82,6 +82,10 @@ DEFAULTS: dict[str, t.Any] = {
     # Seconds running tasks get to finish when the process exits (keep it below
     # gunicorn's graceful timeout, 30 s by default).
     "RESTFUL_ASYNC_SHUTDOWN_TIMEOUT": 20,
+    # OpenTelemetry traces of each task (see flask_restful_async.traces). None: on
+    # when opentelemetry-api is importable; True: on, an ImportError without it;
+    # False: off.
+    "RESTFUL_ASYNC_TRACES": None,
 }
 
 
@@ -316,4 +320,23 @@ def _make_state(
         state.lease.on_renew = state.takeover.claim
         executor.on_done = state.takeover.done
         app.before_request(state.lease.start)
+    _connect_traces(state, config["RESTFUL_ASYNC_TRACES"])
     return state
+
+
+def _connect_traces(state: AsyncState, setting: object) -> None:
+    if setting is not None and not isinstance(setting, bool):
+        raise ValueError(
+            "RESTFUL_ASYNC_TRACES must be True (traces, or an error without"
+            " opentelemetry-api), False (no traces) or None (traces when"
+            f" opentelemetry-api is installed), not {setting!r}"
+        )
+    if setting is False:
+        return
+    try:
+        from .traces import connect
+    except ImportError:
+        if setting is None:
+            return  # on by default, and nothing to trace with
+        raise
+    connect(state)
