@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 import typing as t
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from flask import Flask, request
+from flask import Flask, current_app, request
 from flask.testing import FlaskClient
 from flask_restful import abort
 from opentelemetry import context as otel_context
@@ -35,11 +36,14 @@ tracer = trace.get_tracer("tests.test_traces")
 
 #: The carrier each handler of this module saw (``current_task.carrier``), by task id.
 CARRIERS: dict[str, dict[str, str]] = {}
+#: The name of the app each handler of this module ran in, by task id.
+RAN_IN: dict[str, str] = {}
 
 
 class Report(AsyncResource):
     def post(self) -> t.Any:
         CARRIERS[current_task.id] = dict(current_task.carrier)
+        RAN_IN[current_task.id] = current_app.name
         with tracer.start_as_current_span("inside the handler"):
             pass
         return {"ok": True}, 201
@@ -197,6 +201,49 @@ def test_a_failed_task_has_an_error_span(
     assert span.attributes["restful_async.state"] == "failed"
     assert span.attributes["http.response.status_code"] == code
     assert span.status.status_code is trace.StatusCode.ERROR
+
+
+class Held(AsyncResource):
+    def post(self) -> t.Any:
+        HELD.set()
+        RELEASE.wait(10)
+        return {"held": True}
+
+
+HELD, RELEASE = threading.Event(), threading.Event()
+
+
+def test_a_task_taken_over_by_another_app_keeps_its_parent(
+    make_app: AppFactory, spans: InMemorySpanExporter, tmp_path: Path
+) -> None:
+    # App "a" accepts a task that waits behind a held one, and stops: it hands the
+    # waiting task back to the store, with its request. App "b", on the same file,
+    # takes it over and runs it from what the store kept, carrier included.
+    config = {"RESTFUL_ASYNC_STORE": f"sqlite:///{tmp_path / 'tasks.db'}"}
+    a, api_a = make_app(config={**config, "RESTFUL_ASYNC_MAX_WORKERS": 1})
+    api_a.add_resource(Report, "/reports")
+    api_a.add_resource(Held, "/held")
+    client_a = a.test_client()
+    HELD.clear()
+    RELEASE.clear()
+    submit(client_a, "/held")
+    assert HELD.wait(10)
+    with tracer.start_as_current_span("request") as parent:
+        task_id, location = submit(client_a, "/reports")
+    threading.Timer(0.2, RELEASE.set).start()
+    get_state(a).close(timeout=5)
+
+    b, api_b = make_app(config=config)
+    api_b.add_resource(Report, "/reports")
+    api_b.add_resource(Held, "/held")
+    assert wait_done(b.test_client(), location).status_code == 201
+    span = span_named(spans, "POST report (task)")
+    assert span.parent is not None
+    assert span.parent.span_id == parent.get_span_context().span_id
+    assert span.attributes is not None
+    assert span.attributes["restful_async.task_id"] == task_id
+    assert "traceparent" in CARRIERS[task_id]
+    assert RAN_IN[task_id] == b.name != a.name
 
 
 # -- on, off, absent -----------------------------------------------------------------
