@@ -1,6 +1,7 @@
 """OpenTelemetry traces (``flask_restful_async.traces``): the handler of a task runs
-in a span that is a child of the submitting request's span, in a worker thread and
-in a Celery worker process; the off switch; the error that names the extra.
+in a span that is a child of the submitting request's span, in a worker thread, in
+an app that took the task over, and in a Celery worker process; the off switch; the
+error that names the extra.
 
 This process's spans go to the SDK's ``InMemorySpanExporter``; the Celery worker
 (``tests/apps/celery_app.py``) exports its own to a file, one JSON line each.
