@@ -63,7 +63,9 @@ Design:
 - The message. A submit sends one message: the Celery task :data:`TASK_NAME` with
   the arguments ``(task_id, snapshot_json, body_key)`` and the keyword argument
   ``flask_app``: the request as :meth:`RequestSnapshot.to_json` wrote it (strings
-  only, so Celery's default JSON serializer carries it), ``None`` unless the body
+  only, so Celery's default JSON serializer carries it; with the task's carrier,
+  such as the submitting request's trace context, see
+  :mod:`flask_restful_async.traces`), ``None`` unless the body
   went through the store (see "Large bodies"), and the Flask app's ``name``. The
   Celery task id is the store's task id. Nothing else of the request crosses: the
   worker rebuilds the resource through the endpoint's view function (``run_task``

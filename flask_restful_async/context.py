@@ -37,6 +37,13 @@ class TaskHandle:
     :data:`~flask_restful_async.signals.task_progress`.
     """
 
+    #: What the submit's propagators wrote into the task's carrier (text fields,
+    #: such as the W3C ``traceparent`` of the request that submitted the task;
+    #: see :attr:`AsyncState.propagators
+    #: <flask_restful_async.state.AsyncState.propagators>`). Empty without any.
+    #: Set before ``task_started`` is sent, so its receivers can read it.
+    carrier: t.Mapping[str, str]
+
     def __init__(
         self,
         task_id: str,
@@ -46,8 +53,10 @@ class TaskHandle:
         logger: logging.Logger | None = None,
         app: Flask | None = None,
         record: Task | None = None,
+        carrier: t.Mapping[str, str] | None = None,
     ) -> None:
         self.id = task_id
+        self.carrier = carrier if carrier is not None else {}
         self._store = store
         self._app = app
         self._record = record

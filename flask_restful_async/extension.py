@@ -86,6 +86,10 @@ DEFAULTS: dict[str, t.Any] = {
     # Test mode: every task runs in the request thread before its 202 leaves,
     # whatever executor is configured (Celery too), through the same store.
     "RESTFUL_ASYNC_EAGER": False,
+    # OpenTelemetry traces of each task (see flask_restful_async.traces). None: on
+    # when opentelemetry-api is importable; True: on, an ImportError without it;
+    # False: off.
+    "RESTFUL_ASYNC_TRACES": None,
 }
 
 
@@ -333,4 +337,23 @@ def _make_state(
         state.lease.on_renew = state.takeover.claim
         executor.on_done = state.takeover.done
         app.before_request(state.lease.start)
+    _connect_traces(state, config["RESTFUL_ASYNC_TRACES"])
     return state
+
+
+def _connect_traces(state: AsyncState, setting: object) -> None:
+    if setting is not None and not isinstance(setting, bool):
+        raise ValueError(
+            "RESTFUL_ASYNC_TRACES must be True (traces, or an error without"
+            " opentelemetry-api), False (no traces) or None (traces when"
+            f" opentelemetry-api is installed), not {setting!r}"
+        )
+    if setting is False:
+        return
+    try:
+        from .traces import connect
+    except ImportError:
+        if setting is None:
+            return  # on by default, and nothing to trace with
+        raise
+    connect(state)

@@ -62,6 +62,7 @@ def _run_task(
         logger=app.logger,
         app=app,
         record=started,
+        carrier=snapshot.carrier,
     )
     _cv_task.set(handle)
     if signals.task_started.receivers:

@@ -49,6 +49,13 @@ class RequestSnapshot:
     form fields and uploaded files are parsed again in the worker. ``args`` and
     ``kwargs`` are the view arguments as the resource's ``method_decorators`` left
     them; ``g`` is a shallow copy of :data:`flask.g` at submit time.
+
+    ``carrier`` holds context that travels with the task beside the request, as
+    text fields (the W3C ``traceparent`` and ``tracestate`` of the submitting
+    request's span, say): written at submit by the app's propagators (see
+    :attr:`AsyncState.propagators <flask_restful_async.state.AsyncState.propagators>`),
+    read in the worker as :attr:`current_task.carrier
+    <flask_restful_async.context.TaskHandle.carrier>`.
     """
 
     environ: dict[str, str]
@@ -58,6 +65,7 @@ class RequestSnapshot:
     args: tuple[t.Any, ...] = ()
     kwargs: dict[str, t.Any] = dataclasses.field(default_factory=dict)
     g: dict[str, t.Any] = dataclasses.field(default_factory=dict)
+    carrier: dict[str, str] = dataclasses.field(default_factory=dict)
     #: The URL rule and view arguments the submit matched: a replay in the same
     #: process takes them instead of matching the URL again. Never written out
     #: (another process matches).
@@ -209,7 +217,7 @@ class RequestSnapshot:
         if len(g_values) != len(self.g):
             dropped = sorted(set(self.g) - set(g_values))
             _logger.debug("Not sent to the worker (not JSON data): g.%s", ", g.".join(dropped))
-        return {
+        header: dict[str, t.Any] = {
             "environ": self.environ,
             "endpoint": self.endpoint,
             "method": self.method,
@@ -217,6 +225,10 @@ class RequestSnapshot:
             "kwargs": self.kwargs,
             "g": g_values,
         }
+        if self.carrier:
+            # Only when there is one: a snapshot without reads as before.
+            header["carrier"] = self.carrier
+        return header
 
     @classmethod
     def _from_header(cls, data: dict[str, t.Any], body: bytes) -> RequestSnapshot:
@@ -233,6 +245,11 @@ class RequestSnapshot:
                 )
             if not isinstance(g_values, dict):
                 raise ValueError("malformed request snapshot: g must be an object")
+            carrier = data.get("carrier", {})
+            if not isinstance(carrier, dict) or not all(
+                type(key) is str and type(value) is str for key, value in carrier.items()
+            ):
+                raise ValueError("malformed request snapshot: carrier must map str to str")
             return cls(
                 environ=environ,
                 body=body,
@@ -241,6 +258,7 @@ class RequestSnapshot:
                 args=tuple(args),
                 kwargs=kwargs,
                 g=g_values,
+                carrier=carrier,
             )
         except (KeyError, TypeError) as e:
             raise ValueError(f"malformed request snapshot: {e!r}") from None

@@ -37,6 +37,8 @@ _ID_PLACEHOLDER = "0" * 22
 _MAX_LOCATION_PREFIXES = 64
 
 OwnerCallable = t.Callable[[], "str | None"]
+#: Writes context into a submitted task's carrier (see :attr:`AsyncState.propagators`).
+Propagator = t.Callable[[dict[str, str]], None]
 
 
 class AsyncState:
@@ -91,6 +93,14 @@ class AsyncState:
         # With a lease, tasks are stored with their request, for another process
         # to take over (set up by register_async).
         self.takeover: Takeover | None = None
+        #: Called at each submit with the task's carrier (an empty dict of text
+        #: fields), in the request thread, before the task is stored or handed to
+        #: an executor: what they write travels with the request snapshot (to a
+        #: thread, a Celery message, a process that takes the task over) and the
+        #: worker reads it as ``current_task.carrier``. Traces put the request's
+        #: trace context there (see :mod:`~flask_restful_async.traces`). One that
+        #: raises is logged; the submit goes on.
+        self.propagators: list[Propagator] = []
         self._location_prefixes: dict[tuple[t.Any, ...], str] = {}
         #: Logged (once) by the first identity() asked for without an owner callable.
         self.unowned_warning: str | None = None
@@ -175,6 +185,8 @@ class AsyncState:
             task.idempotency_key = f"{request.method} {request.path} {key}"
             task.fingerprint = _fingerprint(body)
         snapshot = RequestSnapshot.capture(body, method, args, kwargs)
+        if self.propagators:
+            self.propagate(task, snapshot.carrier)
         task.endpoint, task.method, task.path = snapshot.endpoint, method.upper(), request.path
         size = snapshot.held_bytes
         stored: bytes | None = None
@@ -234,6 +246,17 @@ class AsyncState:
         except Unavailable:
             return task
         return task if ended is None else ended
+
+    def propagate(self, task: Task, carrier: dict[str, str]) -> None:
+        """Let each of :attr:`propagators` write into ``carrier``."""
+        for propagator in self.propagators:
+            try:
+                propagator(carrier)
+            except Exception:
+                # Context for observers, never a reason to refuse the task.
+                self.app.logger.exception(
+                    "A propagator failed for task %s", task.id, extra={"task_id": task.id}
+                )
 
     def rejected(self, error: Unavailable, reason: str) -> Response:
         """The 503 of a submit that left no task; ``task_rejected`` tells why."""

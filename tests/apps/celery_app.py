@@ -14,7 +14,10 @@ whose module builds the Celery app and the executor but no Flask app (a
 misconfigured worker). ``CELERY_TEST_SIGNALS``, if set, is a file to which the
 app's receivers of ``task_started``, ``task_progress`` and ``task_finished``
 append one JSON line per signal (its name, the task's id, state, method and path,
-the sender's name and the pid that sent it). A worker::
+the sender's name and the pid that sent it). ``CELERY_TEST_TRACES``, if set, is
+a file to which the worker process exports every span it ends, one JSON line each
+(:func:`export_spans`: OpenTelemetry's SDK, set up when the module builds its app).
+A worker::
 
     CELERY_TEST_PREFIX='{p}:' CELERY_TEST_QUEUE=q \\
         celery -A tests.apps.celery_app worker -P threads -c 4 -Q q
@@ -72,6 +75,7 @@ BROKER_ENV = "CELERY_TEST_BROKER"
 REMOTE_CONTROL_ENV = "CELERY_TEST_REMOTE_CONTROL"
 WIRING_ENV = "CELERY_TEST_WIRING"
 SIGNALS_ENV = "CELERY_TEST_SIGNALS"
+TRACES_ENV = "CELERY_TEST_TRACES"
 #: The ways of making the Celery app that tasks must run with.
 WIRINGS = ("plain", "init_app", "make_celery")
 #: Seconds a ``?hold=NAME`` task waits for its release at most.
@@ -230,6 +234,37 @@ def record_signals(app: Flask, path: str) -> None:
         signal.connect(receiver(name), sender=app, weak=False)
 
 
+def export_spans(path: str) -> None:
+    """Make OpenTelemetry's SDK this process's tracer provider, exporting each span
+    as it ends to ``path``: a JSON line with its name, ids (hex), parent span id,
+    attributes and status code."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+    from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SimpleSpanProcessor
+
+    def line(span: ReadableSpan) -> str:
+        assert span.context is not None
+        return (
+            json.dumps(
+                {
+                    "name": span.name,
+                    "trace_id": format(span.context.trace_id, "032x"),
+                    "span_id": format(span.context.span_id, "016x"),
+                    "parent_id": span.parent and format(span.parent.span_id, "016x"),
+                    "attributes": dict(span.attributes or {}),
+                    "status": span.status.status_code.name,
+                    "pid": os.getpid(),
+                }
+            )
+            + "\n"
+        )
+
+    out = open(path, "a", encoding="utf-8")  # noqa: SIM115 - open for the process's life
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter(out=out, formatter=line)))
+    trace.set_tracer_provider(provider)
+
+
 def create_unbound_celery(prefix: str, queue: str, broker_url: str) -> Celery:
     """A Celery app with this package's task, and no Flask app bound to it."""
     celery_app = Celery(__name__, broker=broker_url)
@@ -251,6 +286,8 @@ def __getattr__(name: str) -> t.Any:
             raise RuntimeError(f"set {PREFIX_ENV} and {QUEUE_ENV} for tests.apps.celery_app")
         broker_url = os.environ.get(BROKER_ENV) or REDIS_URL
         wiring = os.environ.get(WIRING_ENV) or "plain"
+        if os.environ.get(TRACES_ENV):
+            export_spans(os.environ[TRACES_ENV])
         if wiring == "unbound":
             _built["celery"] = create_unbound_celery(prefix, queue, broker_url)
         else:

@@ -17,6 +17,13 @@ seconds here) hits both alike:
 - ``plain GET``: a plain ``Resource`` returning the finished task's result;
 - ``poll``: ``GET`` on the status URL of that finished task.
 
+``--traces`` sets up OpenTelemetry traces: ``off`` (``RESTFUL_ASYNC_TRACES =
+False``), ``absent`` (as if opentelemetry were not installed), ``sdk`` (the SDK
+as tracer provider, spans dropped at their end, and a span per request for plain
+and async requests alike, as a web framework's instrumentation makes); without
+it the app is left as ``register_async`` sets it up (traces on when
+opentelemetry-api is importable, no-op spans without an SDK).
+
 ``--body-size N`` pads the JSON body to N bytes (a ``note`` string beside the
 order; default: the order alone, about 300 bytes; 0: ``{"x": 1}``), to see what
 the size of a request costs a submit, which copies and stores it.
@@ -93,8 +100,12 @@ def padded(size: int) -> dict[str, t.Any]:
     return {**ORDER, "note": "x" * pad}
 
 
-def make_app(store: TaskStore | str) -> Flask:
+def make_app(store: TaskStore | str, traces: str | None = None) -> Flask:
     app = Flask(__name__)
+    if traces == "off":
+        app.config["RESTFUL_ASYNC_TRACES"] = False
+    elif traces == "sdk":
+        trace_requests(app)
     app.config["RESTFUL_ASYNC_MAX_PENDING"] = 1_000_000
     app.config["RESTFUL_ASYNC_MAX_PENDING_BYTES"] = 1 << 40
     # What a submit costs the request thread, without waiting for its task: the
@@ -106,6 +117,28 @@ def make_app(store: TaskStore | str) -> Flask:
     api.add_resource(AsyncOrders, "/orders")
     api.add_resource(PlainResult, "/plain/result")
     return app
+
+
+def trace_requests(app: Flask) -> None:
+    """The SDK as tracer provider (spans recorded, exported nowhere), and a span
+    around every request of ``app``."""
+    from opentelemetry import context, trace
+    from opentelemetry.sdk.trace import TracerProvider
+
+    trace.set_tracer_provider(TracerProvider())
+    tracer = trace.get_tracer("bench_overhead")
+
+    @app.before_request
+    def start() -> None:
+        span = tracer.start_span(request.path)
+        request.environ["bench.span"] = span
+        request.environ["bench.token"] = context.attach(trace.set_span_in_context(span))
+
+    @app.teardown_request
+    def end(error: BaseException | None) -> None:
+        if "bench.span" in request.environ:  # not in a task's replayed request
+            request.environ["bench.span"].end()
+            context.detach(request.environ["bench.token"])
 
 
 def drain(app: Flask) -> None:
@@ -132,10 +165,15 @@ def timed(operation: t.Callable[[], t.Any], requests: int) -> float:
 
 
 def run(
-    url: str, rounds: int, requests: int, block: int = BLOCK, body_size: int | None = None
+    url: str,
+    rounds: int,
+    requests: int,
+    block: int = BLOCK,
+    body_size: int | None = None,
+    traces: str | None = None,
 ) -> Figures:
     with bench_store(url) as store:
-        return run_on(store, rounds, requests, block, body_size)
+        return run_on(store, rounds, requests, block, body_size, traces)
 
 
 class Figures(t.NamedTuple):
@@ -177,9 +215,10 @@ def run_on(
     requests: int,
     block: int = BLOCK,
     body_size: int | None = None,
+    traces: str | None = None,
 ) -> Figures:
     body = SMALL if body_size == 0 else padded(body_size) if body_size else ORDER
-    app = make_app(store)
+    app = make_app(store, traces)
     client = app.test_client()
     location = client.post("/orders", json=ORDER).headers["Location"]
     drain(app)
@@ -256,10 +295,25 @@ def main() -> None:
         default="wall",
         help="time blocks by wall time, or by the requesting thread's CPU time",
     )
+    parser.add_argument(
+        "--traces",
+        choices=["off", "absent", "sdk"],
+        default=None,
+        help="OpenTelemetry traces off, not installed, or on with the SDK (see above)",
+    )
     options = parser.parse_args()
+    if options.traces == "absent":
+        sys.modules["opentelemetry"] = None  # type: ignore[assignment]
     global CLOCK
     CLOCK = time.thread_time if options.clock == "thread" else time.perf_counter
-    figures = run(options.store, options.rounds, options.requests, options.block, options.body_size)
+    figures = run(
+        options.store,
+        options.rounds,
+        options.requests,
+        options.block,
+        options.body_size,
+        options.traces,
+    )
     pairs = options.rounds * max(1, options.requests // options.block)
     print(
         f"store {options.store}: {options.rounds} rounds of {options.requests} requests"
@@ -267,6 +321,7 @@ def main() -> None:
         + (f", {options.body_size}-byte bodies" if options.body_size else "")
         + (', body {"x": 1}' if options.body_size == 0 else "")
         + (", thread CPU time" if options.clock == "thread" else "")
+        + (f", traces {options.traces}" if options.traces else "")
     )
     for name, seconds in figures.seconds.items():
         print(f"  {name:<24} {seconds * 1e6:8.1f} µs/request (median over blocks)")
