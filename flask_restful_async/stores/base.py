@@ -340,6 +340,26 @@ class TaskStore(abc.ABC):
         one. Counted in the store, without reading the tasks' responses."""
         raise NotImplementedError(f"{type(self).__name__} cannot count its tasks")
 
+    def owner_stats(self, owner: str | None) -> StoreStats:
+        """As :meth:`stats`, for the tasks of ``owner`` only (what the dashboard
+        counts for a caller who sees only their own).
+
+        This default counts what :meth:`list` reads, page by page; stores override
+        it to count in the store.
+        """
+        counts = dict.fromkeys(TaskState, 0)
+        oldest: float | None = None
+        before: str | None = None
+        while True:
+            page = self.list(owner=owner, limit=500, before=before)
+            for task in page:
+                counts[task.state] += 1
+                if task.state is TaskState.QUEUED:
+                    oldest = task.created_at if oldest is None else min(oldest, task.created_at)
+            if len(page) < 500:
+                return StoreStats(counts, oldest)
+            before = page[-1].id
+
     def purge_finished(self, *, older_than: float = 0.0, state: TaskState | None = None) -> int:
         """Delete the tasks recorded as finished (tombstones too) more than
         ``older_than`` seconds ago, of every owner; only those in ``state`` (a

@@ -210,6 +210,8 @@ END AS seen, count(*), min(t.created_at)
 FROM tasks AS t WHERE t.expired = 0 AND (t.finished_at IS NULL OR t.finished_at >= ?1)
 GROUP BY seen
 """
+# The same for one owner (bind ?4), through the index of owners.
+_OWNER_STATS = _STATS.replace("WHERE t.expired = 0", "WHERE t.owner IS ?4 AND t.expired = 0")
 # What becomes of the active tasks of a worker that is gone, in this order (bind:
 # worker; then now, worker): those another process can run (queued with their
 # request, or running with ``rerun``) wait again, held by none, for claim(); the
@@ -915,9 +917,17 @@ class SQLiteStore(TaskStore):
     def stats(self) -> StoreStats:
         """One statement: each live row's state as it reads (the rules of
         :meth:`_read`, in SQL), grouped; nothing is decoded in Python."""
+        return self._count(_STATS, ())
+
+    def owner_stats(self, owner: str | None) -> StoreStats:
+        return self._count(_OWNER_STATS, (owner,))
+
+    def _count(self, statement: str, extra: tuple[t.Any, ...]) -> StoreStats:
         now = time.time()
         with self._reading() as conn:
-            rows = conn.execute(_STATS, (now - self.result_ttl, now - self.queued_ttl, now))
+            rows = conn.execute(
+                statement, (now - self.result_ttl, now - self.queued_ttl, now, *extra)
+            )
             counts = dict.fromkeys(TaskState, 0)
             oldest = None
             for name, count, first_created in rows.fetchall():
