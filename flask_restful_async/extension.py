@@ -11,9 +11,10 @@ from flask.sansio.blueprints import BlueprintSetupState
 from flask_restful import Api, Resource
 
 from .cli import tasks_cli
+from .dashboard import check_dashboard, install_dashboard
 from .executors.base import Executor
 from .executors.threads import ThreadExecutor
-from .state import EXTENSION_KEY, RESULT_SUFFIX, AsyncState, OwnerCallable
+from .state import EXTENSION_KEY, RESULT_SUFFIX, AdminCallable, AsyncState, OwnerCallable
 from .status import TaskListResource, TaskResultResource, TaskStatusResource
 from .stores import TaskStore, open_store
 from .takeover import Takeover
@@ -82,6 +83,12 @@ DEFAULTS: dict[str, t.Any] = {
     # Seconds running tasks get to finish when the process exits (keep it below
     # gunicorn's graceful timeout, 30 s by default).
     "RESTFUL_ASYNC_SHUTDOWN_TIMEOUT": 20,
+    # The path of the dashboard page (e.g. "/tasks/dashboard"); None: no dashboard.
+    # Needs an owner or admin callable outside debug mode.
+    "RESTFUL_ASYNC_DASHBOARD": None,
+    # Let a browser page of another site cancel and forget tasks with DELETE (for
+    # an app that serves its front end from another site, through CORS).
+    "RESTFUL_ASYNC_CROSS_SITE_DELETE": False,
 }
 
 
@@ -94,6 +101,7 @@ def register_async(
     executor: Executor | None = None,
     owner: OwnerCallable | None = None,
     decorators: t.Sequence[t.Callable[..., t.Any]] = (),
+    admin: AdminCallable | None = None,
 ) -> None:
     """Set up background tasks for ``api``: the status URL, the task list, the state.
 
@@ -103,7 +111,10 @@ def register_async(
     config by default); ``owner`` a callable, run in the request context, that
     returns the caller's identity (str) or None. ``decorators`` wrap the status,
     result and list resources as ``Api(decorators=...)`` wraps every resource: put
-    the authentication there that loads what ``owner`` reads. Keyword arguments win
+    the authentication there that loads what ``owner`` reads. ``admin`` is a
+    callable, run in the request context, that returns True for an operator: the
+    dashboard (``RESTFUL_ASYNC_DASHBOARD``) then shows them every owner's tasks,
+    and ``DELETE`` on a status URL may cancel or forget any. Keyword arguments win
     over the ``RESTFUL_ASYNC_*`` config keys, which are read when the app is set up.
 
     - ``Api(app)``: set up for that app, now.
@@ -138,7 +149,9 @@ def register_async(
         for shared in (store, executor):
             if shared is not None and not isinstance(shared, str):
                 _claim(shared, app)
-        app.extensions[EXTENSION_KEY] = _make_state(app, api, store, executor, owner, decorators)
+        app.extensions[EXTENSION_KEY] = _make_state(
+            app, api, store, executor, owner, decorators, admin
+        )
         # An app's own command of that name wins; it can add ours under another:
         # app.cli.add_command(tasks_cli, "async-tasks").
         if tasks_cli.name not in app.cli.commands:
@@ -241,10 +254,17 @@ def _make_state(
     executor: Executor | None,
     owner: OwnerCallable | None,
     decorators: tuple[t.Callable[..., t.Any], ...],
+    admin: AdminCallable | None = None,
 ) -> AsyncState:
     for key, value in DEFAULTS.items():
         app.config.setdefault(key, value)
     config = app.config
+    if admin is not None and not callable(admin):
+        raise TypeError("admin must be a callable that returns True for an operator")
+    dashboard = config["RESTFUL_ASYNC_DASHBOARD"]
+    if dashboard:
+        # Refused before anything is opened or started for the app.
+        check_dashboard(app, dashboard, owner, admin)
     interval = config["RESTFUL_ASYNC_PROGRESS_INTERVAL"]
     # Read by every task as it starts: refused here rather than in a worker.
     if isinstance(interval, bool) or not isinstance(interval, int | float) or interval < 0:
@@ -308,7 +328,11 @@ def _make_state(
         max_body=int(config["RESTFUL_ASYNC_MAX_BODY"]),
         max_result=int(config["RESTFUL_ASYNC_MAX_RESULT"]),
         short_wait=float(short_wait),
+        admin=admin,
+        cross_site_delete=bool(config["RESTFUL_ASYNC_CROSS_SITE_DELETE"]),
     )
+    if dashboard:
+        install_dashboard(app, dashboard)
     if state.lease is not None:
         # Tasks other processes could not run are taken over here: from the lease
         # keeper, which the first request of any kind starts (see takeover.py).

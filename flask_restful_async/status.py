@@ -10,6 +10,7 @@ from werkzeug.exceptions import NotFound
 
 from . import signals, waiting
 from .exceptions import Unavailable
+from .origin import is_cross_site
 from .prefer import request_prefer, wait_seconds
 from .responses import (
     NO_STORE,
@@ -22,6 +23,7 @@ from .state import AsyncState, get_state
 from .task import Task, TaskState, is_valid_task_id
 
 NOT_FOUND_MESSAGE = "No such task."
+CROSS_SITE_MESSAGE = "A page of another site may not cancel or forget tasks."
 DEFAULT_LIST_LIMIT = 50
 MAX_LIST_LIMIT = 500
 
@@ -95,10 +97,19 @@ class TaskStatusResource(_TaskResource):
         never runs. Running: ``202`` and the status document; the handler sees
         ``current_task.cancelled``. Finished (or expired): ``204``, and the task is
         forgotten.
+
+        Refused with ``403`` when a browser sent it for another site (see
+        :mod:`~flask_restful_async.origin`), unless ``RESTFUL_ASYNC_CROSS_SITE_DELETE``
+        is on. An operator (the ``admin`` callable returns True) may cancel or
+        forget any owner's task.
         """
         state = get_state(current_app)
+        if not state.cross_site_delete and is_cross_site(request.environ, request.host_url):
+            return error_response(403, CROSS_SITE_MESSAGE, NO_STORE)
         try:
             task = find_task(state, task_id)
+            if task is None and state.admin is not None and is_valid_task_id(task_id):
+                task = state.store.get(task_id) if state.is_admin() else None
             if task is None:
                 return not_found()
             if not task.state.finished:
