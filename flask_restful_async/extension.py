@@ -89,6 +89,13 @@ DEFAULTS: dict[str, t.Any] = {
     # Let a browser page of another site cancel and forget tasks with DELETE (for
     # an app that serves its front end from another site, through CORS).
     "RESTFUL_ASYNC_CROSS_SITE_DELETE": False,
+    # The longest an event stream (Accept: text/event-stream) lasts, in seconds;
+    # then it ends and the client reconnects. A stream holds one server thread
+    # (gthread) or a greenlet (gevent) meanwhile.
+    "RESTFUL_ASYNC_MAX_STREAM": 300,
+    # Seconds an event stream may stay silent before a comment line keeps
+    # proxies from closing it.
+    "RESTFUL_ASYNC_STREAM_KEEPALIVE": 15,
 }
 
 
@@ -272,6 +279,11 @@ def _make_state(
             "RESTFUL_ASYNC_PROGRESS_INTERVAL must be a number of seconds, 0 or more"
             f" (0 writes every progress report), not {interval!r}"
         )
+    for key in ("RESTFUL_ASYNC_MAX_STREAM", "RESTFUL_ASYNC_STREAM_KEEPALIVE"):
+        seconds = config[key]
+        # Read by every stream: refused here rather than in a request.
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds <= 0:
+            raise ValueError(f"{key} must be a number of seconds above 0, not {seconds!r}")
     short_wait = config["RESTFUL_ASYNC_SHORT_WAIT"]
     if isinstance(short_wait, bool) or not isinstance(short_wait, int | float) or short_wait < 0:
         raise ValueError(

@@ -204,6 +204,7 @@ class AsyncState:
                     422, "This Idempotency-Key was already used with a different request body."
                 )
         else:
+            waiting.changed(self.store, task.id)  # list streams in this process
             try:
                 self.executor.submit(self.app, task, snapshot, resource)
             except Unavailable as e:

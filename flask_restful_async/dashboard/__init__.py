@@ -27,7 +27,6 @@ again every few seconds.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import typing as t
 
 from flask import Blueprint, Flask, Response, current_app, render_template, request, url_for
@@ -68,10 +67,6 @@ blueprint = Blueprint(
 )
 
 F = t.TypeVar("F", bound=t.Callable[..., t.Any])
-
-# Whether the list URL answers Accept: text/event-stream with a stream (CONTRACT
-# 6.5); without one, the page reads api/tasks every few seconds.
-_LIST_STREAMS = importlib.util.find_spec(f"{__package__.rpartition('.')[0]}.streams") is not None
 
 
 def check_dashboard(
@@ -141,9 +136,7 @@ def page() -> Response:
     if scope is None:
         return _no_such_page()
     # The list URL's event stream carries the caller's own tasks only.
-    stream = None
-    if not scope.every and _LIST_STREAMS:
-        stream = state.api.url_for(TaskListResource)
+    stream = None if scope.every else state.api.url_for(TaskListResource)
     html = render_template(
         "restful_async/dashboard.html",
         every=scope.every,

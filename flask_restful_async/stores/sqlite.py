@@ -823,7 +823,13 @@ class SQLiteStore(TaskStore):
 
     # -- change notifications --------------------------------------------------------
 
-    def listen(self, on_change: ChangeCallback, stop: StopSignal) -> None:
+    def listen(
+        self,
+        on_change: ChangeCallback,
+        stop: StopSignal,
+        *,
+        changes: t.Callable[[], bool] | None = None,
+    ) -> None:
         """Call ``on_change(None)`` whenever another connection has committed.
 
         Every ``LISTEN_INTERVAL`` seconds, reads ``PRAGMA data_version`` on a
@@ -832,7 +838,8 @@ class SQLiteStore(TaskStore):
         connection, of this process or any other, has committed to the file: a
         task that ended, but also progress, submits, lease renewals (and a
         truncating checkpoint), so waiters are woken more often than needed and
-        read their task again. Each look is a read transaction of a few
+        read their task again; event streams hear every change this way, so
+        ``changes`` changes nothing here. Each look is a read transaction of a few
         microseconds on the shared-memory WAL index, ended at once: no disk
         access, and nothing that holds back a checkpoint.
         """
