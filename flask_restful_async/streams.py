@@ -235,17 +235,27 @@ def _task_events(
 
 
 class ListQuery(t.NamedTuple):
-    """Which tasks a list stream follows: those ``GET /tasks`` would list."""
+    """Which tasks a list stream follows: those ``GET /tasks`` would list; with
+    ``every``, every owner's (an operator's dashboard)."""
 
     owner: str | None
     state: TaskState | None
     limit: int
     before: str | None
+    every: bool = False
 
     def read(self, state: AsyncState) -> list[Task]:
+        if self.every:
+            return state.store.list_all(state=self.state, limit=self.limit, before=self.before)
         return state.store.list(
             owner=self.owner, state=self.state, limit=self.limit, before=self.before
         )
+
+    def get(self, state: AsyncState, task_id: str) -> Task | None:
+        """The task, if it is one this query may follow."""
+        if self.every:
+            return state.store.get(task_id)
+        return state.store.get_owned(task_id, self.owner)
 
 
 class _Seen(t.NamedTuple):
@@ -367,7 +377,7 @@ def _list_changes(
         # Gone from the page: deleted, expired, out of the state filter, or
         # pushed down by newer tasks. Only the last is not worth an event.
         try:
-            gone = state.store.get_owned(task_id, query.owner)
+            gone = query.get(state, task_id)
         except Unavailable:
             continue  # asked again on the next read
         if gone is not None and not gone.expired and not gone.state.finished:

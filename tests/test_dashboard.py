@@ -322,3 +322,28 @@ def test_an_operator_may_cancel_and_forget_any_task(app: Flask) -> None:
     assert get_state(app).store.get(finished.id) is None
     # Reading a task is still its owner's alone.
     assert client.get(f"/tasks/{running.id}", headers=operator_headers).status_code == 404
+
+
+def test_an_operator_streams_every_owners_tasks(make_app: AppFactory) -> None:
+    app, _ = make_app(
+        config={**ON, "RESTFUL_ASYNC_MAX_STREAM": 1},
+        owner=caller,
+        admin=operator,
+        store="memory://",
+    )
+    bobs = add_task(app, "bob", TaskState.RUNNING)
+    headers = {"X-User": "carol", "X-Role": "operator", "Accept": "text/event-stream"}
+    page = app.test_client().get(DASHBOARD, headers=headers).get_data(as_text=True)
+    assert f'data-stream-url="{DASHBOARD}/api/tasks"' in page
+    response = app.test_client().get(f"{DASHBOARD}/api/tasks", headers=headers, buffered=False)
+    try:
+        assert response.status_code == 200
+        assert response.mimetype == "text/event-stream"
+        first = next(iter(response.response)).decode()
+    finally:
+        response.close()
+    assert "event: status" in first
+    assert bobs.id in first
+    # An owner's page listens to the list URL, which has their own tasks.
+    page = app.test_client().get(DASHBOARD, headers={"X-User": "alice"}).get_data(as_text=True)
+    assert 'data-stream-url="/tasks"' in page

@@ -19,9 +19,9 @@ static files, which hold no data. Cancel and Forget are ``DELETE`` requests on
 each task's status URL, which refuses them from a page of another site.
 
 Live updates come from the list URL's event stream (``Accept:
-text/event-stream``, CONTRACT 6.5) where the caller's scope is their own tasks;
-otherwise, and whenever the stream is not there, the script reads ``api/tasks``
-again every few seconds.
+text/event-stream``, CONTRACT 6.5), over the tasks of the page shown; an
+operator's from ``api/tasks``, which streams every owner's tasks the same way.
+Where no stream answers, the script reads ``api/tasks`` again every few seconds.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import typing as t
 
 from flask import Blueprint, Flask, Response, current_app, render_template, request, url_for
 
+from .. import streams
 from ..exceptions import Unavailable
 from ..responses import NO_STORE, error_response, json_response
 from ..state import AdminCallable, AsyncState, OwnerCallable, get_state
@@ -135,8 +136,8 @@ def page() -> Response:
     scope = _scope(state)
     if scope is None:
         return _no_such_page()
-    # The list URL's event stream carries the caller's own tasks only.
-    stream = None if scope.every else state.api.url_for(TaskListResource)
+    # An operator's stream is api/tasks's own: the list URL's has one owner's tasks.
+    stream = url_for(".tasks") if scope.every else state.api.url_for(TaskListResource)
     html = render_template(
         "restful_async/dashboard.html",
         every=scope.every,
@@ -156,6 +157,9 @@ def tasks() -> Response:
     ``?state=``, ``?limit=`` (1 to 500) and ``?cursor=`` (the ``next`` of the page
     before) as ``GET /tasks`` takes them. Each task is its status document with
     its status URL (``url``) and, for an operator, its ``owner``.
+
+    For an operator, ``Accept: text/event-stream`` gets the list URL's event
+    stream (CONTRACT 6.5) over every owner's tasks of that page.
     """
     state = get_state(current_app)
     scope = _scope(state)
@@ -173,6 +177,9 @@ def tasks() -> Response:
     cursor = request.args.get("cursor") or None
     if cursor is not None and not is_valid_task_id(cursor):
         return error_response(400, "cursor is not valid.", NO_STORE)
+    if scope.every and streams.wants_stream():
+        query = streams.ListQuery(None, state_filter, limit, cursor, every=True)
+        return TaskListResource.stream(state, query)
     store = state.store
     try:
         if scope.every:
