@@ -228,4 +228,3 @@ def test_the_detail_filter_and_pages_stay_on_the_origin(alice: Watched, base: st
     page.click('button[data-state=""]')
     page.wait_for_selector(row)
     assert page.is_disabled("#newer")
-

@@ -1,9 +1,9 @@
 """The app of the dashboard's browser tests: users by cookie, jobs that report progress.
 
 The caller is the ``user`` cookie (or an ``X-User`` header, for scripts), an
-operator has the cookie ``role=operator``. ``POST /jobs?steps=N&delay=S`` (or ``/reports``, ``/exports/<name>``) runs N
-steps of S seconds, reporting progress after each and stopping when cancelled;
-with ``&fail=1`` it then fails.
+operator has the cookie ``role=operator``. ``POST /jobs?steps=N&delay=S`` (or
+``/reports``, ``/exports/<name>``) runs N steps of S seconds, reporting progress
+after each and stopping when cancelled; with ``&fail=1`` it then fails (409).
 Tasks are kept in the SQLite file ``$DASHBOARD_DB``.
 """
 
