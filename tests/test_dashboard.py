@@ -214,6 +214,10 @@ def test_pages_follow_the_store_cursor_and_the_state_filter(app: Flask) -> None:
     assert [task["id"] for task in second["tasks"]] == [made[0].id]
     assert second["next"] is None
     assert second["counts"]["failed"] == 1  # counts are of every state, whatever the filter
+    uncounted = client.get(f"{url}&counts=0", headers=headers).json
+    assert uncounted is not None
+    assert uncounted["counts"] is None
+    assert len(uncounted["tasks"]) == 2
 
 
 @pytest.mark.parametrize("query", ["limit=0", "limit=501", "limit=x", "state=done", "cursor=nope"])

@@ -14,6 +14,9 @@
   const POLL_MS = 2000; // without a stream
   const RESYNC_MS = 30000; // with one: counts and order, in case an event was missed
   const ACTIVE = new Set(["queued", "running"]);
+  // The counts cost more than a page (an operator's go through every task): asked
+  // for at most this often, however busy the stream.
+  const COUNTS_MS = 2000;
 
   const rows = document.getElementById("rows");
   const empty = document.getElementById("empty");
@@ -38,6 +41,8 @@
   let source = null; // the EventSource of the page shown
   let pollTimer = null;
   let loading = false;
+  let countedAt = -Infinity;
+  let countsTimer = null;
   let again = false;
 
   // -- formatting -------------------------------------------------------------
@@ -217,8 +222,11 @@
       return;
     }
     loading = true;
+    const query = pageQuery();
+    const counting = performance.now() - countedAt >= COUNTS_MS;
+    if (!counting) query.set("counts", "0");
     try {
-      const answer = await fetch(tasksUrl + "?" + pageQuery(), {
+      const answer = await fetch(tasksUrl + "?" + query, {
         headers: { Accept: "application/json" },
       });
       if (!answer.ok) {
@@ -229,7 +237,15 @@
       tell("");
       view.next = data.next;
       render(data.tasks);
-      paintCounts(data.counts);
+      if (data.counts) {
+        countedAt = performance.now();
+        paintCounts(data.counts);
+      } else if (countsTimer === null) {
+        countsTimer = setTimeout(function () {
+          countsTimer = null;
+          soon(); // the counts, a little later
+        }, COUNTS_MS);
+      }
       paintPager();
     } catch (error) {
       tell("The server cannot be reached; trying again.");
