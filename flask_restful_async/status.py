@@ -103,7 +103,7 @@ class TaskStatusResource(_TaskResource):
         # Made before the first read: no change after that read goes unheard.
         subscription = waiting.subscribe(state.store, task_id)
         try:
-            task = subscription.read()
+            task, document = subscription.read(streams.document_of)
         except Unavailable as e:
             subscription.close()
             return unavailable(e)
@@ -111,7 +111,7 @@ class TaskStatusResource(_TaskResource):
             subscription.close()
             return not_found()
         last_id = request.headers.get("Last-Event-ID")
-        return streams.task_stream(state, subscription, task, last_id, timing)
+        return streams.task_stream(state, subscription, task, document, last_id, timing)
 
     def delete(self, task_id: str) -> Response:
         """Cancel or forget a task.

@@ -121,7 +121,7 @@ def event(name: str, data: bytes, event_id: str) -> bytes:
     return b"id: %s\nevent: %s\ndata: %s\n\n" % (event_id.encode(), name.encode(), data)
 
 
-def _document(task: Task) -> tuple[bytes, str]:
+def document_of(task: Task) -> tuple[bytes, str]:
     """A task's status document as one line of JSON, and its digest."""
     data = json.dumps(task.status_document(), separators=(",", ":")).encode()
     return data, hashlib.blake2b(data, digest_size=8).hexdigest()
@@ -178,30 +178,32 @@ def task_stream(
     state: AsyncState,
     subscription: waiting.Subscription,
     task: Task,
+    document: tuple[bytes, str] | None,
     last_id: str | None,
     timing: Timing,
 ) -> Response:
-    """The stream of ``task`` (read through ``subscription`` after it was made),
-    for a client that last saw the event ``last_id``; 204 if that was ``done``."""
+    """The stream of ``task`` and its ``document`` (:func:`document_of`, read
+    through ``subscription`` after it was made), for a client that last saw the
+    event ``last_id``; 204 if that was ``done``."""
     if last_id == DONE_ID and (task.state.finished or task.expired):
         subscription.close()
         return no_more_events()
-    return stream_response(
-        _task_events(state, subscription, task, last_id, _Clock(timing)), subscription.close
-    )
+    events = _task_events(state, subscription, task, document, last_id, _Clock(timing))
+    return stream_response(events, subscription.close)
 
 
 def _task_events(
     state: AsyncState,
     subscription: waiting.Subscription,
     task: Task | None,
+    document: tuple[bytes, str] | None,
     seen: str | None,
     clock: _Clock,
 ) -> Iterator[bytes]:
     try:
         while True:
-            if task is not None:
-                data, digest = _document(task)
+            if document is not None:
+                data, digest = document
                 if digest != seen:
                     seen = digest
                     clock.sent()
@@ -221,7 +223,7 @@ def _task_events(
                     continue
                 try:
                     # Read afresh when nothing was heard: a lost task shows only then.
-                    task = subscription.read(fresh=not heard)
+                    task, document = subscription.read(document_of, fresh=not heard)
                 except Unavailable:
                     clock.checked(RETRY_INTERVAL)
                     continue
@@ -318,7 +320,7 @@ def _list_events(
             # What the client saw before it reconnected: not sent again.
             for task in tasks:
                 if page is not None or not _maybe_changed_since(task, since):
-                    _, digest = _document(task)
+                    _, digest = document_of(task)
                     seen[task.id] = _Seen(digest, task.state.finished or task.expired)
             if page is not None and _page_digest(tasks, seen) != page:
                 seen = {
@@ -393,7 +395,7 @@ def _task_changes(
     before = seen.get(task_id)
     ended = task is None or task.expired or task.state.finished
     if task is not None:
-        data, digest = _document(task)
+        data, digest = document_of(task)
         if before is None or before.digest != digest:
             yield "status", data
     else:

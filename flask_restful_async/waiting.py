@@ -63,6 +63,7 @@ REMEMBERED_ENDINGS = 1024
 REMEMBERED_NEWS = 1024
 
 _logger = logging.getLogger(__name__)
+_T = t.TypeVar("_T")
 
 
 def _settled(task: Task | None) -> bool:
@@ -77,7 +78,8 @@ class _Entry:
 
     And its streams (``watchers``): a condition and counter of their own
     (``changes``), bumped by every change, not only endings; and the last read of
-    the task (``cached``, read at ``cached_at``), shared by them."""
+    the task (``cached``, read at ``cached_at``, with what the streams made of
+    it, ``derived``), shared by them."""
 
     __slots__ = (
         "cached",
@@ -85,6 +87,7 @@ class _Entry:
         "changes",
         "cond",
         "deaf",
+        "derived",
         "read_done",
         "reading",
         "version",
@@ -103,6 +106,7 @@ class _Entry:
         self.changes = 0
         self.watchers = 0
         self.cached: Task | None = None
+        self.derived: object = None
         self.cached_at = -1
         self.reading = False
 
@@ -349,7 +353,7 @@ class Waiters:
         with self._lock:
             entry.watchers -= 1
             if entry.watchers == 0:
-                entry.cached, entry.cached_at = None, -1
+                entry.cached, entry.derived, entry.cached_at = None, None, -1
             if task_id is not None and entry.unused and self._entries.get(task_id) is entry:
                 del self._entries[task_id]
             self._watching -= 1
@@ -517,12 +521,15 @@ class Subscription:
             self._seen = entry.changes
         return changed
 
-    def read(self, *, fresh: bool = False) -> Task | None:
-        """The task as it reads now (None if unknown or gone), shared: a read made
-        since the last change, by this stream or another on the same task, is
-        used again, unless ``fresh`` (a read the stream makes now and then
-        whatever it heard: a task whose process died reads ``lost`` only when
-        read). Raises what :meth:`TaskStore.get` raises."""
+    def read(
+        self, convert: t.Callable[[Task], _T], *, fresh: bool = False
+    ) -> tuple[Task | None, _T | None]:
+        """The task as it reads now (None if unknown or gone) and ``convert`` of
+        it (None for None), shared: a read made since the last change, by this
+        stream or another on the same task (with the same ``convert``), is used
+        again, unless ``fresh`` (a read the stream makes now and then whatever
+        it heard: a task whose process died reads ``lost`` only when read).
+        Raises what :meth:`TaskStore.get` raises."""
         if self.task_id is None:
             raise TypeError("a subscription to every task has no task to read")
         entry, lock = self._entry, self._waiters._lock
@@ -530,13 +537,14 @@ class Subscription:
             while True:
                 version = entry.changes
                 if entry.cached_at == version and not fresh:
-                    return entry.cached
+                    return entry.cached, t.cast("_T | None", entry.derived)
                 if not entry.reading:
                     entry.reading = True
                     break
                 entry.read_done.wait(1.0)
         try:
             task = self._store.get(self.task_id)
+            derived = None if task is None else convert(task)
         except BaseException:
             with lock:
                 entry.reading = False
@@ -545,9 +553,9 @@ class Subscription:
         with lock:
             entry.reading = False
             if entry.cached_at < version:
-                entry.cached, entry.cached_at = task, version
+                entry.cached, entry.derived, entry.cached_at = task, derived, version
             entry.read_done.notify_all()
-        return task
+        return task, derived
 
     def close(self) -> None:
         if not self._closed:
