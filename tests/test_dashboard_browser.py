@@ -84,10 +84,22 @@ class Watched(t.NamedTuple):
 
 @pytest.fixture
 def alice(browser: Browser, base: str) -> t.Iterator[Watched]:
-    """A page of user alice, watched: requests to any other origin are recorded
-    and refused, console errors and uncaught exceptions recorded."""
+    """A page of user alice, watched (see :func:`watched`)."""
+    yield from watched(browser, base, {"user": "alice"})
+
+
+@pytest.fixture
+def operator(browser: Browser, base: str) -> t.Iterator[Watched]:
+    """A page of user carol, an operator, watched."""
+    yield from watched(browser, base, {"user": "carol", "role": "operator"})
+
+
+def watched(browser: Browser, base: str, cookies: dict[str, str]) -> t.Iterator[Watched]:
+    """A page with these cookies, watched: requests to any other origin are
+    recorded and refused, console errors and uncaught exceptions recorded; none
+    may have happened when the test ends."""
     context = browser.new_context(viewport={"width": 1200, "height": 620})
-    context.add_cookies([{"name": "user", "value": "alice", "url": base}])
+    context.add_cookies([{"name": k, "value": v, "url": base} for k, v in cookies.items()])
     foreign: list[str] = []
     errors: list[str] = []
     navigations: list[str] = []
@@ -228,3 +240,15 @@ def test_the_detail_filter_and_pages_stay_on_the_origin(alice: Watched, base: st
     page.click('button[data-state=""]')
     page.wait_for_selector(row)
     assert page.is_disabled("#newer")
+
+
+def test_an_operator_sees_and_cancels_another_owners_task(operator: Watched, base: str) -> None:
+    location = submit(base, "bob", "steps=400&delay=0.05")
+    row = f'tr[data-id="{task_id(location)}"]'
+    page = open_dashboard(operator, base)
+    page.wait_for_selector(f"{row}.state-running")
+    assert page.inner_text(f"{row} .owner") == "bob"
+    page.click(f"{row} .cancel")
+    page.wait_for_selector(f"{row}.state-cancelled")
+    status, _, _ = http("GET", base + location, headers={"X-User": "bob"})
+    assert status == 409
