@@ -30,6 +30,7 @@ import functools
 import typing as t
 
 from flask import Blueprint, Flask, Response, current_app, render_template, request, url_for
+from werkzeug.exceptions import NotFound
 
 from .. import streams
 from ..exceptions import Unavailable
@@ -126,7 +127,8 @@ def _scope(state: AsyncState) -> _Scope | None:
 
 
 def _no_such_page() -> Response:
-    return error_response(404, "Not Found", NO_STORE)
+    # What the task list answers such a caller: a URL that does not exist.
+    return error_response(404, NotFound.description, NO_STORE)
 
 
 @blueprint.route("", methods=["GET"])
