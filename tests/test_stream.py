@@ -20,10 +20,12 @@ from flask import Flask, request
 from flask.testing import FlaskClient
 from flask_restful import abort
 
-from flask_restful_async import AsyncResource, current_task
+from flask_restful_async import AsyncResource, current_task, streams, waiting
+from flask_restful_async.stores.memory import MemoryStore
+from flask_restful_async.task import Progress, Task, TaskState, new_task_id
 
 from .apps.tasks_app import create_app
-from .conftest import AppFactory
+from .conftest import AppFactory, wait_for
 from .servers import http, serve
 from .services import delete_redis_keys, require_redis
 from .test_multiprocess import REDIS_DB, Store, close_app
@@ -347,6 +349,68 @@ def test_the_list_stream_is_404_where_the_list_is(make_app: AppFactory) -> None:
     response = app.test_client().get("/tasks", headers=STREAM)
     assert response.status_code == 404
     assert response.mimetype == "application/json"
+
+
+# -- the notification underneath ------------------------------------------------------------
+
+
+class CountingStore(MemoryStore):
+    """Counts its reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    def get(self, task_id: str) -> Task | None:
+        self.reads += 1
+        return super().get(task_id)
+
+
+def test_streams_on_one_task_share_each_read() -> None:
+    store = CountingStore()
+    task = store.create(Task(id=new_task_id()))
+    waiters = waiting.Waiters(store)
+    subscriptions = [waiters.subscribe(task.id) for _ in range(4)]
+    try:
+        waiters.changed(task.id)
+        for subscription in subscriptions:
+            assert subscription.wait(0)
+            read, document = subscription.read(streams.document_of)
+            assert read is not None
+            assert document == streams.document_of(task)
+        assert store.reads == 1
+        assert not subscriptions[0].wait(0)  # nothing new
+        waiters.changed("another task")
+        assert not subscriptions[0].wait(0)
+        assert waiters.watching == 4
+    finally:
+        for subscription in subscriptions:
+            subscription.close()
+    assert waiters.watching == 0
+
+
+def test_progress_does_not_wake_a_long_poll() -> None:
+    store = CountingStore()
+    task = store.create(Task(id=new_task_id()))
+    store.start(task.id, "worker")
+    waiters = waiting.Waiters(store)
+    with waiters.subscribe() as every:
+        result: list[Task | None] = []
+        poll = threading.Thread(target=lambda: result.append(waiters.wait_finished(task.id, 5)))
+        poll.start()
+        wait_for(lambda: waiters.waiting == 1)
+        reads = store.reads
+        for number in range(20):
+            store.set_progress(task.id, Progress(number))
+            waiters.changed(task.id)
+        assert every.wait(0)  # a list stream hears it
+        time.sleep(0.1)
+        assert store.reads == reads  # the long-poll did not
+        store.finish(task.id, TaskState.SUCCEEDED)
+        waiters.notify(task.id)
+        poll.join(5)
+    assert result[0] is not None
+    assert result[0].state is TaskState.SUCCEEDED
 
 
 # -- across processes, and on gunicorn ---------------------------------------------------
