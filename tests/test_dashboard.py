@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import re
 import typing as t
+from pathlib import Path
 
 import pytest
-from flask import Flask, abort, request
+from flask import Blueprint, Flask, abort, request
+from flask_restful import Api
 
-from flask_restful_async import Task, TaskState
+from flask_restful_async import Task, TaskState, register_async
 from flask_restful_async.state import get_state
 from flask_restful_async.task import StoredResponse, new_task_id
 
@@ -351,3 +353,22 @@ def test_an_operator_streams_every_owners_tasks(make_app: AppFactory) -> None:
     # An owner's page listens to the list URL, which has their own tasks.
     page = app.test_client().get(DASHBOARD, headers={"X-User": "alice"}).get_data(as_text=True)
     assert 'data-stream-url="/tasks"' in page
+
+
+def test_an_api_on_a_blueprint_serves_it_with_its_own_list_url(tmp_path: Path) -> None:
+    blueprint = Blueprint("v1", __name__, url_prefix="/v1")
+    api = Api(blueprint)
+    register_async(api, owner=caller)
+    app = Flask(__name__, instance_path=str(tmp_path))
+    app.config.update(ON)
+    app.register_blueprint(blueprint)
+    try:
+        add_task(app, "alice")
+        client = app.test_client()
+        page = client.get(DASHBOARD, headers={"X-User": "alice"}).get_data(as_text=True)
+        assert 'data-stream-url="/v1/tasks"' in page
+        data = client.get(f"{DASHBOARD}/api/tasks", headers={"X-User": "alice"}).json
+        assert data is not None
+        assert data["tasks"][0]["url"].startswith("/v1/tasks/")
+    finally:
+        get_state(app).close()
