@@ -15,6 +15,9 @@ or with gunicorn, from the repository root::
     gunicorn -w 4 --threads 4 -b 127.0.0.1:8000 examples.catchall:app
 
 then ``python examples/client.py http://127.0.0.1:8000/hello/world``.
+
+In debug mode (run as a script, or with ``FLASK_DEBUG=1``) it also serves the
+dashboard, http://127.0.0.1:5000/dashboard: the tasks, live, with their progress.
 """
 
 from __future__ import annotations
@@ -39,6 +42,12 @@ STEPS = 10
 INSTANCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "instance")
 app = Flask(__name__, instance_path=INSTANCE)
 app.logger.setLevel(logging.INFO)  # show the info lines below outside debug mode too
+if __name__ == "__main__":
+    app.debug = True  # as app.run(debug=True) below; known before register_async reads it
+if app.debug:  # python examples/catchall.py, or FLASK_DEBUG=1 (make demo sets it)
+    # The dashboard, at /dashboard. This app has no owner callable: debug mode shows
+    # every task to whoever opens the page, which is only fit for your own machine.
+    app.config["RESTFUL_ASYNC_DASHBOARD"] = "/dashboard"
 api = Api(app)
 register_async(api, url="/status/<task_id>")
 

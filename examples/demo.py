@@ -1,7 +1,9 @@
 """``make demo``: serve examples/catchall.py with gunicorn on 127.0.0.1, run the client, stop.
 
 The job takes ``CATCHALL_SECONDS`` (3 by default here). The exit status is the
-client's: 0 when the final response is below 400.
+client's: 0 when the final response is below 400. The server runs in debug mode
+(``FLASK_DEBUG=1``), which turns the dashboard on; the demo prints its URL and,
+run from a terminal, keeps the server up until Enter is pressed.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ DEFAULT_SECONDS = "3"  # the job's length, unless CATCHALL_SECONDS is set
 def start_server(port: int) -> subprocess.Popen[bytes]:
     env = dict(os.environ)
     env.setdefault("CATCHALL_SECONDS", DEFAULT_SECONDS)
+    env["FLASK_DEBUG"] = "1"  # the dashboard is on in debug mode (examples/catchall.py)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     command = [sys.executable, "-m", "gunicorn", "-w", "2", "-k", "gthread", "--threads", "4"]
     # --log-level warning: no boot chatter; the app's own log lines still show.
@@ -47,10 +50,15 @@ def main() -> int:
             "each, sharing the task store (a SQLite file in examples/instance/).\n"
             f"GET /hello/world starts a {seconds} s job: the server answers 202 Accepted at"
             " once,\nthe client polls the Location every Retry-After seconds until the"
-            " answer is ready.\n",
+            " answer is ready.\n"
+            f"The dashboard shows it live: {base}/dashboard\n",
             flush=True,
         )
-        return follow(base + "/hello/world")
+        status = follow(base + "/hello/world")
+        if sys.stdin.isatty():
+            # Someone is watching: leave the server up for the dashboard.
+            input(f"\nThe dashboard: {base}/dashboard (press Enter to stop the server) ")
+        return status
     except KeyboardInterrupt:
         print("interrupted: stopping the server", flush=True)
         return 130

@@ -11,10 +11,11 @@ from flask.sansio.blueprints import BlueprintSetupState
 from flask_restful import Api, Resource
 
 from .cli import tasks_cli
+from .dashboard import check_dashboard, install_dashboard
 from .executors.base import Executor
 from .executors.eager import EagerExecutor
 from .executors.threads import ThreadExecutor
-from .state import EXTENSION_KEY, RESULT_SUFFIX, AsyncState, OwnerCallable
+from .state import EXTENSION_KEY, RESULT_SUFFIX, AdminCallable, AsyncState, OwnerCallable
 from .status import TaskListResource, TaskResultResource, TaskStatusResource
 from .stores import TaskStore, open_store
 from .takeover import Takeover
@@ -90,6 +91,19 @@ DEFAULTS: dict[str, t.Any] = {
     # when opentelemetry-api is importable; True: on, an ImportError without it;
     # False: off.
     "RESTFUL_ASYNC_TRACES": None,
+    # The path of the dashboard page (e.g. "/tasks/dashboard"); None: no dashboard.
+    # Needs an owner or admin callable outside debug mode.
+    "RESTFUL_ASYNC_DASHBOARD": None,
+    # Let a browser page of another site cancel and forget tasks with DELETE (for
+    # an app that serves its front end from another site, through CORS).
+    "RESTFUL_ASYNC_CROSS_SITE_DELETE": False,
+    # The longest an event stream (Accept: text/event-stream) lasts, in seconds;
+    # then it ends and the client reconnects. A stream holds one server thread
+    # (gthread) or a greenlet (gevent) meanwhile.
+    "RESTFUL_ASYNC_MAX_STREAM": 300,
+    # Seconds an event stream may stay silent before a comment line keeps
+    # proxies from closing it.
+    "RESTFUL_ASYNC_STREAM_KEEPALIVE": 15,
 }
 
 
@@ -102,6 +116,7 @@ def register_async(
     executor: Executor | None = None,
     owner: OwnerCallable | None = None,
     decorators: t.Sequence[t.Callable[..., t.Any]] = (),
+    admin: AdminCallable | None = None,
 ) -> None:
     """Set up background tasks for ``api``: the status URL, the task list, the state.
 
@@ -116,6 +131,11 @@ def register_async(
     but with ``RESTFUL_ASYNC_EAGER = True`` (test mode) an
     :class:`~flask_restful_async.executors.EagerExecutor` takes the place of any
     ``executor``, Celery's included: each task runs before its ``202`` leaves.
+    the authentication there that loads what ``owner`` reads. ``admin`` is a
+    callable, run in the request context, that returns True for an operator: the
+    dashboard (``RESTFUL_ASYNC_DASHBOARD``) then shows them every owner's tasks,
+    and ``DELETE`` on a status URL may cancel or forget any. Keyword arguments win
+    over the ``RESTFUL_ASYNC_*`` config keys, which are read when the app is set up.
 
     - ``Api(app)``: set up for that app, now.
     - ``Api(blueprint)``: set up for each app the blueprint is registered on, when
@@ -149,7 +169,9 @@ def register_async(
         for shared in (store, executor):
             if shared is not None and not isinstance(shared, str):
                 _claim(shared, app)
-        app.extensions[EXTENSION_KEY] = _make_state(app, api, store, executor, owner, decorators)
+        app.extensions[EXTENSION_KEY] = _make_state(
+            app, api, store, executor, owner, decorators, admin
+        )
         # An app's own command of that name wins; it can add ours under another:
         # app.cli.add_command(tasks_cli, "async-tasks").
         if tasks_cli.name not in app.cli.commands:
@@ -263,10 +285,17 @@ def _make_state(
     executor: Executor | None,
     owner: OwnerCallable | None,
     decorators: tuple[t.Callable[..., t.Any], ...],
+    admin: AdminCallable | None = None,
 ) -> AsyncState:
     for key, value in DEFAULTS.items():
         app.config.setdefault(key, value)
     config = app.config
+    if admin is not None and not callable(admin):
+        raise TypeError("admin must be a callable that returns True for an operator")
+    dashboard = config["RESTFUL_ASYNC_DASHBOARD"]
+    if dashboard:
+        # Refused before anything is opened or started for the app.
+        check_dashboard(app, dashboard, owner, admin)
     interval = config["RESTFUL_ASYNC_PROGRESS_INTERVAL"]
     # Read by every task as it starts: refused here rather than in a worker.
     if isinstance(interval, bool) or not isinstance(interval, int | float) or interval < 0:
@@ -274,6 +303,11 @@ def _make_state(
             "RESTFUL_ASYNC_PROGRESS_INTERVAL must be a number of seconds, 0 or more"
             f" (0 writes every progress report), not {interval!r}"
         )
+    for key in ("RESTFUL_ASYNC_MAX_STREAM", "RESTFUL_ASYNC_STREAM_KEEPALIVE"):
+        seconds = config[key]
+        # Read by every stream: refused here rather than in a request.
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds <= 0:
+            raise ValueError(f"{key} must be a number of seconds above 0, not {seconds!r}")
     short_wait = config["RESTFUL_ASYNC_SHORT_WAIT"]
     if isinstance(short_wait, bool) or not isinstance(short_wait, int | float) or short_wait < 0:
         raise ValueError(
@@ -325,11 +359,15 @@ def _make_state(
         max_body=int(config["RESTFUL_ASYNC_MAX_BODY"]),
         max_result=int(config["RESTFUL_ASYNC_MAX_RESULT"]),
         short_wait=float(short_wait),
+        admin=admin,
+        cross_site_delete=bool(config["RESTFUL_ASYNC_CROSS_SITE_DELETE"]),
     )
     if owner is None and not app.debug:
         # Told with the first request it concerns, not here: an app loaded by a
         # command (flask tasks, flask shell) serves no one and should not say it.
         state.unowned_warning = UNOWNED_WARNING
+    if dashboard:
+        install_dashboard(app, dashboard)
     if state.lease is not None:
         # Tasks other processes could not run are taken over here: from the lease
         # keeper, which the first request of any kind starts (see takeover.py).

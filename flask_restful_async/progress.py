@@ -19,6 +19,7 @@ import threading
 import time
 import typing as t
 
+from . import waiting
 from .exceptions import StoreUnavailable
 from .task import Progress
 
@@ -106,6 +107,7 @@ class ProgressReporter:
                     extra={"task_id": self.task_id},
                 )
             return
+        waiting.changed(self.store, self.task_id)  # streams in this process
         if self._failing:
             self._failing = False
             self.logger.info(

@@ -11,7 +11,7 @@ import typing as t
 from flask import Flask, current_app, request
 from werkzeug.exceptions import HTTPException
 
-from . import outbox, signals
+from . import outbox, signals, waiting
 from .context import TaskHandle, _cv_task
 from .exceptions import ResultTooLarge, TaskCancelled
 from .lease import worker_id
@@ -55,6 +55,7 @@ def _run_task(
     started = outbox.start(store, task_id, worker_id(), app.logger)
     if started is None:
         return False  # cancelled (or forgotten) before it could start
+    waiting.changed(store, task_id)  # streams in this process
     handle = TaskHandle(
         task_id,
         store,

@@ -39,6 +39,7 @@ _MAX_LOCATION_PREFIXES = 64
 OwnerCallable = t.Callable[[], "str | None"]
 #: Writes context into a submitted task's carrier (see :attr:`AsyncState.propagators`).
 Propagator = t.Callable[[dict[str, str]], None]
+AdminCallable = t.Callable[[], bool]
 
 
 class AsyncState:
@@ -67,6 +68,8 @@ class AsyncState:
         max_body: int,
         max_result: int,
         short_wait: float = 0.0,
+        admin: AdminCallable | None = None,
+        cross_site_delete: bool = False,
     ) -> None:
         self.app = app
         self.api = api
@@ -83,6 +86,8 @@ class AsyncState:
         self.max_body = max_body
         self.max_result = max_result
         self.short_wait = short_wait
+        self.admin = admin
+        self.cross_site_delete = cross_site_delete
         # Fed by a local executor's workers: which submits may wait (estimates.py).
         self.run_times = RunTimes()
         if executor.local:
@@ -129,6 +134,12 @@ class AsyncState:
                 f"the owner callable must return a str or None, not {type(identity).__name__}"
             )
         return identity
+
+    def is_admin(self) -> bool:
+        """Whether the caller is an operator, who sees every owner's tasks on the
+        dashboard and may cancel or forget any of them: the ``admin`` callable
+        returned True (exactly; anything else counts as no)."""
+        return self.admin is not None and self.admin() is True
 
     def location(self, task_id: str) -> str:
         """The status URL of a task, as ``api.url_for`` builds it for this request.
@@ -222,6 +233,7 @@ class AsyncState:
         elif self.executor.inline:
             recorded = self.run_inline(recorded, snapshot, resource)
         else:
+            waiting.changed(self.store, task.id)  # list streams in this process
             try:
                 self.executor.submit(self.app, task, snapshot, resource)
             except Unavailable as e:

@@ -8,8 +8,9 @@ from flask import Response, current_app, request
 from flask_restful import Resource
 from werkzeug.exceptions import NotFound
 
-from . import signals, waiting
+from . import signals, streams, waiting
 from .exceptions import Unavailable
+from .origin import is_cross_site
 from .prefer import request_prefer, wait_seconds
 from .responses import (
     NO_STORE,
@@ -22,6 +23,7 @@ from .state import AsyncState, get_state
 from .task import Task, TaskState, is_valid_task_id
 
 NOT_FOUND_MESSAGE = "No such task."
+CROSS_SITE_MESSAGE = "A page of another site may not cancel or forget tasks."
 DEFAULT_LIST_LIMIT = 50
 MAX_LIST_LIMIT = 500
 
@@ -75,8 +77,12 @@ class TaskStatusResource(_TaskResource):
 
     def get(self, task_id: str) -> Response:
         """With ``?wait=N`` or ``Prefer: wait=N``, wait up to N seconds (at most
-        ``RESTFUL_ASYNC_MAX_WAIT``) for the task to finish before answering."""
+        ``RESTFUL_ASYNC_MAX_WAIT``) for the task to finish before answering; with
+        ``Accept: text/event-stream``, a stream of its changes (see
+        :mod:`~flask_restful_async.streams`)."""
         state = get_state(current_app)
+        if streams.wants_stream():
+            return self.stream(state, task_id)
         wait, from_prefer = requested_wait()
         if wait is None:
             return error_response(400, "wait must be a whole number of seconds.", NO_STORE)
@@ -95,6 +101,25 @@ class TaskStatusResource(_TaskResource):
             response.headers["Preference-Applied"] = f"wait={min(wait, state.max_wait)}"
         return response
 
+    @staticmethod
+    def stream(state: AsyncState, task_id: str) -> Response:
+        if not is_valid_task_id(task_id):
+            return not_found()
+        owner = state.identity()
+        timing = streams.Timing.from_config()
+        # Made before the first read: no change after that read goes unheard.
+        subscription = waiting.subscribe(state.store, task_id)
+        try:
+            task, document = subscription.read(streams.document_of)
+        except Unavailable as e:
+            subscription.close()
+            return unavailable(e)
+        if task is None or task.owner != owner:
+            subscription.close()
+            return not_found()
+        last_id = request.headers.get("Last-Event-ID")
+        return streams.task_stream(state, subscription, task, document, last_id, timing)
+
     def delete(self, task_id: str) -> Response:
         """Cancel or forget a task.
 
@@ -102,10 +127,19 @@ class TaskStatusResource(_TaskResource):
         never runs. Running: ``202`` and the status document; the handler sees
         ``current_task.cancelled``. Finished (or expired): ``204``, and the task is
         forgotten.
+
+        Refused with ``403`` when a browser sent it for another site (see
+        :mod:`~flask_restful_async.origin`), unless ``RESTFUL_ASYNC_CROSS_SITE_DELETE``
+        is on. An operator (the ``admin`` callable returns True) may cancel or
+        forget any owner's task.
         """
         state = get_state(current_app)
+        if not state.cross_site_delete and is_cross_site(request.environ, request.host_url):
+            return error_response(403, CROSS_SITE_MESSAGE, NO_STORE)
         try:
             task = find_task(state, task_id)
+            if task is None and state.admin is not None and is_valid_task_id(task_id):
+                task = state.store.get(task_id) if state.is_admin() else None
             if task is None:
                 return not_found()
             if not task.state.finished:
@@ -120,6 +154,7 @@ class TaskStatusResource(_TaskResource):
                         signals.send(signals.task_finished, state.app, task=task)
                     return status_response(task, 200, None, None)
                 if not task.state.finished:
+                    waiting.changed(state.store, task.id)  # cancel_requested: true
                     return state.status(task, 202)
             state.store.delete(task.id)
             waiting.notify(state.store, task.id)
@@ -192,6 +227,8 @@ class TaskListResource(_TaskResource):
     """
 
     def get(self) -> Response:
+        """With ``Accept: text/event-stream``, a stream of the changes of the
+        tasks of that page (see :mod:`~flask_restful_async.streams`)."""
         state = get_state(current_app)
         if not list_served(state):
             return error_response(404, NotFound.description, NO_STORE)
@@ -209,6 +246,9 @@ class TaskListResource(_TaskResource):
         cursor = request.args.get("cursor")
         if cursor is not None and not is_valid_task_id(cursor):
             return error_response(400, "cursor is not valid.", NO_STORE)
+        if streams.wants_stream():
+            wanted_tasks = streams.ListQuery(state.identity(), state_filter, limit, cursor)
+            return self.stream(state, wanted_tasks)
         try:
             tasks = state.store.list(
                 owner=state.identity(), state=state_filter, limit=limit + 1, before=cursor
@@ -230,3 +270,15 @@ class TaskListResource(_TaskResource):
             {"tasks": [task.status_document() for task in tasks], "next": next_url},
             headers,
         )
+
+    @staticmethod
+    def stream(state: AsyncState, query: streams.ListQuery) -> Response:
+        timing = streams.Timing.from_config()
+        subscription = waiting.subscribe(state.store)  # before the first read
+        try:
+            tasks = query.read(state)
+        except Unavailable as e:
+            subscription.close()
+            return unavailable(e)
+        last_id = request.headers.get("Last-Event-ID")
+        return streams.list_stream(state, subscription, query, tasks, last_id, timing)

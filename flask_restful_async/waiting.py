@@ -1,4 +1,6 @@
-"""Long-polling: block a status request until its task finishes, or a deadline.
+"""How changes to tasks reach the requests that wait for them, in this process and
+across processes: long-polls (which wait for a task to end) and event streams
+(which follow every change: a start, each progress write, the end).
 
 ``GET /tasks/<id>?wait=N`` reads the task and, while it is queued or running,
 blocks the request thread on a :class:`threading.Condition` (holding no store
@@ -24,6 +26,15 @@ and by :func:`close` (call it where the store is closed); a forked child starts
 its own. Every wait also reads its task again every ``recheck`` seconds, whatever
 was heard: a task whose process died reads as ``lost`` only when read, and a
 notification lost in an outage costs at most that long.
+
+Streams (:func:`subscribe`) hear more than endings: :func:`changed` tells them of
+a task created, started, or given progress here, and the listener passes on what
+the store hears of such changes elsewhere (SQLite: any commit; Redis: a second
+channel, which it subscribes to only while a stream watches in this process). A
+long-poll is never woken by that news, and with no stream open in the process
+:func:`changed` costs one dictionary lookup and one attribute read. The streams
+on one task share their reads of it: one read per change per process, however
+many streams follow the task.
 """
 
 from __future__ import annotations
@@ -52,6 +63,7 @@ REMEMBERED_ENDINGS = 1024
 REMEMBERED_NEWS = 1024
 
 _logger = logging.getLogger(__name__)
+_T = t.TypeVar("_T")
 
 
 def _settled(task: Task | None) -> bool:
@@ -62,15 +74,50 @@ def _settled(task: Task | None) -> bool:
 class _Entry:
     """The waits on one task id: a condition on the shared lock, and a counter
     that every notification of that id bumps (so no wake-up is ever missed);
-    ``deaf`` of the waits are not woken by news of every task (see ``listen``)."""
+    ``deaf`` of the waits are not woken by news of every task (see ``listen``).
 
-    __slots__ = ("cond", "deaf", "version", "waiters")
+    And its streams (``watchers``): a condition and counter of their own
+    (``changes``), bumped by every change, not only endings; and the last read of
+    the task (``cached``, read at ``cached_at``, with what the streams made of
+    it, ``derived``), shared by them."""
+
+    __slots__ = (
+        "cached",
+        "cached_at",
+        "changes",
+        "cond",
+        "deaf",
+        "derived",
+        "read_done",
+        "reading",
+        "version",
+        "waiters",
+        "watch_cond",
+        "watchers",
+    )
 
     def __init__(self, lock: threading.Lock) -> None:
         self.cond = threading.Condition(lock)
         self.version = 0
         self.waiters = 0
         self.deaf = 0
+        self.watch_cond = threading.Condition(lock)
+        self.read_done = threading.Condition(lock)
+        self.changes = 0
+        self.watchers = 0
+        self.cached: Task | None = None
+        self.derived: object = None
+        self.cached_at = -1
+        self.reading = False
+
+    @property
+    def unused(self) -> bool:
+        return self.waiters == 0 and self.watchers == 0
+
+    def bump(self) -> None:
+        """A change for the streams; the caller holds the lock."""
+        self.changes += 1
+        self.watch_cond.notify_all()
 
 
 class _Listener:
@@ -143,12 +190,21 @@ class Waiters:
         self._endings: collections.OrderedDict[str, Ending] = collections.OrderedDict()
         self._idle_since = time.monotonic()
         self._listener: _Listener | None = None
+        # Streams on every task (task lists), and how many streams there are.
+        self._every = _Entry(self._lock)
+        self._watching = 0
 
     @property
     def waiting(self) -> int:
         """How many waits are blocked (or about to block) right now."""
         with self._lock:
             return self._waiting
+
+    @property
+    def watching(self) -> int:
+        """How many streams (:meth:`subscribe`) are open right now."""
+        with self._lock:
+            return self._watching
 
     @property
     def listening(self) -> bool:
@@ -249,6 +305,75 @@ class Waiters:
             for entry in entries:
                 entry.version += 1
                 entry.cond.notify_all()
+            if self._watching:
+                self._bump_streams(task_id)
+
+    def changed(self, task_id: str | None = None) -> None:
+        """Wake the streams on ``task_id`` (on every task when None), and those on
+        every task: it was created, started, or has new progress, but has not
+        ended. Long-polls are not woken. Costs an attribute read while no stream
+        is open."""
+        if not self._watching:
+            return
+        with self._lock:
+            self._bump_streams(task_id)
+
+    def _bump_streams(self, task_id: str | None) -> None:
+        # The caller holds the lock.
+        if task_id is None:
+            for entry in self._entries.values():
+                if entry.watchers:
+                    entry.bump()
+        else:
+            found = self._entries.get(task_id)
+            if found is not None and found.watchers:
+                found.bump()
+        if self._every.watchers:
+            self._every.bump()
+
+    def subscribe(self, task_id: str | None = None) -> Subscription:
+        """Follow every change of ``task_id`` (of every task when None) from now
+        on: see :class:`Subscription`. Close it when done (it is a context
+        manager)."""
+        store = self._store()
+        if store is None:
+            raise RuntimeError("the store of these waiters is gone")
+        with self._lock:
+            if task_id is None:
+                entry = self._every
+            elif task_id in self._entries:
+                entry = self._entries[task_id]
+            else:
+                entry = self._entries[task_id] = _Entry(self._lock)
+            entry.watchers += 1
+            self._watching += 1
+            return Subscription(self, store, task_id, entry, entry.changes)
+
+    def _unsubscribe(self, task_id: str | None, entry: _Entry) -> None:
+        with self._lock:
+            entry.watchers -= 1
+            if entry.watchers == 0:
+                entry.cached, entry.derived, entry.cached_at = None, None, -1
+            if task_id is not None and entry.unused and self._entries.get(task_id) is entry:
+                del self._entries[task_id]
+            self._watching -= 1
+            if self._waiting == 0 and self._watching == 0:
+                self._idle_since = time.monotonic()
+
+    def _ensure_listener(self, store: TaskStore) -> None:
+        with self._lock:
+            if self._listener is None and store.shared and not _exiting:
+                self._start_listener(store)
+
+    def _heard(
+        self, task_id: str | None, ending: Ending | None = None, *, finished: bool = True
+    ) -> None:
+        """What the store's listener heard: an ending (or anything, when
+        ``finished``), or a change short of an end."""
+        if finished:
+            self.notify(task_id, ending)
+        else:
+            self.changed(task_id)
 
     def close(self, timeout: float = 2.0) -> None:
         """Stop the listener thread (waiting up to ``timeout`` seconds for it).
@@ -303,10 +428,10 @@ class Waiters:
         with self._lock:
             entry.waiters -= 1
             entry.deaf -= not listen
-            if entry.waiters == 0 and self._entries.get(task_id) is entry:
+            if entry.unused and self._entries.get(task_id) is entry:
                 del self._entries[task_id]
             self._waiting -= 1
-            if self._waiting == 0:
+            if self._waiting == 0 and self._watching == 0:
                 self._idle_since = time.monotonic()
 
     def _start_listener(self, store: TaskStore) -> None:
@@ -325,17 +450,23 @@ class Waiters:
         with self._lock:
             if self._listener is not listener:
                 return True
-            if self._waiting == 0 and time.monotonic() - self._idle_since >= self.linger:
+            idle = self._waiting == 0 and self._watching == 0
+            if idle and time.monotonic() - self._idle_since >= self.linger:
                 self._listener = None  # retired: the next wait starts another
                 listener.retire()
                 return True
             return False
 
+    def _wants_changes(self) -> bool:
+        """Whether the store's listener should report every change, not only
+        endings: while a stream is open here."""
+        return self._watching > 0
+
     def _listen(self, store: TaskStore, listener: _Listener) -> None:
         try:
             while not listener.is_set():
                 try:
-                    store.listen(self.notify, listener)
+                    store.listen(self._heard, listener, changes=self._wants_changes)
                 except Exception:
                     # A store's listen() should not raise; if one does, it is
                     # logged and started again, never left to kill the thread.
@@ -349,6 +480,93 @@ class Waiters:
             with self._lock:
                 if self._listener is listener:
                     self._listener = None
+
+
+class Subscription:
+    """A stream's view of the changes of one task (or of every task): made by
+    :meth:`Waiters.subscribe`, it counts what was notified since it last looked.
+
+    :meth:`wait` blocks (holding no store connection) until something changed
+    since the previous call, or a timeout; :meth:`read` then reads the task, once
+    for every stream on it in this process. The first :meth:`wait` starts the
+    listener thread (see the module) if none runs.
+    """
+
+    def __init__(
+        self,
+        waiters: Waiters,
+        store: TaskStore,
+        task_id: str | None,
+        entry: _Entry,
+        seen: int,
+    ) -> None:
+        self._waiters = waiters
+        self._store = store
+        self.task_id = task_id
+        self._entry = entry
+        self._seen = seen
+        self._closed = False
+
+    def wait(self, timeout: float) -> bool:
+        """Whether anything changed since the last call (or since the subscription
+        was made), waiting up to ``timeout`` seconds for it."""
+        waiters = self._waiters
+        if waiters._listener is None:
+            waiters._ensure_listener(self._store)
+        entry = self._entry
+        with waiters._lock:
+            if entry.changes == self._seen and timeout > 0:
+                entry.watch_cond.wait(timeout)
+            changed = entry.changes != self._seen
+            self._seen = entry.changes
+        return changed
+
+    def read(
+        self, convert: t.Callable[[Task], _T], *, fresh: bool = False
+    ) -> tuple[Task | None, _T | None]:
+        """The task as it reads now (None if unknown or gone) and ``convert`` of
+        it (None for None), shared: a read made since the last change, by this
+        stream or another on the same task (with the same ``convert``), is used
+        again, unless ``fresh`` (a read the stream makes now and then whatever
+        it heard: a task whose process died reads ``lost`` only when read).
+        Raises what :meth:`TaskStore.get` raises."""
+        if self.task_id is None:
+            raise TypeError("a subscription to every task has no task to read")
+        entry, lock = self._entry, self._waiters._lock
+        with lock:
+            while True:
+                version = entry.changes
+                if entry.cached_at == version and not fresh:
+                    return entry.cached, t.cast("_T | None", entry.derived)
+                if not entry.reading:
+                    entry.reading = True
+                    break
+                entry.read_done.wait(1.0)
+        try:
+            task = self._store.get(self.task_id)
+            derived = None if task is None else convert(task)
+        except BaseException:
+            with lock:
+                entry.reading = False
+                entry.read_done.notify_all()
+            raise
+        with lock:
+            entry.reading = False
+            if entry.cached_at < version:
+                entry.cached, entry.derived, entry.cached_at = task, derived, version
+            entry.read_done.notify_all()
+        return task, derived
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._waiters._unsubscribe(self.task_id, self._entry)
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 # -- one per store per process -----------------------------------------------------
@@ -399,6 +617,22 @@ def notify(store: TaskStore, task_id: str | None = None) -> None:
     found = _registry.get(store)
     if found is not None:
         found.notify(task_id)
+
+
+def changed(store: TaskStore, task_id: str) -> None:
+    """Tell this process's streams on ``task_id`` of ``store`` (and on every task)
+    that it was created, started or has new progress (see :meth:`Waiters.changed`).
+
+    Cheap when no stream is open here: a dictionary lookup and an attribute read.
+    """
+    found = _registry.get(store)
+    if found is not None and found._watching:
+        found.changed(task_id)
+
+
+def subscribe(store: TaskStore, task_id: str | None = None) -> Subscription:
+    """:meth:`Waiters.subscribe` on this process's waiters of ``store``."""
+    return waiters_for(store).subscribe(task_id)
 
 
 def watch(store: TaskStore, watcher: t.Callable[[], None]) -> None:

@@ -16,6 +16,9 @@ Kinds of server (:data:`KINDS`):
     ``gunicorn -k sync -w WORKERS``: one request at a time per worker process.
 ``gunicorn-gthread``
     ``gunicorn -k gthread -w WORKERS --threads THREADS``.
+``gunicorn-gevent`` (in :data:`MORE_KINDS`)
+    ``gunicorn -k gevent -w WORKERS``: greenlets (gevent monkey-patches the
+    worker before the app is imported); needs gevent.
 ``werkzeug``
     werkzeug's threaded development server (what ``run_simple(threaded=True)``
     runs), one process; ``workers`` must be 1.
@@ -54,6 +57,9 @@ from types import TracebackType
 ROOT = Path(__file__).resolve().parent.parent
 
 KINDS = ("gunicorn-sync", "gunicorn-gthread", "werkzeug")
+#: Kinds that are served but not part of :data:`KINDS` (which the server tests
+#: run every case on): gevent only where a test asks for it.
+MORE_KINDS = ("gunicorn-gevent",)
 
 #: Seconds gunicorn gives its workers to finish on SIGTERM. Shorter than the
 #: default ``stop_timeout`` so that gunicorn ends them itself before we escalate.
@@ -215,6 +221,8 @@ def _command(
         worker_args = ["--worker-class", "sync"]
     elif kind == "gunicorn-gthread":
         worker_args = ["--worker-class", "gthread", "--threads", str(threads)]
+    elif kind == "gunicorn-gevent":
+        worker_args = ["--worker-class", "gevent"]
     else:
         raise ValueError(f"unknown server kind {kind!r}; one of {', '.join(KINDS)}")
     return [

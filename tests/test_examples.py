@@ -206,6 +206,25 @@ def test_demo() -> None:
     assert "202 ACCEPTED  Location: /status/" in output
     assert "200 OK  application/json" in output
     assert '"The answer is: hello/world"' in output
+    assert re.search(r"The dashboard shows it live: http://127\.0\.0\.1:\d+/dashboard", output)
+
+
+def test_catchall_serves_the_dashboard_in_debug_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLASK_DEBUG", "1")
+    app: Flask = load_example("catchall").app
+    try:
+        client = app.test_client()
+        page = client.get("/dashboard")
+        assert page.status_code == 200
+        assert page.headers["Content-Security-Policy"] == "default-src 'self'"
+        assert client.get("/dashboard/api/tasks").status_code == 200
+    finally:
+        get_state(app).close()
+
+
+def test_catchall_has_no_dashboard_outside_debug_mode(catchall_app: Flask) -> None:
+    # /dashboard is then a path like any other: the catch-all resource takes it.
+    assert catchall_app.test_client().get("/dashboard").status_code == 202
 
 
 def test_catchall_keeps_its_tasks_in_examples_instance(catchall_app: Flask) -> None:

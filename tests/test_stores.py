@@ -842,5 +842,30 @@ def test_tasks_of_a_worker_that_is_gone_count_as_they_read(shared_store: TaskSto
     assert stats.counts[TaskState.QUEUED] == 1
     assert stats.counts[TaskState.RUNNING] == 0
     assert stats.oldest_queued_at == pytest.approx(claimable.created_at)
+    assert store.owner_stats("carol") == stats
     assert [task.id for task in store.list_all(state=TaskState.LOST)] == [lost.id]
     assert [task.id for task in store.list_all(state=TaskState.QUEUED)] == [claimable.id]
+
+
+def test_owner_stats_count_one_owner_only(store: TaskStore) -> None:
+    """The dashboard's counts for a caller who sees only their own tasks."""
+    for owner, count in (("alice", 2), (None, 1), ("bob", 3)):
+        for _ in range(count):
+            store.create(Task(new_task_id(), owner=owner, worker="w"))
+    running = Task(new_task_id(), owner="alice", worker="w")
+    store.create(running)
+    store.start(running.id, "w")
+    done = Task(new_task_id(), owner="alice", worker="w")
+    store.create(done)
+    store.finish(done.id, TaskState.SUCCEEDED, RESPONSE)
+    alice = store.owner_stats("alice")
+    assert alice.counts[TaskState.QUEUED] == 2
+    assert alice.counts[TaskState.RUNNING] == 1
+    assert alice.counts[TaskState.SUCCEEDED] == 1
+    assert sum(alice.counts.values()) == 4
+    assert alice.oldest_queued_at is not None
+    # The base class's default, from list(), for stores that do not count themselves.
+    assert TaskStore.owner_stats(store, "alice") == alice
+    assert store.owner_stats(None).counts[TaskState.QUEUED] == 1
+    assert sum(store.owner_stats("nobody").counts.values()) == 0
+    assert store.owner_stats("nobody").oldest_queued_at is None

@@ -51,9 +51,12 @@ class StoreStats:
 
 
 class ChangeCallback(t.Protocol):
-    """What :meth:`TaskStore.listen` calls: ``(task_id, ending)``, see there."""
+    """What :meth:`TaskStore.listen` calls: ``(task_id, ending, finished=...)``,
+    see there."""
 
-    def __call__(self, task_id: str | None, ending: Ending | None = None) -> None: ...
+    def __call__(
+        self, task_id: str | None, ending: Ending | None = None, *, finished: bool = True
+    ) -> None: ...
 
 
 class StopSignal(t.Protocol):
@@ -266,7 +269,13 @@ class TaskStore(abc.ABC):
 
     # -- change notifications (long-polling, see flask_restful_async.waiting) --------
 
-    def listen(self, on_change: ChangeCallback, stop: StopSignal) -> None:
+    def listen(
+        self,
+        on_change: ChangeCallback,
+        stop: StopSignal,
+        *,
+        changes: t.Callable[[], bool] | None = None,
+    ) -> None:
         """Report tasks ending in other processes, until ``stop`` is set.
 
         Blocks: runs in a thread of its own (one per store per process, started by
@@ -281,8 +290,15 @@ class TaskStore(abc.ABC):
         within a fraction of a second of ``stop`` being set, and never raises for
         an outage: it keeps trying, with backoff, until stopped.
 
+        While ``changes()`` is true (an event stream is open in this process) it
+        also reports changes short of an end (a task created, started, given
+        progress or asked to cancel) as ``on_change(task_id, finished=False)``,
+        or ``on_change(None, finished=False)`` when such changes may have been
+        missed (it calls that once it starts to hear them). A store that cannot
+        tell a change from an end reports every change as ``on_change(None)``.
+
         This default suits a store whose tasks only change in this process (the
-        runner tells waiters itself): there is nothing to listen to.
+        runner tells waiters and streams itself): there is nothing to listen to.
         """
         while not stop.wait(1.0):
             pass
@@ -339,6 +355,26 @@ class TaskStore(abc.ABC):
         worker is gone counts as lost), and the creation time of the oldest queued
         one. Counted in the store, without reading the tasks' responses."""
         raise NotImplementedError(f"{type(self).__name__} cannot count its tasks")
+
+    def owner_stats(self, owner: str | None) -> StoreStats:
+        """As :meth:`stats`, for the tasks of ``owner`` only (what the dashboard
+        counts for a caller who sees only their own).
+
+        This default counts what :meth:`list` reads, page by page; stores override
+        it to count in the store.
+        """
+        counts = dict.fromkeys(TaskState, 0)
+        oldest: float | None = None
+        before: str | None = None
+        while True:
+            page = self.list(owner=owner, limit=500, before=before)
+            for task in page:
+                counts[task.state] += 1
+                if task.state is TaskState.QUEUED:
+                    oldest = task.created_at if oldest is None else min(oldest, task.created_at)
+            if len(page) < 500:
+                return StoreStats(counts, oldest)
+            before = page[-1].id
 
     def purge_finished(self, *, older_than: float = 0.0, state: TaskState | None = None) -> int:
         """Delete the tasks recorded as finished (tombstones too) more than

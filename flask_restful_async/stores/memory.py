@@ -293,9 +293,16 @@ class MemoryStore(TaskStore):
         return [task for task in tasks if state is None or task.state is state][:limit]
 
     def stats(self) -> StoreStats:
+        return self._count(self._live(time.time()))
+
+    def owner_stats(self, owner: str | None) -> StoreStats:
+        return self._count([task for task in self._live(time.time()) if task.owner == owner])
+
+    @staticmethod
+    def _count(tasks: builtins.list[Task]) -> StoreStats:
         counts = dict.fromkeys(TaskState, 0)
         oldest: float | None = None
-        for task in self._live(time.time()):
+        for task in tasks:
             counts[task.state] += 1
             if task.state is TaskState.QUEUED:
                 oldest = task.created_at if oldest is None else min(oldest, task.created_at)

@@ -45,7 +45,13 @@ Key layout, every key under the store's ``prefix`` (``{restful_async}:`` by defa
     can be pruned: :meth:`RedisStore.purge_expired` works through it in batches.
 ``finished``
     Not a key: the pub/sub channel on which every script that ends a task
-    publishes its id, for :meth:`RedisStore.listen` (long-polling waiters).
+    publishes its id, for :meth:`RedisStore.listen` (long-polling waiters); a
+    delete publishes there too.
+``changed``
+    Not a key: the channel on which the scripts that create or start a task, write
+    its progress or flag it for cancelling publish its id, for event streams.
+    Publishing to a channel nobody subscribes to costs Redis a lookup; listeners
+    subscribe to it only while a stream is open in their process.
 
 Every change is one Lua script (one round trip, atomic), so a change is either
 whole or absent and concurrent changes never lose each other's writes.
@@ -76,6 +82,7 @@ import logging
 import random
 import secrets
 import time
+import typing as t
 import urllib.parse
 from collections.abc import Iterable, Iterator, Sequence
 
@@ -264,6 +271,7 @@ if worker ~= '' then
   -- let the new task read as lost until the next renewal.
   redis.call('SET', prefix .. 'lease:' .. worker, '1', 'PX', ARGV[9], 'NX')
 end
+redis.pcall('PUBLISH', prefix .. 'changed', id)
 return {1}
 """
 )
@@ -288,15 +296,19 @@ end
 hold(h['id'], worker)
 redis.call('ZREM', unheld, h['id'])
 if not h['rerun'] then redis.call('DEL', snapshot_key(h['id'])) end
+redis.pcall('PUBLISH', prefix .. 'changed', h['id'])
 return redis.call('HGETALL', KEYS[1])
 """
 )
 
-# KEYS: task. ARGV[1]: progress as JSON.
+# KEYS: task. ARGV[1]: progress as JSON, ARGV[2]: the ``changed`` channel.
 _SET_PROGRESS = """
-local found = redis.call('HMGET', KEYS[1], 'state', 'cancel')
+local found = redis.call('HMGET', KEYS[1], 'state', 'cancel', 'id')
 if not found[1] then return 0 end
-if found[1] == 'running' then redis.call('HSET', KEYS[1], 'progress', ARGV[1]) end
+if found[1] == 'running' then
+  redis.call('HSET', KEYS[1], 'progress', ARGV[1])
+  redis.pcall('PUBLISH', ARGV[2], found[3])
+end
 if found[2] then return 1 end
 return 0
 """
@@ -329,7 +341,11 @@ if not h then return false end
 check_alive(KEYS[1], h, tonumber(ARGV[6]))
 if is_expired(h) then return false end
 redis.call('HSET', KEYS[1], 'cancel', '1')
-if h['state'] == 'queued' then conclude(KEYS[1], h, 'cancelled') end
+if h['state'] == 'queued' then
+  conclude(KEYS[1], h, 'cancelled')
+elseif h['state'] == 'running' then
+  redis.pcall('PUBLISH', prefix .. 'changed', h['id'])
+end
 return redis.call('HGETALL', KEYS[1])
 """
 )
@@ -348,6 +364,8 @@ redis.call('DEL', snapshot_key(h['id']))
 redis.call('ZREM', unheld, h['id'])
 redis.call('ZREM', schedule, schedule_member('r', h['id'], h['ix']),
   schedule_member('f', h['id'], h['ix']))
+-- Gone: waits and streams on it read it once more, and stop.
+redis.pcall('PUBLISH', prefix .. 'finished', h['id'])
 return 1
 """
 )
@@ -728,6 +746,10 @@ class RedisStore(TaskStore):
     # Key names. Owners and workers are arbitrary strings: the markers ("-" for
     # no owner, "=" and a length otherwise) keep every (owner, key) pair apart.
 
+    @property
+    def _changed_channel(self) -> str:
+        return f"{self.prefix}changed"
+
     def _task_key(self, task_id: str) -> str:
         return f"{self.prefix}task:{task_id}"
 
@@ -845,7 +867,8 @@ class RedisStore(TaskStore):
     def set_progress(self, task_id: str, progress: Progress) -> bool:
         with self._reaching():
             reply = self._set_progress(
-                keys=[self._task_key(task_id)], args=[json.dumps(progress.to_dict())]
+                keys=[self._task_key(task_id)],
+                args=[json.dumps(progress.to_dict()), self._changed_channel],
             )
         return bool(reply)
 
@@ -972,7 +995,13 @@ class RedisStore(TaskStore):
 
     # -- change notifications --------------------------------------------------------
 
-    def listen(self, on_change: ChangeCallback, stop: StopSignal) -> None:
+    def listen(
+        self,
+        on_change: ChangeCallback,
+        stop: StopSignal,
+        *,
+        changes: t.Callable[[], bool] | None = None,
+    ) -> None:
         """Call ``on_change(task_id)`` for every task that ends, in any process.
 
         Every script that ends a task (finish, cancelling a queued task, a lapsed
@@ -986,21 +1015,43 @@ class RedisStore(TaskStore):
         it was not subscribed is lost. A connection that fails, or that answers
         no PING for ``3 * LISTEN_PING_INTERVAL`` seconds, is replaced, with
         backoff; nothing is raised.
+
+        While ``changes()`` is true it also subscribes to ``<prefix>changed``
+        (task ids of tasks created, started, given progress or flagged for
+        cancelling), checked at least every ``LISTEN_TIMEOUT`` seconds, and
+        reports them with ``finished=False``; it unsubscribes when that turns
+        false, so that a process where nothing streams is not sent every
+        progress write.
         """
         channel = f"{self.prefix}finished"
+        changed = self._changed_channel.encode()
         failures = 0
         while not stop.is_set():
             pubsub = self._client.pubsub()  # type: ignore[no-untyped-call]
+            following = False  # subscribed (or subscribing) to the changed channel
             try:
                 pubsub.subscribe(channel)
                 heard = pinged = time.monotonic()
                 while not stop.is_set():
+                    wanted = changes is not None and changes()
+                    if wanted != following:
+                        if wanted:
+                            pubsub.subscribe(changed)
+                        else:
+                            pubsub.unsubscribe(changed)
+                        following = wanted
                     message = pubsub.get_message(timeout=LISTEN_TIMEOUT)
                     now = time.monotonic()
                     if message is not None:
                         heard = now
                         if message["type"] == "message":
-                            _announce(on_change, message["data"])
+                            if message["channel"] == changed:
+                                on_change(message["data"].decode(), finished=False)
+                            else:
+                                _announce(on_change, message["data"])
+                        elif message["type"] == "subscribe" and message["channel"] == changed:
+                            # What changed before was not heard.
+                            on_change(None, finished=False)
                         elif message["type"] == "subscribe":
                             if failures:
                                 _logger.info("Listening to %s again", self.url)
@@ -1089,23 +1140,31 @@ class RedisStore(TaskStore):
     def stats(self) -> StoreStats:
         """Every owner index, ``OPERATE_BATCH`` entries per script: the counting
         happens in Redis, and only numbers come back."""
+        with self._reaching():
+            return self._count(self._owner_indexes())
+
+    def owner_stats(self, owner: str | None) -> StoreStats:
+        """As :meth:`stats`, on the owner's index alone."""
+        with self._reaching():
+            return self._count([self._owner_key(owner)])
+
+    def _count(self, indexes: builtins.list[str]) -> StoreStats:
         counts = dict.fromkeys(TaskState, 0)
         oldest: float | None = None
         now = time.time()
-        with self._reaching():
-            for index in self._owner_indexes():
-                first = 0
-                while True:
-                    args = [*self._clock(now), first, OPERATE_BATCH, self._queued_before(now)]
-                    reply = self._stats(keys=[index], args=args)
-                    for state, count in zip(_STAT_STATES, reply[1:7], strict=True):
-                        counts[state] += int(count)
-                    if reply[7]:
-                        created = float(reply[7])
-                        oldest = created if oldest is None else min(oldest, created)
-                    if int(reply[0]) < OPERATE_BATCH:
-                        break
-                    first += OPERATE_BATCH
+        for index in indexes:
+            first = 0
+            while True:
+                args = [*self._clock(now), first, OPERATE_BATCH, self._queued_before(now)]
+                reply = self._stats(keys=[index], args=args)
+                for state, count in zip(_STAT_STATES, reply[1:7], strict=True):
+                    counts[state] += int(count)
+                if reply[7]:
+                    created = float(reply[7])
+                    oldest = created if oldest is None else min(oldest, created)
+                if int(reply[0]) < OPERATE_BATCH:
+                    break
+                first += OPERATE_BATCH
         return StoreStats(counts, oldest)
 
     def purge_finished(self, *, older_than: float = 0.0, state: TaskState | None = None) -> int:

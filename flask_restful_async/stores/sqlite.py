@@ -210,6 +210,8 @@ END AS seen, count(*), min(t.created_at)
 FROM tasks AS t WHERE t.expired = 0 AND (t.finished_at IS NULL OR t.finished_at >= ?1)
 GROUP BY seen
 """
+# The same for one owner (bind ?4), through the index of owners.
+_OWNER_STATS = _STATS.replace("WHERE t.expired = 0", "WHERE t.owner IS ?4 AND t.expired = 0")
 # What becomes of the active tasks of a worker that is gone, in this order (bind:
 # worker; then now, worker): those another process can run (queued with their
 # request, or running with ``rerun``) wait again, held by none, for claim(); the
@@ -821,7 +823,13 @@ class SQLiteStore(TaskStore):
 
     # -- change notifications --------------------------------------------------------
 
-    def listen(self, on_change: ChangeCallback, stop: StopSignal) -> None:
+    def listen(
+        self,
+        on_change: ChangeCallback,
+        stop: StopSignal,
+        *,
+        changes: t.Callable[[], bool] | None = None,
+    ) -> None:
         """Call ``on_change(None)`` whenever another connection has committed.
 
         Every ``LISTEN_INTERVAL`` seconds, reads ``PRAGMA data_version`` on a
@@ -830,7 +838,8 @@ class SQLiteStore(TaskStore):
         connection, of this process or any other, has committed to the file: a
         task that ended, but also progress, submits, lease renewals (and a
         truncating checkpoint), so waiters are woken more often than needed and
-        read their task again. Each look is a read transaction of a few
+        read their task again; event streams hear every change this way, so
+        ``changes`` changes nothing here. Each look is a read transaction of a few
         microseconds on the shared-memory WAL index, ended at once: no disk
         access, and nothing that holds back a checkpoint.
         """
@@ -915,9 +924,17 @@ class SQLiteStore(TaskStore):
     def stats(self) -> StoreStats:
         """One statement: each live row's state as it reads (the rules of
         :meth:`_read`, in SQL), grouped; nothing is decoded in Python."""
+        return self._count(_STATS, ())
+
+    def owner_stats(self, owner: str | None) -> StoreStats:
+        return self._count(_OWNER_STATS, (owner,))
+
+    def _count(self, statement: str, extra: tuple[t.Any, ...]) -> StoreStats:
         now = time.time()
         with self._reading() as conn:
-            rows = conn.execute(_STATS, (now - self.result_ttl, now - self.queued_ttl, now))
+            rows = conn.execute(
+                statement, (now - self.result_ttl, now - self.queued_ttl, now, *extra)
+            )
             counts = dict.fromkeys(TaskState, 0)
             oldest = None
             for name, count, first_created in rows.fetchall():

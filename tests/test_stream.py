@@ -1,0 +1,516 @@
+"""Event streams (CONTRACT 6.5): ``Accept: text/event-stream`` on the status URL
+and on the task list, in this process, across processes, and on gunicorn's
+gthread and gevent workers."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import secrets
+import threading
+import time
+import typing as t
+import urllib.parse
+from collections.abc import Iterator
+from http import client as http_client
+from pathlib import Path
+
+import pytest
+from flask import Flask, request
+from flask.testing import FlaskClient
+from flask_restful import abort
+
+from flask_restful_async import AsyncResource, current_task, streams, waiting
+from flask_restful_async.stores.memory import MemoryStore
+from flask_restful_async.task import Progress, Task, TaskState, new_task_id
+
+from .apps.tasks_app import create_app
+from .conftest import AppFactory, wait_for
+from .servers import http, serve
+from .services import delete_redis_keys, require_redis
+from .test_multiprocess import REDIS_DB, Store, close_app
+
+STREAM = {"Accept": "text/event-stream"}
+#: Bounds every stream of these tests, whatever goes wrong.
+MAX_STREAM = 10
+
+STEP = threading.Semaphore(0)
+
+
+class Steps(AsyncResource):
+    """Reports progress 1, 2, 3, each once the test releases ``STEP``."""
+
+    def post(self) -> t.Any:
+        for number in (1, 2, 3):
+            if not STEP.acquire(timeout=10):
+                raise TimeoutError("the test did not release the next step")
+            current_task.progress(number, total=3, message=f"step {number}")
+            current_task.raise_if_cancelled()
+        return {"steps": 3}, 201
+
+
+class Refused(AsyncResource):
+    def post(self) -> t.Any:
+        abort(409, message="no")
+
+
+class Broken(AsyncResource):
+    def post(self) -> t.Any:
+        raise RuntimeError("broken")
+
+
+class Event(t.NamedTuple):
+    """One event, or a comment (``name`` is ``":"``, its text in ``data``)."""
+
+    name: str
+    data: str
+    id: str | None
+
+    @property
+    def json(self) -> t.Any:
+        return json.loads(self.data)
+
+
+def parse(chunks: t.Iterable[bytes]) -> Iterator[Event]:
+    """The events (and comments) of a stream of bytes, as a browser reads them."""
+    buffer = b""
+    for chunk in chunks:
+        buffer += chunk
+        while b"\n\n" in buffer:
+            block, buffer = buffer.split(b"\n\n", 1)
+            fields: dict[str, str] = {}
+            for line in block.decode().split("\n"):
+                name, _, value = line.partition(":")
+                if name == "":
+                    yield Event(":", value.strip(), None)
+                    continue
+                fields[name] = value.removeprefix(" ")
+            if "data" in fields:
+                yield Event(fields.get("event", "message"), fields["data"], fields.get("id"))
+
+
+@pytest.fixture
+def app(make_app_any_store: AppFactory) -> Iterator[Flask]:
+    """An app on each store, owners from ``X-User``, short keep-alives."""
+    app, api = make_app_any_store(
+        owner=lambda: request.headers.get("X-User"),
+        config={
+            "RESTFUL_ASYNC_PROGRESS_INTERVAL": 0,
+            "RESTFUL_ASYNC_STREAM_KEEPALIVE": 0.3,
+            "RESTFUL_ASYNC_MAX_STREAM": MAX_STREAM,
+            "RESTFUL_ASYNC_SHORT_WAIT": 0,
+        },
+    )
+    api.add_resource(Steps, "/steps")
+    api.add_resource(Refused, "/refused")
+    api.add_resource(Broken, "/broken")
+    drain_steps()
+    yield app
+    for _ in range(3):
+        STEP.release()  # a task still waiting ends
+
+
+@contextlib.contextmanager
+def stream(
+    client: FlaskClient, url: str, user: str = "alice", **headers: str
+) -> Iterator[Iterator[Event]]:
+    response = client.get(url, headers={**STREAM, "X-User": user, **headers}, buffered=False)
+    assert response.status_code == 200, response.get_data()
+    assert response.mimetype == "text/event-stream"
+    assert response.headers["Cache-Control"] == "no-store"
+    try:
+        yield parse(response.response)
+    finally:
+        response.close()
+
+
+def submit(client: FlaskClient, path: str, user: str = "alice") -> str:
+    response = client.post(path, headers={"X-User": user})
+    assert response.status_code == 202
+    return response.headers["Location"]
+
+
+def drain_steps() -> None:
+    while STEP.acquire(blocking=False):
+        pass
+
+
+def running(events: Iterator[Event]) -> Event:
+    """The first status event of a running task."""
+    while True:
+        item = next_event(events)
+        if item.name == "status" and item.json["state"] == "running":
+            return item
+
+
+def next_event(events: Iterator[Event]) -> Event:
+    """The next event that is not a comment."""
+    for item in events:
+        if item.name != ":":
+            return item
+    raise AssertionError("the stream ended")
+
+
+def test_events_come_in_order_and_done_comes_last(app: Flask) -> None:
+    client = app.test_client()
+    location = submit(client, "/steps")
+    seen = []
+    with stream(client, location) as events:
+        first = next_event(events)
+        assert first.name == "status"
+        assert first.json["id"] == location.rsplit("/", 1)[1]
+        seen.append(first)
+        for number in (1, 2, 3):
+            STEP.release()
+            while True:
+                item = next_event(events)
+                seen.append(item)
+                progress = item.json.get("progress")
+                if progress is not None and progress["current"] == number:
+                    break
+                assert item.name == "status"
+        rest = list(events)
+    seen += [item for item in rest if item.name != ":"]
+    assert [item.name for item in seen][-1] == "done"
+    assert seen[-1].json == {"status": 201}
+    statuses = [item.json for item in seen if item.name == "status"]
+    order = ["queued", "running", "succeeded"]
+    assert [order.index(doc["state"]) for doc in statuses] == sorted(
+        order.index(doc["state"]) for doc in statuses
+    )
+    assert statuses[-1]["state"] == "succeeded"
+    currents = [doc["progress"]["current"] for doc in statuses if doc["progress"]]
+    assert currents == sorted(currents)
+    assert {1, 2, 3} <= set(currents)
+    ids = [item.id for item in seen if item.name == "status"]
+    assert all(ids)
+    assert len(set(ids)) == len(ids)
+
+
+@pytest.mark.parametrize(("path", "code"), [("/refused", 409), ("/broken", 500)])
+def test_done_carries_the_code_the_status_url_answers(app: Flask, path: str, code: int) -> None:
+    client = app.test_client()
+    location = submit(client, path)
+    with stream(client, location) as events:
+        items = [item for item in events if item.name != ":"]
+    assert items[-1].name == "done"
+    assert items[-1].json == {"status": code}
+    assert client.get(location, headers={"X-User": "alice"}).status_code == code
+
+
+def test_a_cancelled_task_is_done_with_409(app: Flask) -> None:
+    client = app.test_client()
+    location = submit(client, "/steps")
+    with stream(client, location) as events:
+        assert next_event(events).name == "status"
+        assert client.delete(location, headers={"X-User": "alice"}).status_code in (200, 202)
+        STEP.release()  # a running handler sees the flag at its next report
+        items = [item for item in events if item.name != ":"]
+    assert items[-1].json == {"status": 409}
+    assert items[-2].json["state"] == "cancelled"
+
+
+def test_last_event_id_does_not_replay_what_was_seen(app: Flask) -> None:
+    client = app.test_client()
+    location = submit(client, "/steps")
+    with stream(client, location) as events:
+        seen = running(events)
+    # Nothing changed: the stream starts with a keep-alive, not the same status.
+    with stream(client, location, **{"Last-Event-ID": seen.id or ""}) as events:
+        assert next(events).name == ":"
+        STEP.release()
+        changed = next_event(events)
+        assert changed.name == "status"
+        assert changed.id != seen.id
+        assert changed.json["progress"]["current"] == 1
+    STEP.release()
+    STEP.release()
+    with stream(client, location) as events:
+        items = [item for item in events if item.name != ":"]
+    final, done = items[-2], items[-1]
+    assert done.name == "done"
+    # Saw the final status but not done: only done.
+    with stream(client, location, **{"Last-Event-ID": final.id or ""}) as events:
+        assert [item.name for item in events if item.name != ":"] == ["done"]
+    # Saw done: 204, which tells an EventSource to stop reconnecting.
+    response = client.get(location, headers={**STREAM, "X-User": "alice", "Last-Event-ID": "done"})
+    assert response.status_code == 204
+
+
+def test_a_silent_stream_sends_keep_alive_comments(app: Flask) -> None:
+    client = app.test_client()
+    location = submit(client, "/steps")
+    with stream(client, location) as events:
+        running(events)
+        start = time.monotonic()
+        comment = next(events)
+        assert comment == Event(":", "keep-alive", None)
+        assert 0.2 < time.monotonic() - start < 3
+
+
+def test_a_stream_ends_after_max_stream_seconds(make_app: AppFactory) -> None:
+    app, api = make_app(
+        store="memory://",
+        config={"RESTFUL_ASYNC_MAX_STREAM": 0.5, "RESTFUL_ASYNC_STREAM_KEEPALIVE": 0.2},
+    )
+    api.add_resource(Steps, "/steps")
+    drain_steps()
+    client = app.test_client()
+    location = client.post("/steps").headers["Location"]
+    start = time.monotonic()
+    with stream(client, location) as events:
+        items = list(events)
+    assert 0.4 < time.monotonic() - start < 3
+    assert items[0].name == "status"
+    assert "done" not in [item.name for item in items]
+    for _ in range(3):
+        STEP.release()
+
+
+@pytest.mark.parametrize("value", [0, -1, "15", True])
+def test_bad_stream_settings_are_refused_at_start(make_app: AppFactory, value: t.Any) -> None:
+    with pytest.raises(ValueError, match="RESTFUL_ASYNC_MAX_STREAM"):
+        make_app(store="memory://", config={"RESTFUL_ASYNC_MAX_STREAM": value})
+
+
+def test_unknown_malformed_and_foreign_ids_are_404_without_a_stream(app: Flask) -> None:
+    client = app.test_client()
+    location = submit(client, "/refused", user="bob")
+    prefix = location.rsplit("/", 1)[0]
+    bodies = []
+    for url, user in [
+        (location, "alice"),  # bob's
+        (f"{prefix}/{'A' * 22}", "alice"),  # unknown
+        (f"{prefix}/not-an-id", "alice"),  # malformed
+    ]:
+        response = client.get(url, headers={**STREAM, "X-User": user})
+        assert response.status_code == 404
+        assert response.mimetype == "application/json"
+        assert response.headers["Cache-Control"] == "no-store"
+        bodies.append(response.get_data())
+    assert len(set(bodies)) == 1
+
+
+def test_without_the_accept_header_the_status_url_answers_json(app: Flask) -> None:
+    client = app.test_client()
+    location = submit(client, "/steps")
+    for accept in ("*/*", "application/json", "text/event-stream;q=0"):
+        response = client.get(location, headers={"Accept": accept, "X-User": "alice"})
+        assert response.status_code == 202
+        assert response.mimetype == "application/json"
+
+
+def test_the_list_stream_follows_the_callers_tasks_only(app: Flask) -> None:
+    client = app.test_client()
+    done_before = submit(client, "/refused")
+    assert client.get(f"{done_before}?wait=5", headers={"X-User": "alice"}).status_code == 409
+    with stream(client, "/tasks") as events:
+        first = [next_event(events), next_event(events)]
+        assert [item.name for item in first] == ["status", "done"]
+        assert first[1].json == {"id": done_before.rsplit("/", 1)[1], "status": 409}
+        submit(client, "/steps", user="bob")  # never shown to alice
+        location = submit(client, "/steps")
+        task_id = location.rsplit("/", 1)[1]
+        for _ in range(6):
+            STEP.release()  # bob's or alice's: either may take them
+        items = []
+        while not items or items[-1].name != "done":
+            item = next_event(events)
+            assert item.json["id"] == task_id
+            items.append(item)
+        last_id = items[-1].id
+        assert items[-1].json == {"id": task_id, "status": 201}
+        assert items[-2].json["state"] == "succeeded"
+    # Reconnecting after the last event: nothing of alice's changed since.
+    with stream(client, "/tasks", **{"Last-Event-ID": last_id or ""}) as events:
+        assert next(events).name == ":"
+
+
+def test_the_list_stream_takes_the_lists_parameters(app: Flask) -> None:
+    client = app.test_client()
+    submit(client, "/refused")
+    location = submit(client, "/steps")
+    with stream(client, location) as events:
+        running(events)
+    with stream(client, "/tasks?state=running&limit=5") as events:
+        first = next_event(events)
+        assert first.json["id"] == location.rsplit("/", 1)[1]
+        for _ in range(3):
+            STEP.release()
+        names = []
+        while "done" not in names:
+            names.append(next_event(events).name)
+    response = client.get("/tasks?limit=0", headers={**STREAM, "X-User": "alice"})
+    assert response.status_code == 400
+
+
+def test_the_list_stream_is_404_where_the_list_is(make_app: AppFactory) -> None:
+    app, _ = make_app(store="memory://")
+    response = app.test_client().get("/tasks", headers=STREAM)
+    assert response.status_code == 404
+    assert response.mimetype == "application/json"
+
+
+# -- the notification underneath ------------------------------------------------------------
+
+
+class CountingStore(MemoryStore):
+    """Counts its reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    def get(self, task_id: str) -> Task | None:
+        self.reads += 1
+        return super().get(task_id)
+
+
+def test_streams_on_one_task_share_each_read() -> None:
+    store = CountingStore()
+    task = store.create(Task(id=new_task_id()))
+    waiters = waiting.Waiters(store)
+    subscriptions = [waiters.subscribe(task.id) for _ in range(4)]
+    try:
+        waiters.changed(task.id)
+        for subscription in subscriptions:
+            assert subscription.wait(0)
+            read, document = subscription.read(streams.document_of)
+            assert read is not None
+            assert document == streams.document_of(task)
+        assert store.reads == 1
+        assert not subscriptions[0].wait(0)  # nothing new
+        waiters.changed("another task")
+        assert not subscriptions[0].wait(0)
+        assert waiters.watching == 4
+    finally:
+        for subscription in subscriptions:
+            subscription.close()
+    assert waiters.watching == 0
+
+
+def test_progress_does_not_wake_a_long_poll() -> None:
+    store = CountingStore()
+    task = store.create(Task(id=new_task_id()))
+    store.start(task.id, "worker")
+    waiters = waiting.Waiters(store)
+    with waiters.subscribe() as every:
+        result: list[Task | None] = []
+        poll = threading.Thread(target=lambda: result.append(waiters.wait_finished(task.id, 5)))
+        poll.start()
+        wait_for(lambda: waiters.waiting == 1)
+        reads = store.reads
+        for number in range(20):
+            store.set_progress(task.id, Progress(number))
+            waiters.changed(task.id)
+        assert every.wait(0)  # a list stream hears it
+        time.sleep(0.1)
+        assert store.reads == reads  # the long-poll did not
+        store.finish(task.id, TaskState.SUCCEEDED)
+        waiters.notify(task.id)
+        poll.join(5)
+    assert result[0] is not None
+    assert result[0].state is TaskState.SUCCEEDED
+
+
+# -- across processes, and on gunicorn ---------------------------------------------------
+
+
+@contextlib.contextmanager
+def shared_store(kind: str, instance: Path) -> Iterator[Store]:
+    if kind == "sqlite":
+        yield Store("sqlite", instance)
+        return
+    require_redis()
+    prefix = f"{{rfa-sse-{secrets.token_hex(6)}}}:"
+    try:
+        yield Store("redis", instance, prefix)
+    finally:
+        delete_redis_keys(REDIS_DB, prefix)
+
+
+def http_events(url: str, timeout: float = MAX_STREAM) -> Iterator[Event]:
+    """The events of a stream from a real server, read as they arrive."""
+    parts = urllib.parse.urlsplit(url)
+    assert parts.hostname == "127.0.0.1"
+    conn = http_client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    try:
+        conn.request("GET", parts.path, headers=STREAM)
+        response = conn.getresponse()
+        assert response.status == 200
+        assert response.getheader("Content-Type", "").startswith("text/event-stream")
+
+        def lines() -> Iterator[bytes]:
+            while line := response.readline():
+                yield line
+
+        yield from parse(lines())
+    finally:
+        conn.close()
+
+
+def follow(events: Iterator[Event]) -> list[Event]:
+    """Every event up to ``done``."""
+    items = []
+    for item in events:
+        if item.name == ":":
+            continue
+        items.append(item)
+        if item.name == "done":
+            return items
+    raise AssertionError(f"the stream ended before done: {items}")
+
+
+def check_followed(items: list[Event]) -> None:
+    assert items[-1].json == {"status": 200}
+    docs = [item.json for item in items[:-1]]
+    assert docs[-1]["state"] == "succeeded"
+    # Progress written by the task's process every 0.1 s for 0.6 s shows up here.
+    assert len({doc["progress"]["current"] for doc in docs if doc["progress"]}) >= 2
+
+
+@pytest.mark.parametrize("server", ["gunicorn-gthread", "gunicorn-gevent"])
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_changes_in_another_process_arrive(kind: str, server: str, tmp_path: Path) -> None:
+    """Both ways: a stream on gunicorn follows a task run in this process, and a
+    stream in this process follows a task run by gunicorn."""
+    if server == "gunicorn-gevent":
+        pytest.importorskip("gevent", reason="gevent is not installed (the dev extra has it)")
+    settings = {
+        "RESTFUL_ASYNC_PROGRESS_INTERVAL": 0.1,
+        "RESTFUL_ASYNC_MAX_STREAM": MAX_STREAM,
+        # A stream notices that its client left at its next write: soon, so
+        # that gunicorn stops at once.
+        "RESTFUL_ASYNC_STREAM_KEEPALIVE": 0.3,
+        "RESTFUL_ASYNC_SHORT_WAIT": 0,
+        "RESTFUL_ASYNC_PUBLIC_LIST": True,
+    }
+    with contextlib.ExitStack() as stack:
+        store = stack.enter_context(shared_store(kind, tmp_path / "instance"))
+        base = stack.enter_context(serve(server, APP, env=store.server_env(**settings)))
+        app = create_app(str(store.instance), **store.config(**settings))
+        stack.callback(close_app, app)
+        client = app.test_client()
+
+        # Run here, streamed from gunicorn.
+        location = client.post("/jobs/sleep?seconds=0.6").headers["Location"]
+        check_followed(follow(http_events(base + location)))
+
+        # Run by gunicorn, streamed here.
+        status, headers, _ = http("POST", f"{base}/jobs/sleep?seconds=0.6", body=b"")
+        assert status == 202
+        with stream(client, headers["location"]) as events:
+            check_followed(follow(events))
+
+        # The list stream on gunicorn sees a task made here.
+        events = http_events(base + "/tasks")
+        stack.callback(events.close)
+        location = client.post("/jobs/echo", json={"x": 1}).headers["Location"]
+        task_id = location.rsplit("/", 1)[1]
+        for item in events:
+            if item.name == "done" and item.json["id"] == task_id:
+                assert item.json["status"] == 200
+                break
+
+
+APP = "tests.apps.tasks_app:app"
