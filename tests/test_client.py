@@ -30,6 +30,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+import flask_restful_async
 from flask_restful_async.client import (
     AsyncOperation,
     AsyncTaskClient,
@@ -626,6 +627,26 @@ def test_backoff_has_jitter_and_a_cap() -> None:
     assert all(10 <= policy.pause(1, 10) <= 11 for _ in range(50))
     with pytest.raises(ValueError, match="must not be negative"):
         Policy(retries=-1)
+
+
+def test_exported_names() -> None:
+    import flask_restful_async.client as client
+
+    assert set(client.__all__) == {
+        "AsyncOperation",
+        "AsyncTaskClient",
+        "Operation",
+        "Progress",
+        "TaskCancelled",
+        "TaskClient",
+        "TaskError",
+        "TaskFailed",
+        "TaskLost",
+        "retry_after",
+    }
+    assert all(hasattr(client, name) for name in client.__all__)
+    assert issubclass(client.TaskError, flask_restful_async.RestfulAsyncError)
+    assert client.TaskCancelled is not flask_restful_async.TaskCancelled
 
 
 def test_the_command_line_is_documented_in_the_readme() -> None:

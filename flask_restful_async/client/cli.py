@@ -220,7 +220,9 @@ class Bar(Display):
             raise ImportError(
                 "the progress bar needs tqdm: pip install 'flask-restful-async[client]'"
             ) from e
-        self.bar = tqdm(file=err, desc=operation.state or "", total=None, dynamic_ncols=True)
+        self.bar = tqdm(
+            file=err, desc=operation.state or "", total=None, unit="", dynamic_ncols=True
+        )
 
     def update(self, progress: Progress) -> None:
         bar = self.bar
