@@ -153,8 +153,10 @@ def retry_after(response: httpx.Response) -> float | None:
 
 
 def status_document(response: httpx.Response) -> dict[str, t.Any] | None:
-    """The JSON object ``response`` carries if it has a ``state``, else None."""
-    if "json" not in response.headers.get("content-type", ""):
+    """The JSON object ``response`` carries if it has a ``state``, else None (a body
+    without a ``Content-Type`` is tried as JSON too)."""
+    content_type = response.headers.get("content-type")
+    if content_type is not None and "json" not in content_type:
         return None
     try:
         document = response.json()
