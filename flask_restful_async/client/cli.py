@@ -72,7 +72,11 @@ def follow(
     options: dict[str, t.Any] = {}
     if json_text is not None:
         options = {"content": json_text.encode(), "headers": {"Content-Type": "application/json"}}
-    with TaskClient(headers=dict(headers or {}), long_poll=long_poll) as client:
+    # httpx's default of 5 s would cut a slow synchronous answer short.
+    http_timeout = httpx.Timeout(timeout or 60.0, connect=min(timeout or 10.0, 10.0))
+    with TaskClient(
+        headers=dict(headers or {}), long_poll=long_poll, timeout=http_timeout
+    ) as client:
         try:
             answer = client._submit(method, url, deadline=deadline, **options)
         except httpx.HTTPError as e:
