@@ -368,7 +368,7 @@ def poll(
             continue
         location = response.headers.get("location")
         if response.status_code == 303 and location:
-            # The result, on a URL of its own: fetch it at once.
+            # The result, on a URL of its own: GET it at once.
             url = response.url.join(location)
             continue
         if response.status_code == 202 and url == state.url:
