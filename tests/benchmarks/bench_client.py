@@ -7,7 +7,9 @@ The server is ``bench_e2e.py``'s: ``gunicorn -w 2 -k gthread --threads 8`` servi
 ``--calls`` calls between them:
 
 - ``plain``: ``client.post("/plain/work")``, which returns the ``200`` at once;
-- ``task``: ``client.post("/work")``, then ``operation.result()`` (a long-poll).
+- ``task``: ``client.post("/work")``, then ``operation.result()`` (a long-poll);
+  with ``--wait N``, ``client.post("/work", wait=N)``, which the server answers with
+  the final response when the task ends within N seconds.
 
 Both go through the same client, so that httpx's own cost is on both sides. Runs
 alternate plain, task, plain, task... (``--rounds`` pairs) so that the machine's
@@ -51,16 +53,16 @@ class Run:
     errors: int
 
 
-def one_call(client: TaskClient, way: str) -> bool:
+def one_call(client: TaskClient, way: str, wait: int | None) -> bool:
     if way == "plain":
         answer = client.post("/plain/work", json={"x": 1})
     else:
-        answer = client.post("/work", json={"x": 1})
+        answer = client.post("/work", json={"x": 1}, wait=wait)
     response = answer.result(timeout=60) if isinstance(answer, Operation) else answer
     return response.status_code == 200 and response.json() == EXPECTED
 
 
-def run(base: str, way: str, calls: int, clients: int) -> Run:
+def run(base: str, way: str, calls: int, clients: int, wait: int | None = None) -> Run:
     latencies: list[float] = []
     counts = {"requests": 0, "errors": 0}
     lock = threading.Lock()
@@ -78,7 +80,7 @@ def run(base: str, way: str, calls: int, clients: int) -> Run:
                         return
                     remaining[0] -= 1
                 started = time.perf_counter()
-                ok = one_call(client, way)
+                ok = one_call(client, way, wait)
                 took = time.perf_counter() - started
                 with lock:
                     latencies.append(took)
@@ -103,6 +105,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--calls", type=int, default=1000)
     parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument(
+        "--wait", type=int, metavar="N", help="submit with wait=N (Prefer: wait=N) too"
+    )
     options = parser.parse_args()
     walls: list[float] = []
     medians: list[float] = []
@@ -116,7 +121,7 @@ def main() -> None:
                 run(base, way, 20 * options.clients, options.clients)
             for _ in range(options.rounds):
                 plain = run(base, "plain", options.calls, options.clients)
-                task = run(base, "task", options.calls, options.clients)
+                task = run(base, "task", options.calls, options.clients, options.wait)
                 errors += plain.errors + task.errors
                 walls.append(task.wall / plain.wall)
                 medians.append(
@@ -131,6 +136,7 @@ def main() -> None:
     print(
         f"gunicorn -w 2 -k gthread --threads 8, SQLite store; {options.clients} client threads,"
         f" {options.calls} calls of a 20 ms handler per run, {options.rounds} ABAB rounds"
+        + (f"; submits with wait={options.wait}" if options.wait else "")
     )
     print(f"  task / plain: wall {span(walls)}, median latency {span(medians)}")
     print(f"  HTTP requests per task: {span(per_task)}   (errors: {errors})")
