@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-celery test lint typecheck pytest bench bench-e2e bench-celery clean
+.PHONY: demo demo-celery test lint typecheck pytest bench bench-e2e bench-celery bench-client clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,10 @@ bench-e2e: $(STAMP)
 # Our CeleryExecutor against raw Celery, through one worker (Redis db 12).
 bench-celery: $(STAMP)
 	$(BIN)/python tests/benchmarks/bench_celery.py
+
+# Tasks through the Python client (long-poll) against plain calls, on gunicorn.
+bench-client: $(STAMP)
+	$(BIN)/python tests/benchmarks/bench_client.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis *.egg-info

@@ -1,4 +1,5 @@
-"""The examples: catchall.py through Flask's test client, client.py's follow(), demo.py."""
+"""The examples: catchall.py through Flask's test client, client.py (on top of
+flask_restful_async.client), demo.py."""
 
 from __future__ import annotations
 
@@ -150,24 +151,17 @@ def test_follow_polls_with_retry_after(client: types.ModuleType, tiny_server: st
     assert client.follow(tiny_server + "/accepted", timeout=10, out=out) == 0
     lines = out.getvalue().splitlines()
     assert lines[1] == "202 Accepted  Location: ok  Retry-After: 0"
-    assert lines[2].split() == ["0.0s", "running", "2.5/10"]
-
-
-@pytest.mark.parametrize(
-    ("header", "seconds"),
-    [("Retry-After: 3\r\n", 3), ("Retry-After: 0\r\n", 0.1), ("", 1), ("Retry-After: soon\r\n", 1)],
-)
-def test_retry_after(client: types.ModuleType, header: str, seconds: float) -> None:
-    headers = http.client.parse_headers(io.BytesIO(f"{header}\r\n".encode()))
-    assert client.retry_after(client.Reply(202, "Accepted", headers, b"")) == seconds
+    assert re.fullmatch(r"  +\d+\.\ds  running   2\.5/10", lines[2]), lines
 
 
 def test_follow_times_out(client: types.ModuleType, tiny_server: str) -> None:
     out = io.StringIO()
     started = time.monotonic()
-    assert client.follow(tiny_server + "/forever", timeout=0.5, out=out) == 2
+    assert client.follow(tiny_server + "/forever", timeout=0.5, out=out) == 1
     assert time.monotonic() - started < 2
-    assert out.getvalue().splitlines()[-1] == "error: no final response after 0.5 s"
+    lines = out.getvalue().splitlines()
+    assert lines[-2] == "error: no final response after 0.5 s; the task goes on:"
+    assert lines[-1] == f"  {tiny_server}/forever"
 
 
 def test_follow_connection_refused(client: types.ModuleType) -> None:
@@ -175,8 +169,34 @@ def test_follow_connection_refused(client: types.ModuleType) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # bound, not listening: connections are refused
         out = io.StringIO()
-        assert client.follow(f"http://127.0.0.1:{port}/", timeout=5, out=out) == 2
+        assert client.follow(f"http://127.0.0.1:{port}/", timeout=1, out=out) == 1
     assert out.getvalue().splitlines()[-1].startswith("error: ")
+
+
+def test_client_sends_api_token(
+    client: types.ModuleType, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """examples/client.py is the command line plus a bearer token from API_TOKEN."""
+    received: list[str | None] = []
+
+    class Handler(TinyHandler):
+        def do_GET(self) -> None:
+            received.append(self.headers.get("Authorization"))
+            super().do_GET()
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        monkeypatch.setenv("API_TOKEN", "s3cret")
+        url = f"http://127.0.0.1:{server.server_address[1]}/accepted"
+        assert client.main([url, "--progress", "none"]) == 0
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+    assert received == ["Bearer s3cret", "Bearer s3cret"]  # the submit and its poll
+    assert capsys.readouterr().out.splitlines()[-1] == '"fine"'
 
 
 def test_demo() -> None:
