@@ -121,6 +121,14 @@ def test_url_leaves_the_password_out() -> None:
         made.close()
 
 
+def test_an_unknown_url_parameter_is_refused_at_once() -> None:
+    # redis-py would take it and fail at the first request, as a 500.
+    with pytest.raises(ValueError, match="prefix=") as refused:
+        RedisStore("redis://:secret@127.0.0.1:6379/14?prefix=mine")
+    assert "secret" not in str(refused.value)
+    assert "'prefix'" in str(refused.value)
+
+
 def test_missing_redis_py_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "redis", None)  # makes `import redis` fail
     monkeypatch.delitem(sys.modules, "flask_restful_async.stores.redis")

@@ -727,6 +727,17 @@ class RedisStore(TaskStore):
             # and is all these commands need. A ?protocol=3 in the URL wins.
             protocol=2,
         )
+        pool = self._client.connection_pool
+        try:
+            # redis-py passes unknown URL parameters on to each connection it makes,
+            # and fails only then, at the first request. Build one now (building
+            # does not connect) so that a typo fails here, where it was made.
+            pool.connection_class(**pool.connection_kwargs)
+        except TypeError as e:
+            raise ValueError(
+                f"RedisStore: {self.url} has a query parameter that redis-py does not know"
+                f" ({e}); the key prefix is an argument: RedisStore(url, prefix=...)"
+            ) from None
         register = self._client.register_script
         self._create = register(_CREATE)
         self._start = register(_START)
