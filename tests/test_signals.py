@@ -58,7 +58,9 @@ class Held(AsyncResource):
 
 
 @pytest.fixture(autouse=True)
-def reset() -> Iterator[None]:
+def reset(make_app: AppFactory) -> Iterator[None]:
+    # Asks for make_app so as to end before it: held tasks are released before
+    # the apps are closed, which would otherwise wait for them.
     RELEASE.clear()
     STARTED.clear()
     yield
