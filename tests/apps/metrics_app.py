@@ -1,0 +1,48 @@
+"""An app that serves Prometheus metrics at ``/metrics`` beside its tasks, as the
+README shows: prometheus-client's own WSGI app, mounted with werkzeug's
+``DispatcherMiddleware``.
+
+``POST /echo`` (an :class:`AsyncResource`) returns ``{"pid": <pid>}``: the process
+that ran it. The instance folder (where the default SQLite store lives) comes
+from ``METRICS_APP_INSTANCE``. With ``PROMETHEUS_MULTIPROC_DIR`` set (several
+gunicorn workers), ``/metrics`` merges every worker's counters and histograms from
+that folder and adds the store's gauges, read once by the worker that answers.
+"""
+
+from __future__ import annotations
+
+import os
+import typing as t
+
+from flask import Flask
+from flask_restful import Api
+from prometheus_client import REGISTRY, CollectorRegistry, make_wsgi_app, multiprocess
+from werkzeug.middleware.dispatcher import DispatcherMiddleware
+
+from flask_restful_async import AsyncResource, register_async
+from flask_restful_async.metrics import store_collector
+
+
+class Echo(AsyncResource):
+    def post(self) -> dict[str, t.Any]:
+        return {"pid": os.getpid()}
+
+
+def create_app() -> Flask:
+    app = Flask(__name__, instance_path=os.environ["METRICS_APP_INSTANCE"])
+    api = Api(app)
+    register_async(api)
+    api.add_resource(Echo, "/echo")
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        registry.register(store_collector)
+    else:
+        registry = REGISTRY
+    app.wsgi_app = DispatcherMiddleware(  # type: ignore[method-assign]
+        app.wsgi_app, {"/metrics": make_wsgi_app(registry)}
+    )
+    return app
+
+
+app = create_app()

@@ -1,0 +1,305 @@
+"""Prometheus metrics (CONTRACT 6.4): the counters and histograms are receivers of
+the task signals, the per-state gauge is read from the store when scraped, and
+multi-process mode under gunicorn adds up the workers' counters."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+import typing as t
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from flask_restful import abort
+from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
+
+from flask_restful_async import AsyncResource, current_task
+from flask_restful_async.metrics import store_collector
+
+from .conftest import AppFactory, wait_done, wait_for
+from .servers import ROOT, http, poll_until_done, serve
+
+RELEASE = threading.Event()
+STARTED = threading.Event()
+
+#: Every series of ours, and the labels each may have: never a task id or an owner.
+LABELS = {
+    "restful_async_tasks_submitted_total": {"endpoint", "method"},
+    "restful_async_tasks_finished_total": {"endpoint", "state"},
+    "restful_async_tasks_rejected_total": {"reason"},
+    "restful_async_task_queued_seconds_bucket": {"endpoint", "le"},
+    "restful_async_task_queued_seconds_count": {"endpoint"},
+    "restful_async_task_queued_seconds_sum": {"endpoint"},
+    "restful_async_task_run_seconds_bucket": {"endpoint", "le"},
+    "restful_async_task_run_seconds_count": {"endpoint"},
+    "restful_async_task_run_seconds_sum": {"endpoint"},
+    "restful_async_tasks": {"state"},
+    "restful_async_oldest_queued_seconds": set(),
+}
+
+
+class Report(AsyncResource):
+    def post(self) -> t.Any:
+        current_task.progress(1, total=1)
+        return {"ok": True}, 201
+
+
+class Broken(AsyncResource):
+    def put(self) -> t.Any:
+        abort(409, message="no")
+
+
+class Held(AsyncResource):
+    def post(self) -> t.Any:
+        STARTED.set()
+        RELEASE.wait(20)
+        return {"held": True}
+
+
+@pytest.fixture(autouse=True)
+def reset() -> Iterator[None]:
+    RELEASE.clear()
+    STARTED.clear()
+    yield
+    RELEASE.set()
+
+
+def value(name: str, **labels: str) -> float:
+    """A sample of the default registry (0 while the series does not exist)."""
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def our_samples() -> list[t.Any]:
+    return [
+        sample
+        for family in REGISTRY.collect()
+        if family.name.startswith("restful_async_")
+        for sample in family.samples
+        if not sample.name.endswith("_created")
+    ]
+
+
+def test_tasks_are_counted_by_endpoint_method_and_state(make_app: AppFactory) -> None:
+    app, api = make_app(owner=lambda: "alice-the-owner")
+    api.add_resource(Report, "/metrics-reports", endpoint="metrics_report")
+    api.add_resource(Broken, "/metrics-broken", endpoint="metrics_broken")
+    client = app.test_client()
+    names = [
+        ("restful_async_tasks_submitted_total", {"endpoint": "metrics_report", "method": "POST"}),
+        ("restful_async_tasks_submitted_total", {"endpoint": "metrics_broken", "method": "PUT"}),
+        (
+            "restful_async_tasks_finished_total",
+            {"endpoint": "metrics_report", "state": "succeeded"},
+        ),
+        ("restful_async_tasks_finished_total", {"endpoint": "metrics_broken", "state": "failed"}),
+        ("restful_async_task_queued_seconds_count", {"endpoint": "metrics_report"}),
+        ("restful_async_task_run_seconds_count", {"endpoint": "metrics_report"}),
+        ("restful_async_task_run_seconds_count", {"endpoint": "metrics_broken"}),
+    ]
+    before = [value(name, **labels) for name, labels in names]
+    ids = []
+    for method, path, code in [
+        ("post", "/metrics-reports", 201),
+        ("post", "/metrics-reports", 201),
+        ("put", "/metrics-broken", 409),
+    ]:
+        response = getattr(client, method)(path)
+        assert response.status_code == 202
+        ids.append(response.json["id"])
+        assert wait_done(client, response.headers["Location"]).status_code == code
+    # The outcome is stored before task_finished is sent.
+    wait_for(lambda: value(*names[3][:1], **names[3][1]) > before[3])
+    after = [value(name, **labels) for name, labels in names]
+    assert [a - b for a, b in zip(after, before, strict=True)] == [2, 1, 2, 1, 2, 2, 1]
+    assert value("restful_async_task_run_seconds_sum", endpoint="metrics_report") > 0
+
+    samples = our_samples()
+    assert {sample.name for sample in samples} <= set(LABELS)
+    for sample in samples:
+        assert set(sample.labels) == LABELS[sample.name], sample
+        shown = set(sample.labels.values())
+        assert "alice-the-owner" not in shown
+        assert not shown & set(ids)
+
+
+def test_a_rejected_submit_is_counted_by_reason(make_app: AppFactory) -> None:
+    app, api = make_app(
+        store="memory://",
+        config={"RESTFUL_ASYNC_MAX_WORKERS": 1, "RESTFUL_ASYNC_MAX_PENDING": 0},
+    )
+    api.add_resource(Held, "/metrics-held")
+    client = app.test_client()
+    # Every reason has its series from the start.
+    for reason in ("saturated", "store", "broker"):
+        assert (
+            REGISTRY.get_sample_value("restful_async_tasks_rejected_total", {"reason": reason})
+            is not None
+        )
+    busy = client.post("/metrics-held")
+    assert STARTED.wait(10)
+    before = value("restful_async_tasks_rejected_total", reason="saturated")
+    assert client.post("/metrics-held").status_code == 503
+    assert value("restful_async_tasks_rejected_total", reason="saturated") == before + 1
+    RELEASE.set()
+    assert wait_done(client, busy.headers["Location"]).status_code == 200
+
+
+def test_two_apps_count_each_their_own_tasks(make_app: AppFactory) -> None:
+    first, first_api = make_app(store="memory://")
+    second, second_api = make_app(store="memory://", config={"RESTFUL_ASYNC_METRICS": False})
+    first_api.add_resource(Report, "/r", endpoint="metrics_first")
+    second_api.add_resource(Report, "/r", endpoint="metrics_second")
+    for app in (first, second):
+        client = app.test_client()
+        response = client.post("/r")
+        assert wait_done(client, response.headers["Location"]).status_code == 201
+    labels = {"method": "POST"}
+    assert value("restful_async_tasks_submitted_total", endpoint="metrics_first", **labels) >= 1
+    assert value("restful_async_tasks_submitted_total", endpoint="metrics_second", **labels) == 0
+
+
+def test_metrics_off_or_misconfigured(make_app: AppFactory) -> None:
+    app, api = make_app(store="memory://", config={"RESTFUL_ASYNC_METRICS": False})
+    api.add_resource(Report, "/r", endpoint="metrics_off")
+    client = app.test_client()
+    response = client.post("/r")
+    assert wait_done(client, response.headers["Location"]).status_code == 201
+    assert value("restful_async_tasks_submitted_total", endpoint="metrics_off", method="POST") == 0
+    assert app not in store_collector._apps
+    with pytest.raises(ValueError, match="RESTFUL_ASYNC_METRICS must be None"):
+        make_app(store="memory://", config={"RESTFUL_ASYNC_METRICS": "yes"})
+
+
+# Another process writes to the SQLite file: a queued task made a minute ago, and
+# one that succeeded.
+_WRITER = """
+import sys, time
+from flask_restful_async.stores.sqlite import SQLiteStore
+from flask_restful_async.task import Task, TaskState, new_task_id
+store = SQLiteStore(sys.argv[1])
+store.create(Task(new_task_id(), created_at=time.time() - 60))
+done = store.create(Task(new_task_id()))
+store.finish(done.id, TaskState.SUCCEEDED)
+store.close()
+"""
+
+
+def test_the_gauge_counts_what_another_process_wrote(make_app: AppFactory, tmp_path: Path) -> None:
+    path = tmp_path / "shared.db"
+    make_app(store=f"sqlite:///{path}")
+
+    def gauge(state: str) -> float:
+        return value("restful_async_tasks", state=state)
+
+    before = {state: gauge(state) for state in ("queued", "succeeded", "running")}
+    subprocess.run([sys.executable, "-c", _WRITER, str(path)], check=True, timeout=30, cwd=ROOT)
+    assert gauge("queued") == before["queued"] + 1
+    assert gauge("succeeded") == before["succeeded"] + 1
+    assert gauge("running") == before["running"]
+    assert value("restful_async_oldest_queued_seconds") >= 60
+
+
+_WITHOUT_PROMETHEUS = """
+import sys
+sys.modules["prometheus_client"] = None  # as if it were not installed
+from flask import Flask
+from flask_restful import Api
+from flask_restful_async import register_async
+from flask_restful_async.signals import task_submitted
+
+app = Flask("plain", instance_path=sys.argv[1])
+register_async(Api(app), store="memory://")
+print("default:", bool(task_submitted.receivers))
+
+strict = Flask("strict", instance_path=sys.argv[1])
+strict.config["RESTFUL_ASYNC_METRICS"] = True
+try:
+    register_async(Api(strict), store="memory://")
+except ImportError as e:
+    print("required:", e)
+try:
+    import flask_restful_async.metrics
+except ImportError as e:
+    print("import:", e)
+"""
+
+
+def test_without_prometheus_client_the_error_names_the_extra(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_PROMETHEUS, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+        check=True,
+    )
+    lines = done.stdout.splitlines()
+    assert lines[0] == "default: False"
+    extra = "pip install 'flask-restful-async[metrics]'"
+    assert lines[1].startswith("required:")
+    assert extra in lines[1]
+    assert lines[2].startswith("import:")
+    assert extra in lines[2]
+
+
+def scrape(base: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """``/metrics`` as {sample name: {sorted labels: value}}, each series once."""
+    status, _, body = http("GET", base + "/metrics")
+    assert status == 200
+    series: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            labels = tuple(sorted(sample.labels.items()))
+            found = series.setdefault(sample.name, {})
+            assert labels not in found, f"{sample.name}{labels} shown twice"
+            found[labels] = sample.value
+    return series
+
+
+def test_gunicorn_workers_add_up_and_the_gauge_is_read_once(tmp_path: Path) -> None:
+    multiproc = tmp_path / "prometheus"
+    multiproc.mkdir()
+    env = {
+        "METRICS_APP_INSTANCE": str(tmp_path / "instance"),
+        "PROMETHEUS_MULTIPROC_DIR": str(multiproc),
+    }
+    with serve("gunicorn-sync", "tests.apps.metrics_app:app", workers=2, env=env) as base:
+        pids: set[int] = set()
+        submitted = 0
+        deadline = time.monotonic() + 30
+        # Until both workers have taken submits (each connection goes to either).
+        while len(pids) < 2 or submitted < 6:
+            assert time.monotonic() < deadline, f"only workers {pids} took submits"
+            status, headers, _ = http("POST", base + "/echo")
+            assert status == 202
+            submitted += 1
+            status, _, body = poll_until_done(base, headers["location"])
+            assert status == 200
+            pids.add(json.loads(body)["pid"])
+        for _ in range(4):  # whichever worker answers, the same sums
+            series = scrape(base)
+            key = (("endpoint", "echo"), ("method", "POST"))
+            assert series["restful_async_tasks_submitted_total"][key] == submitted
+            finished = series["restful_async_tasks_finished_total"]
+            assert finished[(("endpoint", "echo"), ("state", "succeeded"))] == submitted
+            runs = series["restful_async_task_run_seconds_count"]
+            assert runs[(("endpoint", "echo"),)] == submitted
+            assert series["restful_async_tasks"][(("state", "succeeded"),)] == submitted
+            assert series["restful_async_tasks"][(("state", "queued"),)] == 0
+            assert series["restful_async_oldest_queued_seconds"][()] == 0
+
+
+def test_the_store_collector_serves_from_another_registry() -> None:
+    # As multi-process mode needs: the default registry keeps it too.
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry()
+    registry.register(store_collector)
+    text = generate_latest(registry).decode()
+    assert 'restful_async_tasks{state="queued"}' in text
+    assert "restful_async_oldest_queued_seconds " in text
