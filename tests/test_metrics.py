@@ -303,3 +303,37 @@ def test_the_store_collector_serves_from_another_registry() -> None:
     text = generate_latest(registry).decode()
     assert 'restful_async_tasks{state="queued"}' in text
     assert "restful_async_oldest_queued_seconds " in text
+
+
+def test_a_sqlite_file_of_an_earlier_version_gets_the_counting_indexes(tmp_path: Path) -> None:
+    import sqlite3
+
+    from flask_restful_async.stores.sqlite import SQLiteStore
+    from flask_restful_async.task import Task, TaskState, new_task_id
+
+    path = str(tmp_path / "old.db")
+    store = SQLiteStore(path)
+    done = store.create(Task(new_task_id()))
+    store.finish(done.id, TaskState.FAILED)
+    store.create(Task(new_task_id()))
+    store.close()
+    # As the previous version left it: the same layout number, its one index of ends.
+    with sqlite3.connect(path) as conn:
+        conn.execute("DROP INDEX tasks_ended")
+        conn.execute("DROP INDEX tasks_active")
+        conn.execute(
+            "CREATE INDEX tasks_by_finish ON tasks (finished_at) WHERE finished_at IS NOT NULL"
+        )
+    conn.close()
+    store = SQLiteStore(path)
+    try:
+        stats = store.stats()
+        assert stats.counts[TaskState.FAILED] == 1
+        assert stats.counts[TaskState.QUEUED] == 1
+        with sqlite3.connect(path) as conn:
+            names = {row[0] for row in conn.execute("SELECT name FROM sqlite_schema")}
+        conn.close()
+        assert {"tasks_ended", "tasks_active"} <= names
+        assert "tasks_by_finish" not in names
+    finally:
+        store.close()

@@ -93,7 +93,6 @@ CREATE TABLE IF NOT EXISTS tasks (
     path TEXT
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS tasks_by_owner ON tasks (owner, created_at);
-CREATE INDEX IF NOT EXISTS tasks_by_finish ON tasks (finished_at) WHERE finished_at IS NOT NULL;
 CREATE UNIQUE INDEX IF NOT EXISTS tasks_by_key ON tasks (coalesce(owner, ''), idempotency_key)
     WHERE idempotency_key IS NOT NULL;
 CREATE TABLE IF NOT EXISTS results (
@@ -114,6 +113,18 @@ CREATE TABLE IF NOT EXISTS leases (
     expires_at REAL NOT NULL
 ) WITHOUT ROWID;
 """
+# Indexes added to files of this layout as they are opened (see _ensure_schema),
+# which processes of an earlier version, sharing the file during a deploy, never
+# name: ended tasks by finish time, for purges, and with their state, so that
+# stats() counts them from the index alone (no row read); the few active tasks,
+# for stats() to find without a scan. What they replace goes.
+_INDEXES = {
+    "tasks_ended": "CREATE INDEX IF NOT EXISTS tasks_ended ON tasks (finished_at, state)"
+    " WHERE finished_at IS NOT NULL",
+    "tasks_active": "CREATE INDEX IF NOT EXISTS tasks_active ON tasks (state)"
+    " WHERE state IN ('queued', 'running')",
+}
+_REPLACED_INDEXES = ("tasks_by_finish",)
 
 _COLUMNS = (
     "id, state, created_at, started_at, finished_at, progress, owner, idempotency_key,"
@@ -189,15 +200,19 @@ _CLAIMABLE = (
     " AND state = 'queued' AND cancel_requested = 0 AND created_at >= ?"
     " ORDER BY created_at, id LIMIT ?"
 )
-# Live tasks counted by the state they read as (bind: fresh_after, stale, now): a
-# queued task that waited too long is lost; an active task whose worker holds no
-# lease is lost, unless it waits to be claimed (queued, with a snapshot) or goes
-# back to the queue (running with rerun; cancelled if that was asked). With the
-# earliest creation time of each state, for the oldest queued task.
+# Live tasks counted by the state they read as (bind: fresh_after, stale, now), in
+# one statement (one snapshot), from the two indexes of _INDEXES. Active tasks (a
+# few rows, found through tasks_active): a queued task that waited too long is
+# lost; one whose worker holds no lease is lost, unless it waits to be claimed
+# (queued, with a snapshot) or goes back to the queue (running with rerun;
+# cancelled if that was asked); with the earliest creation time of each state, for
+# the oldest queued task. Ended tasks: counted in tasks_ended alone. A tombstone
+# (expired = 1) ended before fresh_after, so the range leaves it out without
+# reading its row.
 _STATS = """
 SELECT CASE
     WHEN t.state = 'queued' AND t.created_at < ?2 THEN 'lost'
-    WHEN t.state IN ('queued', 'running') AND t.worker IS NOT NULL AND coalesce(
+    WHEN t.worker IS NOT NULL AND coalesce(
         (SELECT l.expires_at FROM leases AS l WHERE l.worker = t.worker), 0) < ?3 THEN
         CASE
             WHEN t.state = 'queued' AND t.snapshot IS NOT NULL THEN 'queued'
@@ -207,8 +222,10 @@ SELECT CASE
         END
     ELSE t.state
 END AS seen, count(*), min(t.created_at)
-FROM tasks AS t WHERE t.expired = 0 AND (t.finished_at IS NULL OR t.finished_at >= ?1)
+FROM tasks AS t WHERE t.state IN ('queued', 'running')
 GROUP BY seen
+UNION ALL
+SELECT state, count(*), NULL FROM tasks WHERE finished_at >= ?1 GROUP BY state
 """
 # What becomes of the active tasks of a worker that is gone, in this order (bind:
 # worker; then now, worker): those another process can run (queued with their
@@ -913,17 +930,19 @@ class SQLiteStore(TaskStore):
         return [task for task in tasks if task is not None and not task.expired]
 
     def stats(self) -> StoreStats:
-        """One statement: each live row's state as it reads (the rules of
-        :meth:`_read`, in SQL), grouped; nothing is decoded in Python."""
+        """One statement: each active row's state as it reads (the rules of
+        :meth:`_read`, in SQL), and the ended ones counted in their index;
+        nothing is decoded in Python. Reads the active rows and the index entries
+        of the tasks that ended within ``result_ttl``, never a response."""
         now = time.time()
         with self._reading() as conn:
             rows = conn.execute(_STATS, (now - self.result_ttl, now - self.queued_ttl, now))
             counts = dict.fromkeys(TaskState, 0)
             oldest = None
             for name, count, first_created in rows.fetchall():
-                counts[_STATES[name]] = count
-                if name == "queued":
-                    oldest = first_created
+                counts[_STATES[name]] += count
+                if name == "queued" and first_created is not None:
+                    oldest = first_created if oldest is None else min(oldest, first_created)
         return StoreStats(counts, oldest)
 
     def purge_finished(self, *, older_than: float = 0.0, state: TaskState | None = None) -> int:
@@ -991,9 +1010,10 @@ _logger = logging.getLogger(__name__)
 
 
 def _ensure_schema(conn: sqlite3.Connection, store: SQLiteStore) -> None:
-    """Create the tables in a new file; refuse a file of another layout."""
+    """Create the tables in a new file, add the indexes an earlier version of this
+    layout lacks; refuse a file of another layout."""
     version = conn.execute("PRAGMA user_version").fetchone()[0]
-    if version == SCHEMA_VERSION:
+    if version == SCHEMA_VERSION and _has_indexes(conn):
         return
     conn.execute("BEGIN IMMEDIATE")
     try:
@@ -1001,14 +1021,6 @@ def _ensure_schema(conn: sqlite3.Connection, store: SQLiteStore) -> None:
         tables = conn.execute("SELECT count(*) FROM sqlite_schema WHERE type = 'table'").fetchone()[
             0
         ]
-        if version == 0 and tables == 0:
-            # Statement by statement: executescript would commit the transaction.
-            statement = ""
-            for line in _SCHEMA.splitlines(keepends=True):
-                statement += line
-                if sqlite3.complete_statement(statement):
-                    conn.execute(statement)
-                    statement = ""
         if version not in (0, SCHEMA_VERSION) or (version == 0 and tables):
             # Not a passing outage, but a deployment to mend: logged loudly, and
             # answered 503 like any store that cannot serve.
@@ -1019,11 +1031,34 @@ def _ensure_schema(conn: sqlite3.Connection, store: SQLiteStore) -> None:
                 " RESTFUL_ASYNC_STORE at another file, or remove this one",
                 level=logging.ERROR,
             )
+        if version == 0:
+            # Statement by statement: executescript would commit the transaction.
+            statement = ""
+            for line in _SCHEMA.splitlines(keepends=True):
+                statement += line
+                if sqlite3.complete_statement(statement):
+                    conn.execute(statement)
+                    statement = ""
+        # A new file, or one an earlier version made: the indexes of today.
+        for statement in _INDEXES.values():
+            conn.execute(statement)
+        for name in _REPLACED_INDEXES:
+            conn.execute(f"DROP INDEX IF EXISTS {name}")
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
     except BaseException:
         conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
+
+
+def _has_indexes(conn: sqlite3.Connection) -> bool:
+    """Whether the file has every index of _INDEXES."""
+    marks = ", ".join("?" * len(_INDEXES))
+    found = conn.execute(
+        f"SELECT count(*) FROM sqlite_schema WHERE type = 'index' AND name IN ({marks})",
+        tuple(_INDEXES),
+    ).fetchone()[0]
+    return bool(found == len(_INDEXES))
 
 
 class _Access:

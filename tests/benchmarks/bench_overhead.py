@@ -17,6 +17,11 @@ seconds here) hits both alike:
 - ``plain GET``: a plain ``Resource`` returning the finished task's result;
 - ``poll``: ``GET`` on the status URL of that finished task.
 
+``--signals`` connects a receiver that does nothing to every signal of the app
+(what a receiver costs before it does anything); ``--metrics`` turns the
+Prometheus metrics on (``RESTFUL_ASYNC_METRICS``; off otherwise), whose
+receivers count every submit and end.
+
 ``--body-size N`` pads the JSON body to N bytes (a ``note`` string beside the
 order; default: the order alone, about 300 bytes; 0: ``{"x": 1}``), to see what
 the size of a request costs a submit, which copies and stores it.
@@ -43,7 +48,7 @@ from benchstores import bench_store
 from flask import Flask, request
 from flask_restful import Api, Resource
 
-from flask_restful_async import AsyncResource, TaskState, register_async
+from flask_restful_async import AsyncResource, TaskState, register_async, signals
 from flask_restful_async.state import get_state
 from flask_restful_async.stores import TaskStore
 
@@ -93,8 +98,13 @@ def padded(size: int) -> dict[str, t.Any]:
     return {**ORDER, "note": "x" * pad}
 
 
-def make_app(store: TaskStore | str) -> Flask:
+def ignore(sender: Flask, **kwargs: t.Any) -> None:
+    """A receiver that does nothing."""
+
+
+def make_app(store: TaskStore | str, *, with_signals: bool = False, metrics: bool = False) -> Flask:
     app = Flask(__name__)
+    app.config["RESTFUL_ASYNC_METRICS"] = metrics
     app.config["RESTFUL_ASYNC_MAX_PENDING"] = 1_000_000
     app.config["RESTFUL_ASYNC_MAX_PENDING_BYTES"] = 1 << 40
     # What a submit costs the request thread, without waiting for its task: the
@@ -105,6 +115,15 @@ def make_app(store: TaskStore | str) -> Flask:
     api.add_resource(PlainOrders, "/plain/orders")
     api.add_resource(AsyncOrders, "/orders")
     api.add_resource(PlainResult, "/plain/result")
+    if with_signals:
+        for signal in (
+            signals.task_submitted,
+            signals.task_started,
+            signals.task_progress,
+            signals.task_finished,
+            signals.task_rejected,
+        ):
+            signal.connect(ignore, sender=app)
     return app
 
 
@@ -132,10 +151,15 @@ def timed(operation: t.Callable[[], t.Any], requests: int) -> float:
 
 
 def run(
-    url: str, rounds: int, requests: int, block: int = BLOCK, body_size: int | None = None
+    url: str,
+    rounds: int,
+    requests: int,
+    block: int = BLOCK,
+    body_size: int | None = None,
+    **app_options: bool,
 ) -> Figures:
     with bench_store(url) as store:
-        return run_on(store, rounds, requests, block, body_size)
+        return run_on(store, rounds, requests, block, body_size, **app_options)
 
 
 class Figures(t.NamedTuple):
@@ -177,9 +201,10 @@ def run_on(
     requests: int,
     block: int = BLOCK,
     body_size: int | None = None,
+    **app_options: bool,
 ) -> Figures:
     body = SMALL if body_size == 0 else padded(body_size) if body_size else ORDER
-    app = make_app(store)
+    app = make_app(store, **app_options)
     client = app.test_client()
     location = client.post("/orders", json=ORDER).headers["Location"]
     drain(app)
@@ -256,10 +281,22 @@ def main() -> None:
         default="wall",
         help="time blocks by wall time, or by the requesting thread's CPU time",
     )
+    parser.add_argument(
+        "--signals", action="store_true", help="connect a no-op receiver to every signal"
+    )
+    parser.add_argument("--metrics", action="store_true", help="turn the Prometheus metrics on")
     options = parser.parse_args()
     global CLOCK
     CLOCK = time.thread_time if options.clock == "thread" else time.perf_counter
-    figures = run(options.store, options.rounds, options.requests, options.block, options.body_size)
+    figures = run(
+        options.store,
+        options.rounds,
+        options.requests,
+        options.block,
+        options.body_size,
+        with_signals=options.signals,
+        metrics=options.metrics,
+    )
     pairs = options.rounds * max(1, options.requests // options.block)
     print(
         f"store {options.store}: {options.rounds} rounds of {options.requests} requests"
@@ -267,6 +304,8 @@ def main() -> None:
         + (f", {options.body_size}-byte bodies" if options.body_size else "")
         + (', body {"x": 1}' if options.body_size == 0 else "")
         + (", thread CPU time" if options.clock == "thread" else "")
+        + (", no-op receivers on every signal" if options.signals else "")
+        + (", metrics on" if options.metrics else "")
     )
     for name, seconds in figures.seconds.items():
         print(f"  {name:<24} {seconds * 1e6:8.1f} µs/request (median over blocks)")
