@@ -337,3 +337,65 @@ def test_a_sqlite_file_of_an_earlier_version_gets_the_counting_indexes(tmp_path:
         assert "tasks_by_finish" not in names
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite", "redis"])
+def test_stats_count_every_state_as_it_reads(kind: str, tmp_path: Path) -> None:
+    """What the gauge shows, store by store: counted from the active tasks and the
+    ends within the result's retention, whatever reads or purges ran before."""
+    from flask_restful_async.task import Task, TaskState, new_task_id
+
+    from .test_stores import made_store
+
+    with made_store(kind, tmp_path) as store:
+        store.configure(result_ttl=1.0, tombstone_ttl=3600, lease=30, queued_ttl=60)
+        store.renew_lease("w")
+        now = time.time()
+        oldest = store.create(Task(new_task_id(), created_at=now - 10))
+        store.create(Task(new_task_id()))
+        store.start(store.create(Task(new_task_id())).id, "w")
+        ended = {}
+        for state in (TaskState.SUCCEEDED, TaskState.FAILED, TaskState.LOST):
+            ended[state] = store.create(Task(new_task_id()))
+            store.finish(ended[state].id, state)
+        store.request_cancel(store.create(Task(new_task_id())).id)
+        store.create(Task(new_task_id(), created_at=now - 120))  # waited too long: lost
+        stats = store.stats()
+        assert {state.value: count for state, count in stats.counts.items()} == {
+            "queued": 2,
+            "running": 1,
+            "succeeded": 1,
+            "failed": 1,
+            "cancelled": 1,
+            "lost": 2,
+        }
+        assert stats.oldest_queued_at == pytest.approx(oldest.created_at)
+        store.delete(ended[TaskState.SUCCEEDED].id)
+        assert store.stats().counts[TaskState.SUCCEEDED] == 0
+        time.sleep(1.1)  # the ends are past the result's retention: no longer live
+        counts = store.stats().counts
+        # (The task that waited too long reads lost until it is read and recorded so.)
+        assert [counts[state] for state in TaskState][:5] == [2, 1, 0, 0, 0]
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_stats_count_the_tasks_of_a_worker_gone_in_every_batch(kind: str, tmp_path: Path) -> None:
+    """More active tasks than one counting step takes, all of a worker whose lease
+    lapsed: each reads lost, and none is counted twice or skipped."""
+    from flask_restful_async.task import Task, TaskState, new_task_id
+
+    from .test_stores import made_store
+
+    with made_store(kind, tmp_path) as store:
+        store.renew_lease("alive")
+        for i in range(1100):
+            store.create(Task(new_task_id(), worker="gone" if i % 2 else "alive"))
+        if kind == "redis":
+            # The lease that creating a task of "gone" took up, lapsed.
+            store._client.delete(f"{store.prefix}lease:gone")  # type: ignore[attr-defined]
+        counts = store.stats().counts
+        assert counts[TaskState.LOST] == 550
+        assert counts[TaskState.QUEUED] == 550
+        counts = store.stats().counts
+        assert counts[TaskState.LOST] == 550
+        assert counts[TaskState.QUEUED] == 550

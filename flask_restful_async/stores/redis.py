@@ -39,6 +39,13 @@ Key layout, every key under the store's ``prefix`` (``{restful_async}:`` by defa
     redis-py retries (its reply lost) returns the same tasks rather than more.
 ``blob:<key>``
     An opaque blob (:meth:`RedisStore.put_blob`), with its own TTL.
+``active``
+    A sorted set of the queued and running tasks, scored by ``created_at``: what
+    :meth:`RedisStore.stats` reads one by one (a task leaves it when it ends).
+``done:<state>``
+    A sorted set per final state of the tasks that ended so, scored by
+    ``finished_at``: :meth:`RedisStore.stats` counts those that ended within
+    ``result_ttl`` with ``ZCOUNT``, and the purge drops older entries.
 ``expiry``
     A sorted set of when finished results expire (their body and headers are
     then dropped, leaving a tombstone) and when the tombstones' index entries
@@ -125,6 +132,7 @@ local prefix, now, result_ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local ttl_ms, result_due = ARGV[4], ARGV[5]
 local schedule = prefix .. 'expiry'
 local unheld, holders = prefix .. 'unheld', prefix .. 'holders'
+local active = prefix .. 'active'
 local META = {
   'id', 'state', 'worker', 'ix', 'ik', 'finished_at', 'expired', 'owner', 'created_at',
   'rerun', 'cancel'
@@ -161,10 +169,13 @@ local function snapshot_key(id)
 end
 
 -- End an active task: it gets its TTL (and so does its idempotency key), leaves
--- its worker's set and the queue, loses its snapshot and is scheduled for expiry.
+-- its worker's set, the queue and the active tasks, joins the ended ones of its
+-- state, loses its snapshot and is scheduled for expiry.
 local function conclude(key, h, state, news)
   redis.call('HSET', key, 'state', state, 'finished_at', now)
   h['state'], h['finished_at'] = state, now
+  redis.call('ZREM', active, h['id'])
+  redis.call('ZADD', prefix .. 'done:' .. state, now, h['id'])
   redis.call('PEXPIRE', key, ttl_ms)
   redis.call('DEL', snapshot_key(h['id']))
   redis.call('ZREM', unheld, h['id'])
@@ -252,6 +263,7 @@ if KEYS[3] then
 end
 redis.call('HSET', KEYS[1], unpack(ARGV, 13))
 redis.call('ZADD', KEYS[2], ARGV[7], id)
+redis.call('ZADD', active, ARGV[7], id)
 if KEYS[3] then redis.call('SET', KEYS[3], id) end
 if ARGV[11] == '1' then
   redis.call('SET', snapshot_key(id), ARGV[12])
@@ -342,6 +354,7 @@ local h = load(KEYS[1])
 if not h then return 0 end
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', h['ix'], h['id'])
+redis.call('ZREM', is_active(h['state']) and active or prefix .. 'done:' .. h['state'], h['id'])
 if h['ik'] and redis.call('GET', h['ik']) == h['id'] then redis.call('DEL', h['ik']) end
 if h['worker'] then redis.call('SREM', prefix .. 'worker:' .. h['worker'], h['id']) end
 redis.call('DEL', snapshot_key(h['id']))
@@ -539,6 +552,11 @@ _PURGE = (
     + """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES', 'LIMIT', 0, ARGV[6])
 local changed = 0
+-- Past result_ttl, an ended task is no longer counted (stats) and its entry goes.
+for _, state in ipairs({'succeeded', 'failed', 'cancelled', 'lost'}) do
+  redis.call('ZREMRANGEBYSCORE', prefix .. 'done:' .. state, '-inf',
+    '(' .. (tonumber(now) - result_ttl))
+end
 for i = 1, #due, 2 do
   local member = due[i]
   local colon = string.find(member, ':', 2, true)
@@ -592,45 +610,41 @@ return out
 """
 )
 
-# KEYS: owner index. ARGV[6..]: first rank, how many entries, queued_before (see
-# check_alive). Returns {entries looked at, then the live tasks among them by
-# state in the order of _STAT_STATES, then the created_at of the oldest queued
-# one or ''}.
+# KEYS: the active tasks. ARGV[6..]: first rank, how many entries, queued_before
+# (see check_alive). Returns {entries looked at, entries that left the active
+# tasks (ended by check_alive, or gone), then the tasks among them still active
+# by state (queued, running), then the created_at of the oldest queued one ('' if
+# none)}. Those that ended here are counted in their done set, as every ended task.
 _STATS = (
     _PRELUDE
     + """
 local first, count, queued_before = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
 local ids = redis.call('ZRANGE', KEYS[1], first, first + count - 1)
-local slots = {queued = 2, running = 3, succeeded = 4, failed = 5, cancelled = 6, lost = 7}
-local out = {#ids, 0, 0, 0, 0, 0, 0, ''}
+local out = {#ids, 0, 0, 0, ''}
 local oldest = nil
 for _, id in ipairs(ids) do
   local key = prefix .. 'task:' .. id
   local h = load(key)
-  if h then
-    check_alive(key, h, queued_before)
-    local slot = slots[h['state']]
-    if slot and not is_expired(h) then
-      out[slot] = out[slot] + 1
-      if h['state'] == 'queued'
-          and (not oldest or tonumber(h['created_at']) < tonumber(oldest)) then
-        oldest = h['created_at']
-      end
+  if h then check_alive(key, h, queued_before) end
+  if not h or not is_active(h['state']) then
+    -- Ended here (conclude took it out already), or gone, or ended by a version
+    -- of this script that kept no such set.
+    redis.call('ZREM', KEYS[1], id)
+    out[2] = out[2] + 1
+  elseif h['state'] == 'queued' then
+    out[3] = out[3] + 1
+    if not oldest or tonumber(h['created_at']) < tonumber(oldest) then
+      oldest = h['created_at']
     end
+  else
+    out[4] = out[4] + 1
   end
 end
-if oldest then out[8] = oldest end
+if oldest then out[5] = oldest end
 return out
 """
 )
-_STAT_STATES = (
-    TaskState.QUEUED,
-    TaskState.RUNNING,
-    TaskState.SUCCEEDED,
-    TaskState.FAILED,
-    TaskState.CANCELLED,
-    TaskState.LOST,
-)
+_ENDED_STATES = (TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED, TaskState.LOST)
 #: Index entries one stats() script counts, and tasks one purge_finished() step
 #: looks at.
 OPERATE_BATCH = 500
@@ -1087,25 +1101,35 @@ class RedisStore(TaskStore):
         return found[:limit]
 
     def stats(self) -> StoreStats:
-        """Every owner index, ``OPERATE_BATCH`` entries per script: the counting
-        happens in Redis, and only numbers come back."""
+        """The active tasks one by one (``OPERATE_BATCH`` per script, each checked
+        for a lapsed lease as a read would), then one ``ZCOUNT`` per final state:
+        the cost follows the number of queued and running tasks, not of those
+        kept. Tasks recorded by a version of this store before the ``active`` and
+        ``done:<state>`` sets existed are not counted."""
         counts = dict.fromkeys(TaskState, 0)
         oldest: float | None = None
         now = time.time()
         with self._reaching():
-            for index in self._owner_indexes():
-                first = 0
-                while True:
-                    args = [*self._clock(now), first, OPERATE_BATCH, self._queued_before(now)]
-                    reply = self._stats(keys=[index], args=args)
-                    for state, count in zip(_STAT_STATES, reply[1:7], strict=True):
-                        counts[state] += int(count)
-                    if reply[7]:
-                        created = float(reply[7])
-                        oldest = created if oldest is None else min(oldest, created)
-                    if int(reply[0]) < OPERATE_BATCH:
-                        break
-                    first += OPERATE_BATCH
+            first = 0
+            while True:
+                args = [*self._clock(now), first, OPERATE_BATCH, self._queued_before(now)]
+                looked, left, queued, running, created = self._stats(
+                    keys=[f"{self.prefix}active"], args=args
+                )
+                counts[TaskState.QUEUED] += int(queued)
+                counts[TaskState.RUNNING] += int(running)
+                if created:
+                    oldest = float(created) if oldest is None else min(oldest, float(created))
+                if int(looked) < OPERATE_BATCH:
+                    break
+                # Those that ended here left the set: the next ranks moved down.
+                first += int(looked) - int(left)
+            pipe = self._client.pipeline(transaction=False)
+            fresh_after = repr(now - self.result_ttl)
+            for state in _ENDED_STATES:
+                pipe.zcount(f"{self.prefix}done:{state.value}", fresh_after, "+inf")
+            for state, count in zip(_ENDED_STATES, pipe.execute(), strict=True):
+                counts[state] += int(count)
         return StoreStats(counts, oldest)
 
     def purge_finished(self, *, older_than: float = 0.0, state: TaskState | None = None) -> int:
