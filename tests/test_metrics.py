@@ -305,7 +305,7 @@ def test_the_store_collector_serves_from_another_registry() -> None:
     assert "restful_async_oldest_queued_seconds " in text
 
 
-def test_a_sqlite_file_of_an_earlier_version_gets_the_counting_indexes(tmp_path: Path) -> None:
+def test_a_sqlite_file_of_an_earlier_version_gets_what_counting_needs(tmp_path: Path) -> None:
     import sqlite3
 
     from flask_restful_async.stores.sqlite import SQLiteStore
@@ -319,8 +319,15 @@ def test_a_sqlite_file_of_an_earlier_version_gets_the_counting_indexes(tmp_path:
     store.close()
     # As the previous version left it: the same layout number, its one index of ends.
     with sqlite3.connect(path) as conn:
-        conn.execute("DROP INDEX tasks_ended")
-        conn.execute("DROP INDEX tasks_active")
+        for statement in (
+            "DROP INDEX tasks_ended",
+            "DROP INDEX tasks_active",
+            "DROP TRIGGER ended_insert",
+            "DROP TRIGGER ended_update",
+            "DROP TRIGGER ended_delete",
+            "DROP TABLE ended",
+        ):
+            conn.execute(statement)
         conn.execute(
             "CREATE INDEX tasks_by_finish ON tasks (finished_at) WHERE finished_at IS NOT NULL"
         )
@@ -333,7 +340,7 @@ def test_a_sqlite_file_of_an_earlier_version_gets_the_counting_indexes(tmp_path:
         with sqlite3.connect(path) as conn:
             names = {row[0] for row in conn.execute("SELECT name FROM sqlite_schema")}
         conn.close()
-        assert {"tasks_ended", "tasks_active"} <= names
+        assert {"tasks_ended", "tasks_active", "ended", "ended_update"} <= names
         assert "tasks_by_finish" not in names
     finally:
         store.close()

@@ -113,18 +113,49 @@ CREATE TABLE IF NOT EXISTS leases (
     expires_at REAL NOT NULL
 ) WITHOUT ROWID;
 """
-# Indexes added to files of this layout as they are opened (see _ensure_schema),
-# which processes of an earlier version, sharing the file during a deploy, never
-# name: ended tasks by finish time, for purges, and with their state, so that
-# stats() counts them from the index alone (no row read); the few active tasks,
-# for stats() to find without a scan. What they replace goes.
-_INDEXES = {
-    "tasks_ended": "CREATE INDEX IF NOT EXISTS tasks_ended ON tasks (finished_at, state)"
+#: Seconds of finish times that one row of the ``ended`` table counts (see _EXTRAS).
+ENDED_BUCKET = 60
+
+# What files of this layout get as they are opened (see _ensure_schema), by name:
+# processes of an earlier version, sharing the file during a deploy, never name
+# them (and their writes keep the counts too: the triggers are in the file).
+# - tasks_ended: ended tasks by finish time, for purges, with their state.
+# - tasks_active: the few active tasks, for stats() to find without a scan.
+# - ended: how many tasks ended in each state per ENDED_BUCKET seconds of finish
+#   times, kept by the triggers as rows are finished and deleted: stats() adds up
+#   the buckets within result_ttl and counts only the oldest one in tasks_ended,
+#   so a scrape reads a few thousand small rows at most, however many are kept.
+_EXTRAS = {
+    "tasks_ended": "CREATE INDEX tasks_ended ON tasks (finished_at, state)"
     " WHERE finished_at IS NOT NULL",
-    "tasks_active": "CREATE INDEX IF NOT EXISTS tasks_active ON tasks (state)"
+    "tasks_active": "CREATE INDEX tasks_active ON tasks (state)"
     " WHERE state IN ('queued', 'running')",
+    "ended": "CREATE TABLE ended (state TEXT NOT NULL, bucket INTEGER NOT NULL,"
+    " n INTEGER NOT NULL, PRIMARY KEY (bucket, state)) WITHOUT ROWID",
+    "ended_insert": "CREATE TRIGGER ended_insert AFTER INSERT ON tasks"
+    " WHEN NEW.finished_at IS NOT NULL BEGIN"
+    f" INSERT INTO ended (state, bucket, n) VALUES (NEW.state,"
+    f" CAST(NEW.finished_at / {ENDED_BUCKET} AS INTEGER), 1)"
+    " ON CONFLICT (bucket, state) DO UPDATE SET n = n + 1; END",
+    "ended_update": "CREATE TRIGGER ended_update AFTER UPDATE OF finished_at ON tasks"
+    " WHEN OLD.finished_at IS NOT NULL OR NEW.finished_at IS NOT NULL BEGIN"
+    " UPDATE ended SET n = n - 1 WHERE OLD.finished_at IS NOT NULL AND state = OLD.state"
+    f" AND bucket = CAST(OLD.finished_at / {ENDED_BUCKET} AS INTEGER);"
+    " INSERT INTO ended (state, bucket, n) SELECT NEW.state,"
+    f" CAST(NEW.finished_at / {ENDED_BUCKET} AS INTEGER), 1 WHERE NEW.finished_at IS NOT NULL"
+    " ON CONFLICT (bucket, state) DO UPDATE SET n = n + 1; END",
+    "ended_delete": "CREATE TRIGGER ended_delete AFTER DELETE ON tasks"
+    " WHEN OLD.finished_at IS NOT NULL BEGIN"
+    " UPDATE ended SET n = n - 1 WHERE state = OLD.state"
+    f" AND bucket = CAST(OLD.finished_at / {ENDED_BUCKET} AS INTEGER); END",
 }
-_REPLACED_INDEXES = ("tasks_by_finish",)
+# The counts of a file that had tasks before the ``ended`` table.
+_ENDED_FILL = (
+    "INSERT INTO ended (state, bucket, n)"
+    f" SELECT state, CAST(finished_at / {ENDED_BUCKET} AS INTEGER), count(*)"
+    " FROM tasks WHERE finished_at IS NOT NULL GROUP BY 1, 2"
+)
+_REPLACED = ("DROP INDEX IF EXISTS tasks_by_finish",)
 
 _COLUMNS = (
     "id, state, created_at, started_at, finished_at, progress, owner, idempotency_key,"
@@ -200,16 +231,17 @@ _CLAIMABLE = (
     " AND state = 'queued' AND cancel_requested = 0 AND created_at >= ?"
     " ORDER BY created_at, id LIMIT ?"
 )
-# Live tasks counted by the state they read as (bind: fresh_after, stale, now), in
-# one statement (one snapshot), from the two indexes of _INDEXES. Active tasks (a
-# few rows, found through tasks_active): a queued task that waited too long is
-# lost; one whose worker holds no lease is lost, unless it waits to be claimed
-# (queued, with a snapshot) or goes back to the queue (running with rerun;
+# Live tasks counted by the state they read as (bind: fresh_after, stale, now,
+# the bucket of fresh_after), in one statement (one snapshot), through _EXTRAS.
+# Active tasks (a few rows, found through tasks_active): a queued task that waited
+# too long is lost; one whose worker holds no lease is lost, unless it waits to be
+# claimed (queued, with a snapshot) or goes back to the queue (running with rerun;
 # cancelled if that was asked); with the earliest creation time of each state, for
-# the oldest queued task. Ended tasks: counted in tasks_ended alone. A tombstone
-# (expired = 1) ended before fresh_after, so the range leaves it out without
-# reading its row.
-_STATS = """
+# the oldest queued task. Ended tasks: the buckets after fresh_after's, and in
+# fresh_after's own bucket those that ended since then, counted in tasks_ended
+# alone (the bucket by the triggers' own expression, so that no row counts twice).
+# A tombstone (expired = 1) ended before fresh_after: neither part counts it.
+_STATS = f"""
 SELECT CASE
     WHEN t.state = 'queued' AND t.created_at < ?2 THEN 'lost'
     WHEN t.worker IS NOT NULL AND coalesce(
@@ -225,7 +257,12 @@ END AS seen, count(*), min(t.created_at)
 FROM tasks AS t WHERE t.state IN ('queued', 'running')
 GROUP BY seen
 UNION ALL
-SELECT state, count(*), NULL FROM tasks WHERE finished_at >= ?1 GROUP BY state
+SELECT state, sum(n), NULL FROM ended WHERE bucket > ?4 GROUP BY state
+UNION ALL
+SELECT state, count(*), NULL FROM tasks
+WHERE finished_at >= ?1 AND finished_at < (?4 + 2) * {ENDED_BUCKET}
+    AND CAST(finished_at / {ENDED_BUCKET} AS INTEGER) = ?4
+GROUP BY state
 """
 # What becomes of the active tasks of a worker that is gone, in this order (bind:
 # worker; then now, worker): those another process can run (queued with their
@@ -794,6 +831,8 @@ class SQLiteStore(TaskStore):
                 " LIMIT ?)",
                 (now, PURGE_BATCH),
             )
+            # Buckets whose tasks are all gone.
+            conn.execute("DELETE FROM ended WHERE n <= 0")
             # A lapsed lease and a missing one mean the same: the worker is gone.
             self._free_lapsed(conn, now - self.lease)
         return changed
@@ -936,7 +975,9 @@ class SQLiteStore(TaskStore):
         of the tasks that ended within ``result_ttl``, never a response."""
         now = time.time()
         with self._reading() as conn:
-            rows = conn.execute(_STATS, (now - self.result_ttl, now - self.queued_ttl, now))
+            fresh_after = now - self.result_ttl
+            bucket = int(fresh_after // ENDED_BUCKET)
+            rows = conn.execute(_STATS, (fresh_after, now - self.queued_ttl, now, bucket))
             counts = dict.fromkeys(TaskState, 0)
             oldest = None
             for name, count, first_created in rows.fetchall():
@@ -1013,7 +1054,7 @@ def _ensure_schema(conn: sqlite3.Connection, store: SQLiteStore) -> None:
     """Create the tables in a new file, add the indexes an earlier version of this
     layout lacks; refuse a file of another layout."""
     version = conn.execute("PRAGMA user_version").fetchone()[0]
-    if version == SCHEMA_VERSION and _has_indexes(conn):
+    if version == SCHEMA_VERSION and not _missing_extras(conn):
         return
     conn.execute("BEGIN IMMEDIATE")
     try:
@@ -1039,11 +1080,15 @@ def _ensure_schema(conn: sqlite3.Connection, store: SQLiteStore) -> None:
                 if sqlite3.complete_statement(statement):
                     conn.execute(statement)
                     statement = ""
-        # A new file, or one an earlier version made: the indexes of today.
-        for statement in _INDEXES.values():
+        # A new file, or one an earlier version made: what this version adds.
+        missing = _missing_extras(conn)
+        for name, statement in _EXTRAS.items():
+            if name in missing:
+                conn.execute(statement)
+        if "ended" in missing:
+            conn.execute(_ENDED_FILL)
+        for statement in _REPLACED:
             conn.execute(statement)
-        for name in _REPLACED_INDEXES:
-            conn.execute(f"DROP INDEX IF EXISTS {name}")
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
     except BaseException:
         conn.execute("ROLLBACK")
@@ -1051,14 +1096,11 @@ def _ensure_schema(conn: sqlite3.Connection, store: SQLiteStore) -> None:
     conn.execute("COMMIT")
 
 
-def _has_indexes(conn: sqlite3.Connection) -> bool:
-    """Whether the file has every index of _INDEXES."""
-    marks = ", ".join("?" * len(_INDEXES))
-    found = conn.execute(
-        f"SELECT count(*) FROM sqlite_schema WHERE type = 'index' AND name IN ({marks})",
-        tuple(_INDEXES),
-    ).fetchone()[0]
-    return bool(found == len(_INDEXES))
+def _missing_extras(conn: sqlite3.Connection) -> set[str]:
+    """The names of _EXTRAS that the file lacks."""
+    marks = ", ".join("?" * len(_EXTRAS))
+    rows = conn.execute(f"SELECT name FROM sqlite_schema WHERE name IN ({marks})", tuple(_EXTRAS))
+    return set(_EXTRAS) - {row[0] for row in rows.fetchall()}
 
 
 class _Access:
