@@ -406,3 +406,52 @@ def test_stats_count_the_tasks_of_a_worker_gone_in_every_batch(kind: str, tmp_pa
         counts = store.stats().counts
         assert counts[TaskState.LOST] == 550
         assert counts[TaskState.QUEUED] == 550
+
+
+def test_a_waiting_task_that_a_stopping_process_gives_up_ends_lost(make_app: AppFactory) -> None:
+    """A store of this process only: nobody else can run what waits at a stop."""
+    from flask_restful_async.state import get_state
+
+    app, api = make_app(store="memory://", config={"RESTFUL_ASYNC_MAX_WORKERS": 1})
+    api.add_resource(Held, "/metrics-held", endpoint="metrics_given_up")
+    client = app.test_client()
+    assert client.post("/metrics-held").status_code == 202
+    assert STARTED.wait(10)
+    before = value("restful_async_tasks_finished_total", endpoint="metrics_given_up", state="lost")
+    assert client.post("/metrics-held").status_code == 202  # waits for the one worker
+    get_state(app).executor.shutdown(timeout=0.1)
+    after = value("restful_async_tasks_finished_total", endpoint="metrics_given_up", state="lost")
+    assert after == before + 1
+
+
+def test_a_start_the_store_never_takes_ends_lost(make_app: AppFactory, tmp_path: Path) -> None:
+    """The store stops answering between a submit and its start: after
+    4 x RESTFUL_ASYNC_LEASE seconds of trying, the worker gives the task up."""
+    import contextlib
+    import sqlite3
+
+    from flask_restful_async.stores.sqlite import SQLiteStore
+
+    store = SQLiteStore(str(tmp_path / "locked.db"), timeout=0.1)
+    app, api = make_app(
+        store=store, config={"RESTFUL_ASYNC_MAX_WORKERS": 1, "RESTFUL_ASYNC_LEASE": 0.25}
+    )
+    api.add_resource(Held, "/metrics-held", endpoint="metrics_never_started")
+    client = app.test_client()
+    assert client.post("/metrics-held").status_code == 202
+    assert STARTED.wait(10)
+
+    def lost() -> float:
+        return value(
+            "restful_async_tasks_finished_total", endpoint="metrics_never_started", state="lost"
+        )
+
+    before = lost()
+    assert client.post("/metrics-held").status_code == 202  # waits for the one worker
+    with contextlib.closing(sqlite3.connect(store.path, isolation_level=None)) as other:
+        other.execute("BEGIN EXCLUSIVE")
+        try:
+            RELEASE.set()  # the first ends (its outcome waits), the second cannot start
+            wait_for(lambda: lost() == before + 1, timeout=15)
+        finally:
+            other.execute("ROLLBACK")
