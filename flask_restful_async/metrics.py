@@ -177,8 +177,8 @@ class TaskStoreCollector:
     """The tasks by state, and the wait of the oldest queued one, as the stores of
     the connected apps count them when scraped.
 
-    Each store (by URL) is read once per scrape, however many apps use it; the
-    counts of different stores are added up. A store that does not answer (or
+    Each store (by URL, and key prefix for Redis) is read once per scrape, however
+    many apps use it; the counts of different stores are added up. A store that does not answer (or
     cannot count) leaves its tasks out of that scrape rather than failing it.
     """
 
@@ -231,12 +231,18 @@ class TaskStoreCollector:
     def _read_stores(self) -> Iterator[StoreStats]:
         with self._lock:
             apps = list(self._apps)
-        seen: set[str] = set()
+        seen: set[t.Hashable] = set()
         for app in apps:
             state: AsyncState | None = app.extensions.get(EXTENSION_KEY)
-            if state is None or state.closed or state.store.url in seen:
+            if state is None or state.closed:
                 continue
-            seen.add(state.store.url)
+            # Stores that share their tasks are the same tasks by URL (and a Redis
+            # store's key prefix); a memory:// store only by itself.
+            store = state.store
+            key = (store.url, getattr(store, "prefix", None)) if store.shared else id(store)
+            if key in seen:
+                continue
+            seen.add(key)
             try:
                 yield state.store.stats()
             except (RestfulAsyncError, NotImplementedError) as e:

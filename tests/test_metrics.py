@@ -191,6 +191,8 @@ store.close()
 
 def test_the_gauge_counts_what_another_process_wrote(make_app: AppFactory, tmp_path: Path) -> None:
     path = tmp_path / "shared.db"
+    # Two apps of this process on the file: its tasks are counted once.
+    make_app(store=f"sqlite:///{path}")
     make_app(store=f"sqlite:///{path}")
 
     def gauge(state: str) -> float:
