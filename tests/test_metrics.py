@@ -323,8 +323,7 @@ def test_a_sqlite_file_of_an_earlier_version_gets_what_counting_needs(tmp_path: 
     with sqlite3.connect(path) as conn:
         for statement in (
             "DROP INDEX tasks_ended",
-            "DROP INDEX tasks_active",
-            "DROP TRIGGER ended_insert",
+            "DROP INDEX tasks_open",
             "DROP TRIGGER ended_update",
             "DROP TRIGGER ended_delete",
             "DROP TABLE ended",
@@ -342,7 +341,7 @@ def test_a_sqlite_file_of_an_earlier_version_gets_what_counting_needs(tmp_path: 
         with sqlite3.connect(path) as conn:
             names = {row[0] for row in conn.execute("SELECT name FROM sqlite_schema")}
         conn.close()
-        assert {"tasks_ended", "tasks_active", "ended", "ended_update"} <= names
+        assert {"tasks_ended", "tasks_open", "ended", "ended_update"} <= names
         assert "tasks_by_finish" not in names
     finally:
         store.close()

@@ -120,23 +120,20 @@ ENDED_BUCKET = 60
 # processes of an earlier version, sharing the file during a deploy, never name
 # them (and their writes keep the counts too: the triggers are in the file).
 # - tasks_ended: ended tasks by finish time, for purges, with their state.
-# - tasks_active: the few active tasks, for stats() to find without a scan.
+# - tasks_open: the few active (unfinished) tasks, for stats() to find without a
+#   scan. By creation time, which a start does not change: only a submit and an
+#   end touch it.
 # - ended: how many tasks ended in each state per ENDED_BUCKET seconds of finish
 #   times, kept by the triggers as rows are finished and deleted: stats() adds up
 #   the buckets within result_ttl and counts only the oldest one in tasks_ended,
 #   so a scrape reads a few thousand small rows at most, however many are kept.
+#   Tasks are inserted unfinished: only updates and deletes change the counts.
 _EXTRAS = {
     "tasks_ended": "CREATE INDEX tasks_ended ON tasks (finished_at, state)"
     " WHERE finished_at IS NOT NULL",
-    "tasks_active": "CREATE INDEX tasks_active ON tasks (state)"
-    " WHERE state IN ('queued', 'running')",
+    "tasks_open": "CREATE INDEX tasks_open ON tasks (created_at) WHERE finished_at IS NULL",
     "ended": "CREATE TABLE ended (state TEXT NOT NULL, bucket INTEGER NOT NULL,"
     " n INTEGER NOT NULL, PRIMARY KEY (bucket, state)) WITHOUT ROWID",
-    "ended_insert": "CREATE TRIGGER ended_insert AFTER INSERT ON tasks"
-    " WHEN NEW.finished_at IS NOT NULL BEGIN"
-    f" INSERT INTO ended (state, bucket, n) VALUES (NEW.state,"
-    f" CAST(NEW.finished_at / {ENDED_BUCKET} AS INTEGER), 1)"
-    " ON CONFLICT (bucket, state) DO UPDATE SET n = n + 1; END",
     "ended_update": "CREATE TRIGGER ended_update AFTER UPDATE OF finished_at ON tasks"
     " WHEN OLD.finished_at IS NOT NULL OR NEW.finished_at IS NOT NULL BEGIN"
     " UPDATE ended SET n = n - 1 WHERE OLD.finished_at IS NOT NULL AND state = OLD.state"
@@ -233,7 +230,7 @@ _CLAIMABLE = (
 )
 # Live tasks counted by the state they read as (bind: fresh_after, stale, now,
 # the bucket of fresh_after), in one statement (one snapshot), through _EXTRAS.
-# Active tasks (a few rows, found through tasks_active): a queued task that waited
+# Active tasks (a few rows, found through tasks_open): a queued task that waited
 # too long is lost; one whose worker holds no lease is lost, unless it waits to be
 # claimed (queued, with a snapshot) or goes back to the queue (running with rerun;
 # cancelled if that was asked); with the earliest creation time of each state, for
@@ -254,7 +251,7 @@ SELECT CASE
         END
     ELSE t.state
 END AS seen, count(*), min(t.created_at)
-FROM tasks AS t WHERE t.state IN ('queued', 'running')
+FROM tasks AS t WHERE t.finished_at IS NULL
 GROUP BY seen
 UNION ALL
 SELECT state, sum(n), NULL FROM ended WHERE bucket > ?4 GROUP BY state
