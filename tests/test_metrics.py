@@ -456,3 +456,27 @@ def test_a_start_the_store_never_takes_ends_lost(make_app: AppFactory, tmp_path:
             wait_for(lambda: lost() == before + 1, timeout=15)
         finally:
             other.execute("ROLLBACK")
+
+
+def test_a_task_taken_over_whose_request_cannot_be_read_ends_lost(
+    make_app: AppFactory, tmp_path: Path
+) -> None:
+    from flask_restful_async.state import get_state
+    from flask_restful_async.task import Task, TaskState, new_task_id
+
+    app, _ = make_app(store=f"sqlite:///{tmp_path / 'takeover.db'}")
+    state = get_state(app)
+    assert state.takeover is not None
+    # Waiting for any process to take it (held by none), with a request that no
+    # version of this library wrote.
+    task = Task(new_task_id(), endpoint="metrics_unreadable", method="POST", path="/x")
+    state.store.create(task, b"not a request snapshot")
+    before = value(
+        "restful_async_tasks_finished_total", endpoint="metrics_unreadable", state="lost"
+    )
+    state.takeover.claim()
+    after = value("restful_async_tasks_finished_total", endpoint="metrics_unreadable", state="lost")
+    assert after == before + 1
+    found = state.store.get(task.id)
+    assert found is not None
+    assert found.state is TaskState.LOST
