@@ -296,6 +296,24 @@ def test_gunicorn_workers_add_up_and_the_gauge_is_read_once(tmp_path: Path) -> N
             assert series["restful_async_oldest_queued_seconds"][()] == 0
 
 
+def test_one_process_serves_the_default_registry(tmp_path: Path) -> None:
+    from flask_restful_async.state import get_state
+
+    from .apps.metrics_app import create_app
+
+    app = create_app(str(tmp_path))
+    try:
+        client = app.test_client()
+        response = client.post("/echo")
+        assert wait_done(client, response.headers["Location"]).status_code == 200
+        text = client.get("/metrics").get_data(as_text=True)
+        assert 'restful_async_tasks_submitted_total{endpoint="echo",method="POST"}' in text
+        # (Added up with the stores of any other app this process has connected.)
+        assert 'restful_async_tasks{state="succeeded"} ' in text
+    finally:
+        get_state(app).close()
+
+
 def test_the_store_collector_serves_from_another_registry() -> None:
     # As multi-process mode needs: the default registry keeps it too.
     from prometheus_client import CollectorRegistry, generate_latest

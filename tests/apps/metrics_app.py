@@ -6,7 +6,8 @@ README shows: prometheus-client's own WSGI app, mounted with werkzeug's
 that ran it. The instance folder (where the default SQLite store lives) comes
 from ``METRICS_APP_INSTANCE``. With ``PROMETHEUS_MULTIPROC_DIR`` set (several
 gunicorn workers), ``/metrics`` merges every worker's counters and histograms from
-that folder and adds the store's gauges, read once by the worker that answers.
+that folder and adds the store's gauges, read once by the worker that answers;
+without it (one process), ``/metrics`` serves the default registry.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ class Echo(AsyncResource):
         return {"pid": os.getpid()}
 
 
-def create_app() -> Flask:
-    app = Flask(__name__, instance_path=os.environ["METRICS_APP_INSTANCE"])
+def create_app(instance: str) -> Flask:
+    app = Flask(__name__, instance_path=instance)
     api = Api(app)
     register_async(api)
     api.add_resource(Echo, "/echo")
@@ -45,4 +46,15 @@ def create_app() -> Flask:
     return app
 
 
-app = create_app()
+_app: Flask | None = None
+
+
+def __getattr__(name: str) -> t.Any:
+    # PEP 562: ``app`` is made on first access (``gunicorn tests.apps.metrics_app:app``),
+    # so that a test may import create_app without building an app.
+    global _app
+    if name != "app":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if _app is None:
+        _app = create_app(os.environ["METRICS_APP_INSTANCE"])
+    return _app
