@@ -70,8 +70,20 @@ def reset() -> Iterator[None]:
 
 
 def value(name: str, **labels: str) -> float:
-    """A sample of the default registry (0 while the series does not exist)."""
-    return REGISTRY.get_sample_value(name, labels) or 0.0
+    """A sample of the default registry (0 while the series does not exist).
+
+    Only the collector of ``name`` is asked: a counter's value never makes the
+    store collector read the stores of every app this test process connected.
+    """
+    return sample(name, labels) or 0.0
+
+
+def sample(name: str, labels: dict[str, str]) -> float | None:
+    for family in REGISTRY.restricted_registry([name]).collect():
+        for found in family.samples:
+            if found.name == name and found.labels == labels:
+                return found.value
+    return None
 
 
 def our_samples() -> list[t.Any]:
