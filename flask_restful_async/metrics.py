@@ -199,7 +199,9 @@ class TaskStoreCollector:
         tasks, oldest = self._families()
         counts = dict.fromkeys(TaskState, 0)
         oldest_at: float | None = None
+        read = False
         for stats in self._read_stores():
+            read = True
             for state, count in stats.counts.items():
                 counts[state] += count
             if stats.oldest_queued_at is not None:
@@ -208,9 +210,11 @@ class TaskStoreCollector:
                     if oldest_at is None
                     else min(oldest_at, stats.oldest_queued_at)
                 )
-        for state, count in counts.items():
-            tasks.add_metric([state.value], count)
-        oldest.add_metric([], 0.0 if oldest_at is None else max(0.0, time.time() - oldest_at))
+        if read:
+            for state, count in counts.items():
+                tasks.add_metric([state.value], count)
+            age = 0.0 if oldest_at is None else max(0.0, time.time() - oldest_at)
+            oldest.add_metric([], age)
         yield tasks
         yield oldest
 

@@ -326,10 +326,11 @@ def test_one_process_serves_the_default_registry(tmp_path: Path) -> None:
         get_state(app).close()
 
 
-def test_the_store_collector_serves_from_another_registry() -> None:
+def test_the_store_collector_serves_from_another_registry(make_app: AppFactory) -> None:
     # As multi-process mode needs: the default registry keeps it too.
     from prometheus_client import CollectorRegistry, generate_latest
 
+    make_app(store="memory://")
     registry = CollectorRegistry()
     registry.register(store_collector)
     text = generate_latest(registry).decode()
@@ -510,3 +511,22 @@ def test_a_task_taken_over_whose_request_cannot_be_read_ends_lost(
     found = state.store.get(task.id)
     assert found is not None
     assert found.state is TaskState.LOST
+
+
+def test_with_no_store_read_the_gauges_have_no_sample(make_app: AppFactory) -> None:
+    """Zeros would read as an empty queue; no sample lets absent() tell."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from flask_restful_async.metrics import TaskStoreCollector
+
+    from .services import free_port
+
+    app, _ = make_app(store=f"redis://127.0.0.1:{free_port()}/12")
+    collector = TaskStoreCollector()
+    collector.add(app)
+    registry = CollectorRegistry()
+    registry.register(collector)
+    text = generate_latest(registry).decode()
+    assert "# TYPE restful_async_tasks gauge" in text
+    assert "restful_async_tasks{" not in text
+    assert "\nrestful_async_oldest_queued_seconds " not in text
