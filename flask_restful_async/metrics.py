@@ -178,8 +178,11 @@ class TaskStoreCollector:
     the connected apps count them when scraped.
 
     Each store (by URL, and key prefix for Redis) is read once per scrape, however
-    many apps use it; the counts of different stores are added up. A store that does not answer (or
-    cannot count) leaves its tasks out of that scrape rather than failing it.
+    many apps use it; the counts of different stores are added up. A store that
+    does not answer (or cannot count) leaves its tasks out of that scrape rather
+    than failing it; with no store read at all, the gauges have no sample (an
+    ``absent()`` alert sees that) rather than zeros that would read as an empty
+    queue.
     """
 
     def __init__(self) -> None:
