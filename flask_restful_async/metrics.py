@@ -64,7 +64,7 @@ from .task import Task, TaskState
 if t.TYPE_CHECKING:
     from flask import Flask
 
-__all__ = ["RUN_BUCKETS", "connect", "store_collector"]
+__all__ = ["RUN_BUCKETS", "TaskStoreCollector", "connect", "store_collector"]
 
 #: Histogram buckets (seconds) of queue and run times: background tasks take from
 #: milliseconds to an hour, not an HTTP request's fraction of a second.
