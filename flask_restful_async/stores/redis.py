@@ -615,7 +615,7 @@ return out
 # tasks (ended by check_alive, or gone), then the tasks among them still active
 # by state (queued, running), then the created_at of the oldest queued one ('' if
 # none)}. Those that ended here are counted in their done set, as every ended task.
-_STATS = (
+_COUNT_ACTIVE = (
     _PRELUDE
     + """
 local first, count, queued_before = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
@@ -737,7 +737,7 @@ class RedisStore(TaskStore):
         self._hand_back = register(_HAND_BACK)
         self._purge = register(_PURGE)
         self._read_live = register(_READ_LIVE)
-        self._stats = register(_STATS)
+        self._count_active = register(_COUNT_ACTIVE)
 
     # Key names. Owners and workers are arbitrary strings: the markers ("-" for
     # no owner, "=" and a length otherwise) keep every (owner, key) pair apart.
@@ -1113,7 +1113,7 @@ class RedisStore(TaskStore):
             first = 0
             while True:
                 args = [*self._clock(now), first, OPERATE_BATCH, self._queued_before(now)]
-                looked, left, queued, running, created = self._stats(
+                looked, left, queued, running, created = self._count_active(
                     keys=[f"{self.prefix}active"], args=args
                 )
                 counts[TaskState.QUEUED] += int(queued)

@@ -238,7 +238,7 @@ _CLAIMABLE = (
 # fresh_after's own bucket those that ended since then, counted in tasks_ended
 # alone (the bucket by the triggers' own expression, so that no row counts twice).
 # A tombstone (expired = 1) ended before fresh_after: neither part counts it.
-_STATS = f"""
+_COUNT_BY_STATE = f"""
 SELECT CASE
     WHEN t.state = 'queued' AND t.created_at < ?2 THEN 'lost'
     WHEN t.worker IS NOT NULL AND coalesce(
@@ -974,7 +974,7 @@ class SQLiteStore(TaskStore):
         with self._reading() as conn:
             fresh_after = now - self.result_ttl
             bucket = int(fresh_after // ENDED_BUCKET)
-            rows = conn.execute(_STATS, (fresh_after, now - self.queued_ttl, now, bucket))
+            rows = conn.execute(_COUNT_BY_STATE, (fresh_after, now - self.queued_ttl, now, bucket))
             counts = dict.fromkeys(TaskState, 0)
             oldest = None
             for name, count, first_created in rows.fetchall():
