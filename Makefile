@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-celery test lint typecheck pytest bench bench-e2e bench-celery bench-client clean
+.PHONY: demo demo-celery test lint typecheck pytest bench bench-e2e bench-celery bench-client bench-scrape clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ bench: $(STAMP)
 	$(BIN)/python tests/benchmarks/bench_overhead.py --store memory://
 	$(BIN)/python tests/benchmarks/bench_overhead.py --store sqlite:///$$(mktemp -d)/bench.db
 	$(BIN)/python tests/benchmarks/bench_overhead.py --store redis://127.0.0.1:6379/12
+	# What signal receivers and the Prometheus metrics add to a submit (SQLite, {"x": 1}).
+	for extra in "" --signals --metrics; do \
+		$(BIN)/python tests/benchmarks/bench_overhead.py --store sqlite:///$$(mktemp -d)/bench.db \
+			--body-size 0 --clock thread $$extra || exit 1; \
+	done
 	$(BIN)/python tests/benchmarks/bench_retention.py --stores memory sqlite redis://127.0.0.1:6379/12
 	$(BIN)/python tests/benchmarks/bench_progress.py --stores sqlite redis://127.0.0.1:6379/12
 
@@ -45,6 +50,11 @@ bench: $(STAMP)
 bench-e2e: $(STAMP)
 	$(BIN)/python tests/benchmarks/bench_e2e.py --store sqlite
 	$(BIN)/python tests/benchmarks/bench_e2e.py --store redis://127.0.0.1:6379/12
+
+# What a Prometheus scrape costs the store with 100,000 tasks kept (SQLite, Redis db 12).
+bench-scrape: $(STAMP)
+	$(BIN)/python tests/benchmarks/bench_scrape.py --store sqlite:///$$(mktemp -d)/scrape.db
+	$(BIN)/python tests/benchmarks/bench_scrape.py --store redis://127.0.0.1:6379/12
 
 # Our CeleryExecutor against raw Celery, through one worker (Redis db 12).
 bench-celery: $(STAMP)

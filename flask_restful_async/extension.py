@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import typing as t
 import weakref
@@ -104,6 +105,10 @@ DEFAULTS: dict[str, t.Any] = {
     # Seconds an event stream may stay silent before a comment line keeps
     # proxies from closing it.
     "RESTFUL_ASYNC_STREAM_KEEPALIVE": 15,
+    # Prometheus metrics (flask_restful_async.metrics): None, on if prometheus-client
+    # is installed; True, required (an ImportError naming the extra if it is not);
+    # False, off.
+    "RESTFUL_ASYNC_METRICS": None,
 }
 
 
@@ -172,6 +177,7 @@ def register_async(
         app.extensions[EXTENSION_KEY] = _make_state(
             app, api, store, executor, owner, decorators, admin
         )
+        _connect_metrics(app)
         # An app's own command of that name wins; it can add ours under another:
         # app.cli.add_command(tasks_cli, "async-tasks").
         if tasks_cli.name not in app.cli.commands:
@@ -222,6 +228,24 @@ UNOWNED_WARNING = (
     " anyone). Pass register_async(api, owner=...) returning the caller's"
     " identity."
 )
+
+
+def _connect_metrics(app: Flask) -> None:
+    """Connect the Prometheus metrics to ``app``'s signals, as ``RESTFUL_ASYNC_METRICS``
+    says: on when prometheus-client is importable, unless False."""
+    wanted = app.config["RESTFUL_ASYNC_METRICS"]
+    if wanted not in (None, True, False):
+        raise ValueError(
+            "RESTFUL_ASYNC_METRICS must be None (on if prometheus-client is installed),"
+            f" True (required) or False (off), not {wanted!r}"
+        )
+    if wanted is False:
+        return
+    if wanted is None and importlib.util.find_spec("prometheus_client") is None:
+        return
+    from . import metrics  # an ImportError naming the extra, if it is missing
+
+    metrics.connect(app)
 
 
 def _routes(url: str) -> list[tuple[type[Resource], str, str]]:

@@ -56,13 +56,20 @@ def give_up_after(store: TaskStore) -> float:
     return GIVE_UP_LEASES * store.lease
 
 
-def start(store: TaskStore, task_id: str, worker: str, logger: logging.Logger) -> Task | None:
+def start(
+    store: TaskStore,
+    task_id: str,
+    worker: str,
+    logger: logging.Logger,
+    on_give_up: t.Callable[[], None] | None = None,
+) -> Task | None:
     """Move a queued task to running under ``worker``; None if it is not to run.
 
     Tries again, with backoff, while the store does not answer. A start whose
     reply was lost after it took effect shows on the next try as the task
     running under ``worker`` already: that is this start, and the task runs.
-    Past :func:`give_up_after`, the task is handed to the outbox as ``lost``.
+    Past :func:`give_up_after`, the task is handed to the outbox as ``lost``,
+    and ``on_give_up`` is called.
     """
     deadline = time.monotonic() + give_up_after(store)
     pause = RETRY_FIRST
@@ -92,6 +99,8 @@ def start(store: TaskStore, task_id: str, worker: str, logger: logging.Logger) -
                     extra={"task_id": task_id},
                 )
                 outbox_for(store).put(task_id, TaskState.LOST, None, worker, logger)
+                if on_give_up is not None:
+                    on_give_up()
                 return None
         time.sleep(pause * random.uniform(0.5, 1.0))
         pause = min(RETRY_MAX, pause * 2)

@@ -52,7 +52,13 @@ def _run_task(
     # Start and outcome go through the outbox module: a store outage neither
     # leaves the task queued or running for ever nor ends the handler.
     store = get_state(app).store
-    started = outbox.start(store, task_id, worker_id(), app.logger)
+    started = outbox.start(
+        store,
+        task_id,
+        worker_id(),
+        app.logger,
+        on_give_up=lambda: signals.send_given_up(app, task_id, snapshot),
+    )
     if started is None:
         return False  # cancelled (or forgotten) before it could start
     waiting.changed(store, task_id)  # streams in this process

@@ -18,9 +18,16 @@ the ``current_app`` proxy), in the process where the event happens:
     The task ended in the worker, its outcome handed to the store: ``succeeded``,
     ``failed``, ``cancelled``, or ``lost`` if the store refused it; or, for a task
     still queued, a ``DELETE`` cancelled it (sent in the process that answered the
-    ``DELETE``). Keyword ``task``, with its final ``state``, ``finished_at`` and
-    ``response``. Not sent for ends that no process sees as they happen (a worker
-    that died: its tasks read lost).
+    ``DELETE``). Also ``lost`` where a process gives up a task it holds: a start
+    the store did not take for ``4 x RESTFUL_ASYNC_LEASE`` seconds, a task taken
+    over whose stored request cannot be read, a waiting task that a stopping
+    process cannot hand to another. Keyword ``task``, with its final ``state``,
+    ``finished_at`` and ``response`` (of a task given up before it started, only
+    its id, ``endpoint``, ``method`` and ``path`` are known: its other times read
+    as its end). Not sent for ends that no process sees as they happen: the tasks
+    of a process that died read lost once its lease lapses, and an outcome that
+    waited in a worker for the store longer than that (``task_finished`` was sent
+    with the outcome) reads lost too.
 ``task_rejected``
     A submit answered ``503`` and left no task: keyword ``reason``, one of
     ``"saturated"`` (the executor's backlog is full), ``"store"`` (the task store
@@ -37,12 +44,17 @@ dictionary check.
 
 from __future__ import annotations
 
+import time
 import typing as t
 
 from blinker import NamedSignal, Namespace
 
+from .task import Task, TaskState
+
 if t.TYPE_CHECKING:
     from flask import Flask
+
+    from .snapshot import RequestSnapshot
 
 __all__ = [
     "REJECTED_REASONS",
@@ -68,6 +80,24 @@ task_rejected = _signals.signal("task-rejected")
 
 #: The values of ``task_rejected``'s ``reason``.
 REJECTED_REASONS = ("saturated", "store", "broker")
+
+
+def send_given_up(app: Flask, task_id: str, snapshot: RequestSnapshot) -> None:
+    """``task_finished`` (``lost``) for a task this process gives up before it
+    started, with no record at hand: what its request tells of it."""
+    if not task_finished.receivers:
+        return
+    now = time.time()
+    task = Task(
+        task_id,
+        TaskState.LOST,
+        created_at=now,
+        finished_at=now,
+        endpoint=snapshot.endpoint,
+        method=snapshot.environ.get("REQUEST_METHOD"),
+        path=snapshot.environ.get("PATH_INFO"),
+    )
+    send(task_finished, app, task=task)
 
 
 def send(signal: NamedSignal, app: Flask, **kwargs: t.Any) -> None:

@@ -109,12 +109,16 @@ class AsyncState:
         self._location_prefixes: dict[tuple[t.Any, ...], str] = {}
         #: Logged (once) by the first identity() asked for without an owner callable.
         self.unowned_warning: str | None = None
+        #: Set by :meth:`close`: what reads this app's store from outside (the
+        #: metrics collector) leaves it alone from then on.
+        self.closed = False
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop what this app started in this process: its task threads (handing
         waiting tasks back to a shared store, giving running ones ``timeout``
         seconds), its lease, its long-poll listener; then close the store. For
         tests and embedding; a server process does the same at exit by itself."""
+        self.closed = True
         self.executor.shutdown(timeout=timeout)
         if self.lease is not None:
             self.lease.release()

@@ -31,11 +31,12 @@ it ``lost`` as before.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import typing as t
 
-from . import outbox, waiting
+from . import outbox, signals, waiting
 from .exceptions import RestfulAsyncError, Saturated
 from .lease import LeaseKeeper, worker_id
 from .snapshot import RequestSnapshot
@@ -104,9 +105,12 @@ class Takeover:
                 self.app.logger.exception(
                     "Task %s cannot be taken over", task.id, extra={"task_id": task.id}
                 )
-                outbox.finish(
+                recorded = outbox.finish(
                     self.store, task.id, TaskState.LOST, None, worker_id(), self.app.logger
                 )
+                if signals.task_finished.receivers:
+                    ended = dataclasses.replace(task, state=recorded, finished_at=time.time())
+                    signals.send(signals.task_finished, self.app, task=ended)
                 continue
             try:
                 # Held from here until a worker starts it, as a submit's snapshot.
@@ -156,6 +160,7 @@ def hand_back(app: Flask, jobs: t.Sequence[tuple[str, str | None, RequestSnapsho
             held.setdefault(holder, []).append(task_id)
         else:  # nobody else can run it: it ends as a stop always ended it
             outbox.finish(state.store, task_id, TaskState.LOST, None, worker_id(), app.logger)
+            signals.send_given_up(app, task_id, snapshot)
     for holder, task_ids in held.items():
         try:
             count = state.store.hand_back(holder, task_ids)

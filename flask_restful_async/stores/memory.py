@@ -6,7 +6,7 @@ import builtins
 import threading
 import time
 import typing as t
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 
 from ..task import Progress, StoredResponse, Task, TaskState
 from .base import Claimed, StoreStats, TaskStore
@@ -34,6 +34,10 @@ class MemoryStore(TaskStore):
         self._tasks: dict[str, Task] = {}
         # finished task ids in finishing order, so that expiry pops from the front
         self._finished: OrderedDict[str, float] = OrderedDict()
+        # For stats(): the queued and running tasks, and how many of those in
+        # _finished ended in each state.
+        self._active: dict[str, Task] = {}
+        self._ended: Counter[TaskState] = Counter()
         self._tombstones: OrderedDict[str, float] = OrderedDict()
         self._keys: dict[tuple[str | None, str], str] = {}
         self._next_purge = 0.0
@@ -59,7 +63,8 @@ class MemoryStore(TaskStore):
                 if existing is not None and not existing.expired:
                     return self._copy(existing)
                 self._keys[scope] = task.id
-            self._tasks[task.id] = self._copy(task)
+            self._tasks[task.id] = stored = self._copy(task)
+            self._active[task.id] = stored
             if snapshot is not None:
                 self._snapshots[task.id] = bytes(snapshot)
             return task
@@ -92,6 +97,8 @@ class MemoryStore(TaskStore):
         """Record ``task``'s end (with the lock held); its snapshot goes."""
         task.state, task.finished_at = state, now
         self._finished[task.id] = now
+        self._active.pop(task.id, None)
+        self._ended[state] += 1
         self._snapshots.pop(task.id, None)
 
     def start(self, task_id: str, worker: str) -> Task | None:
@@ -243,6 +250,7 @@ class MemoryStore(TaskStore):
             del self._finished[task_id]
             task = self._tasks.get(task_id)
             if task is not None:
+                self._ended[task.state] -= 1
                 task.expired, task.response, task.progress = True, None, None
                 self._tombstones[task_id] = finished_at
             changed += 1
@@ -257,7 +265,9 @@ class MemoryStore(TaskStore):
     def _forget(self, task_id: str) -> None:
         task = self._tasks.pop(task_id, None)
         self._snapshots.pop(task_id, None)
-        self._finished.pop(task_id, None)
+        self._active.pop(task_id, None)
+        if self._finished.pop(task_id, None) is not None and task is not None:
+            self._ended[task.state] -= 1
         self._tombstones.pop(task_id, None)
         if task is not None and task.idempotency_key is not None:
             scope = (task.owner, task.idempotency_key)
@@ -293,16 +303,29 @@ class MemoryStore(TaskStore):
         return [task for task in tasks if state is None or task.state is state][:limit]
 
     def stats(self) -> StoreStats:
-        return self._count(self._live(time.time()))
+        """Counted as tasks end, once expired results are purged: the cost follows
+        the number of queued and running tasks, not of those kept."""
+        now = time.time()
+        with self._lock:
+            self._purge(now)
+            for task in list(self._active.values()):
+                self._lose_if_stale(task, now)
+            counts = dict.fromkeys(TaskState, 0)
+            counts.update(self._ended)
+            oldest: float | None = None
+            for task in self._active.values():
+                counts[task.state] += 1
+                if task.state is TaskState.QUEUED:
+                    oldest = task.created_at if oldest is None else min(oldest, task.created_at)
+        return StoreStats(counts, oldest)
 
     def owner_stats(self, owner: str | None) -> StoreStats:
-        return self._count([task for task in self._live(time.time()) if task.owner == owner])
-
-    @staticmethod
-    def _count(tasks: builtins.list[Task]) -> StoreStats:
+        """One owner's live tasks, counted one by one."""
         counts = dict.fromkeys(TaskState, 0)
         oldest: float | None = None
-        for task in tasks:
+        for task in self._live(time.time()):
+            if task.owner != owner:
+                continue
             counts[task.state] += 1
             if task.state is TaskState.QUEUED:
                 oldest = task.created_at if oldest is None else min(oldest, task.created_at)

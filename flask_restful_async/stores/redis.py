@@ -39,6 +39,13 @@ Key layout, every key under the store's ``prefix`` (``{restful_async}:`` by defa
     redis-py retries (its reply lost) returns the same tasks rather than more.
 ``blob:<key>``
     An opaque blob (:meth:`RedisStore.put_blob`), with its own TTL.
+``active``
+    A sorted set of the queued and running tasks, scored by ``created_at``: what
+    :meth:`RedisStore.stats` reads one by one (a task leaves it when it ends).
+``done:<state>``
+    A sorted set per final state of the tasks that ended so, scored by
+    ``finished_at``: :meth:`RedisStore.stats` counts those that ended within
+    ``result_ttl`` with ``ZCOUNT``, and the purge drops older entries.
 ``expiry``
     A sorted set of when finished results expire (their body and headers are
     then dropped, leaving a tombstone) and when the tombstones' index entries
@@ -132,6 +139,7 @@ local prefix, now, result_ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local ttl_ms, result_due = ARGV[4], ARGV[5]
 local schedule = prefix .. 'expiry'
 local unheld, holders = prefix .. 'unheld', prefix .. 'holders'
+local active = prefix .. 'active'
 local META = {
   'id', 'state', 'worker', 'ix', 'ik', 'finished_at', 'expired', 'owner', 'created_at',
   'rerun', 'cancel'
@@ -168,10 +176,13 @@ local function snapshot_key(id)
 end
 
 -- End an active task: it gets its TTL (and so does its idempotency key), leaves
--- its worker's set and the queue, loses its snapshot and is scheduled for expiry.
+-- its worker's set, the queue and the active tasks, joins the ended ones of its
+-- state, loses its snapshot and is scheduled for expiry.
 local function conclude(key, h, state, news)
   redis.call('HSET', key, 'state', state, 'finished_at', now)
   h['state'], h['finished_at'] = state, now
+  redis.call('ZREM', active, h['id'])
+  redis.call('ZADD', prefix .. 'done:' .. state, now, h['id'])
   redis.call('PEXPIRE', key, ttl_ms)
   redis.call('DEL', snapshot_key(h['id']))
   redis.call('ZREM', unheld, h['id'])
@@ -259,6 +270,7 @@ if KEYS[3] then
 end
 redis.call('HSET', KEYS[1], unpack(ARGV, 13))
 redis.call('ZADD', KEYS[2], ARGV[7], id)
+redis.call('ZADD', active, ARGV[7], id)
 if KEYS[3] then redis.call('SET', KEYS[3], id) end
 if ARGV[11] == '1' then
   redis.call('SET', snapshot_key(id), ARGV[12])
@@ -358,6 +370,7 @@ local h = load(KEYS[1])
 if not h then return 0 end
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', h['ix'], h['id'])
+redis.call('ZREM', is_active(h['state']) and active or prefix .. 'done:' .. h['state'], h['id'])
 if h['ik'] and redis.call('GET', h['ik']) == h['id'] then redis.call('DEL', h['ik']) end
 if h['worker'] then redis.call('SREM', prefix .. 'worker:' .. h['worker'], h['id']) end
 redis.call('DEL', snapshot_key(h['id']))
@@ -557,6 +570,11 @@ _PURGE = (
     + """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES', 'LIMIT', 0, ARGV[6])
 local changed = 0
+-- Past result_ttl, an ended task is no longer counted (stats) and its entry goes.
+for _, state in ipairs({'succeeded', 'failed', 'cancelled', 'lost'}) do
+  redis.call('ZREMRANGEBYSCORE', prefix .. 'done:' .. state, '-inf',
+    '(' .. (tonumber(now) - result_ttl))
+end
 for i = 1, #due, 2 do
   local member = due[i]
   local colon = string.find(member, ':', 2, true)
@@ -610,11 +628,43 @@ return out
 """
 )
 
-# KEYS: owner index. ARGV[6..]: first rank, how many entries, queued_before (see
-# check_alive). Returns {entries looked at, then the live tasks among them by
-# state in the order of _STAT_STATES, then the created_at of the oldest queued
-# one or ''}.
-_STATS = (
+# KEYS: the active tasks. ARGV[6..]: first rank, how many entries, queued_before
+# (see check_alive). Returns {entries looked at, entries that left the active
+# tasks (ended by check_alive, or gone), then the tasks among them still active
+# by state (queued, running), then the created_at of the oldest queued one ('' if
+# none)}. Those that ended here are counted in their done set, as every ended task.
+_COUNT_ACTIVE = (
+    _PRELUDE
+    + """
+local first, count, queued_before = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+local ids = redis.call('ZRANGE', KEYS[1], first, first + count - 1)
+local out = {#ids, 0, 0, 0, ''}
+local oldest = nil
+for _, id in ipairs(ids) do
+  local key = prefix .. 'task:' .. id
+  local h = load(key)
+  if h then check_alive(key, h, queued_before) end
+  if not h or not is_active(h['state']) then
+    -- Ended here (conclude took it out already), or gone, or ended by a version
+    -- of this script that kept no such set.
+    redis.call('ZREM', KEYS[1], id)
+    out[2] = out[2] + 1
+  elseif h['state'] == 'queued' then
+    out[3] = out[3] + 1
+    if not oldest or tonumber(h['created_at']) < tonumber(oldest) then
+      oldest = h['created_at']
+    end
+  else
+    out[4] = out[4] + 1
+  end
+end
+if oldest then out[5] = oldest end
+return out
+"""
+)
+# One owner's tasks counted by the state they read as, through the owner's index:
+# every entry of it, ended ones included (one script per OPERATE_BATCH entries).
+_OWNER_STATS = (
     _PRELUDE
     + """
 local first, count, queued_before = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
@@ -641,7 +691,7 @@ if oldest then out[8] = oldest end
 return out
 """
 )
-_STAT_STATES = (
+_OWNER_STAT_STATES = (
     TaskState.QUEUED,
     TaskState.RUNNING,
     TaskState.SUCCEEDED,
@@ -649,6 +699,7 @@ _STAT_STATES = (
     TaskState.CANCELLED,
     TaskState.LOST,
 )
+_ENDED_STATES = (TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED, TaskState.LOST)
 #: Index entries one stats() script counts, and tasks one purge_finished() step
 #: looks at.
 OPERATE_BATCH = 500
@@ -752,7 +803,8 @@ class RedisStore(TaskStore):
         self._hand_back = register(_HAND_BACK)
         self._purge = register(_PURGE)
         self._read_live = register(_READ_LIVE)
-        self._stats = register(_STATS)
+        self._count_active = register(_COUNT_ACTIVE)
+        self._owner_stats = register(_OWNER_STATS)
 
     # Key names. Owners and workers are arbitrary strings: the markers ("-" for
     # no owner, "=" and a length otherwise) keep every (owner, key) pair apart.
@@ -1149,26 +1201,49 @@ class RedisStore(TaskStore):
         return found[:limit]
 
     def stats(self) -> StoreStats:
-        """Every owner index, ``OPERATE_BATCH`` entries per script: the counting
-        happens in Redis, and only numbers come back."""
-        with self._reaching():
-            return self._count(self._owner_indexes())
-
-    def owner_stats(self, owner: str | None) -> StoreStats:
-        """As :meth:`stats`, on the owner's index alone."""
-        with self._reaching():
-            return self._count([self._owner_key(owner)])
-
-    def _count(self, indexes: builtins.list[str]) -> StoreStats:
+        """The active tasks one by one (``OPERATE_BATCH`` per script, each checked
+        for a lapsed lease as a read would), then one ``ZCOUNT`` per final state:
+        the cost follows the number of queued and running tasks, not of those
+        kept. Tasks recorded by a version of this store before the ``active`` and
+        ``done:<state>`` sets existed are not counted."""
         counts = dict.fromkeys(TaskState, 0)
         oldest: float | None = None
         now = time.time()
-        for index in indexes:
+        with self._reaching():
             first = 0
             while True:
                 args = [*self._clock(now), first, OPERATE_BATCH, self._queued_before(now)]
-                reply = self._stats(keys=[index], args=args)
-                for state, count in zip(_STAT_STATES, reply[1:7], strict=True):
+                looked, left, queued, running, created = self._count_active(
+                    keys=[f"{self.prefix}active"], args=args
+                )
+                counts[TaskState.QUEUED] += int(queued)
+                counts[TaskState.RUNNING] += int(running)
+                if created:
+                    oldest = float(created) if oldest is None else min(oldest, float(created))
+                if int(looked) < OPERATE_BATCH:
+                    break
+                # Those that ended here left the set: the next ranks moved down.
+                first += int(looked) - int(left)
+            pipe = self._client.pipeline(transaction=False)
+            fresh_after = repr(now - self.result_ttl)
+            for state in _ENDED_STATES:
+                pipe.zcount(f"{self.prefix}done:{state.value}", fresh_after, "+inf")
+            for state, count in zip(_ENDED_STATES, pipe.execute(), strict=True):
+                counts[state] += int(count)
+        return StoreStats(counts, oldest)
+
+    def owner_stats(self, owner: str | None) -> StoreStats:
+        """One script per ``OPERATE_BATCH`` entries of the owner's index: the
+        counting happens in Redis, and only numbers come back."""
+        counts = dict.fromkeys(TaskState, 0)
+        oldest: float | None = None
+        now = time.time()
+        with self._reaching():
+            first = 0
+            while True:
+                args = [*self._clock(now), first, OPERATE_BATCH, self._queued_before(now)]
+                reply = self._owner_stats(keys=[self._owner_key(owner)], args=args)
+                for state, count in zip(_OWNER_STAT_STATES, reply[1:7], strict=True):
                     counts[state] += int(count)
                 if reply[7]:
                     created = float(reply[7])

@@ -93,7 +93,6 @@ CREATE TABLE IF NOT EXISTS tasks (
     path TEXT
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS tasks_by_owner ON tasks (owner, created_at);
-CREATE INDEX IF NOT EXISTS tasks_by_finish ON tasks (finished_at) WHERE finished_at IS NOT NULL;
 CREATE UNIQUE INDEX IF NOT EXISTS tasks_by_key ON tasks (coalesce(owner, ''), idempotency_key)
     WHERE idempotency_key IS NOT NULL;
 CREATE TABLE IF NOT EXISTS results (
@@ -114,6 +113,46 @@ CREATE TABLE IF NOT EXISTS leases (
     expires_at REAL NOT NULL
 ) WITHOUT ROWID;
 """
+#: Seconds of finish times that one row of the ``ended`` table counts (see _EXTRAS).
+ENDED_BUCKET = 60
+
+# What files of this layout get as they are opened (see _ensure_schema), by name:
+# processes of an earlier version, sharing the file during a deploy, never name
+# them (and their writes keep the counts too: the triggers are in the file).
+# - tasks_ended: ended tasks by finish time, for purges, with their state.
+# - tasks_open: the few active (unfinished) tasks, for stats() to find without a
+#   scan. By creation time, which a start does not change: only a submit and an
+#   end touch it.
+# - ended: how many tasks ended in each state per ENDED_BUCKET seconds of finish
+#   times, kept by the triggers as rows are finished and deleted: stats() adds up
+#   the buckets within result_ttl and counts only the oldest one in tasks_ended,
+#   so a scrape reads a few thousand small rows at most, however many are kept.
+#   Tasks are inserted unfinished: only updates and deletes change the counts.
+_EXTRAS = {
+    "tasks_ended": "CREATE INDEX tasks_ended ON tasks (finished_at, state)"
+    " WHERE finished_at IS NOT NULL",
+    "tasks_open": "CREATE INDEX tasks_open ON tasks (created_at) WHERE finished_at IS NULL",
+    "ended": "CREATE TABLE ended (state TEXT NOT NULL, bucket INTEGER NOT NULL,"
+    " n INTEGER NOT NULL, PRIMARY KEY (bucket, state)) WITHOUT ROWID",
+    "ended_update": "CREATE TRIGGER ended_update AFTER UPDATE OF finished_at ON tasks"
+    " WHEN OLD.finished_at IS NOT NULL OR NEW.finished_at IS NOT NULL BEGIN"
+    " UPDATE ended SET n = n - 1 WHERE OLD.finished_at IS NOT NULL AND state = OLD.state"
+    f" AND bucket = CAST(OLD.finished_at / {ENDED_BUCKET} AS INTEGER);"
+    " INSERT INTO ended (state, bucket, n) SELECT NEW.state,"
+    f" CAST(NEW.finished_at / {ENDED_BUCKET} AS INTEGER), 1 WHERE NEW.finished_at IS NOT NULL"
+    " ON CONFLICT (bucket, state) DO UPDATE SET n = n + 1; END",
+    "ended_delete": "CREATE TRIGGER ended_delete AFTER DELETE ON tasks"
+    " WHEN OLD.finished_at IS NOT NULL BEGIN"
+    " UPDATE ended SET n = n - 1 WHERE state = OLD.state"
+    f" AND bucket = CAST(OLD.finished_at / {ENDED_BUCKET} AS INTEGER); END",
+}
+# The counts of a file that had tasks before the ``ended`` table.
+_ENDED_FILL = (
+    "INSERT INTO ended (state, bucket, n)"
+    f" SELECT state, CAST(finished_at / {ENDED_BUCKET} AS INTEGER), count(*)"
+    " FROM tasks WHERE finished_at IS NOT NULL GROUP BY 1, 2"
+)
+_REPLACED = ("DROP INDEX IF EXISTS tasks_by_finish",)
 
 _COLUMNS = (
     "id, state, created_at, started_at, finished_at, progress, owner, idempotency_key,"
@@ -189,12 +228,43 @@ _CLAIMABLE = (
     " AND state = 'queued' AND cancel_requested = 0 AND created_at >= ?"
     " ORDER BY created_at, id LIMIT ?"
 )
-# Live tasks counted by the state they read as (bind: fresh_after, stale, now): a
-# queued task that waited too long is lost; an active task whose worker holds no
-# lease is lost, unless it waits to be claimed (queued, with a snapshot) or goes
-# back to the queue (running with rerun; cancelled if that was asked). With the
-# earliest creation time of each state, for the oldest queued task.
-_STATS = """
+# Live tasks counted by the state they read as (bind: fresh_after, stale, now,
+# the bucket of fresh_after), in one statement (one snapshot), through _EXTRAS.
+# Active tasks (a few rows, found through tasks_open): a queued task that waited
+# too long is lost; one whose worker holds no lease is lost, unless it waits to be
+# claimed (queued, with a snapshot) or goes back to the queue (running with rerun;
+# cancelled if that was asked); with the earliest creation time of each state, for
+# the oldest queued task. Ended tasks: the buckets after fresh_after's, and in
+# fresh_after's own bucket those that ended since then, counted in tasks_ended
+# alone (the bucket by the triggers' own expression, so that no row counts twice).
+# A tombstone (expired = 1) ended before fresh_after: neither part counts it.
+_COUNT_BY_STATE = f"""
+SELECT CASE
+    WHEN t.state = 'queued' AND t.created_at < ?2 THEN 'lost'
+    WHEN t.worker IS NOT NULL AND coalesce(
+        (SELECT l.expires_at FROM leases AS l WHERE l.worker = t.worker), 0) < ?3 THEN
+        CASE
+            WHEN t.state = 'queued' AND t.snapshot IS NOT NULL THEN 'queued'
+            WHEN t.state = 'running' AND t.rerun = 1 AND t.cancel_requested = 1 THEN 'cancelled'
+            WHEN t.state = 'running' AND t.rerun = 1 THEN 'queued'
+            ELSE 'lost'
+        END
+    ELSE t.state
+END AS seen, count(*), min(t.created_at)
+FROM tasks AS t WHERE t.finished_at IS NULL
+GROUP BY seen
+UNION ALL
+SELECT state, sum(n), NULL FROM ended WHERE bucket > ?4 GROUP BY state
+UNION ALL
+SELECT state, count(*), NULL FROM tasks
+WHERE finished_at >= ?1 AND finished_at < (?4 + 2) * {ENDED_BUCKET}
+    AND CAST(finished_at / {ENDED_BUCKET} AS INTEGER) = ?4
+GROUP BY state
+"""
+# One owner's live tasks counted by the state they read as (bind: fresh_after,
+# stale, now, owner), through the index of owners: every row of that owner, ended
+# ones included (the buckets of ``ended`` do not tell owners apart).
+_OWNER_STATS = """
 SELECT CASE
     WHEN t.state = 'queued' AND t.created_at < ?2 THEN 'lost'
     WHEN t.state IN ('queued', 'running') AND t.worker IS NOT NULL AND coalesce(
@@ -207,11 +277,10 @@ SELECT CASE
         END
     ELSE t.state
 END AS seen, count(*), min(t.created_at)
-FROM tasks AS t WHERE t.expired = 0 AND (t.finished_at IS NULL OR t.finished_at >= ?1)
+FROM tasks AS t WHERE t.owner IS ?4 AND t.expired = 0
+    AND (t.finished_at IS NULL OR t.finished_at >= ?1)
 GROUP BY seen
 """
-# The same for one owner (bind ?4), through the index of owners.
-_OWNER_STATS = _STATS.replace("WHERE t.expired = 0", "WHERE t.owner IS ?4 AND t.expired = 0")
 # What becomes of the active tasks of a worker that is gone, in this order (bind:
 # worker; then now, worker): those another process can run (queued with their
 # request, or running with ``rerun``) wait again, held by none, for claim(); the
@@ -779,6 +848,8 @@ class SQLiteStore(TaskStore):
                 " LIMIT ?)",
                 (now, PURGE_BATCH),
             )
+            # Buckets whose tasks are all gone.
+            conn.execute("DELETE FROM ended WHERE n <= 0")
             # A lapsed lease and a missing one mean the same: the worker is gone.
             self._free_lapsed(conn, now - self.lease)
         return changed
@@ -922,25 +993,28 @@ class SQLiteStore(TaskStore):
         return [task for task in tasks if task is not None and not task.expired]
 
     def stats(self) -> StoreStats:
-        """One statement: each live row's state as it reads (the rules of
-        :meth:`_read`, in SQL), grouped; nothing is decoded in Python."""
-        return self._count(_STATS, ())
+        """One statement: each active row's state as it reads (the rules of
+        :meth:`_read`, in SQL), and the ended ones counted in their index;
+        nothing is decoded in Python. Reads the active rows and the index entries
+        of the tasks that ended within ``result_ttl``, never a response."""
+        now = time.time()
+        fresh_after = now - self.result_ttl
+        bucket = int(fresh_after // ENDED_BUCKET)
+        return self._count(_COUNT_BY_STATE, (fresh_after, now - self.queued_ttl, now, bucket))
 
     def owner_stats(self, owner: str | None) -> StoreStats:
-        return self._count(_OWNER_STATS, (owner,))
-
-    def _count(self, statement: str, extra: tuple[t.Any, ...]) -> StoreStats:
         now = time.time()
+        return self._count(_OWNER_STATS, (now - self.result_ttl, now - self.queued_ttl, now, owner))
+
+    def _count(self, statement: str, params: tuple[t.Any, ...]) -> StoreStats:
         with self._reading() as conn:
-            rows = conn.execute(
-                statement, (now - self.result_ttl, now - self.queued_ttl, now, *extra)
-            )
+            rows = conn.execute(statement, params)
             counts = dict.fromkeys(TaskState, 0)
             oldest = None
             for name, count, first_created in rows.fetchall():
-                counts[_STATES[name]] = count
-                if name == "queued":
-                    oldest = first_created
+                counts[_STATES[name]] += count
+                if name == "queued" and first_created is not None:
+                    oldest = first_created if oldest is None else min(oldest, first_created)
         return StoreStats(counts, oldest)
 
     def purge_finished(self, *, older_than: float = 0.0, state: TaskState | None = None) -> int:
@@ -1008,9 +1082,10 @@ _logger = logging.getLogger(__name__)
 
 
 def _ensure_schema(conn: sqlite3.Connection, store: SQLiteStore) -> None:
-    """Create the tables in a new file; refuse a file of another layout."""
+    """Create the tables in a new file, add the indexes an earlier version of this
+    layout lacks; refuse a file of another layout."""
     version = conn.execute("PRAGMA user_version").fetchone()[0]
-    if version == SCHEMA_VERSION:
+    if version == SCHEMA_VERSION and not _missing_extras(conn):
         return
     conn.execute("BEGIN IMMEDIATE")
     try:
@@ -1018,14 +1093,6 @@ def _ensure_schema(conn: sqlite3.Connection, store: SQLiteStore) -> None:
         tables = conn.execute("SELECT count(*) FROM sqlite_schema WHERE type = 'table'").fetchone()[
             0
         ]
-        if version == 0 and tables == 0:
-            # Statement by statement: executescript would commit the transaction.
-            statement = ""
-            for line in _SCHEMA.splitlines(keepends=True):
-                statement += line
-                if sqlite3.complete_statement(statement):
-                    conn.execute(statement)
-                    statement = ""
         if version not in (0, SCHEMA_VERSION) or (version == 0 and tables):
             # Not a passing outage, but a deployment to mend: logged loudly, and
             # answered 503 like any store that cannot serve.
@@ -1036,11 +1103,35 @@ def _ensure_schema(conn: sqlite3.Connection, store: SQLiteStore) -> None:
                 " RESTFUL_ASYNC_STORE at another file, or remove this one",
                 level=logging.ERROR,
             )
+        if version == 0:
+            # Statement by statement: executescript would commit the transaction.
+            statement = ""
+            for line in _SCHEMA.splitlines(keepends=True):
+                statement += line
+                if sqlite3.complete_statement(statement):
+                    conn.execute(statement)
+                    statement = ""
+        # A new file, or one an earlier version made: what this version adds.
+        missing = _missing_extras(conn)
+        for name, statement in _EXTRAS.items():
+            if name in missing:
+                conn.execute(statement)
+        if "ended" in missing:
+            conn.execute(_ENDED_FILL)
+        for statement in _REPLACED:
+            conn.execute(statement)
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
     except BaseException:
         conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
+
+
+def _missing_extras(conn: sqlite3.Connection) -> set[str]:
+    """The names of _EXTRAS that the file lacks."""
+    marks = ", ".join("?" * len(_EXTRAS))
+    rows = conn.execute(f"SELECT name FROM sqlite_schema WHERE name IN ({marks})", tuple(_EXTRAS))
+    return set(_EXTRAS) - {row[0] for row in rows.fetchall()}
 
 
 class _Access:

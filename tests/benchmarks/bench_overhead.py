@@ -20,9 +20,14 @@ seconds here) hits both alike:
 ``--traces`` sets up OpenTelemetry traces: ``off`` (``RESTFUL_ASYNC_TRACES =
 False``), ``absent`` (as if opentelemetry were not installed), ``sdk`` (the SDK
 as tracer provider, spans dropped at their end, and a span per request for plain
-and async requests alike, as a web framework's instrumentation makes); without
-it the app is left as ``register_async`` sets it up (traces on when
-opentelemetry-api is importable, no-op spans without an SDK).
+and async requests alike, as a web framework's instrumentation makes); ``api``
+leaves the app as ``register_async`` sets it up (traces on when opentelemetry-api
+is importable, no-op spans without an SDK); without it, traces are off.
+
+``--signals`` connects a receiver that does nothing to every signal of the app
+(what a receiver costs before it does anything); ``--metrics`` turns the
+Prometheus metrics on (``RESTFUL_ASYNC_METRICS``; off otherwise), whose
+receivers count every submit and end.
 
 ``--body-size N`` pads the JSON body to N bytes (a ``note`` string beside the
 order; default: the order alone, about 300 bytes; 0: ``{"x": 1}``), to see what
@@ -50,7 +55,7 @@ from benchstores import bench_store
 from flask import Flask, request
 from flask_restful import Api, Resource
 
-from flask_restful_async import AsyncResource, TaskState, register_async
+from flask_restful_async import AsyncResource, TaskState, register_async, signals
 from flask_restful_async.state import get_state
 from flask_restful_async.stores import TaskStore
 
@@ -100,9 +105,20 @@ def padded(size: int) -> dict[str, t.Any]:
     return {**ORDER, "note": "x" * pad}
 
 
-def make_app(store: TaskStore | str, traces: str | None = None) -> Flask:
+def ignore(sender: Flask, **kwargs: t.Any) -> None:
+    """A receiver that does nothing."""
+
+
+def make_app(
+    store: TaskStore | str,
+    *,
+    traces: str | None = None,
+    with_signals: bool = False,
+    metrics: bool = False,
+) -> Flask:
     app = Flask(__name__)
-    if traces == "off":
+    app.config["RESTFUL_ASYNC_METRICS"] = metrics
+    if traces is None or traces == "off":
         app.config["RESTFUL_ASYNC_TRACES"] = False
     elif traces == "sdk":
         trace_requests(app)
@@ -116,6 +132,15 @@ def make_app(store: TaskStore | str, traces: str | None = None) -> Flask:
     api.add_resource(PlainOrders, "/plain/orders")
     api.add_resource(AsyncOrders, "/orders")
     api.add_resource(PlainResult, "/plain/result")
+    if with_signals:
+        for signal in (
+            signals.task_submitted,
+            signals.task_started,
+            signals.task_progress,
+            signals.task_finished,
+            signals.task_rejected,
+        ):
+            signal.connect(ignore, sender=app)
     return app
 
 
@@ -170,10 +195,10 @@ def run(
     requests: int,
     block: int = BLOCK,
     body_size: int | None = None,
-    traces: str | None = None,
+    **app_options: t.Any,
 ) -> Figures:
     with bench_store(url) as store:
-        return run_on(store, rounds, requests, block, body_size, traces)
+        return run_on(store, rounds, requests, block, body_size, **app_options)
 
 
 class Figures(t.NamedTuple):
@@ -215,10 +240,10 @@ def run_on(
     requests: int,
     block: int = BLOCK,
     body_size: int | None = None,
-    traces: str | None = None,
+    **app_options: t.Any,
 ) -> Figures:
     body = SMALL if body_size == 0 else padded(body_size) if body_size else ORDER
-    app = make_app(store, traces)
+    app = make_app(store, **app_options)
     client = app.test_client()
     location = client.post("/orders", json=ORDER).headers["Location"]
     drain(app)
@@ -297,10 +322,14 @@ def main() -> None:
     )
     parser.add_argument(
         "--traces",
-        choices=["off", "absent", "sdk"],
+        choices=["off", "absent", "api", "sdk"],
         default=None,
-        help="OpenTelemetry traces off, not installed, or on with the SDK (see above)",
+        help="OpenTelemetry traces off, not installed, as set up, or with the SDK (see above)",
     )
+    parser.add_argument(
+        "--signals", action="store_true", help="connect a no-op receiver to every signal"
+    )
+    parser.add_argument("--metrics", action="store_true", help="turn the Prometheus metrics on")
     options = parser.parse_args()
     if options.traces == "absent":
         sys.modules["opentelemetry"] = None  # type: ignore[assignment]
@@ -312,7 +341,9 @@ def main() -> None:
         options.requests,
         options.block,
         options.body_size,
-        options.traces,
+        traces=options.traces,
+        with_signals=options.signals,
+        metrics=options.metrics,
     )
     pairs = options.rounds * max(1, options.requests // options.block)
     print(
@@ -322,6 +353,8 @@ def main() -> None:
         + (', body {"x": 1}' if options.body_size == 0 else "")
         + (", thread CPU time" if options.clock == "thread" else "")
         + (f", traces {options.traces}" if options.traces else "")
+        + (", no-op receivers on every signal" if options.signals else "")
+        + (", metrics on" if options.metrics else "")
     )
     for name, seconds in figures.seconds.items():
         print(f"  {name:<24} {seconds * 1e6:8.1f} µs/request (median over blocks)")
