@@ -389,6 +389,36 @@ def test_streams_on_one_task_share_each_read() -> None:
     assert waiters.watching == 0
 
 
+def test_news_of_any_task_wakes_one_stream_per_task_to_look() -> None:
+    """SQLite's listener hears "the file changed": one stream reads, and tells the
+    others only if their task did change."""
+    store = CountingStore()
+    task = store.create(Task(id=new_task_id()))
+    store.start(task.id, "worker")
+    waiters = waiting.Waiters(store)
+    subscriptions = [waiters.subscribe(task.id) for _ in range(4)]
+    try:
+        first, *others = subscriptions
+        first.read(streams.document_of)
+        waiters.notify(None)  # nothing changed
+        assert first.wait(0)
+        first.read(streams.document_of)
+        assert [other.wait(0) for other in others] == [False] * 3
+        store.set_progress(task.id, Progress(1))
+        waiters.notify(None)  # a change nobody announced
+        assert first.wait(0)
+        read, _ = first.read(streams.document_of)
+        assert read is not None
+        assert read.progress == Progress(1)
+        assert [other.wait(0) for other in others] == [True] * 3
+        for other in others:
+            assert other.read(streams.document_of)[0] == read
+        assert store.reads == 3
+    finally:
+        for subscription in subscriptions:
+            subscription.close()
+
+
 def test_progress_does_not_wake_a_long_poll() -> None:
     store = CountingStore()
     task = store.create(Task(id=new_task_id()))
