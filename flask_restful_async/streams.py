@@ -251,8 +251,18 @@ class ListQuery(t.NamedTuple):
 
 
 class _Seen(t.NamedTuple):
+    """What a list stream's client saw of a task: its document's digest, and the
+    code of the last ``done`` event (None before the task ended)."""
+
     digest: str
-    finished: bool
+    code: int | None
+
+
+def _ended_code(state: AsyncState, task: Task | None) -> int | None:
+    """The code a ``done`` event gives for ``task``; None while it is active."""
+    if task is None or task.expired or task.state.finished:
+        return answer_code(state, task)
+    return None
 
 
 def list_stream(
@@ -311,7 +321,7 @@ def _list_events(
             for task in tasks:
                 if page is not None or not _maybe_changed_since(task, since):
                     _, digest = document_of(task)
-                    seen[task.id] = _Seen(digest, task.state.finished or task.expired)
+                    seen[task.id] = _Seen(digest, _ended_code(state, task))
             if page is not None and _page_digest(tasks, seen) != page:
                 seen = {
                     task.id: seen[task.id]
@@ -383,14 +393,14 @@ def _task_changes(
     state: AsyncState, task_id: str, task: Task | None, seen: dict[str, _Seen]
 ) -> Iterator[tuple[str, bytes]]:
     before = seen.get(task_id)
-    ended = task is None or task.expired or task.state.finished
     if task is not None:
         data, digest = document_of(task)
         if before is None or before.digest != digest:
             yield "status", data
     else:
         digest = before.digest if before is not None else ""
-    if ended and (before is None or not before.finished):
-        code = answer_code(state, task)
+    code = _ended_code(state, task)
+    # Once when the task ends, and again if the answer changes (forgotten: 404).
+    if code is not None and (before is None or before.code != code):
         yield "done", b'{"id":"%s","status":%d}' % (task_id.encode(), code)
-    seen[task_id] = _Seen(digest, ended)
+    seen[task_id] = _Seen(digest, code)
