@@ -22,7 +22,8 @@ browser's ``EventSource`` to stop reconnecting).
 ``GET <list URL>`` with ``Accept: text/event-stream`` (``?state=`` and ``?limit=``
 as for the JSON list): the same events for every task of the caller on that
 page, newest first, then as they change; a ``done`` event there names its task
-(``{"id": ..., "status": ...}``) and the stream goes on. Its ids carry the time of
+(``{"id": ..., "status": ...}``), comes again if that code changes (the task is
+forgotten: 404; its result expires: 410), and the stream goes on. Its ids carry the time of
 the read that produced them (and, on the last event of each read, a digest of the
 whole page): a reconnect is sent only the tasks that may have changed since
 (created, started or finished after that time, or still queued or running, whose
