@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-celery test lint typecheck pytest bench bench-e2e bench-celery bench-client bench-scrape clean
+.PHONY: demo demo-celery test lint typecheck pytest bench bench-e2e bench-celery bench-client bench-scrape bench-stream clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,12 @@ bench-e2e: $(STAMP)
 bench-scrape: $(STAMP)
 	$(BIN)/python tests/benchmarks/bench_scrape.py --store sqlite:///$$(mktemp -d)/scrape.db
 	$(BIN)/python tests/benchmarks/bench_scrape.py --store redis://127.0.0.1:6379/12
+
+# 200 event streams on one gunicorn worker, 50 tasks writing progress 10 times a
+# second in another server: SQLite with gthread, Redis (db 12) with gevent.
+bench-stream: $(STAMP)
+	$(BIN)/python tests/benchmarks/bench_stream.py --store sqlite --worker gthread
+	$(BIN)/python tests/benchmarks/bench_stream.py --store redis://127.0.0.1:6379/12 --worker gevent
 
 # Our CeleryExecutor against raw Celery, through one worker (Redis db 12).
 bench-celery: $(STAMP)

@@ -22,7 +22,8 @@ browser's ``EventSource`` to stop reconnecting).
 ``GET <list URL>`` with ``Accept: text/event-stream`` (``?state=`` and ``?limit=``
 as for the JSON list): the same events for every task of the caller on that
 page, newest first, then as they change; a ``done`` event there names its task
-(``{"id": ..., "status": ...}``) and the stream goes on. Its ids carry the time of
+(``{"id": ..., "status": ...}``), comes again if that code changes (the task is
+forgotten: 404; its result expires: 410), and the stream goes on. Its ids carry the time of
 the read that produced them (and, on the last event of each read, a digest of the
 whole page): a reconnect is sent only the tasks that may have changed since
 (created, started or finished after that time, or still queued or running, whose
@@ -261,8 +262,18 @@ class ListQuery(t.NamedTuple):
 
 
 class _Seen(t.NamedTuple):
+    """What a list stream's client saw of a task: its document's digest, and the
+    code of the last ``done`` event (None before the task ended)."""
+
     digest: str
-    finished: bool
+    code: int | None
+
+
+def _ended_code(state: AsyncState, task: Task | None) -> int | None:
+    """The code a ``done`` event gives for ``task``; None while it is active."""
+    if task is None or task.expired or task.state.finished:
+        return answer_code(state, task)
+    return None
 
 
 def list_stream(
@@ -321,7 +332,7 @@ def _list_events(
             for task in tasks:
                 if page is not None or not _maybe_changed_since(task, since):
                     _, digest = document_of(task)
-                    seen[task.id] = _Seen(digest, task.state.finished or task.expired)
+                    seen[task.id] = _Seen(digest, _ended_code(state, task))
             if page is not None and _page_digest(tasks, seen) != page:
                 seen = {
                     task.id: seen[task.id]
@@ -393,14 +404,14 @@ def _task_changes(
     state: AsyncState, task_id: str, task: Task | None, seen: dict[str, _Seen]
 ) -> Iterator[tuple[str, bytes]]:
     before = seen.get(task_id)
-    ended = task is None or task.expired or task.state.finished
     if task is not None:
         data, digest = document_of(task)
         if before is None or before.digest != digest:
             yield "status", data
     else:
         digest = before.digest if before is not None else ""
-    if ended and (before is None or not before.finished):
-        code = answer_code(state, task)
+    code = _ended_code(state, task)
+    # Once when the task ends, and again if the answer changes (forgotten: 404).
+    if code is not None and (before is None or before.code != code):
         yield "done", b'{"id":"%s","status":%d}' % (task_id.encode(), code)
-    seen[task_id] = _Seen(digest, ended)
+    seen[task_id] = _Seen(digest, code)

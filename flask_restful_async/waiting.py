@@ -79,7 +79,9 @@ class _Entry:
     And its streams (``watchers``): a condition and counter of their own
     (``changes``), bumped by every change, not only endings; and the last read of
     the task (``cached``, read at ``cached_at``, with what the streams made of
-    it, ``derived``), shared by them."""
+    it, ``derived``), shared by them. News that may concern any task (SQLite's
+    "the file changed") does not wake them all: it marks the entry ``stale`` and
+    wakes one stream, whose read bumps the counter only if the task changed."""
 
     __slots__ = (
         "cached",
@@ -90,6 +92,7 @@ class _Entry:
         "derived",
         "read_done",
         "reading",
+        "stale",
         "version",
         "waiters",
         "watch_cond",
@@ -109,6 +112,7 @@ class _Entry:
         self.derived: object = None
         self.cached_at = -1
         self.reading = False
+        self.stale = False
 
     @property
     def unused(self) -> bool:
@@ -118,6 +122,17 @@ class _Entry:
         """A change for the streams; the caller holds the lock."""
         self.changes += 1
         self.watch_cond.notify_all()
+
+    def probe(self) -> None:
+        """Maybe a change: one stream is to read and tell the others if so; the
+        caller holds the lock."""
+        self.stale = True
+        if not self.reading:
+            self.watch_cond.notify()
+
+    @property
+    def probe_due(self) -> bool:
+        return self.stale and not self.reading
 
 
 class _Listener:
@@ -323,7 +338,7 @@ class Waiters:
         if task_id is None:
             for entry in self._entries.values():
                 if entry.watchers:
-                    entry.bump()
+                    entry.probe()
         else:
             found = self._entries.get(task_id)
             if found is not None and found.watchers:
@@ -515,9 +530,9 @@ class Subscription:
             waiters._ensure_listener(self._store)
         entry = self._entry
         with waiters._lock:
-            if entry.changes == self._seen and timeout > 0:
+            if entry.changes == self._seen and not entry.probe_due and timeout > 0:
                 entry.watch_cond.wait(timeout)
-            changed = entry.changes != self._seen
+            changed = entry.changes != self._seen or entry.probe_due
             self._seen = entry.changes
         return changed
 
@@ -536,10 +551,11 @@ class Subscription:
         with lock:
             while True:
                 version = entry.changes
-                if entry.cached_at == version and not fresh:
+                if entry.cached_at == version and not fresh and not entry.stale:
                     return entry.cached, t.cast("_T | None", entry.derived)
                 if not entry.reading:
                     entry.reading = True
+                    entry.stale = False
                     break
                 entry.read_done.wait(1.0)
         try:
@@ -552,8 +568,15 @@ class Subscription:
             raise
         with lock:
             entry.reading = False
-            if entry.cached_at < version:
+            if entry.cached_at <= version:
+                if entry.cached_at == version == entry.changes and task != entry.cached:
+                    # A probe (or a fresh read) found a change nobody announced:
+                    # the other streams on the task are told now.
+                    version += 1
+                    entry.bump()
                 entry.cached, entry.derived, entry.cached_at = task, derived, version
+            if entry.stale:
+                entry.watch_cond.notify()  # news that came during the read
             entry.read_done.notify_all()
         return task, derived
 

@@ -332,3 +332,21 @@ def test_a_process_that_exits_leaves_no_write_ahead_log(tmp_path: Path) -> None:
     subprocess.run([sys.executable, "-c", script], check=True, timeout=30)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tasks.db"]
     assert len(SQLiteStore(str(path)).list(owner=None)) == 2
+
+
+def test_threads_that_end_leave_their_connection_to_the_next(tmp_path: Path) -> None:
+    """Under gevent every request is a greenlet with "thread-local" data of its own:
+    a connection per request must not stay open for ever."""
+    store = SQLiteStore(str(tmp_path / "tasks.db"))
+    try:
+        task = store.create(Task(id=new_task_id()))
+        for _ in range(3 * sqlite_store.SPARE_CONNECTIONS):
+            reader = threading.Thread(target=store.get, args=(task.id,))
+            reader.start()
+            reader.join(5)
+        wait_for(lambda: len(store._spares) >= 1)
+        assert len(store._connections) <= sqlite_store.SPARE_CONNECTIONS + 1
+        assert store.get(task.id) is not None  # this thread takes a spare
+    finally:
+        store.close()
+    assert store._connections == []

@@ -21,6 +21,7 @@ from flask.testing import FlaskClient
 from flask_restful import abort
 
 from flask_restful_async import AsyncResource, current_task, streams, waiting
+from flask_restful_async.state import get_state
 from flask_restful_async.stores.memory import MemoryStore
 from flask_restful_async.task import Progress, Task, TaskState, new_task_id
 
@@ -326,6 +327,19 @@ def test_the_list_stream_follows_the_callers_tasks_only(app: Flask) -> None:
         assert next(events).name == ":"
 
 
+def test_the_list_stream_tells_of_a_task_forgotten(app: Flask) -> None:
+    client = app.test_client()
+    location = submit(client, "/refused")
+    task_id = location.rsplit("/", 1)[1]
+    assert client.get(f"{location}?wait=5", headers={"X-User": "alice"}).status_code == 409
+    with stream(client, "/tasks") as events:
+        assert [next_event(events).name, next_event(events).name] == ["status", "done"]
+        assert client.delete(location, headers={"X-User": "alice"}).status_code == 204
+        gone = next_event(events)
+    assert gone.name == "done"
+    assert gone.json == {"id": task_id, "status": 404}
+
+
 def test_the_list_stream_takes_the_lists_parameters(app: Flask) -> None:
     client = app.test_client()
     submit(client, "/refused")
@@ -387,6 +401,36 @@ def test_streams_on_one_task_share_each_read() -> None:
         for subscription in subscriptions:
             subscription.close()
     assert waiters.watching == 0
+
+
+def test_news_of_any_task_wakes_one_stream_per_task_to_look() -> None:
+    """SQLite's listener hears "the file changed": one stream reads, and tells the
+    others only if their task did change."""
+    store = CountingStore()
+    task = store.create(Task(id=new_task_id()))
+    store.start(task.id, "worker")
+    waiters = waiting.Waiters(store)
+    subscriptions = [waiters.subscribe(task.id) for _ in range(4)]
+    try:
+        first, *others = subscriptions
+        first.read(streams.document_of)
+        waiters.notify(None)  # nothing changed
+        assert first.wait(0)
+        first.read(streams.document_of)
+        assert [other.wait(0) for other in others] == [False] * 3
+        store.set_progress(task.id, Progress(1))
+        waiters.notify(None)  # a change nobody announced
+        assert first.wait(0)
+        read, _ = first.read(streams.document_of)
+        assert read is not None
+        assert read.progress == Progress(1)
+        assert [other.wait(0) for other in others] == [True] * 3
+        for other in others:
+            assert other.read(streams.document_of)[0] == read
+        assert store.reads == 3
+    finally:
+        for subscription in subscriptions:
+            subscription.close()
 
 
 def test_progress_does_not_wake_a_long_poll() -> None:
@@ -511,6 +555,28 @@ def test_changes_in_another_process_arrive(kind: str, server: str, tmp_path: Pat
             if item.name == "done" and item.json["id"] == task_id:
                 assert item.json["status"] == 200
                 break
+
+
+def test_progress_from_a_celery_worker_arrives() -> None:
+    """The task runs in a Celery worker (another process, as on another machine):
+    its progress reaches a stream here through Redis."""
+    from .apps.celery_app import create_app as create_celery_app
+    from .test_celery import run_worker
+
+    with run_worker() as worker:
+        app, _, _ = create_celery_app(worker.prefix, worker.queue)
+        app.config["RESTFUL_ASYNC_MAX_STREAM"] = 30  # a worker that never starts
+        try:
+            client = app.test_client()
+            location = submit(client, "/echo?steps=6&step=0.15")
+            with stream(client, location) as events:
+                items = follow(events)
+        finally:
+            get_state(app).close()
+    assert items[-1].json == {"status": 200}, worker.output()
+    docs = [item.json for item in items[:-1]]
+    assert docs[-1]["state"] == "succeeded"
+    assert len({doc["progress"]["current"] for doc in docs if doc["progress"]}) >= 2
 
 
 APP = "tests.apps.tasks_app:app"

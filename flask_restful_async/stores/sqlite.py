@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import builtins
+import collections
 import contextlib
 import functools
 import json
@@ -48,6 +49,10 @@ CHECKPOINT_WAIT = 0.25
 FILE_CHECK_INTERVAL = 1.0
 #: Seconds between two looks at the database's change counter by :meth:`SQLiteStore.listen`.
 LISTEN_INTERVAL = 0.02
+#: Connections of threads that ended kept open for the next threads, per store and
+#: process. Under gevent every request is a greenlet of its own, with a
+#: "thread-local" connection of its own: without this, each would open one.
+SPARE_CONNECTIONS = 8
 
 #: Bytes of a response (body and encoded headers) up to which it is kept in its task
 #: row: a finish is one statement, and a poll reads one row. (Rows of a WITHOUT ROWID
@@ -316,7 +321,9 @@ class SQLiteStore(TaskStore):
         self.url = f"sqlite:///{self.path}"
         self.timeout = timeout
         self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
+        # Each thread's connection, held by the thread's local data (see _Held).
+        self._held: weakref.WeakSet[_Held] = weakref.WeakSet()
+        self._spares: collections.deque[sqlite3.Connection] = collections.deque()
         # Connections a forked child inherited: never used, never closed by it.
         self._inherited: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
@@ -336,10 +343,36 @@ class SQLiteStore(TaskStore):
         if time.monotonic() >= self._check_at:
             self._check_file()
         try:
-            conn: sqlite3.Connection = self._local.conn
+            conn: sqlite3.Connection | None = self._local.held.conn
         except AttributeError:
-            conn = self._local.conn = self._connect()
+            conn = None
+        if conn is None:
+            try:
+                conn = self._spares.pop()
+            except IndexError:
+                conn = self._connect()
+            held = self._local.held = _Held(self, conn)
+            with self._lock:
+                self._held.add(held)
         return conn
+
+    @property
+    def _connections(self) -> list[sqlite3.Connection]:
+        """The connections open in this process (threads' and spare)."""
+        with self._lock:
+            held = [h.conn for h in self._held if h.conn is not None]
+        return held + list(self._spares)
+
+    def _spare(self, conn: sqlite3.Connection) -> None:
+        """A thread that ended leaves its connection: keep it for another, or close
+        it. Runs wherever the thread's local data is dropped: it never raises."""
+        try:
+            if len(self._spares) < SPARE_CONNECTIONS and not conn.in_transaction:
+                self._spares.append(conn)
+            else:
+                conn.close()
+        except Exception:
+            pass
 
     def _check_file(self) -> None:
         """Raise ``StoreUnavailable``, from now on, once the file at :attr:`path`
@@ -411,8 +444,6 @@ class SQLiteStore(TaskStore):
             if _is_outage(e):
                 raise self._outage(e) from e
             raise
-        with self._lock:
-            self._connections.append(conn)
         return conn
 
     def _outage(self, exc: BaseException) -> StoreUnavailable:
@@ -450,15 +481,24 @@ class SQLiteStore(TaskStore):
         # A connection must never cross a fork: the child opens its own. It keeps
         # the parent's open but untouched, since closing one could checkpoint or
         # remove the write-ahead log under the parent's feet.
-        self._inherited += self._connections
-        self._connections = []
+        self._inherited += self._retire()
         self._local = threading.local()
         self._spool.after_fork()
 
-    def close(self) -> None:
+    def _retire(self) -> list[sqlite3.Connection]:
+        """Take every connection from the threads and the spares, for good."""
         with self._lock:
-            connections, self._connections = self._connections, []
-        for conn in connections:
+            held, self._held = list(self._held), weakref.WeakSet()
+        connections = list(self._spares)
+        self._spares.clear()
+        for each in held:
+            if each.conn is not None:
+                connections.append(each.conn)
+                each.conn = None  # never spared: it is closed (or inherited)
+        return connections
+
+    def close(self) -> None:
+        for conn in self._retire():
             conn.close()
         self._local = threading.local()
         self._spool.close()
@@ -1175,6 +1215,31 @@ def _is_outage(exc: BaseException) -> bool:
     return isinstance(exc, (sqlite3.OperationalError, OSError)) or (
         type(exc) is sqlite3.DatabaseError
     )
+
+
+class _Held:
+    """A thread's connection, kept in the thread's local data: when the thread (or
+    greenlet) ends, its local data goes, and with it this, which hands the
+    connection back to its store (:meth:`SQLiteStore._spare`). The store keeps
+    weak references to these (a ``sqlite3.Connection`` cannot have any)."""
+
+    __slots__ = ("__weakref__", "conn", "store")
+
+    def __init__(self, store: SQLiteStore, conn: sqlite3.Connection) -> None:
+        # Weak: the store's thread-local data holds this.
+        self.store = weakref.ref(store)
+        self.conn: sqlite3.Connection | None = conn
+
+    def __del__(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is None:
+            return
+        store = self.store()
+        if store is not None:
+            store._spare(conn)
+        else:
+            with contextlib.suppress(Exception):
+                conn.close()
 
 
 _stores: weakref.WeakSet[SQLiteStore] = weakref.WeakSet()
