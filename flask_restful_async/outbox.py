@@ -31,6 +31,7 @@ import weakref
 
 from . import waiting
 from .exceptions import StoreUnavailable
+from .stores.base import Ending
 from .task import Task, TaskState
 
 if t.TYPE_CHECKING:
@@ -49,6 +50,10 @@ MAX_TASKS = 10_000
 #: Seconds between two tries: the first pause, and the longest.
 RETRY_FIRST = 0.05
 RETRY_MAX = 1.0
+#: Bytes of response body up to which a recorded outcome is handed to this
+#: process's long-polls with the news, sparing them a read (each process keeps
+#: the last ``waiting.REMEMBERED_ENDINGS`` of these).
+ANNOUNCED_BODY_MAX = 16 * 1024
 
 
 def give_up_after(store: TaskStore) -> float:
@@ -121,7 +126,7 @@ def finish(
     (or waiting in the outbox): ``state``, or ``lost``.
     """
     try:
-        store.finish(task_id, state, response)
+        finished_at = store.finish(task_id, state, response)
     except StoreUnavailable as e:
         logger.warning(
             "The outcome of task %s waits for the store, which did not take it: %s",
@@ -139,7 +144,12 @@ def finish(
         )
         outbox_for(store).put(task_id, TaskState.LOST, None, worker, logger)
         return TaskState.LOST
-    waiting.notify(store, task_id)  # long-polls in this process wake at once
+    # Long-polls in this process wake at once, and take the outcome as recorded
+    # rather than read it back (unless it is large: they keep a few of these).
+    ending = None
+    if finished_at is not None and (response is None or len(response.body) <= ANNOUNCED_BODY_MAX):
+        ending = Ending(state, finished_at, response)
+    waiting.notify(store, task_id, ending)
     return state
 
 

@@ -308,8 +308,12 @@ class Waiters:
                 entries = [] if entry is None else [entry]
             self._notices += 1
             self._news.append((self._notices, task_id))
+            # News of every task (SQLite: the file changed; a listener that
+            # (re)subscribed) keeps the endings: each is a first outcome as a store
+            # recorded it, which nothing but a forget or an expiry replaces, and a
+            # wait that takes one answers as a read just before either would.
             if task_id is None:
-                self._endings.clear()  # whatever was missed may have changed them
+                pass
             elif ending is None:
                 self._endings.pop(task_id, None)
             else:
@@ -632,14 +636,16 @@ def ticket(store: TaskStore) -> int:
     return waiters_for(store).ticket()
 
 
-def notify(store: TaskStore, task_id: str | None = None) -> None:
-    """Wake this process's waits on ``task_id`` of ``store`` (all when None).
+def notify(store: TaskStore, task_id: str | None = None, ending: Ending | None = None) -> None:
+    """Wake this process's waits on ``task_id`` of ``store`` (all when None); with
+    ``ending`` (how it ended, as just recorded), they take that instead of reading
+    the task again.
 
     Cheap when nothing ever waited on ``store`` here: one dictionary lookup.
     """
     found = _registry.get(store)
     if found is not None:
-        found.notify(task_id)
+        found.notify(task_id, ending)
 
 
 def changed(store: TaskStore, task_id: str) -> None:

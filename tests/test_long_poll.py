@@ -209,3 +209,40 @@ def test_a_long_poll_wakes_within_100_ms_of_a_finish_in_another_process(
         # slow one is the machine's (other processes share its two cores).
         assert statistics.median(lags) < 0.1
         assert max(lags) < 0.5
+
+
+def test_a_wait_in_the_process_that_ran_the_task_takes_its_outcome_unread(
+    app: Flask, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The runner hands the outcome it recorded to this process's waits: a
+    Prefer: wait submit never reads the task back once it has ended, nor does a
+    long-poll on a store of this process only. (A long-poll on a shared store may
+    read it once: news of other processes' writes, the listener's start, can wake
+    it while the task still runs.)"""
+    store = get_state(app).store
+    reads: list[str] = []
+    real_get = store.get
+
+    def counted_get(task_id: str) -> t.Any:
+        reads.append(task_id)
+        return real_get(task_id)
+
+    monkeypatch.setattr(store, "get", counted_get)
+    client = app.test_client()
+    timer = open_gate_after(0.2)
+    answer = client.post("/gate", headers={"Prefer": "wait=5"})
+    timer.join()
+    assert answer.status_code == 201, answer.get_data()
+    assert answer.json == {"done": True}
+    assert reads == []
+    if store.shared:
+        return
+
+    GATE.clear()
+    location = client.post("/gate", headers={"Prefer": "respond-async"}).headers["Location"]
+    timer = open_gate_after(0.2)
+    polled = client.get(location + "?wait=5")
+    timer.join()
+    assert polled.status_code == 201
+    assert polled.headers["X-Done"] == "yes"
+    assert reads == []

@@ -256,7 +256,11 @@ def test_a_task_taken_over_by_another_app_keeps_its_parent(
 def test_traces_off_leave_the_submit_and_the_run_alone(
     make_app: AppFactory, spans: InMemorySpanExporter
 ) -> None:
-    app, api = make_app(store="memory://", config={"RESTFUL_ASYNC_TRACES": False})
+    # (Metrics off too: their receivers listen to the same signals.)
+    app, api = make_app(
+        store="memory://",
+        config={"RESTFUL_ASYNC_TRACES": False, "RESTFUL_ASYNC_METRICS": False},
+    )
     api.add_resource(Report, "/reports")
     assert get_state(app).propagators == []
     assert not list(signals.task_started.receivers_for(app))

@@ -196,11 +196,13 @@ class TaskStore(abc.ABC):
     @abc.abstractmethod
     def finish(
         self, task_id: str, state: TaskState, response: StoredResponse | None = None
-    ) -> None:
+    ) -> float | None:
         """Record the end of a task (from queued or running) and its response,
-        and drop its snapshot.
+        and drop its snapshot; return the finish time recorded.
 
-        A task that has already finished keeps its first outcome.
+        A task that has already finished keeps its first outcome: None then (and
+        for an unknown task). None also when the store cannot tell: the caller
+        must then read the task to know how it ended.
         """
 
     @abc.abstractmethod

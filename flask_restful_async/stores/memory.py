@@ -157,15 +157,16 @@ class MemoryStore(TaskStore):
 
     def finish(
         self, task_id: str, state: TaskState, response: StoredResponse | None = None
-    ) -> None:
+    ) -> float | None:
         with self._lock:
             task = self._tasks.get(task_id)
             if task is None or task.state.finished:
-                return
+                return None
             now = time.time()
             task.response = response
             self._end(task, state, now)
             self._maybe_purge(now)
+        return now
 
     def request_cancel(self, task_id: str) -> Task | None:
         with self._lock:

@@ -942,11 +942,12 @@ class RedisStore(TaskStore):
 
     def finish(
         self, task_id: str, state: TaskState, response: StoredResponse | None = None
-    ) -> None:
+    ) -> float | None:
         if not state.finished:
             # Finishing gives the record a TTL: an "active" one would then vanish.
             raise ValueError(f"finish() needs a final state, not {state.value!r}")
-        args: list[str | int | bytes] = [*self._clock(time.time()), state.value]
+        now = time.time()
+        args: list[str | int | bytes] = [*self._clock(now), state.value]
         if response is not None:
             headers = _encode_headers(response.headers)
             small = len(headers) + len(response.body) <= ANNOUNCED_RESPONSE_MAX
@@ -954,7 +955,10 @@ class RedisStore(TaskStore):
         else:
             args.append("0")
         with self._reaching():
-            self._finish(keys=[self._task_key(task_id)], args=args)
+            # 0 when it had ended already, or when this is redis-py's retry of a
+            # call whose reply was lost: then the caller reads how it ended.
+            recorded = self._finish(keys=[self._task_key(task_id)], args=args)
+        return now if recorded == 1 else None
 
     def request_cancel(self, task_id: str) -> Task | None:
         now = time.time()

@@ -727,24 +727,25 @@ class SQLiteStore(TaskStore):
 
     def finish(
         self, task_id: str, state: TaskState, response: StoredResponse | None = None
-    ) -> None:
+    ) -> float | None:
         headers = None if response is None else _encode_headers(response.headers)
+        now = time.time()
         if response is None or len(response.body) + len(headers or "") <= INLINE_RESPONSE:
             # One statement: the response (if any) in the task row itself.
             with self._writing() as conn:
-                conn.execute(
+                changed = conn.execute(
                     "UPDATE tasks SET state = ?, finished_at = ?, status = ?, headers = ?,"
                     f" body = ?, snapshot = NULL WHERE id = ? AND state IN {_ACTIVE}",
                     (
                         state.value,
-                        time.time(),
+                        now,
                         None if response is None else response.status,
                         headers,
                         None if response is None else response.body,
                         task_id,
                     ),
-                )
-            return
+                ).rowcount
+            return now if changed else None
         with self._transaction() as conn:
             result = None
             if response is not None:
@@ -755,10 +756,11 @@ class SQLiteStore(TaskStore):
             changed = conn.execute(
                 "UPDATE tasks SET state = ?, finished_at = ?, result = ?, snapshot = NULL"
                 f" WHERE id = ? AND state IN {_ACTIVE}",
-                (state.value, time.time(), result, task_id),
+                (state.value, now, result, task_id),
             ).rowcount
             if not changed and result is not None:
                 conn.execute("DELETE FROM results WHERE id = ?", (result,))
+        return now if changed else None
 
     def request_cancel(self, task_id: str) -> Task | None:
         now = time.time()
