@@ -118,46 +118,28 @@ CREATE TABLE IF NOT EXISTS leases (
     expires_at REAL NOT NULL
 ) WITHOUT ROWID;
 """
-#: Seconds of finish times that one row of the ``ended`` table counts (see _EXTRAS).
-ENDED_BUCKET = 60
-
 # What files of this layout get as they are opened (see _ensure_schema), by name:
 # processes of an earlier version, sharing the file during a deploy, never name
-# them (and their writes keep the counts too: the triggers are in the file).
-# - tasks_ended: ended tasks by finish time, for purges, with their state.
+# them.
+# - tasks_ended: ended tasks by finish time, with their state: for purges, and for
+#   stats() to count them from the index alone, never reading a row.
 # - tasks_open: the few active (unfinished) tasks, for stats() to find without a
 #   scan. By creation time, which a start does not change: only a submit and an
 #   end touch it.
-# - ended: how many tasks ended in each state per ENDED_BUCKET seconds of finish
-#   times, kept by the triggers as rows are finished and deleted: stats() adds up
-#   the buckets within result_ttl and counts only the oldest one in tasks_ended,
-#   so a scrape reads a few thousand small rows at most, however many are kept.
-#   Tasks are inserted unfinished: only updates and deletes change the counts.
 _EXTRAS = {
     "tasks_ended": "CREATE INDEX tasks_ended ON tasks (finished_at, state)"
     " WHERE finished_at IS NOT NULL",
     "tasks_open": "CREATE INDEX tasks_open ON tasks (created_at) WHERE finished_at IS NULL",
-    "ended": "CREATE TABLE ended (state TEXT NOT NULL, bucket INTEGER NOT NULL,"
-    " n INTEGER NOT NULL, PRIMARY KEY (bucket, state)) WITHOUT ROWID",
-    "ended_update": "CREATE TRIGGER ended_update AFTER UPDATE OF finished_at ON tasks"
-    " WHEN OLD.finished_at IS NOT NULL OR NEW.finished_at IS NOT NULL BEGIN"
-    " UPDATE ended SET n = n - 1 WHERE OLD.finished_at IS NOT NULL AND state = OLD.state"
-    f" AND bucket = CAST(OLD.finished_at / {ENDED_BUCKET} AS INTEGER);"
-    " INSERT INTO ended (state, bucket, n) SELECT NEW.state,"
-    f" CAST(NEW.finished_at / {ENDED_BUCKET} AS INTEGER), 1 WHERE NEW.finished_at IS NOT NULL"
-    " ON CONFLICT (bucket, state) DO UPDATE SET n = n + 1; END",
-    "ended_delete": "CREATE TRIGGER ended_delete AFTER DELETE ON tasks"
-    " WHEN OLD.finished_at IS NOT NULL BEGIN"
-    " UPDATE ended SET n = n - 1 WHERE state = OLD.state"
-    f" AND bucket = CAST(OLD.finished_at / {ENDED_BUCKET} AS INTEGER); END",
 }
-# The counts of a file that had tasks before the ``ended`` table.
-_ENDED_FILL = (
-    "INSERT INTO ended (state, bucket, n)"
-    f" SELECT state, CAST(finished_at / {ENDED_BUCKET} AS INTEGER), count(*)"
-    " FROM tasks WHERE finished_at IS NOT NULL GROUP BY 1, 2"
-)
-_REPLACED = ("DROP INDEX IF EXISTS tasks_by_finish",)
+# What files of an earlier version of this layout may hold, and this one drops: the
+# index tasks_ended replaces, and the counts per minute of finish time that
+# triggers kept (a write of one more table on every end, for a scrape's sake).
+_REPLACED = {
+    "tasks_by_finish": "DROP INDEX IF EXISTS tasks_by_finish",
+    "ended_update": "DROP TRIGGER IF EXISTS ended_update",
+    "ended_delete": "DROP TRIGGER IF EXISTS ended_delete",
+    "ended": "DROP TABLE IF EXISTS ended",
+}
 
 _COLUMNS = (
     "id, state, created_at, started_at, finished_at, progress, owner, idempotency_key,"
@@ -233,17 +215,15 @@ _CLAIMABLE = (
     " AND state = 'queued' AND cancel_requested = 0 AND created_at >= ?"
     " ORDER BY created_at, id LIMIT ?"
 )
-# Live tasks counted by the state they read as (bind: fresh_after, stale, now,
-# the bucket of fresh_after), in one statement (one snapshot), through _EXTRAS.
-# Active tasks (a few rows, found through tasks_open): a queued task that waited
-# too long is lost; one whose worker holds no lease is lost, unless it waits to be
-# claimed (queued, with a snapshot) or goes back to the queue (running with rerun;
-# cancelled if that was asked); with the earliest creation time of each state, for
-# the oldest queued task. Ended tasks: the buckets after fresh_after's, and in
-# fresh_after's own bucket those that ended since then, counted in tasks_ended
-# alone (the bucket by the triggers' own expression, so that no row counts twice).
-# A tombstone (expired = 1) ended before fresh_after: neither part counts it.
-_COUNT_BY_STATE = f"""
+# Live tasks counted by the state they read as (bind: fresh_after, stale, now), in
+# one statement (one snapshot), through _EXTRAS. Active tasks (a few rows, found
+# through tasks_open): a queued task that waited too long is lost; one whose worker
+# holds no lease is lost, unless it waits to be claimed (queued, with a snapshot) or
+# goes back to the queue (running with rerun; cancelled if that was asked); with the
+# earliest creation time of each state, for the oldest queued task. Ended tasks:
+# those that ended since fresh_after, counted in tasks_ended alone (it holds both
+# columns: no row is read). A tombstone (expired = 1) ended before fresh_after.
+_COUNT_BY_STATE = """
 SELECT CASE
     WHEN t.state = 'queued' AND t.created_at < ?2 THEN 'lost'
     WHEN t.worker IS NOT NULL AND coalesce(
@@ -256,14 +236,11 @@ SELECT CASE
         END
     ELSE t.state
 END AS seen, count(*), min(t.created_at)
-FROM tasks AS t WHERE t.finished_at IS NULL
+FROM tasks AS t INDEXED BY tasks_open WHERE t.finished_at IS NULL
 GROUP BY seen
 UNION ALL
-SELECT state, sum(n), NULL FROM ended WHERE bucket > ?4 GROUP BY state
-UNION ALL
-SELECT state, count(*), NULL FROM tasks
-WHERE finished_at >= ?1 AND finished_at < (?4 + 2) * {ENDED_BUCKET}
-    AND CAST(finished_at / {ENDED_BUCKET} AS INTEGER) = ?4
+SELECT state, count(*), NULL FROM tasks INDEXED BY tasks_ended
+WHERE finished_at IS NOT NULL AND finished_at >= ?1
 GROUP BY state
 """
 # One owner's live tasks counted by the state they read as (bind: fresh_after,
@@ -890,8 +867,6 @@ class SQLiteStore(TaskStore):
                 " LIMIT ?)",
                 (now, PURGE_BATCH),
             )
-            # Buckets whose tasks are all gone.
-            conn.execute("DELETE FROM ended WHERE n <= 0")
             # A lapsed lease and a missing one mean the same: the worker is gone.
             self._free_lapsed(conn, now - self.lease)
         return changed
@@ -1040,9 +1015,7 @@ class SQLiteStore(TaskStore):
         nothing is decoded in Python. Reads the active rows and the index entries
         of the tasks that ended within ``result_ttl``, never a response."""
         now = time.time()
-        fresh_after = now - self.result_ttl
-        bucket = int(fresh_after // ENDED_BUCKET)
-        return self._count(_COUNT_BY_STATE, (fresh_after, now - self.queued_ttl, now, bucket))
+        return self._count(_COUNT_BY_STATE, (now - self.result_ttl, now - self.queued_ttl, now))
 
     def owner_stats(self, owner: str | None) -> StoreStats:
         now = time.time()
@@ -1127,7 +1100,7 @@ def _ensure_schema(conn: sqlite3.Connection, store: SQLiteStore) -> None:
     """Create the tables in a new file, add the indexes an earlier version of this
     layout lacks; refuse a file of another layout."""
     version = conn.execute("PRAGMA user_version").fetchone()[0]
-    if version == SCHEMA_VERSION and not _missing_extras(conn):
+    if version == SCHEMA_VERSION and not any(_schema_changes(conn)):
         return
     conn.execute("BEGIN IMMEDIATE")
     try:
@@ -1154,14 +1127,13 @@ def _ensure_schema(conn: sqlite3.Connection, store: SQLiteStore) -> None:
                     conn.execute(statement)
                     statement = ""
         # A new file, or one an earlier version made: what this version adds.
-        missing = _missing_extras(conn)
+        missing, stale = _schema_changes(conn)
         for name, statement in _EXTRAS.items():
             if name in missing:
                 conn.execute(statement)
-        if "ended" in missing:
-            conn.execute(_ENDED_FILL)
-        for statement in _REPLACED:
-            conn.execute(statement)
+        for name, statement in _REPLACED.items():
+            if name in stale:
+                conn.execute(statement)
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
     except BaseException:
         conn.execute("ROLLBACK")
@@ -1169,11 +1141,13 @@ def _ensure_schema(conn: sqlite3.Connection, store: SQLiteStore) -> None:
     conn.execute("COMMIT")
 
 
-def _missing_extras(conn: sqlite3.Connection) -> set[str]:
-    """The names of _EXTRAS that the file lacks."""
-    marks = ", ".join("?" * len(_EXTRAS))
-    rows = conn.execute(f"SELECT name FROM sqlite_schema WHERE name IN ({marks})", tuple(_EXTRAS))
-    return set(_EXTRAS) - {row[0] for row in rows.fetchall()}
+def _schema_changes(conn: sqlite3.Connection) -> tuple[set[str], set[str]]:
+    """The names of _EXTRAS that the file lacks, and of _REPLACED that it holds."""
+    names = (*_EXTRAS, *_REPLACED)
+    marks = ", ".join("?" * len(names))
+    rows = conn.execute(f"SELECT name FROM sqlite_schema WHERE name IN ({marks})", names)
+    found = {row[0] for row in rows.fetchall()}
+    return set(_EXTRAS) - found, set(_REPLACED) & found
 
 
 class _Access:
