@@ -38,6 +38,10 @@ class AsyncWork(AsyncResource):
 
 
 app = Flask(__name__, instance_path=os.environ.get("BENCH_INSTANCE") or None)
+# As installed without the metrics and otel extras (the dev environment has both):
+# FLASK_RESTFUL_ASYNC_METRICS=null (or true) measures them.
+app.config["RESTFUL_ASYNC_METRICS"] = False
+app.config["RESTFUL_ASYNC_TRACES"] = False
 app.config.from_prefixed_env()
 api = Api(app)
 register_async(api)
