@@ -215,38 +215,9 @@ _CLAIMABLE = (
     " AND state = 'queued' AND cancel_requested = 0 AND created_at >= ?"
     " ORDER BY created_at, id LIMIT ?"
 )
-# Live tasks counted by the state they read as (bind: fresh_after, stale, now), in
-# one statement (one snapshot), through _EXTRAS. Active tasks (a few rows, found
-# through tasks_open): a queued task that waited too long is lost; one whose worker
-# holds no lease is lost, unless it waits to be claimed (queued, with a snapshot) or
-# goes back to the queue (running with rerun; cancelled if that was asked); with the
-# earliest creation time of each state, for the oldest queued task. Ended tasks:
-# those that ended since fresh_after, counted in tasks_ended alone (it holds both
-# columns: no row is read). A tombstone (expired = 1) ended before fresh_after.
-_COUNT_BY_STATE = """
-SELECT CASE
-    WHEN t.state = 'queued' AND t.created_at < ?2 THEN 'lost'
-    WHEN t.worker IS NOT NULL AND coalesce(
-        (SELECT l.expires_at FROM leases AS l WHERE l.worker = t.worker), 0) < ?3 THEN
-        CASE
-            WHEN t.state = 'queued' AND t.snapshot IS NOT NULL THEN 'queued'
-            WHEN t.state = 'running' AND t.rerun = 1 AND t.cancel_requested = 1 THEN 'cancelled'
-            WHEN t.state = 'running' AND t.rerun = 1 THEN 'queued'
-            ELSE 'lost'
-        END
-    ELSE t.state
-END AS seen, count(*), min(t.created_at)
-FROM tasks AS t INDEXED BY tasks_open WHERE t.finished_at IS NULL
-GROUP BY seen
-UNION ALL
-SELECT state, count(*), NULL FROM tasks INDEXED BY tasks_ended
-WHERE finished_at IS NOT NULL AND finished_at >= ?1
-GROUP BY state
-"""
-# One owner's live tasks counted by the state they read as (bind: fresh_after,
-# stale, now, owner), through the index of owners: every row of that owner, ended
-# ones included (the buckets of ``ended`` do not tell owners apart).
-_OWNER_STATS = """
+# Each task's state as it reads (the rules of SQLiteStore._read, in SQL; bind ?2:
+# stale, ?3: now), with the count and earliest creation time of each, for stats().
+_SEEN = """
 SELECT CASE
     WHEN t.state = 'queued' AND t.created_at < ?2 THEN 'lost'
     WHEN t.state IN ('queued', 'running') AND t.worker IS NOT NULL AND coalesce(
@@ -259,6 +230,29 @@ SELECT CASE
         END
     ELSE t.state
 END AS seen, count(*), min(t.created_at)
+"""
+# Live tasks counted by the state they read as (bind: fresh_after, stale, now), in
+# one statement (one snapshot), through _EXTRAS. Active tasks (a few rows, found
+# through tasks_open): a queued task that waited too long is lost; one whose worker
+# holds no lease is lost, unless it waits to be claimed (queued, with a snapshot) or
+# goes back to the queue (running with rerun; cancelled if that was asked); with the
+# earliest creation time of each state, for the oldest queued task. Ended tasks:
+# those that ended since fresh_after, counted in tasks_ended alone (it holds both
+# columns: no row is read). A tombstone (expired = 1) ended before fresh_after.
+_COUNT_BY_STATE = f"""
+{_SEEN.strip()}
+FROM tasks AS t INDEXED BY tasks_open WHERE t.finished_at IS NULL
+GROUP BY seen
+UNION ALL
+SELECT state, count(*), NULL FROM tasks INDEXED BY tasks_ended
+WHERE finished_at IS NOT NULL AND finished_at >= ?1
+GROUP BY state
+"""
+# One owner's live tasks counted by the state they read as (bind: fresh_after,
+# stale, now, owner), through the index of owners: every row of that owner, ended
+# ones included (the buckets of ``ended`` do not tell owners apart).
+_OWNER_STATS = f"""
+{_SEEN.strip()}
 FROM tasks AS t WHERE t.owner IS ?4 AND t.expired = 0
     AND (t.finished_at IS NULL OR t.finished_at >= ?1)
 GROUP BY seen
