@@ -92,6 +92,7 @@ class AsyncState:
         self.run_times = RunTimes()
         if executor.local:
             executor.on_ran = self.run_times.record
+            executor.on_hand_back = self.hand_back
         # Only a process that holds tasks (threads) in a store that other
         # processes read needs a lease.
         self.lease = LeaseKeeper(app, store) if store.shared and executor.local else None
@@ -262,6 +263,13 @@ class AsyncState:
         except Unavailable:
             return task
         return task if ended is None else ended
+
+    def hand_back(self, jobs: t.Sequence[tuple[str, str | None, RequestSnapshot]]) -> None:
+        """The executor's ``on_hand_back``: its waiting tasks, as it shuts down, go
+        back to the store for another process (see :func:`takeover.hand_back`)."""
+        from .takeover import hand_back
+
+        hand_back(self.app, self.store, self.takeover, jobs)
 
     def propagate(self, task: Task, carrier: dict[str, str]) -> None:
         """Let each of :attr:`propagators` write into ``carrier``."""

@@ -40,7 +40,6 @@ from . import outbox, signals, waiting
 from .exceptions import RestfulAsyncError, Saturated
 from .lease import LeaseKeeper, worker_id
 from .snapshot import RequestSnapshot
-from .state import get_state
 from .task import TaskState
 
 if t.TYPE_CHECKING:
@@ -146,24 +145,28 @@ class Takeover:
         self._surplus = []
 
 
-def hand_back(app: Flask, jobs: t.Sequence[tuple[str, str | None, RequestSnapshot]]) -> None:
-    """Give back to the store the tasks ``(task_id, holder, snapshot)`` that this
-    process accepted or took over and will not run (it is stopping), for another
-    process, or the next one, to take over. Tasks that no other process can run
-    (a store of this process only, view arguments that are not JSON data) end
-    ``lost``. Never raises.
+def hand_back(
+    app: Flask,
+    store: TaskStore,
+    takeover: Takeover | None,
+    jobs: t.Sequence[tuple[str, str | None, RequestSnapshot]],
+) -> None:
+    """Give back to ``store`` the tasks ``(task_id, holder, snapshot)`` of ``app``
+    that this process accepted or took over and will not run (it is stopping), for
+    another process, or the next one, to take over (where ``takeover`` is set up).
+    Tasks that no other process can run (a store of this process only, view
+    arguments that are not JSON data) end ``lost``. Never raises.
     """
-    state = get_state(app)
     held: dict[str, list[str]] = {}
     for task_id, holder, snapshot in jobs:
-        if state.takeover is not None and holder is not None and snapshot.portable:
+        if takeover is not None and holder is not None and snapshot.portable:
             held.setdefault(holder, []).append(task_id)
         else:  # nobody else can run it: it ends as a stop always ended it
-            outbox.finish(state.store, task_id, TaskState.LOST, None, worker_id(), app.logger)
+            outbox.finish(store, task_id, TaskState.LOST, None, worker_id(), app.logger)
             signals.send_given_up(app, task_id, snapshot)
     for holder, task_ids in held.items():
         try:
-            count = state.store.hand_back(holder, task_ids)
+            count = store.hand_back(holder, task_ids)
         except RestfulAsyncError:
             # Still held by this process: free for others once its lease is
             # released at exit, or lapses.

@@ -39,6 +39,13 @@ class Executor(abc.ABC):
     #: :class:`~flask_restful_async.takeover.Takeover`).
     on_done: t.Callable[[], None] | None = None
 
+    #: For a local executor: called with the tasks ``(task_id, holder, snapshot)``
+    #: it accepted and will not run, as it shuts down (see
+    #: :func:`~flask_restful_async.takeover.hand_back`); without it they are dropped.
+    on_hand_back: t.Callable[[t.Sequence[tuple[str, str | None, RequestSnapshot]]], None] | None = (
+        None
+    )
+
     #: For a local executor: called with the endpoint, the method (lower case) and
     #: the seconds from :meth:`submit` to the end of each of its tasks (see
     #: :mod:`flask_restful_async.estimates`). What it raises is logged and ignored.

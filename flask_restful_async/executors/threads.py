@@ -214,8 +214,6 @@ class ThreadExecutor(Executor):
 
     def _hand_back(self) -> None:
         """Take every waiting task out of the queue and give it back to the store."""
-        from ..takeover import hand_back
-
         jobs: list[_Job] = []
         stops = 0
         while True:
@@ -231,7 +229,8 @@ class ThreadExecutor(Executor):
             self._queue.put(None)
         for app in {id(job.app): job.app for job in jobs}.values():
             mine = [(job.task_id, job.worker, job.snapshot) for job in jobs if job.app is app]
-            hand_back(app, mine)
+            if self.on_hand_back is not None:
+                self.on_hand_back(mine)
         for job in jobs:
             self.release(job.snapshot.held_bytes)
 
