@@ -312,15 +312,14 @@ class Waiters:
             # (re)subscribed) keeps the endings: each is a first outcome as a store
             # recorded it, which nothing but a forget or an expiry replaces, and a
             # wait that takes one answers as a read just before either would.
-            if task_id is None:
-                pass
-            elif ending is None:
-                self._endings.pop(task_id, None)
-            else:
-                self._endings[task_id] = ending
-                self._endings.move_to_end(task_id)
-                if len(self._endings) > self.remembered:
-                    self._endings.popitem(last=False)
+            if task_id is not None:
+                if ending is None:
+                    self._endings.pop(task_id, None)
+                else:
+                    self._endings[task_id] = ending
+                    self._endings.move_to_end(task_id)
+                    if len(self._endings) > self.remembered:
+                        self._endings.popitem(last=False)
             for entry in entries:
                 entry.version += 1
                 entry.cond.notify_all()
