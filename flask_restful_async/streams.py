@@ -172,6 +172,23 @@ class _Clock:
         self.recheck_at = time.monotonic() + interval
 
 
+def _next_look(
+    clock: _Clock, subscription: waiting.Subscription
+) -> t.Generator[bytes, None, bool | None]:
+    """Keep-alive comments until it is time to read again: returns whether news
+    was heard (False: only the periodic recheck is due), or None once the stream
+    has lasted its time. Used as ``heard = yield from _next_look(...)``."""
+    while True:
+        if clock.over():
+            return None
+        if clock.ping_due():
+            clock.sent()
+            yield _KEEP_ALIVE
+        heard = subscription.wait(clock.timeout())
+        if heard or clock.recheck_due():
+            return heard
+
+
 # -- a task's stream -------------------------------------------------------------------
 
 
@@ -214,14 +231,9 @@ def _task_events(
                 yield event("done", b'{"status":%d}' % code, DONE_ID)
                 return
             while True:
-                if clock.over():
+                heard = yield from _next_look(clock, subscription)
+                if heard is None:
                     return
-                if clock.ping_due():
-                    clock.sent()
-                    yield _KEEP_ALIVE
-                heard = subscription.wait(clock.timeout())
-                if not heard and not clock.recheck_due():
-                    continue
                 try:
                     # Read afresh when nothing was heard: a lost task shows only then.
                     task, document = subscription.read(document_of, fresh=not heard)
@@ -351,14 +363,8 @@ def _list_events(
                     yield event(name, data, event_id)
                 clock.sent()
             while True:
-                if clock.over():
+                if (yield from _next_look(clock, subscription)) is None:
                     return
-                if clock.ping_due():
-                    clock.sent()
-                    yield _KEEP_ALIVE
-                heard = subscription.wait(clock.timeout())
-                if not heard and not clock.recheck_due():
-                    continue
                 # News comes in bursts (SQLite: every commit): take it in batches.
                 pause = last_read + LIST_READ_INTERVAL - time.monotonic()
                 if pause > 0:
