@@ -15,9 +15,18 @@ as each task is done; what a sample measures includes the time the task waited
 for a worker, so a backlog makes submits stop waiting by itself. With an
 executor that runs tasks elsewhere (Celery), nothing is sampled and no submit
 waits.
+
+A task that runs in its submit's request thread (``RESTFUL_ASYNC_SHORT_IN_REQUEST``)
+is followed while it runs (:meth:`RunTimes.begin`): the estimate is at least the
+time the oldest of those has run so far, so one that hangs stops the next submits
+from running theirs in the request thread, and from waiting, as soon as it has run
+longer than the bound, not when it ends.
 """
 
 from __future__ import annotations
+
+import itertools
+import time
 
 #: Weight of the newest sample in the average: about the last ten tasks count.
 WEIGHT = 0.2
@@ -31,6 +40,24 @@ class RunTimes:
             raise ValueError("weight must be above 0 and at most 1")
         self.weight = weight
         self._averages: dict[tuple[str, str], float] = {}
+        # Runs followed while they run: token -> (endpoint, method), start.
+        self._running: dict[int, tuple[tuple[str, str], float]] = {}
+        self._tokens = itertools.count()
+
+    def begin(self, endpoint: str, method: str) -> int:
+        """A task of ``endpoint`` and ``method`` starts now; returns the token that
+        :meth:`end` takes when it is done."""
+        token = next(self._tokens)
+        self._running[token] = ((endpoint, method), time.monotonic())
+        return token
+
+    def end(self, token: int) -> float:
+        """The run :meth:`begin` returned ``token`` for is done: record it (as a
+        sample of its endpoint), and return its seconds."""
+        key, started = self._running.pop(token)
+        seconds = time.monotonic() - started
+        self.record(*key, seconds)
+        return seconds
 
     def record(self, endpoint: str, method: str, seconds: float) -> None:
         """One task of ``endpoint`` and ``method`` (lower case) took ``seconds``."""
@@ -44,5 +71,16 @@ class RunTimes:
             self._averages[key] = average + self.weight * (seconds - average)
 
     def estimate(self, endpoint: str, method: str) -> float | None:
-        """The expected seconds from submit to end; None before the first sample."""
-        return self._averages.get((endpoint, method))
+        """The expected seconds from submit to end; None before the first sample.
+        At least the time the oldest run of that endpoint and method followed
+        (:meth:`begin`) has run so far."""
+        key = (endpoint, method)
+        average = self._averages.get(key)
+        if average is None or not self._running:
+            return average
+        # A copy taken in one step: other threads begin and end runs meanwhile.
+        runs = list(self._running.values())
+        starts = [started for run, started in runs if run == key]
+        if not starts:
+            return average
+        return max(average, time.monotonic() - min(starts))

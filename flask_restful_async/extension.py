@@ -48,6 +48,12 @@ DEFAULTS: dict[str, t.Any] = {
     # reads finished, with Retry-After: 0. Holds the request thread meanwhile.
     # 0: never wait.
     "RESTFUL_ASYNC_SHORT_WAIT": 0.5,
+    # A task that a Prefer: wait=N submit waits for, and that usually ends within
+    # SHORT_WAIT and N, runs in that request thread, which waits for it anyway
+    # (at most MAX_WORKERS at once per process): no hand-over to a task thread.
+    # One that turns slow holds the request thread until it ends, past N.
+    # False: always in a task thread.
+    "RESTFUL_ASYNC_SHORT_IN_REQUEST": True,
     # Seconds a finished task's result is kept; then the status URL answers 410.
     "RESTFUL_ASYNC_RESULT_TTL": 24 * 3600,
     # Seconds an expired task still answers 410 before it is forgotten (404).
@@ -383,6 +389,7 @@ def _make_state(
         max_body=int(config["RESTFUL_ASYNC_MAX_BODY"]),
         max_result=int(config["RESTFUL_ASYNC_MAX_RESULT"]),
         short_wait=float(short_wait),
+        short_in_request=bool(config["RESTFUL_ASYNC_SHORT_IN_REQUEST"]),
         admin=admin,
         cross_site_delete=bool(config["RESTFUL_ASYNC_CROSS_SITE_DELETE"]),
     )

@@ -125,6 +125,20 @@ def finish(
     is logged, and the task ends as ``lost`` instead. Returns the state recorded
     (or waiting in the outbox): ``state``, or ``lost``.
     """
+    return record(store, task_id, state, response, worker, logger)[0]
+
+
+def record(
+    store: TaskStore,
+    task_id: str,
+    state: TaskState,
+    response: StoredResponse | None,
+    worker: str | None,
+    logger: logging.Logger,
+) -> tuple[TaskState, Ending | None]:
+    """:func:`finish`, which also returns the ending as the store recorded it
+    (None if it did not: the outcome waits in the outbox, or the task had ended
+    already)."""
     try:
         finished_at = store.finish(task_id, state, response)
     except StoreUnavailable as e:
@@ -135,7 +149,7 @@ def finish(
             extra={"task_id": task_id},
         )
         outbox_for(store).put(task_id, state, response, worker, logger)
-        return state
+        return state, None
     except Exception:
         logger.exception(
             "The store refused the outcome of task %s; it ends as lost",
@@ -143,14 +157,15 @@ def finish(
             extra={"task_id": task_id},
         )
         outbox_for(store).put(task_id, TaskState.LOST, None, worker, logger)
-        return TaskState.LOST
+        return TaskState.LOST, None
     # Long-polls in this process wake at once, and take the outcome as recorded
     # rather than read it back (unless it is large: they keep a few of these).
-    ending = None
-    if finished_at is not None and (response is None or len(response.body) <= ANNOUNCED_BODY_MAX):
-        ending = Ending(state, finished_at, response)
-    waiting.notify(store, task_id, ending)
-    return state
+    ending = None if finished_at is None else Ending(state, finished_at, response)
+    if response is None or len(response.body) <= ANNOUNCED_BODY_MAX:
+        waiting.notify(store, task_id, ending)
+    else:
+        waiting.notify(store, task_id)
+    return state, ending
 
 
 @dataclasses.dataclass

@@ -24,6 +24,8 @@ if t.TYPE_CHECKING:
     from flask_restful import Resource
 
     from .snapshot import RequestSnapshot
+    from .stores.base import Ending
+    from .task import Task
 
 _INTERNAL_ERROR = StoredResponse(
     500,
@@ -43,24 +45,42 @@ def run_task(
     instance that accepted the request; without it (another process) a new one is
     made through the resource's view function.
     """
-    return contextvars.Context().run(_run_task, app, task_id, snapshot, resource)
+    ran = contextvars.Context().run(_run_task, app, task_id, snapshot, resource, None)
+    return ran is not None
+
+
+def run_started(
+    app: Flask, task: Task, snapshot: RequestSnapshot, resource: Resource | None
+) -> Ending | None:
+    """Run ``task``, which its submit recorded as running already (under this
+    process's worker name), as :func:`run_task` does, and return how it ended as
+    the store recorded it: None if the store did not take the outcome now (it
+    waits in the outbox)."""
+    ran = contextvars.Context().run(_run_task, app, task.id, snapshot, resource, task)
+    assert ran is not None
+    return ran[0]
 
 
 def _run_task(
-    app: Flask, task_id: str, snapshot: RequestSnapshot, resource: Resource | None
-) -> bool:
+    app: Flask,
+    task_id: str,
+    snapshot: RequestSnapshot,
+    resource: Resource | None,
+    started: Task | None,
+) -> tuple[Ending | None] | None:
     # Start and outcome go through the outbox module: a store outage neither
     # leaves the task queued or running for ever nor ends the handler.
     store = get_state(app).store
-    started = outbox.start(
-        store,
-        task_id,
-        worker_id(),
-        app.logger,
-        on_give_up=lambda: signals.send_given_up(app, task_id, snapshot),
-    )
     if started is None:
-        return False  # cancelled (or forgotten) before it could start
+        started = outbox.start(
+            store,
+            task_id,
+            worker_id(),
+            app.logger,
+            on_give_up=lambda: signals.send_given_up(app, task_id, snapshot),
+        )
+        if started is None:
+            return None  # cancelled (or forgotten) before it could start
     waiting.changed(store, task_id)  # streams in this process
     handle = TaskHandle(
         task_id,
@@ -82,7 +102,9 @@ def _run_task(
         app.logger.exception("Task %s failed", task_id, extra={"task_id": task_id})
     finally:
         handle._close()  # the latest progress lands before the outcome
-        recorded = outbox.finish(store, task_id, outcome, response, started.worker, app.logger)
+        recorded, ending = outbox.record(
+            store, task_id, outcome, response, started.worker, app.logger
+        )
         if signals.task_finished.receivers:
             ended = dataclasses.replace(
                 started,
@@ -92,7 +114,7 @@ def _run_task(
                 response=response if recorded is outcome else None,
             )
             signals.send(signals.task_finished, app, task=ended)
-    return True
+    return (ending,)
 
 
 def _run_in_request(

@@ -14,7 +14,7 @@ from . import signals, waiting
 from .estimates import RunTimes
 from .exceptions import Saturated, StoreUnavailable, Unavailable
 from .lease import LeaseKeeper, worker_id
-from .prefer import request_prefer, respond_async, wait_seconds
+from .prefer import Preference, request_prefer, respond_async, wait_seconds
 from .responses import (
     error_response,
     expired_response,
@@ -33,6 +33,7 @@ EXTENSION_KEY = "restful_async"
 RESULT_SUFFIX = "/result"
 
 _ID_PLACEHOLDER = "0" * 22
+_NO_PREFERENCES: dict[str, Preference] = {}
 # The Host header is the client's to choose: bound what it can make us remember.
 _MAX_LOCATION_PREFIXES = 64
 
@@ -68,6 +69,7 @@ class AsyncState:
         max_body: int,
         max_result: int,
         short_wait: float = 0.0,
+        short_in_request: bool = False,
         admin: AdminCallable | None = None,
         cross_site_delete: bool = False,
     ) -> None:
@@ -86,6 +88,7 @@ class AsyncState:
         self.max_body = max_body
         self.max_result = max_result
         self.short_wait = short_wait
+        self.short_in_request = short_in_request
         self.admin = admin
         self.cross_site_delete = cross_site_delete
         # Fed by a local executor's workers: which submits may wait (estimates.py).
@@ -204,38 +207,48 @@ class AsyncState:
         if self.propagators:
             self.propagate(task, snapshot.carrier)
         task.endpoint, task.method, task.path = snapshot.endpoint, method.upper(), request.path
-        size = snapshot.held_bytes
+        prefs = request_prefer(environ) if "HTTP_PREFER" in environ else _NO_PREFERENCES
+        hold, now = self.plan_wait(snapshot.endpoint, method, prefs)
+        if now:
+            # Run in this thread, which would wait for the task anyway: recorded as
+            # running from the start, it needs no start of its own, and no stored
+            # request unless another process may have to run it again.
+            task.state, task.started_at = TaskState.RUNNING, task.created_at
+        size = 0 if now else snapshot.held_bytes
         stored: bytes | None = None
-        if self.takeover is not None:
+        if self.takeover is not None and (not now or getattr(resource, "rerun_on_crash", False)):
             try:
                 stored = snapshot.to_bytes()
             except TypeError:
                 pass  # view arguments that are not JSON data: no other process can run it
             else:
                 task.rerun = bool(getattr(resource, "rerun_on_crash", False))
-        hold = self.short_hold(snapshot.endpoint, method)
         # With Prefer (perhaps wait=N), or a short wait ahead, the task as created
         # counts as a first read.
-        ticket = waiting.ticket(self.store) if hold or "HTTP_PREFER" in environ else None
+        ticket = waiting.ticket(self.store) if not now and (hold or prefs) else None
         try:
-            if self.lease is not None:
-                self.lease.ensure()
-            self.executor.acquire(size)
+            if not now:
+                self.executor.acquire(size)
             try:
+                if self.lease is not None:
+                    self.lease.ensure()
                 recorded = self.store.create(task, stored)
             except BaseException:
-                self.executor.release(size)
+                self.release(size, now)
                 raise
         except Unavailable as e:
             return self.rejected(e, "saturated" if isinstance(e, Saturated) else "store")
         if recorded.id != task.id:
             # A repeat of an earlier submit: answer as it was answered, create nothing.
-            self.executor.release(size)
+            self.release(size, now)
             if recorded.fingerprint != task.fingerprint:
                 return error_response(
                     422, "This Idempotency-Key was already used with a different request body."
                 )
-        elif self.executor.inline:
+            return self.accepted(recorded, prefs, ticket, hold)
+        if now:
+            return self.accepted(self.run_now(recorded, snapshot, resource), prefs)
+        if self.executor.inline:
             recorded = self.run_inline(recorded, snapshot, resource)
         else:
             waiting.changed(self.store, task.id)  # list streams in this process
@@ -248,7 +261,54 @@ class AsyncState:
                 return self.rejected(e, "store" if isinstance(e, StoreUnavailable) else "broker")
             if signals.task_submitted.receivers:
                 signals.send(signals.task_submitted, self.app, task=recorded)
-        return self.accepted(recorded, ticket, hold)
+        return self.accepted(recorded, prefs, ticket, hold)
+
+    def release(self, size: int, now: bool) -> None:
+        """Give back the executor room a submit took: for a task of ``size`` bytes
+        to run in a worker, or (``now``) to run in the request thread."""
+        if now:
+            self.executor.release_now()
+        else:
+            self.executor.release(size)
+
+    def plan_wait(
+        self, endpoint: str, method: str, prefs: t.Mapping[str, Preference]
+    ) -> tuple[float, bool]:
+        """How a submit of ``endpoint`` and ``method`` with preferences ``prefs``
+        waits for its task: the seconds of a short wait before its 202 (see
+        :meth:`short_hold`; 0 for none), and whether its task runs in the request
+        thread (see :meth:`submit`)."""
+        hold = self.short_hold(endpoint, method)
+        if not hold or not self.short_in_request or self.executor.inline:
+            return hold, False
+        # Only a client that asked to wait (Prefer: wait=N) for a task expected to
+        # end within those N seconds: the request thread holds on for the answer
+        # anyway, as it would for a synchronous call.
+        seconds = wait_seconds(prefs)
+        if not seconds:
+            return hold, False
+        estimate = self.run_times.estimate(endpoint, method)
+        if estimate is None or estimate > min(seconds, self.max_wait):
+            return hold, False
+        return hold, self.executor.acquire_now()
+
+    def run_now(self, task: Task, snapshot: RequestSnapshot, resource: Resource) -> Task:
+        """Run ``task``, recorded as running, in this (request) thread, and return it
+        as it ended (as it started if the store did not take its outcome: the
+        client polls for it then). It holds one of the executor's workers (see
+        :meth:`Executor.acquire_now`) meanwhile."""
+        from .runner import run_started
+
+        token = self.run_times.begin(snapshot.endpoint, snapshot.method)
+        try:
+            waiting.changed(self.store, task.id)  # list streams in this process
+            if signals.task_submitted.receivers:
+                signals.send(signals.task_submitted, self.app, task=task)
+            ending = run_started(self.app, task, snapshot, resource)
+        finally:
+            self.executor.release_now()
+            self.run_times.end(token)
+        return task if ending is None else ending.apply(task)
 
     def run_inline(self, task: Task, snapshot: RequestSnapshot, resource: Resource) -> Task:
         """Test mode (``RESTFUL_ASYNC_EAGER``): run the recorded ``task`` here and
@@ -302,7 +362,13 @@ class AsyncState:
             return 0.0
         return self.short_wait if estimate is not None and estimate <= self.short_wait else 0.0
 
-    def accepted(self, task: Task, ticket: int | None = None, hold: float = 0.0) -> Response:
+    def accepted(
+        self,
+        task: Task,
+        prefs: t.Mapping[str, Preference],
+        ticket: int | None = None,
+        hold: float = 0.0,
+    ) -> Response:
         """The answer to a submit: 202, or with ``Prefer: wait=N`` the task's final
         response if it finishes within N seconds (RFC 7240).
 
@@ -310,10 +376,11 @@ class AsyncState:
         seconds for its task before the 202: a task that ended meanwhile is shown
         finished, with ``Retry-After: 0``, and the first poll gets its response.
         """
-        prefs = request_prefer(request.environ)
         seconds = wait_seconds(prefs)
         response: Response | None = None
-        if hold and seconds is None and not respond_async(prefs):
+        if task.state.finished:
+            pass  # run in this thread (or a repeat of a submit whose task ended)
+        elif hold and seconds is None and not respond_async(prefs):
             task = self.wait_briefly(task, hold, ticket)
         elif seconds:
             limit = min(seconds, self.max_wait)
@@ -328,9 +395,11 @@ class AsyncState:
                 finished = self.wait(task, limit - first, ticket)
             except Unavailable:
                 finished = None  # the task is accepted: answer 202 all the same
-            if finished is not None and finished.state.finished:
-                response = self.task_response(finished)
-                response.headers["Preference-Applied"] = f"wait={min(seconds, self.max_wait)}"
+            if finished is not None:
+                task = finished
+        if seconds and task.state.finished:
+            response = self.task_response(task)
+            response.headers["Preference-Applied"] = f"wait={min(seconds, self.max_wait)}"
         if response is None:
             response = self.status(task, 202)
             if respond_async(prefs):

@@ -65,6 +65,17 @@ class Executor(abc.ABC):
     def release(self, size: int = 0) -> None:
         """Give back a reservation (of the same ``size``) that will not be submitted."""
 
+    def acquire_now(self) -> bool:
+        """Reserve room for one task that the caller runs itself, at once (a short
+        task that its submit's request thread waits for; see
+        :meth:`AsyncState.submit <flask_restful_async.state.AsyncState.submit>`);
+        False if as many such tasks run already as the executor allows.
+        :meth:`release_now` gives it back. Never by default."""
+        return False
+
+    def release_now(self) -> None:
+        """Give back what :meth:`acquire_now` took, once the task has ended."""
+
     def idle(self, limit: int) -> int:
         """How many of ``limit`` tasks taken over from other processes this
         executor could start at once (a local executor). Reserves nothing: the

@@ -79,6 +79,9 @@ class ThreadExecutor(Executor):
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(self.max_workers + self.max_pending)
         self._idle = threading.Semaphore(0)
+        # One per task running in the thread that submitted it (acquire_now): at
+        # most max_workers at once, besides as many in this pool's threads.
+        self._in_request = threading.BoundedSemaphore(self.max_workers)
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         # Tasks accepted or taken over and not yet done (running or waiting).
@@ -117,6 +120,12 @@ class ThreadExecutor(Executor):
                 f"The tasks waiting here hold {self.max_pending_bytes} bytes of requests"
                 " between them; try again later."
             )
+
+    def acquire_now(self) -> bool:
+        return not self._closed and self._in_request.acquire(blocking=False)
+
+    def release_now(self) -> None:
+        self._in_request.release()
 
     def release(self, size: int = 0) -> None:
         with self._lock:

@@ -1,0 +1,267 @@
+"""Short tasks that a ``Prefer: wait=N`` submit waits for run in its request thread
+(``RESTFUL_ASYNC_SHORT_IN_REQUEST``): recorded as running from the start, bounded
+by ``RESTFUL_ASYNC_MAX_WORKERS`` at once, never for a task expected to run longer
+than the short wait or N, nor once one of them has run past the short wait."""
+
+from __future__ import annotations
+
+import threading
+import time
+import typing as t
+
+import pytest
+from flask import Flask, request
+
+from flask_restful_async import AsyncResource, TaskState, current_task, signals
+from flask_restful_async.exceptions import StoreUnavailable
+from flask_restful_async.prefer import parse_prefer
+from flask_restful_async.state import get_state
+from flask_restful_async.task import Task
+
+from .conftest import AppFactory, wait_done, wait_for
+
+GENEROUS = {"RESTFUL_ASYNC_SHORT_WAIT": 5}
+WAIT = {"Prefer": "wait=10"}
+
+GATE = threading.Event()
+#: The threads handlers ran in, in order.
+ran_in: list[int] = []
+
+
+@pytest.fixture(autouse=True)
+def reset() -> t.Iterator[None]:
+    GATE.set()
+    ran_in.clear()
+    yield
+    GATE.set()
+
+
+class Echo(AsyncResource):
+    def post(self) -> t.Any:
+        ran_in.append(threading.get_ident())
+        return {"json": request.get_json(silent=True), "task": current_task.id}
+
+
+class Gated(AsyncResource):
+    def post(self) -> t.Any:
+        ran_in.append(threading.get_ident())
+        GATE.wait(10)
+        return {"gated": True}
+
+
+class Patient(AsyncResource):
+    def post(self) -> t.Any:
+        ran_in.append(threading.get_ident())
+        while not current_task.cancelled:
+            time.sleep(0.01)
+        current_task.raise_if_cancelled()
+
+
+def warm_up(app: Flask, path: str, endpoint: str) -> None:
+    """One task of ``path`` run to its end in a task thread, and its run time known."""
+    client = app.test_client()
+    wait_done(client, client.post(path).headers["Location"])
+    state = get_state(app)
+    wait_for(lambda: state.run_times.estimate(endpoint, "post") is not None)
+    ran_in.clear()
+
+
+def test_a_quick_task_runs_in_the_request_thread_that_waits_for_it(
+    make_app_any_store: AppFactory,
+) -> None:
+    app, api = make_app_any_store(config=GENEROUS)
+    api.add_resource(Echo, "/echo")
+    warm_up(app, "/echo", "echo")
+    sent: list[tuple[str, TaskState]] = []
+
+    def record(name: str) -> t.Callable[..., None]:
+        def receiver(sender: Flask, task: Task, **extra: t.Any) -> None:
+            sent.append((name, task.state))
+
+        return receiver
+
+    receivers = [record(name) for name in ("submitted", "started", "finished")]
+    signals.task_submitted.connect(receivers[0], sender=app)
+    signals.task_started.connect(receivers[1], sender=app)
+    signals.task_finished.connect(receivers[2], sender=app)
+    client = app.test_client()
+    response = client.post("/echo", json={"n": 1}, headers=WAIT)
+    assert response.status_code == 200
+    assert response.headers["Preference-Applied"] == "wait=10"
+    assert ran_in == [threading.get_ident()]
+    task_id = response.json["task"]
+    assert response.json["json"] == {"n": 1}
+    # As a task thread would have told it, in the same order.
+    assert sent == [
+        ("submitted", TaskState.RUNNING),
+        ("started", TaskState.RUNNING),
+        ("finished", TaskState.SUCCEEDED),
+    ]
+    stored = get_state(app).store.get(task_id)
+    assert stored is not None
+    assert stored.state is TaskState.SUCCEEDED
+    assert stored.started_at is not None
+    assert stored.finished_at is not None
+    assert stored.created_at <= stored.started_at <= stored.finished_at
+    # Its status URL serves the result as for any task.
+    status = client.get(f"/tasks/{task_id}")
+    assert (status.status_code, status.json["task"]) == (200, task_id)
+
+
+def test_submits_without_prefer_wait_still_run_in_a_task_thread(make_app: AppFactory) -> None:
+    app, api = make_app(config=GENEROUS)
+    api.add_resource(Echo, "/echo")
+    warm_up(app, "/echo", "echo")
+    client = app.test_client()
+    for headers in ({}, {"Prefer": "respond-async"}, {"Prefer": "respond-async, wait=0"}):
+        response = client.post("/echo", json={}, headers=headers)
+        assert response.status_code == 202
+        wait_done(client, response.headers["Location"])
+    assert len(ran_in) == 3
+    assert threading.get_ident() not in ran_in
+
+
+def test_the_switch_keeps_every_task_in_a_task_thread(make_app: AppFactory) -> None:
+    app, api = make_app(config={**GENEROUS, "RESTFUL_ASYNC_SHORT_IN_REQUEST": False})
+    api.add_resource(Echo, "/echo")
+    warm_up(app, "/echo", "echo")
+    response = app.test_client().post("/echo", json={}, headers=WAIT)
+    assert response.status_code == 200
+    assert ran_in
+    assert threading.get_ident() not in ran_in
+
+
+def test_an_unknown_run_time_or_one_longer_than_asked_is_not_run_here(
+    make_app: AppFactory,
+) -> None:
+    app, api = make_app(config={"RESTFUL_ASYNC_SHORT_WAIT": 5})
+    api.add_resource(Echo, "/echo")
+    state = get_state(app)
+
+    def plan(prefer: str) -> tuple[float, bool]:
+        return state.plan_wait("echo", "post", parse_prefer((prefer,)))
+
+    assert plan("wait=2") == (0.0, False)  # never ran here
+    state.run_times.record("echo", "post", 3.0)
+    assert plan("") == (5.0, False)  # no Prefer: wait
+    assert plan("wait=2") == (5.0, False)  # 3 s > 2 s
+    assert plan("wait=4") == (5.0, True)
+    state.executor.release_now()
+    state.run_times.record("echo", "post", 30.0)
+    state.run_times.record("echo", "post", 30.0)
+    assert plan("wait=20")[1] is False  # above the short wait
+
+
+def test_at_most_max_workers_run_in_request_threads_at_once(make_app: AppFactory) -> None:
+    app, api = make_app(config={**GENEROUS, "RESTFUL_ASYNC_MAX_WORKERS": 1})
+    api.add_resource(Gated, "/gated")
+    warm_up(app, "/gated", "gated")
+    GATE.clear()
+    answers: dict[str, int] = {}
+
+    def submit(name: str) -> None:
+        answers[name] = app.test_client().post("/gated", headers=WAIT).status_code
+
+    first = threading.Thread(target=submit, args=("first",))
+    first.start()
+    wait_for(lambda: len(ran_in) == 1)
+    assert ran_in == [first.ident]
+    # The one slot is taken: this one goes to the task thread (which is free).
+    second = threading.Thread(target=submit, args=("second",))
+    second.start()
+    wait_for(lambda: len(ran_in) == 2)
+    assert ran_in[1] != second.ident
+    GATE.set()
+    first.join(10)
+    second.join(10)
+    assert answers == {"first": 200, "second": 200}
+    # The slot is back.
+    assert get_state(app).executor.acquire_now()
+    get_state(app).executor.release_now()
+
+
+def test_one_that_runs_past_the_short_wait_sends_the_next_to_a_task_thread(
+    make_app: AppFactory,
+) -> None:
+    app, api = make_app(config={"RESTFUL_ASYNC_SHORT_WAIT": 0.3})
+    api.add_resource(Gated, "/gated")
+    warm_up(app, "/gated", "gated")
+    GATE.clear()
+    stuck = threading.Thread(target=lambda: app.test_client().post("/gated", headers=WAIT))
+    stuck.start()
+    wait_for(lambda: len(ran_in) == 1)
+    assert ran_in == [stuck.ident]
+    time.sleep(0.4)  # past the short wait: the estimate counts the run in flight
+    state = get_state(app)
+    estimate = state.run_times.estimate("gated", "post")
+    assert estimate is not None
+    assert estimate > 0.3
+    response = app.test_client().post("/gated", headers={"Prefer": "wait=1"})
+    assert response.status_code == 202  # waited its second in vain, in the request thread
+    assert len(ran_in) == 2
+    assert ran_in[1] != threading.get_ident()
+    GATE.set()
+    stuck.join(10)
+    wait_done(app.test_client(), response.headers["Location"])
+
+
+def test_a_cancel_reaches_a_task_running_in_a_request_thread(make_app: AppFactory) -> None:
+    app, api = make_app(config=GENEROUS)
+    api.add_resource(Patient, "/patient")
+    state = get_state(app)
+    state.run_times.record("patient", "post", 0.01)
+    answers = []
+    thread = threading.Thread(
+        target=lambda: answers.append(app.test_client().post("/patient", headers=WAIT))
+    )
+    thread.start()
+    wait_for(lambda: len(ran_in) == 1)
+    assert ran_in == [thread.ident]
+    running = state.store.list(owner=None, state=TaskState.RUNNING, limit=5)
+    assert len(running) == 1
+    cancelled = app.test_client().delete(f"/tasks/{running[0].id}")
+    assert cancelled.status_code == 202  # running: the handler is asked to stop
+    thread.join(10)
+    (answer,) = answers
+    assert answer.status_code == 409
+    assert answer.json["state"] == "cancelled"
+
+
+def test_a_store_that_does_not_answer_gives_the_slot_back(
+    make_app: AppFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app, api = make_app(config={**GENEROUS, "RESTFUL_ASYNC_MAX_WORKERS": 1})
+    api.add_resource(Echo, "/echo")
+    warm_up(app, "/echo", "echo")
+    state = get_state(app)
+
+    def create(task: Task, snapshot: bytes | None = None) -> Task:
+        raise StoreUnavailable("down for a moment", retry_after=2)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(state.store, "create", create)
+        for _ in range(3):
+            response = app.test_client().post("/echo", json={}, headers=WAIT)
+            assert response.status_code == 503
+            assert response.headers["Retry-After"] == "2"
+    assert ran_in == []
+    response = app.test_client().post("/echo", json={}, headers=WAIT)
+    assert response.status_code == 200
+    assert ran_in == [threading.get_ident()]
+
+
+def test_a_repeated_idempotency_key_gives_the_slot_back(make_app: AppFactory) -> None:
+    app, api = make_app(config={**GENEROUS, "RESTFUL_ASYNC_MAX_WORKERS": 1})
+    api.add_resource(Echo, "/echo")
+    warm_up(app, "/echo", "echo")
+    client = app.test_client()
+    headers = {**WAIT, "Idempotency-Key": "k-1"}
+    first = client.post("/echo", json={"a": 1}, headers=headers)
+    assert first.status_code == 200
+    for _ in range(3):
+        again = client.post("/echo", json={"a": 1}, headers=headers)
+        assert (again.status_code, again.json) == (200, first.json)
+        assert client.post("/echo", json={"a": 2}, headers=headers).status_code == 422
+    assert len(ran_in) == 1
+    assert get_state(app).executor.acquire_now()
+    get_state(app).executor.release_now()
