@@ -49,14 +49,19 @@ def run_task(
     return ran is not None
 
 
-def run_started(
-    app: Flask, task: Task, snapshot: RequestSnapshot, resource: Resource | None
+def run_here(
+    app: Flask, task: Task, snapshot: RequestSnapshot, resource: Resource
 ) -> Ending | None:
     """Run ``task``, which its submit recorded as running already (under this
-    process's worker name), as :func:`run_task` does, and return how it ended as
-    the store recorded it: None if the store did not take the outcome now (it
-    waits in the outbox)."""
-    ran = contextvars.Context().run(_run_task, app, task.id, snapshot, resource, task)
+    process's worker name), in the request thread and context of that submit, and
+    return how it ended as the store recorded it: None if the store did not take
+    the outcome now (it waits in the outbox).
+
+    The handler sees the submit's own request and ``g``, as a synchronous call
+    would, in a copy of the current :mod:`contextvars` context: what it sets there
+    stays there.
+    """
+    ran = contextvars.copy_context().run(_run_task, app, task.id, snapshot, resource, task)
     assert ran is not None
     return ran[0]
 
@@ -71,6 +76,7 @@ def _run_task(
     # Start and outcome go through the outbox module: a store outage neither
     # leaves the task queued or running for ever nor ends the handler.
     store = get_state(app).store
+    here = started is not None  # recorded running by its submit, which waits here
     if started is None:
         started = outbox.start(
             store,
@@ -97,7 +103,10 @@ def _run_task(
     outcome: TaskState = TaskState.FAILED
     response: StoredResponse | None = _INTERNAL_ERROR
     try:
-        outcome, response = _run_in_request(app, task_id, snapshot, resource)
+        if here:
+            outcome, response = _outcome(app, task_id, snapshot, resource)
+        else:
+            outcome, response = _run_in_request(app, task_id, snapshot, resource)
     except Exception:
         app.logger.exception("Task %s failed", task_id, extra={"task_id": task_id})
     finally:
@@ -122,31 +131,45 @@ def _run_in_request(
 ) -> tuple[TaskState, StoredResponse | None]:
     ctx = snapshot.request_context(app)
     ctx.push()
-    error: BaseException | None = None
+    failure: list[BaseException] = []
     try:
         snapshot.restore_g()
-        state = get_state(app)
-        try:
-            rv, resource = _call_handler(snapshot, resource)
-            return TaskState.SUCCEEDED, render_stored(state.api, resource, rv, state.max_result)
-        except TaskCancelled:
-            return TaskState.CANCELLED, None
-        except ResultTooLarge as e:
-            app.logger.error(
-                "Task %s failed: its response is larger than RESTFUL_ASYNC_MAX_RESULT (%d bytes)",
-                task_id,
-                e.max_size,
-                extra={"task_id": task_id},
-            )
-            return TaskState.FAILED, RESULT_TOO_LARGE
-        except HTTPException as e:
-            return TaskState.FAILED, store_response(state.api.handle_error(e), state.max_result)
-        except Exception as e:
-            error = e
-            app.logger.exception("Task %s failed", task_id, extra={"task_id": task_id})
-            return TaskState.FAILED, _INTERNAL_ERROR
+        return _outcome(app, task_id, snapshot, resource, failure)
     finally:
-        ctx.pop(error)
+        ctx.pop(failure[0] if failure else None)
+
+
+def _outcome(
+    app: Flask,
+    task_id: str,
+    snapshot: RequestSnapshot,
+    resource: Resource | None,
+    failure: list[BaseException] | None = None,
+) -> tuple[TaskState, StoredResponse | None]:
+    """Call the handler in the current request context, and render what it gave
+    (or how it failed) as the task's outcome; an unexpected error goes into
+    ``failure`` too."""
+    state = get_state(app)
+    try:
+        rv, resource = _call_handler(snapshot, resource)
+        return TaskState.SUCCEEDED, render_stored(state.api, resource, rv, state.max_result)
+    except TaskCancelled:
+        return TaskState.CANCELLED, None
+    except ResultTooLarge as e:
+        app.logger.error(
+            "Task %s failed: its response is larger than RESTFUL_ASYNC_MAX_RESULT (%d bytes)",
+            task_id,
+            e.max_size,
+            extra={"task_id": task_id},
+        )
+        return TaskState.FAILED, RESULT_TOO_LARGE
+    except HTTPException as e:
+        return TaskState.FAILED, store_response(state.api.handle_error(e), state.max_result)
+    except Exception as e:
+        if failure is not None:
+            failure.append(e)
+        app.logger.exception("Task %s failed", task_id, extra={"task_id": task_id})
+        return TaskState.FAILED, _INTERNAL_ERROR
 
 
 def _call_handler(snapshot: RequestSnapshot, resource: Resource | None) -> tuple[t.Any, Resource]:

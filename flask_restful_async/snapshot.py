@@ -114,6 +114,23 @@ class RequestSnapshot:
             match=(rule, dict(view_args)) if rule is not None and view_args is not None else None,
         )
 
+    @classmethod
+    def in_place(
+        cls,
+        body: bytes,
+        endpoint: str,
+        method: str,
+        args: tuple[t.Any, ...],
+        kwargs: dict[str, t.Any],
+    ) -> RequestSnapshot:
+        """What a task that runs in its submit's own request (see
+        :meth:`AsyncState.run_now <flask_restful_async.state.AsyncState.run_now>`)
+        needs: the handler's arguments and a carrier, not a copy of the request,
+        which the handler reads where it is. Never replayed nor written out."""
+        return cls(
+            environ={}, body=body, endpoint=endpoint, method=method, args=args, kwargs=kwargs
+        )
+
     def request_context(self, app: Flask) -> RequestContext:
         """A new, unpushed request context over a private copy of the request."""
         environ: dict[str, t.Any] = dict(self.environ)

@@ -203,20 +203,26 @@ class AsyncState:
             # Keys are scoped by owner (in the store), method and path (here).
             task.idempotency_key = f"{request.method} {request.path} {key}"
             task.fingerprint = _fingerprint(body)
-        snapshot = RequestSnapshot.capture(body, method, args, kwargs)
-        if self.propagators:
-            self.propagate(task, snapshot.carrier)
-        task.endpoint, task.method, task.path = snapshot.endpoint, method.upper(), request.path
+        rule = request.url_rule
+        endpoint = (rule.endpoint if rule is not None else None) or ""
         prefs = request_prefer(environ) if "HTTP_PREFER" in environ else _NO_PREFERENCES
-        hold, now = self.plan_wait(snapshot.endpoint, method, prefs)
+        hold, now = self.plan_wait(endpoint, method, prefs)
+        rerun = self.takeover is not None and bool(getattr(resource, "rerun_on_crash", False))
         if now:
             # Run in this thread, which would wait for the task anyway: recorded as
-            # running from the start, it needs no start of its own, and no stored
-            # request unless another process may have to run it again.
+            # running from the start, it needs no start of its own, and no copy of
+            # the request unless another process may have to run it again.
             task.state, task.started_at = TaskState.RUNNING, task.created_at
+        if now and not rerun:
+            snapshot = RequestSnapshot.in_place(body, endpoint, method, args, kwargs)
+        else:
+            snapshot = RequestSnapshot.capture(body, method, args, kwargs)
+        if self.propagators:
+            self.propagate(task, snapshot.carrier)
+        task.endpoint, task.method, task.path = endpoint, method.upper(), request.path
         size = 0 if now else snapshot.held_bytes
         stored: bytes | None = None
-        if self.takeover is not None and (not now or getattr(resource, "rerun_on_crash", False)):
+        if self.takeover is not None and (not now or rerun):
             try:
                 stored = snapshot.to_bytes()
             except TypeError:
@@ -297,14 +303,14 @@ class AsyncState:
         as it ended (as it started if the store did not take its outcome: the
         client polls for it then). It holds one of the executor's workers (see
         :meth:`Executor.acquire_now`) meanwhile."""
-        from .runner import run_started
+        from .runner import run_here
 
         token = self.run_times.begin(snapshot.endpoint, snapshot.method)
         try:
             waiting.changed(self.store, task.id)  # list streams in this process
             if signals.task_submitted.receivers:
                 signals.send(signals.task_submitted, self.app, task=task)
-            ending = run_started(self.app, task, snapshot, resource)
+            ending = run_here(self.app, task, snapshot, resource)
         finally:
             self.executor.release_now()
             self.run_times.end(token)
