@@ -290,7 +290,7 @@ class AsyncState:
         # Only a client that asked to wait (Prefer: wait=N) for a task expected to
         # end within those N seconds: the request thread holds on for the answer
         # anyway, as it would for a synchronous call.
-        seconds = wait_seconds(prefs)
+        seconds = wait_seconds(prefs) if prefs else None
         if not seconds:
             return hold, False
         estimate = self.run_times.estimate(endpoint, method)
@@ -382,7 +382,7 @@ class AsyncState:
         seconds for its task before the 202: a task that ended meanwhile is shown
         finished, with ``Retry-After: 0``, and the first poll gets its response.
         """
-        seconds = wait_seconds(prefs)
+        seconds = wait_seconds(prefs) if prefs else None
         response: Response | None = None
         if task.state.finished:
             pass  # run in this thread (or a repeat of a submit whose task ended)
