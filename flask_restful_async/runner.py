@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import inspect
+import io
 import time
 import typing as t
 
@@ -61,6 +62,9 @@ def run_here(
     would, in a copy of the current :mod:`contextvars` context: what it sets there
     stays there.
     """
+    # The submit read the body (it is cached): what the handler reads of the raw
+    # stream starts from its first byte again, as in a task thread.
+    request.stream = io.BytesIO(snapshot.body)
     ran = contextvars.copy_context().run(_run_task, app, task.id, snapshot, resource, task)
     assert ran is not None
     return ran[0]

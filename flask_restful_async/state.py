@@ -34,6 +34,7 @@ RESULT_SUFFIX = "/result"
 
 _ID_PLACEHOLDER = "0" * 22
 _NO_PREFERENCES: dict[str, Preference] = {}
+_FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 # The Host header is the client's to choose: bound what it can make us remember.
 _MAX_LOCATION_PREFIXES = 64
 
@@ -206,7 +207,11 @@ class AsyncState:
         rule = request.url_rule
         endpoint = (rule.endpoint if rule is not None else None) or ""
         prefs = request_prefer(environ) if "HTTP_PREFER" in environ else _NO_PREFERENCES
-        hold, now = self.plan_wait(endpoint, method, prefs)
+        # A form's fields and files are parsed from the live request, where the
+        # method decorators may have read their streams already: such a task runs
+        # from a copy, in a task thread, where they are parsed afresh.
+        form = environ.get("CONTENT_TYPE", "").startswith(_FORM_TYPES)
+        hold, now = self.plan_wait(endpoint, method, prefs, here=not form)
         rerun = self.takeover is not None and bool(getattr(resource, "rerun_on_crash", False))
         if now:
             # Run in this thread, which would wait for the task anyway: recorded as
@@ -278,14 +283,14 @@ class AsyncState:
             self.executor.release(size)
 
     def plan_wait(
-        self, endpoint: str, method: str, prefs: t.Mapping[str, Preference]
+        self, endpoint: str, method: str, prefs: t.Mapping[str, Preference], *, here: bool = True
     ) -> tuple[float, bool]:
         """How a submit of ``endpoint`` and ``method`` with preferences ``prefs``
         waits for its task: the seconds of a short wait before its 202 (see
         :meth:`short_hold`; 0 for none), and whether its task runs in the request
         thread (see :meth:`submit`)."""
         hold = self.short_hold(endpoint, method)
-        if not hold or not self.short_in_request or self.executor.inline:
+        if not (hold and here and self.short_in_request) or self.executor.inline:
             return hold, False
         # Only a client that asked to wait (Prefer: wait=N) for a task expected to
         # end within those N seconds: the request thread holds on for the answer

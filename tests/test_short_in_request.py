@@ -5,6 +5,7 @@ than the short wait or N, nor once one of them has run past the short wait."""
 
 from __future__ import annotations
 
+import io
 import threading
 import time
 import typing as t
@@ -40,6 +41,12 @@ class Echo(AsyncResource):
     def post(self) -> t.Any:
         ran_in.append(threading.get_ident())
         return {"json": request.get_json(silent=True), "task": current_task.id}
+
+
+class Raw(AsyncResource):
+    def post(self) -> t.Any:
+        ran_in.append(threading.get_ident())
+        return {"stream": request.stream.read().decode(), "data": request.get_data(as_text=True)}
 
 
 class Gated(AsyncResource):
@@ -265,3 +272,39 @@ def test_a_repeated_idempotency_key_gives_the_slot_back(make_app: AppFactory) ->
     assert len(ran_in) == 1
     assert get_state(app).executor.acquire_now()
     get_state(app).executor.release_now()
+
+
+def test_the_handler_reads_the_body_from_the_stream_as_in_a_task_thread(
+    make_app: AppFactory,
+) -> None:
+    app, api = make_app(config=GENEROUS)
+    api.add_resource(Raw, "/raw")
+    warm_up(app, "/raw", "raw")
+    response = app.test_client().post(
+        "/raw", data=b"one line\nand another", content_type="text/plain", headers=WAIT
+    )
+    assert response.status_code == 200
+    assert [threading.get_ident()] == ran_in
+    assert response.json == {"stream": "one line\nand another", "data": "one line\nand another"}
+
+
+class Upload(AsyncResource):
+    def post(self) -> t.Any:
+        ran_in.append(threading.get_ident())
+        return {"field": request.form["field"], "file": request.files["file"].read().decode()}
+
+
+def test_a_form_runs_from_a_copy_in_a_task_thread(make_app: AppFactory) -> None:
+    app, api = make_app(config=GENEROUS)
+    api.add_resource(Upload, "/upload")
+    state = get_state(app)
+    state.run_times.record("upload", "post", 0.01)
+    response = app.test_client().post(
+        "/upload",
+        data={"field": "value", "file": (io.BytesIO(b"contents"), "a.txt")},
+        headers=WAIT,
+    )
+    assert response.status_code == 200
+    assert response.json == {"field": "value", "file": "contents"}
+    assert len(ran_in) == 1
+    assert ran_in[0] != threading.get_ident()
