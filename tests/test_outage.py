@@ -497,3 +497,47 @@ def test_a_wrong_progress_interval_is_refused_at_setup(
 ) -> None:
     with pytest.raises(ValueError, match="RESTFUL_ASYNC_PROGRESS_INTERVAL must be"):
         make_app(config={"RESTFUL_ASYNC_PROGRESS_INTERVAL": interval})
+
+
+def test_a_task_run_in_its_request_thread_keeps_its_promise_through_an_outage(
+    make_app: AppFactory, outage: Outage
+) -> None:
+    """A short ``Prefer: wait`` task runs in the request thread (see
+    test_short_in_request) and ends while the store is down: its outcome waits in
+    the outbox, and the submit, still within its wait, answers with it once the
+    store is back and has taken it. A submit made while the store is down gets 503,
+    and leaves the request-thread slot free."""
+    app, gates = gated_app(
+        make_app,
+        outage.store,
+        RESTFUL_ASYNC_LEASE=4,
+        RESTFUL_ASYNC_SHORT_WAIT=5,
+        RESTFUL_ASYNC_SHORT_IN_REQUEST=True,
+    )
+    state = get_state(app)
+    state.run_times.record("gated", "post", 0.01)
+    answers = []
+    here = threading.Thread(
+        target=lambda: answers.append(
+            app.test_client().post("/gated?gate=a", headers={"Prefer": "wait=10"})
+        )
+    )
+    here.start()
+    assert gates["a"]["started"].wait(10)
+    outage.down()
+    try:
+        refused = app.test_client().post("/gated?gate=b", headers={"Prefer": "wait=10"})
+        assert refused.status_code == 503
+        assert int(refused.headers["Retry-After"]) >= 1
+        assert not gates["b"]["started"].is_set()
+        gates["a"]["go"].set()
+        wait_for(lambda: len(outbox.existing_outbox(state.store) or ()) == 1)
+    finally:
+        outage.up()
+    here.join(15)
+    (answer,) = answers
+    assert answer.status_code == 200, answer.get_data()
+    assert answer.json == {"gate": "a", "done": True}
+    assert answer.headers["Preference-Applied"] == "wait=10"
+    assert state.executor.acquire_now()
+    state.executor.release_now()
