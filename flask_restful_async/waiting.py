@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import inspect
 import logging
 import os
 import threading
@@ -481,10 +482,12 @@ class Waiters:
         return self._watching > 0
 
     def _listen(self, store: TaskStore, listener: _Listener) -> None:
+        # A store written before listen() took changes= hears ends only.
+        options = {"changes": self._wants_changes} if _takes_changes(store) else {}
         try:
             while not listener.is_set():
                 try:
-                    store.listen(self._heard, listener, changes=self._wants_changes)
+                    store.listen(self._heard, listener, **options)
                 except Exception:
                     # A store's listen() should not raise; if one does, it is
                     # logged and started again, never left to kill the thread.
@@ -596,6 +599,25 @@ class Subscription:
 
 
 # -- one per store per process -----------------------------------------------------
+
+def _takes_changes(store: TaskStore) -> bool:
+    """Whether ``store.listen`` takes the ``changes`` keyword (every store of this
+    package does; a custom one may predate it, and is then told only of ends)."""
+    try:
+        parameters = inspect.signature(store.listen).parameters
+    except (TypeError, ValueError):
+        return True  # no signature to read: call it as documented
+    if "changes" in parameters or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()
+    ):
+        return True
+    _logger.warning(
+        "%s.listen() takes no changes= keyword: event streams in this process hear"
+        " only when tasks end, not their other changes",
+        type(store).__name__,
+    )
+    return False
+
 
 _registry: weakref.WeakKeyDictionary[TaskStore, Waiters] = weakref.WeakKeyDictionary()
 _registry_lock = threading.Lock()

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import typing as t
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -773,3 +774,39 @@ def test_a_redis_user_without_channel_rights_still_finishes_tasks(tmp_path: Path
         finally:
             waiters_for(store).close()
             store.close()
+
+
+class ListensTheOldWay(SQLiteStore):
+    """A custom store written before ``listen`` took ``changes=``."""
+
+    def listen(self, on_change: t.Any, stop: t.Any) -> None:  # type: ignore[override]
+        super().listen(on_change, stop)
+
+
+def test_a_store_whose_listen_takes_no_changes_still_wakes_waits(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = str(tmp_path / "tasks.db")
+    store, other = ListensTheOldWay(path), SQLiteStore(path)
+    waiters = Waiters(store)
+    try:
+        task = running_task(other)
+        finished_at: list[float] = []
+
+        def finish() -> None:
+            other.finish(task.id, TaskState.SUCCEEDED)  # another connection: no notify
+            finished_at.append(time.time())
+
+        finisher = later(0.3, finish)
+        got = waiters.wait_finished(task.id, 5)
+        woke = time.time()
+        finisher.join(5)
+        assert got is not None
+        assert got.state is TaskState.SUCCEEDED
+        assert woke - finished_at[0] < CROSS_PROCESS_BOUND
+        assert "Listening to" not in caplog.text
+        assert "ListensTheOldWay.listen() takes no changes= keyword" in caplog.text
+    finally:
+        waiters.close()
+        store.close()
+        other.close()
