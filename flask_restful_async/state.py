@@ -212,28 +212,15 @@ class AsyncState:
         # from a copy, in a task thread, where they are parsed afresh.
         form = environ.get("CONTENT_TYPE", "").startswith(_FORM_TYPES)
         hold, now = self.plan_wait(endpoint, method, prefs, here=not form)
-        rerun = self.takeover is not None and bool(getattr(resource, "rerun_on_crash", False))
-        if now:
-            # Run in this thread, which would wait for the task anyway: recorded as
-            # running from the start, it needs no start of its own, and no copy of
-            # the request unless another process may have to run it again.
-            task.state, task.started_at = TaskState.RUNNING, task.created_at
-        if now and not rerun:
-            snapshot = RequestSnapshot.in_place(body, endpoint, method, args, kwargs)
-        else:
-            snapshot = RequestSnapshot.capture(body, method, args, kwargs)
-        if self.propagators:
-            self.propagate(task, snapshot.carrier)
-        task.endpoint, task.method, task.path = endpoint, method.upper(), request.path
+        try:
+            snapshot, stored = self.prepare(
+                task, resource, body, endpoint, method, args, kwargs, now
+            )
+        except BaseException:
+            if now:
+                self.executor.release_now()
+            raise
         size = 0 if now else snapshot.held_bytes
-        stored: bytes | None = None
-        if self.takeover is not None and (not now or rerun):
-            try:
-                stored = snapshot.to_bytes()
-            except TypeError:
-                pass  # view arguments that are not JSON data: no other process can run it
-            else:
-                task.rerun = bool(getattr(resource, "rerun_on_crash", False))
         # With Prefer (perhaps wait=N), or a short wait ahead, the task as created
         # counts as a first read.
         ticket = waiting.ticket(self.store) if not now and (hold or prefs) else None
@@ -273,6 +260,43 @@ class AsyncState:
             if signals.task_submitted.receivers:
                 signals.send(signals.task_submitted, self.app, task=recorded)
         return self.accepted(recorded, prefs, ticket, hold)
+
+    def prepare(
+        self,
+        task: Task,
+        resource: Resource,
+        body: bytes,
+        endpoint: str,
+        method: str,
+        args: tuple[t.Any, ...],
+        kwargs: dict[str, t.Any],
+        now: bool,
+    ) -> tuple[RequestSnapshot, bytes | None]:
+        """Fill in ``task`` before it is stored, and copy what its run needs: the
+        request snapshot, and its bytes for the store when another process may
+        have to run the task."""
+        rerun = self.takeover is not None and bool(getattr(resource, "rerun_on_crash", False))
+        if now:
+            # Run in this thread, which would wait for the task anyway: recorded as
+            # running from the start, it needs no start of its own, and no copy of
+            # the request unless another process may have to run it again.
+            task.state, task.started_at = TaskState.RUNNING, task.created_at
+        if now and not rerun:
+            snapshot = RequestSnapshot.in_place(body, endpoint, method, args, kwargs)
+        else:
+            snapshot = RequestSnapshot.capture(body, method, args, kwargs)
+        if self.propagators:
+            self.propagate(task, snapshot.carrier)
+        task.endpoint, task.method, task.path = endpoint, method.upper(), request.path
+        stored: bytes | None = None
+        if self.takeover is not None and (not now or rerun):
+            try:
+                stored = snapshot.to_bytes()
+            except TypeError:
+                pass  # view arguments that are not JSON data: no other process can run it
+            else:
+                task.rerun = bool(getattr(resource, "rerun_on_crash", False))
+        return snapshot, stored
 
     def release(self, size: int, now: bool) -> None:
         """Give back the executor room a submit took: for a task of ``size`` bytes

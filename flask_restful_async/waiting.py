@@ -600,6 +600,7 @@ class Subscription:
 
 # -- one per store per process -----------------------------------------------------
 
+
 def _takes_changes(store: TaskStore) -> bool:
     """Whether ``store.listen`` takes the ``changes`` keyword (every store of this
     package does; a custom one may predate it, and is then told only of ends)."""
