@@ -49,7 +49,8 @@ def follow(
     (a long-poll: it answers as soon as the task ends) until it stops answering
     ``202``; a ``303 See Other`` to the task's ``/result`` (with
     ``RESTFUL_ASYNC_RESULT_REDIRECT``) is followed, any other answer is the
-    task's own and returned as it is, a handler's redirect included. A poll that
+    task's own and returned as it is, a handler's redirect included, and so is a
+    handler's own ``202`` whose ``Location`` is not the status URL. A poll that
     came back early without news waits out its ``Retry-After`` first.
 
     ``headers`` go with every poll: the credentials an ``owner`` callable reads.
@@ -57,8 +58,15 @@ def follow(
     ``timeout`` seconds.
     """
     deadline = time.monotonic() + timeout
+    status: str | None = None  # the path of the task's status URL, once known
     while response.status_code == 202 and "Location" in response.headers:
         location = response.headers["Location"]
+        if status is None:
+            status = urlsplit(location).path
+        elif urlsplit(location).path != status:
+            # The status URL of a task still at work names itself; a 202 that
+            # sends elsewhere is the handler's own answer.
+            break
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise TimeoutError(

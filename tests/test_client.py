@@ -53,7 +53,12 @@ STEPS, STEP = 5, 0.7
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    env = {"CLIENT_APP_INSTANCE": str(tmp_path_factory.mktemp("client_app"))}
+    env = {
+        "CLIENT_APP_INSTANCE": str(tmp_path_factory.mktemp("client_app")),
+        # No submit waits for its task: what the client sees of a task does not
+        # depend on which quick tasks the tests before ran (their run times).
+        "FLASK_RESTFUL_ASYNC_SHORT_WAIT": "0",
+    }
     with serve("gunicorn-gthread", APP, env=env, workers=1, threads=16) as url:
         yield url
 
@@ -150,6 +155,18 @@ def test_a_synchronous_answer_is_the_response(client: TaskClient, recorder: Reco
     assert answered.status_code == 201
     assert answered.headers["Preference-Applied"] == "wait=5"
     assert recorder.requests[-1][1].headers["Prefer"] == "wait=5"
+
+
+def test_the_handlers_own_202_is_its_final_answer(client: TaskClient) -> None:
+    # A 202 whose Location is not the status URL is the handler's answer, not a
+    # task still at work: the operation ends with it.
+    operation = submit(client, steps=1, step=0.3, elsewhere=True)
+    response = operation.result(timeout=10)
+    assert response.status_code == 202
+    assert response.headers["Location"] == "/elsewhere/1"
+    assert response.json() == {"queued": "elsewhere"}
+    assert operation.done()
+    assert operation.state == "succeeded"
 
 
 def test_failed_by_abort_and_by_an_exception(client: TaskClient) -> None:

@@ -356,6 +356,24 @@ def test_follow_returns_a_final_answer_as_it_is(make_app: AppFactory) -> None:
     assert follow(client, client.put("/mixed")).status_code == 405
 
 
+def test_follow_returns_the_handlers_own_202(make_app_any_store: AppFactory) -> None:
+    app, api = make_app_any_store()
+
+    class Elsewhere(AsyncResource):
+        def post(self) -> t.Any:
+            return {"queued": "elsewhere"}, 202, {"Location": "/elsewhere/1"}
+
+    api.add_resource(Elsewhere, "/elsewhere")
+    client = app.test_client()
+    submitted = client.post("/elsewhere")
+    assert submitted.status_code == 202
+    assert submitted.headers["Location"].startswith("/tasks/")
+    final = follow(client, submitted)
+    assert final.status_code == 202
+    assert final.headers["Location"] == "/elsewhere/1"
+    assert final.json == {"queued": "elsewhere"}
+
+
 def test_follow_long_polls_the_thread_executor(make_app_any_store: AppFactory, held: None) -> None:
     app, api = make_app_any_store()
     api.add_resource(Steps, "/steps")

@@ -9,6 +9,8 @@ reads a clock the driver could not see: times are ``time.monotonic()``.
 The rules it follows:
 
 - A ``202`` with a ``Location`` is an operation; anything else is the final answer.
+  At the status URL, a ``202`` is the task at work only while its ``Location`` is
+  that URL: one that sends elsewhere is the handler's own answer.
 - The next poll never goes before the ``Retry-After`` of the last answer (seconds,
   or an HTTP date read against that answer's ``Date``). Without one, or after a
   ``Retry-After: 0`` that did not end the task, the pause starts at 0.1 s and doubles
@@ -371,7 +373,13 @@ def poll(
             # The result, on a URL of its own: GET it at once.
             url = response.url.join(location)
             continue
-        if response.status_code == 202 and url == state.url:
+        # A task still at work answers 202 with its own URL as Location; a 202
+        # whose Location is elsewhere is the handler's own final answer.
+        if (
+            response.status_code == 202
+            and url == state.url
+            and (location is None or response.url.join(location).path == state.url.path)
+        ):
             return state.accepted(response, sent, asked)
         state.response = response
         return False

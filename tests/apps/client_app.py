@@ -99,6 +99,9 @@ class Work(AsyncResource):
             abort(422, message="the input was not good enough")
         if body.get("fail") == "raise":
             raise RuntimeError("the handler broke")
+        if body.get("elsewhere"):
+            # The handler's own 202: the work goes on in another system.
+            return {"queued": "elsewhere"}, 202, {"Location": "/elsewhere/1"}
         return {"echo": body}, 201, {"X-Work": "done"}
 
 
