@@ -118,27 +118,15 @@ def finish(
     response: StoredResponse | None,
     worker: str | None,
     logger: logging.Logger,
-) -> TaskState:
+) -> tuple[TaskState, Ending | None]:
     """Record a task's outcome now, or, if the store does not take it, in the outbox.
 
     Never raises. An error other than an outage (the store refused this outcome)
     is logged, and the task ends as ``lost`` instead. Returns the state recorded
-    (or waiting in the outbox): ``state``, or ``lost``.
+    (or waiting in the outbox): ``state``, or ``lost``; and the ending as the store
+    recorded it: None if it did not (the outcome waits in the outbox, or the task
+    had ended already).
     """
-    return record(store, task_id, state, response, worker, logger)[0]
-
-
-def record(
-    store: TaskStore,
-    task_id: str,
-    state: TaskState,
-    response: StoredResponse | None,
-    worker: str | None,
-    logger: logging.Logger,
-) -> tuple[TaskState, Ending | None]:
-    """:func:`finish`, which also returns the ending as the store recorded it
-    (None if it did not: the outcome waits in the outbox, or the task had ended
-    already)."""
     try:
         finished_at = store.finish(task_id, state, response)
     except StoreUnavailable as e:

@@ -115,7 +115,7 @@ def _run_task(
         app.logger.exception("Task %s failed", task_id, extra={"task_id": task_id})
     finally:
         handle._close()  # the latest progress lands before the outcome
-        recorded, ending = outbox.record(
+        recorded, ending = outbox.finish(
             store, task_id, outcome, response, started.worker, app.logger
         )
         if signals.task_finished.receivers:

@@ -313,17 +313,17 @@ class AsyncState:
         waits for its task: the seconds of a short wait before its 202 (see
         :meth:`short_hold`; 0 for none), and whether its task runs in the request
         thread (see :meth:`submit`)."""
-        hold = self.short_hold(endpoint, method)
+        if self.short_wait <= 0:
+            return 0.0, False
+        estimate = self.expected_run_time(endpoint, method)
+        hold = self._hold_for(estimate)
         if not (hold and here and self.short_in_request) or self.executor.inline:
             return hold, False
         # Only a client that asked to wait (Prefer: wait=N) for a task expected to
         # end within those N seconds: the request thread holds on for the answer
         # anyway, as it would for a synchronous call.
         seconds = wait_seconds(prefs) if prefs else None
-        if not seconds:
-            return hold, False
-        estimate = self.run_times.estimate(endpoint, method)
-        if estimate is None or estimate > min(seconds, self.max_wait):
+        if not seconds or estimate is None or estimate > min(seconds, self.max_wait):
             return hold, False
         return hold, self.executor.acquire_now()
 
@@ -389,12 +389,19 @@ class AsyncState:
         it (see :mod:`~flask_restful_async.estimates`), else 0."""
         if self.short_wait <= 0:
             return 0.0
+        return self._hold_for(self.expected_run_time(endpoint, method))
+
+    def expected_run_time(self, endpoint: str, method: str) -> float | None:
+        """The run-time estimate of ``endpoint`` and ``method``; None when there is
+        none yet, or when estimating failed (logged)."""
         try:
-            estimate = self.run_times.estimate(endpoint, method)
+            return self.run_times.estimate(endpoint, method)
         except Exception:
             # A guess that fails costs the wait, never the submit.
             self.app.logger.exception("Estimating the run time of %s %s failed", method, endpoint)
-            return 0.0
+            return None
+
+    def _hold_for(self, estimate: float | None) -> float:
         return self.short_wait if estimate is not None and estimate <= self.short_wait else 0.0
 
     def accepted(

@@ -104,7 +104,7 @@ class Takeover:
                 self.app.logger.exception(
                     "Task %s cannot be taken over", task.id, extra={"task_id": task.id}
                 )
-                recorded = outbox.finish(
+                recorded, _ = outbox.finish(
                     self.store, task.id, TaskState.LOST, None, worker_id(), self.app.logger
                 )
                 if signals.task_finished.receivers:
