@@ -330,18 +330,15 @@ class AsyncState:
     def run_now(self, task: Task, snapshot: RequestSnapshot, resource: Resource) -> Task:
         """Run ``task``, recorded as running, in this (request) thread, and return it
         as it ended (as it started if the store did not take its outcome: the
-        client polls for it then). It holds one of the executor's workers (see
-        :meth:`Executor.acquire_now`) meanwhile."""
-        from .runner import run_here
-
+        client polls for it then). It holds the room :meth:`Executor.acquire_now`
+        took meanwhile."""
         token = self.run_times.begin(snapshot.endpoint, snapshot.method)
         try:
             waiting.changed(self.store, task.id)  # list streams in this process
             if signals.task_submitted.receivers:
                 signals.send(signals.task_submitted, self.app, task=task)
-            ending = run_here(self.app, task, snapshot, resource)
+            ending = self.executor.run_now(self.app, task, snapshot, resource)
         finally:
-            self.executor.release_now()
             self.run_times.end(token)
         return task if ending is None else ending.apply(task)
 

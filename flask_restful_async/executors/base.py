@@ -10,6 +10,7 @@ if t.TYPE_CHECKING:
     from flask_restful import Resource
 
     from ..snapshot import RequestSnapshot
+    from ..stores.base import Ending
     from ..task import Task
 
 
@@ -75,6 +76,16 @@ class Executor(abc.ABC):
 
     def release_now(self) -> None:
         """Give back what :meth:`acquire_now` took, once the task has ended."""
+
+    def run_now(
+        self, app: Flask, task: Task, snapshot: RequestSnapshot, resource: Resource
+    ) -> Ending | None:
+        """Run ``task``, for which :meth:`acquire_now` took room and which its submit
+        recorded as running, in the calling (request) thread; then give the room
+        back. Returns how it ended as the store recorded it (see
+        :func:`~flask_restful_async.runner.run_here`). Only an executor whose
+        :meth:`acquire_now` can succeed has it."""
+        raise NotImplementedError(f"{type(self).__name__} runs no task in the request thread")
 
     def idle(self, limit: int) -> int:
         """How many of ``limit`` tasks taken over from other processes this

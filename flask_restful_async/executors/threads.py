@@ -19,6 +19,7 @@ if t.TYPE_CHECKING:
     from flask_restful import Resource
 
     from ..snapshot import RequestSnapshot
+    from ..stores.base import Ending
     from ..task import Task
 
 
@@ -126,6 +127,16 @@ class ThreadExecutor(Executor):
 
     def release_now(self) -> None:
         self._in_request.release()
+
+    def run_now(
+        self, app: Flask, task: Task, snapshot: RequestSnapshot, resource: Resource
+    ) -> Ending | None:
+        from ..runner import run_here  # as in _work
+
+        try:
+            return run_here(app, task, snapshot, resource)
+        finally:
+            self.release_now()
 
     def release(self, size: int = 0) -> None:
         with self._lock:
