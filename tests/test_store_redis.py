@@ -11,6 +11,7 @@ runs a second redis-server of its own on a free loopback port.
 from __future__ import annotations
 
 import importlib
+import os
 import secrets
 import socket
 import sys
@@ -587,3 +588,94 @@ def test_close_then_use_again(store: RedisStore) -> None:
     task = store.create(new_task())
     store.close()
     assert store.get(task.id) == task
+
+
+# --- the scripts' connections (stores/redislane.py) -----------------------------
+
+
+def lane_sockets(store: RedisStore) -> list[str]:
+    """``ip:port`` of each free connection of the store's scripts, as the server names it."""
+    free = list(store._lane._free)  # type: ignore[attr-defined]
+    sockets = [each._sock.getsockname() for each in free if each._sock is not None]
+    return [f"{host}:{port}" for host, port in sockets]
+
+
+def test_a_call_holds_a_connection_only_while_it_runs(store: RedisStore) -> None:
+    task = store.create(new_task())
+    barrier = threading.Barrier(4)
+
+    def poll() -> None:
+        barrier.wait(5)
+        for _ in range(20):
+            assert store.get(task.id) == task
+
+    threads = [threading.Thread(target=poll) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    join_all(threads)
+    # every connection the threads used is free again, none is lost to a thread
+    pool = store._client.connection_pool  # type: ignore[attr-defined]
+    assert 1 <= store._lane.free == len(pool._in_use_connections)  # type: ignore[attr-defined]
+
+
+def test_connections_the_server_dropped_are_replaced_within_the_call(
+    store: RedisStore, raw: redis.Redis
+) -> None:
+    task = store.create(new_task())
+    barrier = threading.Barrier(3)
+
+    def poll() -> None:
+        barrier.wait(5)
+        store.get(task.id)
+
+    threads = [threading.Thread(target=poll) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    join_all(threads)
+    addresses = lane_sockets(store)
+    assert addresses
+    for address in addresses:
+        raw.client_kill(address)
+    # the first free connection fails; the call is retried on a new one
+    assert store.get(task.id) == task
+    assert store.get(task.id) == task
+
+
+def test_an_error_reply_leaves_the_connection_in_step(store: RedisStore, raw: redis.Redis) -> None:
+    task = store.create(new_task())
+    wrong = new_task_id()
+    raw.set(f"{store.prefix}task:{wrong}", "not a hash")
+    before = lane_sockets(store)
+    for _ in range(3):
+        with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+            store.get(wrong)
+        assert store.get(task.id) == task
+    assert lane_sockets(store) == before  # the same connection, never closed
+
+
+def test_a_forked_child_uses_connections_of_its_own(store: RedisStore) -> None:
+    tasks = [store.create(new_task()) for _ in range(3)]
+    assert store.get(tasks[0].id) == tasks[0]  # a free connection the child inherits
+    inherited = set(lane_sockets(store))
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never return into pytest
+        code = 1
+        try:
+            os.close(read)
+            answers = all(store.get(task.id) == task for task in tasks * 5)
+            if answers and not inherited & set(lane_sockets(store)):
+                code = 0
+        finally:
+            os.write(write, bytes([code]))
+            os._exit(code)
+    os.close(write)
+    try:
+        _, status = os.waitpid(pid, 0)
+        assert os.read(read, 1) == b"\x00"
+    finally:
+        os.close(read)
+    assert os.waitstatus_to_exitcode(status) == 0
+    # had the child used the parent's socket, replies would now be out of step
+    for task in tasks * 5:
+        assert store.get(task.id) == task

@@ -107,6 +107,7 @@ except ImportError as e:
 
 from ..task import Progress, StoredResponse, Task, TaskState
 from .base import ChangeCallback, Claimed, Ending, StopSignal, StoreStats, TaskStore
+from .redislane import ScriptLane
 
 #: Index entries one list() script looks at, at most; it is called again from
 #: where it stopped until the page is full, so work per call stays bounded.
@@ -789,6 +790,7 @@ class RedisStore(TaskStore):
                 f"RedisStore: {self.url} has a query parameter that redis-py does not know"
                 f" ({e}); the key prefix is an argument: RedisStore(url, prefix=...)"
             ) from None
+        self._lane = ScriptLane(self._client)
         register = self._client.register_script
         self._create = register(_CREATE)
         self._start = register(_START)
@@ -872,7 +874,7 @@ class RedisStore(TaskStore):
             *fields,
         ]
         with self._reaching():
-            reply = self._create(keys=keys, args=args)
+            reply = self._lane.call(self._create, keys, args)
         if reply[0] == 1:
             return task
         return _decode(reply[1])
@@ -887,7 +889,7 @@ class RedisStore(TaskStore):
         now = time.time()
         with self._reaching():
             args = [*self._clock(now), owner, self._queued_before(now)]
-            reply = self._get(keys=[self._task_key(task_id)], args=args)
+            reply = self._lane.call(self._get, [self._task_key(task_id)], args)
         if reply is None:
             return None
         return self.retention_view(_decode(reply), now)
@@ -895,7 +897,7 @@ class RedisStore(TaskStore):
     def start(self, task_id: str, worker: str) -> Task | None:
         args = [*self._clock(time.time()), worker]
         with self._reaching():
-            reply = self._start(keys=[self._task_key(task_id)], args=args)
+            reply = self._lane.call(self._start, [self._task_key(task_id)], args)
         return None if reply is None else _decode(reply)
 
     def claim(self, worker: str, limit: int) -> list[Claimed]:
@@ -912,7 +914,7 @@ class RedisStore(TaskStore):
         # The token tells a retry of this call (same token) from the next call.
         token = f"{self.prefix}claim:{secrets.token_urlsafe(12)}"
         with self._reaching():
-            reply = self._claim(keys=[token], args=args)
+            reply = self._lane.call(self._claim, [token], args)
         claimed = [Claimed(_decode(reply[i]), bytes(reply[i + 1])) for i in range(0, len(reply), 2)]
         claimed.sort(key=lambda each: (each.task.created_at, each.task.id))
         return claimed
@@ -922,16 +924,17 @@ class RedisStore(TaskStore):
             return 0
         with self._reaching():
             return int(
-                self._hand_back(
-                    keys=[self._worker_key(worker)], args=[self.prefix, worker, *task_ids]
+                self._lane.call(
+                    self._hand_back, [self._worker_key(worker)], [self.prefix, worker, *task_ids]
                 )
             )
 
     def set_progress(self, task_id: str, progress: Progress) -> bool:
         with self._reaching():
-            reply = self._set_progress(
-                keys=[self._task_key(task_id)],
-                args=[json.dumps(progress.to_dict()), self._changed_channel],
+            reply = self._lane.call(
+                self._set_progress,
+                [self._task_key(task_id)],
+                [json.dumps(progress.to_dict()), self._changed_channel],
             )
         return bool(reply)
 
@@ -957,14 +960,14 @@ class RedisStore(TaskStore):
         with self._reaching():
             # 0 when it had ended already, or when this is redis-py's retry of a
             # call whose reply was lost: then the caller reads how it ended.
-            recorded = self._finish(keys=[self._task_key(task_id)], args=args)
+            recorded = self._lane.call(self._finish, [self._task_key(task_id)], args)
         return now if recorded == 1 else None
 
     def request_cancel(self, task_id: str) -> Task | None:
         now = time.time()
         with self._reaching():
             args = [*self._clock(now), self._queued_before(now)]
-            reply = self._request_cancel(keys=[self._task_key(task_id)], args=args)
+            reply = self._lane.call(self._request_cancel, [self._task_key(task_id)], args)
         if reply is None:
             return None
         view = self.retention_view(_decode(reply), now)
@@ -972,7 +975,7 @@ class RedisStore(TaskStore):
 
     def delete(self, task_id: str) -> None:
         with self._reaching():
-            self._delete(keys=[self._task_key(task_id)], args=self._clock(time.time()))
+            self._lane.call(self._delete, [self._task_key(task_id)], self._clock(time.time()))
 
     def list(
         self,
@@ -1004,7 +1007,7 @@ class RedisStore(TaskStore):
                 self._queued_before(now),
             ]
             with self._reaching():
-                reply = self._list(keys=[owner_key], args=args)
+                reply = self._lane.call(self._list, [owner_key], args)
             for raw in reply[2:]:
                 view = self.retention_view(_decode(raw), now)
                 if view is not None and not view.expired:
@@ -1022,7 +1025,7 @@ class RedisStore(TaskStore):
         args = [*self._clock(time.time()), worker, RELEASE_BATCH]
         keys = [self._lease_key(worker), self._worker_key(worker)]
         with self._reaching():
-            while self._release(keys=keys, args=args) >= RELEASE_BATCH:
+            while self._lane.call(self._release, keys, args) >= RELEASE_BATCH:
                 pass
 
     def put_blob(self, key: str, data: bytes, ttl: float) -> None:
@@ -1050,7 +1053,7 @@ class RedisStore(TaskStore):
         changed = 0
         with self._reaching():
             for _ in range(PURGE_MAX_BATCHES):
-                done, handled = self._purge(keys=[f"{self.prefix}expiry"], args=args)
+                done, handled = self._lane.call(self._purge, [f"{self.prefix}expiry"], args)
                 changed += int(done)
                 if handled < PURGE_BATCH:
                     break
@@ -1197,7 +1200,7 @@ class RedisStore(TaskStore):
                 break
             args = [*self._clock(now), state.value if state else "", self._queued_before(now)]
             with self._reaching():
-                reply = self._read_live(keys=[], args=[*args, *batch])
+                reply = self._lane.call(self._read_live, [], [*args, *batch])
             for raw in reply:
                 view = self.retention_view(_decode(raw), now)
                 if view is not None and not view.expired:
@@ -1217,8 +1220,8 @@ class RedisStore(TaskStore):
             first = 0
             while True:
                 args = [*self._clock(now), first, OPERATE_BATCH, self._queued_before(now)]
-                looked, left, queued, running, created = self._count_active(
-                    keys=[f"{self.prefix}active"], args=args
+                looked, left, queued, running, created = self._lane.call(
+                    self._count_active, [f"{self.prefix}active"], args
                 )
                 counts[TaskState.QUEUED] += int(queued)
                 counts[TaskState.RUNNING] += int(running)
@@ -1246,7 +1249,7 @@ class RedisStore(TaskStore):
             first = 0
             while True:
                 args = [*self._clock(now), first, OPERATE_BATCH, self._queued_before(now)]
-                reply = self._owner_stats(keys=[self._owner_key(owner)], args=args)
+                reply = self._lane.call(self._owner_stats, [self._owner_key(owner)], args)
                 for state, count in zip(_OWNER_STAT_STATES, reply[1:7], strict=True):
                     counts[state] += int(count)
                 if reply[7]:
