@@ -1,7 +1,8 @@
 """Short tasks that a ``Prefer: wait=N`` submit waits for run in its request thread
 (``RESTFUL_ASYNC_SHORT_IN_REQUEST``): recorded as running from the start, bounded
-by ``RESTFUL_ASYNC_MAX_WORKERS`` at once, never for a task expected to run longer
-than the short wait or N, nor once one of them has run past the short wait."""
+by ``RESTFUL_ASYNC_MAX_WORKERS`` at once (then by the places of idle workers),
+never for a task expected to run longer than the short wait or N, nor once one
+of them has run past the short wait."""
 
 from __future__ import annotations
 
@@ -65,13 +66,16 @@ class Patient(AsyncResource):
 
 
 def slot_is_free(app: Flask) -> bool:
-    """Whether a task could run in a request thread now (with MAX_WORKERS 1: the
-    one slot was given back)."""
+    """Whether every place for a task in a request thread was given back: with
+    MAX_WORKERS 1 and nothing running, two are free (the place of its own, then
+    the idle worker's), and not a third."""
     executor = get_state(app).executor
-    if not executor.acquire_now():
-        return False
-    executor.release_now()
-    return True
+    taken = 0
+    while taken < 3 and executor.acquire_now():
+        taken += 1
+    for _ in range(taken):
+        executor.release_now()
+    return taken == 2
 
 
 def warm_up(app: Flask, path: str, endpoint: str) -> None:
@@ -169,31 +173,44 @@ def test_an_unknown_run_time_or_one_longer_than_asked_is_not_run_here(
     assert plan("wait=20")[1] is False  # above the short wait
 
 
-def test_at_most_max_workers_run_in_request_threads_at_once(make_app: AppFactory) -> None:
+def test_beyond_max_workers_a_request_thread_takes_an_idle_workers_place(
+    make_app: AppFactory,
+) -> None:
     app, api = make_app(config={**GENEROUS, "RESTFUL_ASYNC_MAX_WORKERS": 1})
     api.add_resource(Gated, "/gated")
     warm_up(app, "/gated", "gated")
     GATE.clear()
     answers: dict[str, int] = {}
 
-    def submit(name: str) -> None:
-        answers[name] = app.test_client().post("/gated", headers=WAIT).status_code
+    def submit(name: str) -> threading.Thread:
+        def post() -> None:
+            answers[name] = app.test_client().post("/gated", headers=WAIT).status_code
 
-    first = threading.Thread(target=submit, args=("first",))
-    first.start()
+        thread = threading.Thread(target=post)
+        thread.start()
+        return thread
+
+    first = submit("first")
     wait_for(lambda: len(ran_in) == 1)
-    assert ran_in == [first.ident]
-    # The one slot is taken: this one goes to the task thread (which is free).
-    second = threading.Thread(target=submit, args=("second",))
-    second.start()
+    # The one place for a task in a request thread is taken: the next takes the
+    # place of the pool's idle worker, and runs where it is all the same.
+    second = submit("second")
     wait_for(lambda: len(ran_in) == 2)
-    assert ran_in[1] != second.ident
+    assert ran_in == [first.ident, second.ident]
+    # No place is left: this one goes to the pool, whose worker's place is taken.
+    third = submit("third")
+    time.sleep(0.3)
+    assert len(ran_in) == 2
     GATE.set()
-    first.join(10)
-    second.join(10)
-    assert answers == {"first": 200, "second": 200}
-    # The slot is back.
+    for thread in (first, second, third):
+        thread.join(10)
+    assert len(ran_in) == 3
+    assert ran_in[2] != third.ident
+    assert answers == {"first": 200, "second": 200, "third": 200}
+    # Every place is back.
     assert slot_is_free(app)
+    executor = get_state(app).executor
+    assert executor.idle(5) == 1  # type: ignore[attr-defined]
 
 
 def test_one_that_runs_past_the_short_wait_sends_the_next_to_a_task_thread(

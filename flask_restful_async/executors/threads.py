@@ -81,8 +81,13 @@ class ThreadExecutor(Executor):
         self._slots = threading.BoundedSemaphore(self.max_workers + self.max_pending)
         self._idle = threading.Semaphore(0)
         # One per task running in the thread that submitted it (acquire_now): at
-        # most max_workers at once, besides as many in this pool's threads.
+        # most max_workers at once, besides as many in this pool's threads. Beyond
+        # those, such a task takes the place of an idle worker (_borrowed of them).
         self._in_request = threading.BoundedSemaphore(self.max_workers)
+        self._borrowed = 0
+        # Tasks running in this pool's threads, or in a request thread in a
+        # worker's place: at most max_workers.
+        self._running = threading.BoundedSemaphore(self.max_workers)
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         # Tasks accepted or taken over and not yet done (running or waiting).
@@ -123,10 +128,38 @@ class ThreadExecutor(Executor):
             )
 
     def acquire_now(self) -> bool:
-        return not self._closed and self._in_request.acquire(blocking=False)
+        if self._closed:
+            return False
+        if self._in_request.acquire(blocking=False):
+            return True
+        # Every place for a task in a request thread is taken. Sent to this pool,
+        # the task would take an idle worker's place while its client's thread
+        # waits: it takes that place all the same, and runs where it is. The
+        # handlers running at once stay as many as before; the hand-over to a
+        # worker and back (as much CPU again as the rest of the task's path) is saved.
+        with self._lock:
+            if self._taken >= self.max_workers or not self._running.acquire(blocking=False):
+                return False
+            if not self._slots.acquire(blocking=False):
+                self._running.release()
+                return False
+            self._taken += 1
+            self._borrowed += 1
+        return True
 
     def release_now(self) -> None:
-        self._in_request.release()
+        # Places are alike: a worker's place is given back first, whichever task
+        # ends, so that the pool has it again as soon as it can.
+        with self._lock:
+            borrowed = self._borrowed > 0
+            if borrowed:
+                self._borrowed -= 1
+                self._taken -= 1
+        if borrowed:
+            self._running.release()
+            self._slots.release()
+        else:
+            self._in_request.release()
 
     def run_now(
         self, app: Flask, task: Task, snapshot: RequestSnapshot, resource: Resource
@@ -194,9 +227,11 @@ class ThreadExecutor(Executor):
                 return
             with self._lock:
                 self._held_bytes -= job.snapshot.held_bytes
+            self._running.acquire()  # a task in a request thread may hold a place
             try:
                 run_task(job.app, job.task_id, job.snapshot, job.resource)
             finally:
+                self._running.release()
                 self.release()
             self._idle.release()
             if self.on_ran is not None:
