@@ -350,3 +350,62 @@ def test_threads_that_end_leave_their_connection_to_the_next(tmp_path: Path) -> 
     finally:
         store.close()
     assert store._connections == []
+
+
+def test_every_thread_of_a_process_writes_through_one_connection(tmp_path: Path) -> None:
+    """A connection drops the pages it read whenever another one writes: one writer
+    per process keeps its pages across the writes of sibling threads."""
+    store = SQLiteStore(str(tmp_path / "tasks.db"))
+    try:
+        made: list[Task] = []
+
+        def submit_and_poll() -> None:
+            task = store.create(Task(id=new_task_id()))
+            assert store.get(task.id) == task
+            store.finish(task.id, TaskState.SUCCEEDED)
+            made.append(task)
+
+        threads = [threading.Thread(target=submit_and_poll) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+        assert len(made) == 4
+        writer = store._writer
+        assert writer is not None
+        assert writer.total_changes >= 8
+        readers = [conn for conn in store._connections if conn is not writer]
+        assert readers  # the polls read through the threads' own connections
+        assert all(conn.total_changes == 0 for conn in readers)
+    finally:
+        store.close()
+
+
+def test_a_write_that_fails_leaves_the_writer_ready_for_the_next(tmp_path: Path) -> None:
+    store = SQLiteStore(str(tmp_path / "tasks.db"))
+    try:
+        first = store.create(Task(id=new_task_id()))
+
+        def fail_midway() -> None:
+            with store._transaction() as conn:
+                conn.execute("UPDATE tasks SET state = 'running' WHERE id = ?", (first.id,))
+                raise RuntimeError("the caller's own error, in the middle")
+
+        with pytest.raises(RuntimeError):
+            fail_midway()
+        writer = store._writer
+        assert writer is not None
+        assert not writer.in_transaction
+        got = store.get(first.id)
+        assert got is not None
+        assert got.state is TaskState.QUEUED  # rolled back
+        # A transaction left open (a ROLLBACK that failed) is closed, or the writer
+        # given up, before the next write.
+        writer.execute("BEGIN IMMEDIATE")
+        with pytest.raises(RuntimeError), store._writing():
+            raise RuntimeError("failed with the transaction open")
+        assert store._writer is None or not store._writer.in_transaction
+        second = store.create(Task(id=new_task_id()))
+        assert store.get(second.id) == second
+    finally:
+        store.close()

@@ -299,6 +299,9 @@ class SQLiteStore(TaskStore):
         self._inherited: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
         self._write_lock = threading.RLock()
+        # The one connection this process writes with, under _write_lock (see
+        # _writing); reads go through each thread's own.
+        self._writer: sqlite3.Connection | None = None
         self._next_purge = 0.0
         # (st_dev, st_ino) of the file this store opened first; the file at
         # ``path`` is compared with it every FILE_CHECK_INTERVAL seconds.
@@ -327,12 +330,35 @@ class SQLiteStore(TaskStore):
                 self._held.add(held)
         return conn
 
+    def _writer_connection(self) -> sqlite3.Connection:
+        """The connection every write of this process goes through (its caller
+        holds the write lock)."""
+        if time.monotonic() >= self._check_at:
+            self._check_file()
+        if self._writer is None:
+            self._writer = self._connect()
+        return self._writer
+
+    def _writer_failed(self) -> None:
+        """After a write that failed: the writer leaves no transaction open for the
+        next one, or is given up (the next write opens another)."""
+        writer = self._writer
+        if writer is None or not writer.in_transaction:
+            return
+        try:
+            writer.execute("ROLLBACK")
+        except Exception:
+            self._writer = None
+            with contextlib.suppress(Exception):
+                writer.close()
+
     @property
     def _connections(self) -> list[sqlite3.Connection]:
-        """The connections open in this process (threads' and spare)."""
+        """The connections open in this process (threads', spare, the writer)."""
         with self._lock:
             held = [h.conn for h in self._held if h.conn is not None]
-        return held + list(self._spares)
+        writer = [] if self._writer is None else [self._writer]
+        return held + list(self._spares) + writer
 
     def _spare(self, conn: sqlite3.Connection) -> None:
         """A thread that ended leaves its connection: keep it for another, or close
@@ -425,11 +451,16 @@ class SQLiteStore(TaskStore):
         return _Access(self, None)
 
     def _writing(self) -> _Access:
-        """The same for writes, which the threads of this process take in turns.
+        """The same for writes, which the threads of this process take in turns,
+        on one connection of the process.
 
         SQLite lets one writer in at a time and makes the others wait in a busy
         handler that sleeps in steps of milliseconds; queueing on a Python lock
-        first keeps that for writers of other processes only.
+        first keeps that for writers of other processes only. One connection for
+        the writes: a connection drops the pages it had read whenever another one
+        wrote to the file, and with one per thread, every write of a sibling
+        thread made the next writer read its pages again (in the end-to-end
+        benchmark, 12 reads of the log per task).
         """
         return _Access(self, self._write_lock)
 
@@ -457,11 +488,14 @@ class SQLiteStore(TaskStore):
         self._spool.after_fork()
 
     def _retire(self) -> list[sqlite3.Connection]:
-        """Take every connection from the threads and the spares, for good."""
+        """Take every connection from the threads, the spares and the writer, for good."""
         with self._lock:
             held, self._held = list(self._held), weakref.WeakSet()
         connections = list(self._spares)
         self._spares.clear()
+        if self._writer is not None:
+            connections.append(self._writer)
+            self._writer = None
         for each in held:
             if each.conn is not None:
                 connections.append(each.conn)
@@ -1158,10 +1192,15 @@ class _Access:
         self._store, self._lock = store, lock
 
     def __enter__(self) -> sqlite3.Connection:
-        if self._lock is not None:
-            self._lock.acquire()
+        if self._lock is None:
+            try:
+                return self._store._connection()
+            except BaseException as e:
+                self.__exit__(type(e), e, e.__traceback__)
+                raise
+        self._lock.acquire()
         try:
-            return self._store._connection()
+            return self._store._writer_connection()
         except BaseException as e:
             self.__exit__(type(e), e, e.__traceback__)
             raise
@@ -1173,7 +1212,11 @@ class _Access:
         traceback: types.TracebackType | None,
     ) -> None:
         if self._lock is not None:
-            self._lock.release()
+            try:
+                if exc is not None:
+                    self._store._writer_failed()
+            finally:
+                self._lock.release()
         if exc is not None and _is_outage(exc):
             raise self._store._outage(exc) from exc
 
