@@ -50,7 +50,8 @@ DEFAULTS: dict[str, t.Any] = {
     "RESTFUL_ASYNC_SHORT_WAIT": 0.5,
     # A task that a Prefer: wait=N submit waits for, and that usually ends within
     # SHORT_WAIT and N, runs in that request thread, which waits for it anyway
-    # (at most MAX_WORKERS at once per process): no hand-over to a task thread.
+    # (at most MAX_WORKERS at once per process, then in the places of idle task
+    # threads): no hand-over to a task thread.
     # One that turns slow holds the request thread until it ends, past N.
     # False: always in a task thread.
     "RESTFUL_ASYNC_SHORT_IN_REQUEST": True,
