@@ -35,8 +35,11 @@ class _Job:
 
 
 class ThreadExecutor(Executor):
-    """At most ``max_workers`` tasks run at once; at most ``max_pending`` more wait,
-    holding at most ``max_pending_bytes`` of request snapshots between them.
+    """At most ``max_workers`` tasks run at once (in its threads, or in request
+    threads in their place: see :meth:`acquire_now`); at most ``max_pending`` more
+    wait, holding at most ``max_pending_bytes`` of request snapshots between them.
+    Short tasks that their submits run themselves take ``max_workers`` places of
+    their own first.
 
     Beyond either bound, :meth:`acquire` raises ``Saturated`` and the client gets
     503 with ``Retry-After``: the process never grows an unbounded queue, heap or
