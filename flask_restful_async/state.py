@@ -310,13 +310,14 @@ class AsyncState:
         self, endpoint: str, method: str, prefs: t.Mapping[str, Preference], *, here: bool = True
     ) -> tuple[float, bool]:
         """How a submit of ``endpoint`` and ``method`` with preferences ``prefs``
-        waits for its task: the seconds of a short wait before its 202 (see
-        :meth:`short_hold`; 0 for none), and whether its task runs in the request
-        thread (see :meth:`submit`)."""
+        waits for its task: the seconds of a short wait before its 202
+        (``RESTFUL_ASYNC_SHORT_WAIT`` when the tasks there usually end within it, see
+        :mod:`~flask_restful_async.estimates`; else 0), and whether its task runs in
+        the request thread (see :meth:`submit`)."""
         if self.short_wait <= 0:
             return 0.0, False
         estimate = self.expected_run_time(endpoint, method)
-        hold = self._hold_for(estimate)
+        hold = self.short_wait if estimate is not None and estimate <= self.short_wait else 0.0
         if not (hold and here and self.short_in_request) or self.executor.inline:
             return hold, False
         # Only a client that asked to wait (Prefer: wait=N) for a task expected to
@@ -380,14 +381,6 @@ class AsyncState:
             signals.send(signals.task_rejected, self.app, reason=reason)
         return error_response(503, error.message, {"Retry-After": str(error.retry_after)})
 
-    def short_hold(self, endpoint: str, method: str) -> float:
-        """Seconds a submit of ``endpoint`` and ``method`` waits for its task before
-        its 202: ``RESTFUL_ASYNC_SHORT_WAIT`` when the tasks there usually end within
-        it (see :mod:`~flask_restful_async.estimates`), else 0."""
-        if self.short_wait <= 0:
-            return 0.0
-        return self._hold_for(self.expected_run_time(endpoint, method))
-
     def expected_run_time(self, endpoint: str, method: str) -> float | None:
         """The run-time estimate of ``endpoint`` and ``method``; None when there is
         none yet, or when estimating failed (logged)."""
@@ -397,9 +390,6 @@ class AsyncState:
             # A guess that fails costs the wait, never the submit.
             self.app.logger.exception("Estimating the run time of %s %s failed", method, endpoint)
             return None
-
-    def _hold_for(self, estimate: float | None) -> float:
-        return self.short_wait if estimate is not None and estimate <= self.short_wait else 0.0
 
     def accepted(
         self,

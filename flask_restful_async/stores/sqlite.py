@@ -1192,14 +1192,11 @@ class _Access:
         self._store, self._lock = store, lock
 
     def __enter__(self) -> sqlite3.Connection:
-        if self._lock is None:
-            try:
-                return self._store._connection()
-            except BaseException as e:
-                self.__exit__(type(e), e, e.__traceback__)
-                raise
-        self._lock.acquire()
+        if self._lock is not None:
+            self._lock.acquire()
         try:
+            if self._lock is None:
+                return self._store._connection()
             return self._store._writer_connection()
         except BaseException as e:
             self.__exit__(type(e), e, e.__traceback__)
