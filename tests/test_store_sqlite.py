@@ -143,6 +143,48 @@ def test_a_forked_child_opens_its_own_connection(tmp_path: Path) -> None:
     store.close()
 
 
+def test_a_fork_waits_for_a_write_of_another_thread_and_the_child_can_write(
+    tmp_path: Path,
+) -> None:
+    # A short busy timeout: without the wait, the child's first write would find
+    # the write lock of the parent's transaction held for good, and fail.
+    store = SQLiteStore(str(tmp_path / "fork.db"), timeout=1.0)
+    store.configure(result_ttl=60, tombstone_ttl=60, lease=30)
+    store.renew_lease("parent")
+    inside = threading.Event()
+
+    def hold_a_write() -> None:
+        with store._transaction() as conn:
+            conn.execute("UPDATE leases SET expires_at = expires_at + 1")
+            inside.set()
+            time.sleep(0.3)
+
+    writer = threading.Thread(target=hold_a_write)
+    writer.start()
+    try:
+        assert inside.wait(5)
+        forked_at = time.monotonic()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - reports through the exit code
+            code = 1
+            try:
+                store.renew_lease("child")
+                store.create(Task(id=new_task_id()))
+                code = 0
+            finally:
+                os._exit(code)
+        waited = time.monotonic() - forked_at
+        deadline = time.monotonic() + 10
+        while not (done := os.waitpid(pid, os.WNOHANG))[0]:
+            assert time.monotonic() < deadline, "child did not finish"
+            time.sleep(0.01)
+        assert os.waitstatus_to_exitcode(done[1]) == 0
+        assert waited >= 0.2  # the fork waited for the transaction to end
+    finally:
+        writer.join(5)
+        store.close()
+
+
 @pytest.mark.parametrize("layout", ["other tables", "a later version", "the previous version"])
 def test_a_file_of_another_layout_is_refused_with_a_503(
     tmp_path: Path, layout: str, caplog: pytest.LogCaptureFixture

@@ -28,6 +28,7 @@ import weakref
 from ..exceptions import StoreUnavailable
 from ..task import Progress, StoredResponse, Task, TaskState
 from .base import ChangeCallback, Claimed, StopSignal, StoreStats, TaskStore
+from .forkgate import ForkGate
 from .spool import SnapshotSpool
 
 #: Records changed per statement when reclaiming space, so that no purge holds the
@@ -49,6 +50,10 @@ CHECKPOINT_WAIT = 0.25
 FILE_CHECK_INTERVAL = 1.0
 #: Seconds between two looks at the database's change counter by :meth:`SQLiteStore.listen`.
 LISTEN_INTERVAL = 0.02
+#: Seconds a fork waits for the SQLite calls of other threads to end (see
+#: :mod:`~flask_restful_async.stores.forkgate`): longer than a store's busy
+#: timeout, so that only a call stuck on another process is not waited for.
+FORK_WAIT = 10.0
 #: Connections of threads that ended kept open for the next threads, per store and
 #: process. Under gevent every request is a greenlet of its own, with a
 #: "thread-local" connection of its own: without this, each would open one.
@@ -367,7 +372,7 @@ class SQLiteStore(TaskStore):
             if len(self._spares) < SPARE_CONNECTIONS and not conn.in_transaction:
                 self._spares.append(conn)
             else:
-                conn.close()
+                _close(conn)
         except Exception:
             pass
 
@@ -504,7 +509,7 @@ class SQLiteStore(TaskStore):
 
     def close(self) -> None:
         for conn in self._retire():
-            conn.close()
+            _close(conn)
         self._local = threading.local()
         self._spool.close()
 
@@ -586,23 +591,29 @@ class SQLiteStore(TaskStore):
 
     def get(self, task_id: str) -> Task | None:
         # The hot path of every poll: the connection without _Access's wrapping.
+        _GATE.enter()
         try:
             row = self._connection().execute(_GET, (task_id,)).fetchone()
         except BaseException as e:
             if _is_outage(e):
                 raise self._outage(e) from e
             raise
+        finally:
+            _GATE.leave()
         return None if row is None else self._read(row, time.time())
 
     def get_owned(self, task_id: str, owner: str | None) -> Task | None:
         # The owner is compared before the response is joined: another owner's
         # task reads as fast as an unknown one, however large its result.
+        _GATE.enter()
         try:
             row = self._connection().execute(_GET_OWNED, (owner, task_id, owner)).fetchone()
         except BaseException as e:
             if _is_outage(e):
                 raise self._outage(e) from e
             raise
+        finally:
+            _GATE.leave()
         return None if row is None else self._read(row, time.time())
 
     # -- writing -------------------------------------------------------------------
@@ -969,6 +980,8 @@ class SQLiteStore(TaskStore):
                     # while no request comes.
                     with contextlib.suppress(StoreUnavailable):
                         self._check_file()
+                changed = False
+                _GATE.enter()
                 try:
                     if conn is None:
                         conn = sqlite3.connect(
@@ -979,15 +992,10 @@ class SQLiteStore(TaskStore):
                             check_same_thread=False,
                         )
                         version = _data_version(conn)
-                        if failures:
-                            _logger.info("Listening to %s again", self.url)
-                        failures = 0
-                        on_change(None)  # what changed before this was not seen
+                        changed = True  # what changed before this was not seen
                     else:
                         current = _data_version(conn)
-                        if current != version:
-                            version = current
-                            on_change(None)
+                        changed, version = current != version, current
                 except (sqlite3.Error, OSError):
                     if conn is not None:
                         conn.close()
@@ -995,12 +1003,20 @@ class SQLiteStore(TaskStore):
                     failures += 1
                     if failures == 1:
                         _logger.warning("Cannot listen to %s", self.url, exc_info=True)
+                finally:
+                    _GATE.leave()
+                if conn is None:
                     stop.wait(min(2.0, 0.05 * 2 ** min(failures, 6)) * random.uniform(0.5, 1.0))
                     continue
+                if failures:
+                    _logger.info("Listening to %s again", self.url)
+                    failures = 0
+                if changed:
+                    on_change(None)
                 stop.wait(LISTEN_INTERVAL)
         finally:
             if conn is not None:
-                conn.close()
+                _close(conn)
 
     # -- operating (see TaskStore.list_all) ----------------------------------------
 
@@ -1192,6 +1208,7 @@ class _Access:
         self._store, self._lock = store, lock
 
     def __enter__(self) -> sqlite3.Connection:
+        _GATE.enter()
         if self._lock is not None:
             self._lock.acquire()
         try:
@@ -1208,12 +1225,15 @@ class _Access:
         exc: BaseException | None,
         traceback: types.TracebackType | None,
     ) -> None:
-        if self._lock is not None:
-            try:
-                if exc is not None:
-                    self._store._writer_failed()
-            finally:
-                self._lock.release()
+        try:
+            if self._lock is not None:
+                try:
+                    if exc is not None:
+                        self._store._writer_failed()
+                finally:
+                    self._lock.release()
+        finally:
+            _GATE.leave()
         if exc is not None and _is_outage(exc):
             raise self._store._outage(exc) from exc
 
@@ -1249,18 +1269,33 @@ class _Held:
             store._spare(conn)
         else:
             with contextlib.suppress(Exception):
-                conn.close()
+                _close(conn)
 
 
 _stores: weakref.WeakSet[SQLiteStore] = weakref.WeakSet()
 
+#: Every call of this module into SQLite passes it, and a fork waits for them.
+_GATE = ForkGate("SQLite", FORK_WAIT)
+
+
+def _close(conn: sqlite3.Connection) -> None:
+    """Close ``conn`` (closing is a call into SQLite too: no fork meanwhile)."""
+    _GATE.enter()
+    try:
+        conn.close()
+    finally:
+        _GATE.leave()
+
 
 def _reset_after_fork() -> None:
+    _GATE.after_fork_in_child()
     for store in list(_stores):
         store._after_fork()
 
 
-os.register_at_fork(after_in_child=_reset_after_fork)
+os.register_at_fork(
+    before=_GATE.close, after_in_parent=_GATE.open, after_in_child=_reset_after_fork
+)
 
 
 def _close_at_exit() -> None:
