@@ -51,13 +51,11 @@ class RunTimes:
         self._running[token] = ((endpoint, method), time.monotonic())
         return token
 
-    def end(self, token: int) -> float:
+    def end(self, token: int) -> None:
         """The run :meth:`begin` returned ``token`` for is done: record it (as a
-        sample of its endpoint), and return its seconds."""
+        sample of its endpoint)."""
         key, started = self._running.pop(token)
-        seconds = time.monotonic() - started
-        self.record(*key, seconds)
-        return seconds
+        self.record(*key, time.monotonic() - started)
 
     def record(self, endpoint: str, method: str, seconds: float) -> None:
         """One task of ``endpoint`` and ``method`` (lower case) took ``seconds``."""

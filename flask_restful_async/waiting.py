@@ -612,12 +612,19 @@ def _takes_changes(store: TaskStore) -> bool:
         p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()
     ):
         return True
-    _logger.warning(
-        "%s.listen() takes no changes= keyword: event streams in this process hear"
-        " only when tasks end, not their other changes",
-        type(store).__name__,
-    )
+    if type(store) not in _told_without_changes:
+        # Once per class: the listener starts again whenever waiters come back.
+        _told_without_changes.add(type(store))
+        _logger.warning(
+            "%s.listen() takes no changes= keyword: event streams in this process hear"
+            " only when tasks end, not their other changes",
+            type(store).__name__,
+        )
     return False
+
+
+#: Store classes whose ``listen`` takes no ``changes=``, already told of in the log.
+_told_without_changes: set[type[TaskStore]] = set()
 
 
 _registry: weakref.WeakKeyDictionary[TaskStore, Waiters] = weakref.WeakKeyDictionary()

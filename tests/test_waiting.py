@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import random
 import secrets
@@ -781,6 +782,24 @@ class ListensTheOldWay(SQLiteStore):
 
     def listen(self, on_change: t.Any, stop: t.Any) -> None:  # type: ignore[override]
         super().listen(on_change, stop)
+
+
+def test_a_store_whose_listen_takes_no_changes_is_told_of_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    class OldStore(SQLiteStore):
+        def listen(self, on_change: t.Any, stop: t.Any) -> None:  # type: ignore[override]
+            super().listen(on_change, stop)
+
+    stores = [OldStore(str(tmp_path / "tasks.db")) for _ in range(2)]
+    try:
+        with caplog.at_level(logging.WARNING, logger="flask_restful_async.waiting"):
+            # Each start of a listener asks again: the log says it once.
+            assert not any([waiting._takes_changes(store) for store in stores * 2])
+        assert caplog.text.count("OldStore.listen() takes no changes= keyword") == 1
+    finally:
+        for store in stores:
+            store.close()
 
 
 def test_a_store_whose_listen_takes_no_changes_still_wakes_waits(
