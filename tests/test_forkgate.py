@@ -48,6 +48,26 @@ def test_closing_waits_for_the_calls_in_flight_and_holds_back_new_ones() -> None
     caller.join(5)
 
 
+def test_two_forks_at_once_keep_the_gate_closed_until_both_are_done() -> None:
+    gate = ForkGate("test", wait=10)
+    gate.close()
+    gate.close()  # another thread forking at the same time
+    gate.open()  # the first fork is done
+    entered = threading.Event()
+
+    def call() -> None:
+        gate.enter()
+        entered.set()
+        gate.leave()
+
+    caller = threading.Thread(target=call, daemon=True)
+    caller.start()
+    assert not entered.wait(0.1)  # the second fork is not done
+    gate.open()
+    assert entered.wait(5)
+    caller.join(5)
+
+
 def test_a_call_inside_a_call_goes_on_while_the_gate_waits_to_close() -> None:
     gate = ForkGate("test", wait=10)
     gate.enter()

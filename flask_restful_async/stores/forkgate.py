@@ -45,14 +45,15 @@ class ForkGate:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._inside = 0
-        self._closed = False
+        # Forks under way (two threads may fork at once): closed while above 0.
+        self._closing = 0
         self._depth = threading.local()
 
     def enter(self) -> None:
         depth = self._depth.__dict__.get("n", 0)
         if not depth:
             with self._lock:
-                while self._closed:
+                while self._closing:
                     self._changed.wait()
                 self._inside += 1
         self._depth.n = depth + 1
@@ -63,7 +64,7 @@ class ForkGate:
         if not depth:
             with self._lock:
                 self._inside -= 1
-                if self._closed and not self._inside:
+                if self._closing and not self._inside:
                     self._changed.notify_all()
 
     def close(self) -> None:
@@ -71,7 +72,7 @@ class ForkGate:
         own = self._depth.__dict__.get("n", 0) > 0  # a fork from inside a call
         deadline = time.monotonic() + self.wait
         with self._lock:
-            self._closed = True
+            self._closing += 1
             while self._inside > own:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -87,7 +88,7 @@ class ForkGate:
     def open(self) -> None:
         """Let the calls held back by :meth:`close` go on (the parent, after a fork)."""
         with self._lock:
-            self._closed = False
+            self._closing -= 1
             self._changed.notify_all()
 
     def after_fork_in_child(self) -> None:
