@@ -1210,7 +1210,11 @@ class _Access:
     def __enter__(self) -> sqlite3.Connection:
         _GATE.enter()
         if self._lock is not None:
-            self._lock.acquire()
+            try:
+                self._lock.acquire()
+            except BaseException:
+                _GATE.leave()  # interrupted while waiting (a signal's exception)
+                raise
         try:
             if self._lock is None:
                 return self._store._connection()
