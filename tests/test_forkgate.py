@@ -24,14 +24,9 @@ def closing(gate: ForkGate) -> tuple[threading.Thread, threading.Event]:
     return thread, closed
 
 
-def test_closing_waits_for_the_calls_in_flight_and_holds_back_new_ones() -> None:
-    gate = ForkGate("test", wait=10)
-    gate.enter()
-    closer, closed = closing(gate)
-    assert not closed.wait(0.1)  # a call is in flight
-    gate.leave()
-    assert closed.wait(5)
-
+def calling(gate: ForkGate) -> tuple[threading.Thread, threading.Event]:
+    """Make a call through ``gate`` in a thread of its own; the event is set once
+    the call got in."""
     entered = threading.Event()
 
     def call() -> None:
@@ -39,8 +34,19 @@ def test_closing_waits_for_the_calls_in_flight_and_holds_back_new_ones() -> None
         entered.set()
         gate.leave()
 
-    caller = threading.Thread(target=call, daemon=True)
-    caller.start()
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    return thread, entered
+
+
+def test_closing_waits_for_the_calls_in_flight_and_holds_back_new_ones() -> None:
+    gate = ForkGate("test", wait=10)
+    gate.enter()
+    closer, closed = closing(gate)
+    assert not closed.wait(0.1)  # a call is in flight
+    gate.leave()
+    assert closed.wait(5)
+    caller, entered = calling(gate)
     assert not entered.wait(0.1)  # held back while closed
     gate.open()
     assert entered.wait(5)
@@ -53,15 +59,7 @@ def test_two_forks_at_once_keep_the_gate_closed_until_both_are_done() -> None:
     gate.close()
     gate.close()  # another thread forking at the same time
     gate.open()  # the first fork is done
-    entered = threading.Event()
-
-    def call() -> None:
-        gate.enter()
-        entered.set()
-        gate.leave()
-
-    caller = threading.Thread(target=call, daemon=True)
-    caller.start()
+    caller, entered = calling(gate)
     assert not entered.wait(0.1)  # the second fork is not done
     gate.open()
     assert entered.wait(5)
