@@ -283,13 +283,16 @@ def test_foreign_server_without_retry_after(base: str, recorder: Recorder) -> No
 
 def test_foreign_server_with_an_http_date(base: str, recorder: Recorder) -> None:
     with TaskClient(base, event_hooks=recorder.hooks()) as client:
-        operation = client.post("/foreign/jobs", params={"seconds": 1.2, "date": 2})
+        operation = client.post("/foreign/jobs", params={"seconds": 0.8, "date": 2})
         assert isinstance(operation, Operation)
         assert operation.result(timeout=10).status_code == 200
     # the submit's 202 has no Retry-After: a first poll soon, then as the date says
-    # (whole seconds, read against the answer's Date: 1 to 2 s)
+    # (whole seconds, read against the answer's Date: 1 to 2 s, 1 when a second
+    # begins between the two; so the job ends within the shortest of those waits)
     (first, _), (polled, _) = recorder.responses[1], recorder.requests[2]
-    assert len(recorder.requests) == 3
+    # Three answers: a poll sent after 2 s of quiet may meet the server's keep-alive
+    # closing the connection, and the client sends it again (one more request).
+    assert len(recorder.responses) == 3
     assert polled - first >= 0.9
 
 
