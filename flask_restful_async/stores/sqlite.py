@@ -589,11 +589,12 @@ class SQLiteStore(TaskStore):
         else:
             task.state, task.finished_at = state, now
 
-    def get(self, task_id: str) -> Task | None:
-        # The hot path of every poll: the connection without _Access's wrapping.
+    def _fetch_task(self, sql: str, params: tuple[t.Any, ...]) -> Task | None:
+        """The task of a one-row read, as clients see it: on the thread's
+        connection without ``_Access``'s wrapping (the hot path of every poll)."""
         _GATE.enter()
         try:
-            row = self._connection().execute(_GET, (task_id,)).fetchone()
+            row = self._connection().execute(sql, params).fetchone()
         except BaseException as e:
             if _is_outage(e):
                 raise self._outage(e) from e
@@ -602,19 +603,13 @@ class SQLiteStore(TaskStore):
             _GATE.leave()
         return None if row is None else self._read(row, time.time())
 
+    def get(self, task_id: str) -> Task | None:
+        return self._fetch_task(_GET, (task_id,))
+
     def get_owned(self, task_id: str, owner: str | None) -> Task | None:
         # The owner is compared before the response is joined: another owner's
         # task reads as fast as an unknown one, however large its result.
-        _GATE.enter()
-        try:
-            row = self._connection().execute(_GET_OWNED, (owner, task_id, owner)).fetchone()
-        except BaseException as e:
-            if _is_outage(e):
-                raise self._outage(e) from e
-            raise
-        finally:
-            _GATE.leave()
-        return None if row is None else self._read(row, time.time())
+        return self._fetch_task(_GET_OWNED, (owner, task_id, owner))
 
     # -- writing -------------------------------------------------------------------
 
