@@ -353,6 +353,47 @@ def test_the_write_ahead_log_stays_bounded_under_polls(tmp_path: Path) -> None:
     assert wal <= sqlite_store.WAL_SIZE_LIMIT, wal
 
 
+def test_a_thread_of_its_own_copies_the_log_into_the_database(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every CHECKPOINT_WRITES writes, a thread of the process checkpoints: no
+    request waits for SQLite's own checkpoint to copy the whole log (the rows reach
+    the database file itself, which a commit alone never writes)."""
+    monkeypatch.setattr(sqlite_store, "CHECKPOINT_WRITES", 3)
+    path = tmp_path / "tasks.db"
+    store = SQLiteStore(str(path))
+    try:
+        first = store.create(Task(id=new_task_id()))
+        assert store._checkpointer is None
+        assert first.id.encode() not in path.read_bytes()  # in the log only
+        store.create(Task(id=new_task_id()))
+        third = store.create(Task(id=new_task_id()))
+        checkpointer = store._checkpointer
+        assert checkpointer is not None
+        assert checkpointer.name == "restful-async-checkpoint"
+        checkpointer.join(10)
+        assert not checkpointer.is_alive()
+        copied = path.read_bytes()
+        assert first.id.encode() in copied
+        assert third.id.encode() in copied
+        assert store.get(third.id) is not None
+    finally:
+        store.close()
+
+
+def test_closing_a_store_waits_for_its_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_store, "CHECKPOINT_WRITES", 1)
+    store = SQLiteStore(str(tmp_path / "tasks.db"))
+    store.create(Task(id=new_task_id()))
+    checkpointer = store._checkpointer
+    assert checkpointer is not None
+    store.close()
+    assert not checkpointer.is_alive()
+    assert store._connections == []
+
+
 def test_a_process_that_exits_leaves_no_write_ahead_log(tmp_path: Path) -> None:
     """Connections still open at exit (task threads, the lease) are closed then, so the
     file is left alone, without -wal and -shm beside it."""
@@ -449,5 +490,24 @@ def test_a_write_that_fails_leaves_the_writer_ready_for_the_next(tmp_path: Path)
         assert store._writer is None or not store._writer.in_transaction
         second = store.create(Task(id=new_task_id()))
         assert store.get(second.id) == second
+    finally:
+        store.close()
+
+
+def test_a_write_goes_on_when_no_checkpoint_thread_can_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At the interpreter's exit (the lease is released then) no thread starts."""
+    monkeypatch.setattr(sqlite_store, "CHECKPOINT_WRITES", 1)
+
+    def refuse(self: threading.Thread) -> None:
+        raise RuntimeError("can't create new thread at interpreter shutdown")
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    store = SQLiteStore(str(tmp_path / "tasks.db"))
+    try:
+        task = store.create(Task(id=new_task_id()))
+        assert store._checkpointer is None
+        assert store.get(task.id) is not None
     finally:
         store.close()
