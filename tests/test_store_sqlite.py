@@ -511,3 +511,35 @@ def test_a_write_goes_on_when_no_checkpoint_thread_can_start(
         assert store.get(task.id) is not None
     finally:
         store.close()
+
+
+def test_processes_that_start_together_on_a_new_file_all_write(tmp_path: Path) -> None:
+    """The workers of a first deploy open the new file at the same moment. One of
+    them switches it to WAL mode while the others open it, and SQLite answered
+    those "database is locked" at once, without waiting its busy timeout: a 503."""
+    path = tmp_path / "tasks.db"
+    go = tmp_path / "go"
+    script = (
+        "import os, sys, time\n"
+        "from flask_restful_async.stores import SQLiteStore\n"
+        "from flask_restful_async.task import Task, new_task_id\n"
+        "store = SQLiteStore(sys.argv[1])\n"
+        "deadline = time.monotonic() + 20\n"
+        "while not os.path.exists(sys.argv[2]) and time.monotonic() < deadline:\n"
+        "    time.sleep(0.001)\n"
+        "store.create(Task(new_task_id()))\n"
+    )
+    workers = [
+        subprocess.Popen([sys.executable, "-c", script, str(path), str(go)], stderr=subprocess.PIPE)
+        for _ in range(4)
+    ]
+    try:
+        time.sleep(1.0)  # their imports done
+        go.touch()
+        errors = [worker.communicate(timeout=30)[1] for worker in workers]
+    finally:
+        for worker in workers:
+            worker.kill()
+            worker.wait(10)
+    assert [worker.returncode for worker in workers] == [0, 0, 0, 0], errors
+    assert len(SQLiteStore(str(path)).list(owner=None)) == 4

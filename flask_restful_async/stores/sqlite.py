@@ -469,7 +469,7 @@ class SQLiteStore(TaskStore):
             )
             conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
             if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-                conn.execute("PRAGMA journal_mode = WAL")
+                _use_wal(conn, self.timeout)
             # WAL with synchronous=NORMAL stays consistent on a crash; a power loss
             # may lose the last commits, which a 202 client would then see as 404.
             conn.execute("PRAGMA synchronous = NORMAL")
@@ -1183,6 +1183,34 @@ def _data_version(conn: sqlite3.Connection) -> int:
 
 
 _logger = logging.getLogger(__name__)
+
+
+#: Seconds between two tries to switch a new file to WAL mode (see _use_wal).
+WAL_SWITCH_RETRY = 0.01
+
+
+def _use_wal(conn: sqlite3.Connection, timeout: float) -> None:
+    """Switch the file of ``conn`` to write-ahead logging, which is kept in the file.
+
+    Only a new file needs it, and where several processes start on the same new
+    file (the workers of a first deploy) one of them switches while the others are
+    opening it. The switch needs the file to itself, and SQLite answers
+    "database is locked" at once rather than wait the busy timeout for it: try
+    again until ``timeout`` (whoever switches first leaves nothing to do).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        except sqlite3.OperationalError as e:
+            if e.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() >= deadline:
+                raise
+        else:
+            if mode == "wal":
+                return
+            if time.monotonic() >= deadline:
+                raise sqlite3.OperationalError(f"the file stays in {mode} mode, not WAL")
+        time.sleep(WAL_SWITCH_RETRY)
 
 
 def _ensure_schema(conn: sqlite3.Connection, store: SQLiteStore) -> None:
