@@ -1203,7 +1203,8 @@ def _use_wal(conn: sqlite3.Connection, timeout: float) -> None:
         try:
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         except sqlite3.OperationalError as e:
-            if e.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() >= deadline:
+            # SQLITE_BUSY, or one of its extended codes (SQLITE_BUSY_RECOVERY...).
+            if e.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY or time.monotonic() >= deadline:
                 raise
         else:
             if mode == "wal":
