@@ -34,7 +34,9 @@ channel, which it subscribes to only while a stream watches in this process). A
 long-poll is never woken by that news, and with no stream open in the process
 :func:`changed` costs one dictionary lookup and one attribute read. The streams
 on one task share their reads of it: one read per change per process, however
-many streams follow the task.
+many streams follow the task. News that names no task (SQLite's) is one read of
+every followed task, by the listener, which wakes only the streams whose task
+changed (:meth:`Waiters._probe`).
 """
 
 from __future__ import annotations
@@ -65,6 +67,8 @@ REMEMBERED_NEWS = 1024
 
 _logger = logging.getLogger(__name__)
 _T = t.TypeVar("_T")
+#: Entries the listener takes to read itself: (task id, entry, its count of changes).
+_Claims = list[tuple[str, "_Entry", int]]
 
 
 def _settled(task: Task | None) -> bool:
@@ -80,15 +84,19 @@ class _Entry:
     And its streams (``watchers``): a condition and counter of their own
     (``changes``), bumped by every change, not only endings; and the last read of
     the task (``cached``, read at ``cached_at``, with what the streams made of
-    it, ``derived``), shared by them. News that may concern any task (SQLite's
-    "the file changed") does not wake them all: it marks the entry ``stale`` and
-    wakes one stream, whose read bumps the counter only if the task changed."""
+    it, ``derived``, by ``convert``), shared by them. News that may concern any
+    task (SQLite's "the file changed") does not wake them all: the listener reads
+    every followed task in one go (see :meth:`Waiters._probe`) and bumps the
+    counters of those that changed; an entry it could not take marks itself
+    ``stale`` and wakes one stream, whose read bumps the counter only if the task
+    changed."""
 
     __slots__ = (
         "cached",
         "cached_at",
         "changes",
         "cond",
+        "convert",
         "deaf",
         "derived",
         "read_done",
@@ -111,6 +119,7 @@ class _Entry:
         self.watchers = 0
         self.cached: Task | None = None
         self.derived: object = None
+        self.convert: t.Callable[[Task], object] | None = None
         self.cached_at = -1
         self.reading = False
         self.stale = False
@@ -293,10 +302,17 @@ class Waiters:
         finally:
             self._leave(task_id, entry, listen)
 
-    def notify(self, task_id: str | None = None, ending: Ending | None = None) -> None:
+    def notify(
+        self,
+        task_id: str | None = None,
+        ending: Ending | None = None,
+        *,
+        claim: _Claims | None = None,
+    ) -> None:
         """Wake the waits on ``task_id`` (on every task when None) to read it again,
         or, given how it ended, to take that instead of reading it; and tell the
-        watchers (:func:`watch`) that something changed."""
+        watchers (:func:`watch`) that something changed. ``claim``: see
+        :meth:`_bump_streams`."""
         store = self._store()
         if store is not None:
             for watcher in _watchers.get(store, ()):
@@ -325,23 +341,37 @@ class Waiters:
                 entry.version += 1
                 entry.cond.notify_all()
             if self._watching:
-                self._bump_streams(task_id)
+                self._bump_streams(task_id, claim)
 
-    def changed(self, task_id: str | None = None) -> None:
+    def changed(self, task_id: str | None = None, *, claim: _Claims | None = None) -> None:
         """Wake the streams on ``task_id`` (on every task when None), and those on
         every task: it was created, started, or has new progress, but has not
         ended. Long-polls are not woken. Costs an attribute read while no stream
-        is open."""
+        is open. ``claim``: see :meth:`_bump_streams`."""
         if not self._watching:
             return
         with self._lock:
-            self._bump_streams(task_id)
+            self._bump_streams(task_id, claim)
 
-    def _bump_streams(self, task_id: str | None) -> None:
-        # The caller holds the lock.
+    def _bump_streams(self, task_id: str | None, claim: _Claims | None = None) -> None:
+        """Tell the streams of a change of ``task_id``, or of any task (None). Then,
+        with a ``claim`` list, the entries whose last read is current go there for
+        the caller to read again (:meth:`_probe`) rather than wake a stream each.
+        The caller holds the lock."""
         if task_id is None:
-            for entry in self._entries.values():
-                if entry.watchers:
+            for key, entry in self._entries.items():
+                if not entry.watchers:
+                    continue
+                if (
+                    claim is not None
+                    and not entry.reading
+                    and not entry.stale
+                    and entry.convert is not None
+                    and entry.cached_at == entry.changes
+                ):
+                    entry.reading = True  # no stream reads meanwhile
+                    claim.append((key, entry, entry.changes))
+                else:
                     entry.probe()
         else:
             found = self._entries.get(task_id)
@@ -388,11 +418,48 @@ class Waiters:
         self, task_id: str | None, ending: Ending | None = None, *, finished: bool = True
     ) -> None:
         """What the store's listener heard: an ending (or anything, when
-        ``finished``), or a change short of an end."""
+        ``finished``), or a change short of an end. News of any task (None) is
+        checked against every task that streams follow here, in one read."""
+        claim: _Claims | None = [] if task_id is None else None
         if finished:
-            self.notify(task_id, ending)
+            self.notify(task_id, ending, claim=claim)
         else:
-            self.changed(task_id)
+            self.changed(task_id, claim=claim)
+        if claim:
+            self._probe(claim)
+
+    def _probe(self, claimed: _Claims) -> None:
+        """Read the tasks of ``claimed`` entries at once, and wake the streams of
+        those that changed since their last read (with the new read shared by
+        them), and no other. Where the read fails, or news came meanwhile, one
+        stream of the entry reads for itself, as after any news."""
+        store = self._store()
+        found: dict[str, Task] | None = None
+        if store is not None:
+            try:
+                found = store.get_many([task_id for task_id, _, _ in claimed])
+            except Exception:
+                _logger.debug("Reading the followed tasks failed", exc_info=True)
+        with self._lock:
+            for task_id, entry, version in claimed:
+                entry.reading = False
+                entry.read_done.notify_all()
+                convert = entry.convert
+                if found is None or convert is None or entry.changes != version:
+                    entry.probe()
+                    continue
+                task = found.get(task_id)
+                if task != entry.cached:
+                    try:
+                        derived = None if task is None else convert(task)
+                    except Exception:
+                        _logger.exception("Rendering task %s for its streams failed", task_id)
+                        entry.probe()
+                        continue
+                    entry.cached, entry.derived, entry.cached_at = task, derived, version + 1
+                    entry.bump()
+                if entry.stale:
+                    entry.watch_cond.notify()  # news during the read: a stream reads
 
     def close(self, timeout: float = 2.0) -> None:
         """Stop the listener thread (waiting up to ``timeout`` seconds for it).
@@ -581,6 +648,7 @@ class Subscription:
                     version += 1
                     entry.bump()
                 entry.cached, entry.derived, entry.cached_at = task, derived, version
+                entry.convert = convert
             if entry.stale:
                 entry.watch_cond.notify()  # news that came during the read
             entry.read_done.notify_all()

@@ -142,6 +142,21 @@ def test_a_task_of_unknown_origin_reads_without_it(store: TaskStore) -> None:
     assert "request" not in task.status_document()
 
 
+def test_get_many_reads_each_task_as_get_does(store: TaskStore) -> None:
+    tasks = [store.create(new_task(owner="alice")) for _ in range(130)]  # two batches
+    store.start(tasks[0].id, "w")
+    store.finish(tasks[0].id, TaskState.SUCCEEDED, StoredResponse(200, [], b"x" * 4000))
+    store.start(tasks[1].id, "w")
+    store.set_progress(tasks[1].id, Progress(1, 2))
+    store.delete(tasks[2].id)
+    ids = [task.id for task in tasks] + [new_task_id()]
+    expected = {task.id: store.get(task.id) for task in tasks if store.get(task.id)}
+    assert tasks[2].id not in expected
+    assert store.get_many(ids) == expected
+    assert store.get_many(ids[:3]) == {id_: expected[id_] for id_ in ids[:2]}
+    assert store.get_many([]) == {}
+
+
 def test_get_unknown_is_none(store: TaskStore) -> None:
     assert store.get(new_task_id()) is None
 

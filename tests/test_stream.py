@@ -20,7 +20,7 @@ from flask import Flask, request
 from flask.testing import FlaskClient
 from flask_restful import abort
 
-from flask_restful_async import AsyncResource, current_task, streams, waiting
+from flask_restful_async import AsyncResource, StoreUnavailable, current_task, streams, waiting
 from flask_restful_async.state import get_state
 from flask_restful_async.stores.memory import MemoryStore
 from flask_restful_async.task import Progress, Task, TaskState, new_task_id
@@ -374,10 +374,15 @@ class CountingStore(MemoryStore):
     def __init__(self) -> None:
         super().__init__()
         self.reads = 0
+        self.batches = 0
 
     def get(self, task_id: str) -> Task | None:
         self.reads += 1
         return super().get(task_id)
+
+    def get_many(self, task_ids: t.Sequence[str]) -> dict[str, Task]:
+        self.batches += 1
+        return super().get_many(task_ids)
 
 
 def test_streams_on_one_task_share_each_read() -> None:
@@ -428,6 +433,59 @@ def test_news_of_any_task_wakes_one_stream_per_task_to_look() -> None:
         for other in others:
             assert other.read(streams.document_of)[0] == read
         assert store.reads == 3
+    finally:
+        for subscription in subscriptions:
+            subscription.close()
+
+
+def test_news_of_any_task_is_one_read_of_every_followed_task_and_wakes_only_the_changed() -> None:
+    """What the listener does when SQLite tells it "the file changed": one read of
+    every task followed here, and the streams of a task that changed woken with
+    that read to share; the streams of the others sleep on."""
+    store = CountingStore()
+    quiet, busy = (store.create(Task(id=new_task_id())) for _ in range(2))
+    for task in (quiet, busy):
+        store.start(task.id, "worker")
+    waiters = waiting.Waiters(store)
+    on_quiet = [waiters.subscribe(quiet.id) for _ in range(2)]
+    on_busy = [waiters.subscribe(busy.id) for _ in range(2)]
+    try:
+        on_quiet[0].read(streams.document_of)
+        on_busy[0].read(streams.document_of)
+        assert store.reads == 2
+        store.set_progress(busy.id, Progress(1))
+        waiters._heard(None, finished=False)
+        assert store.batches == 1
+        assert store.reads == 4  # the default get_many reads one by one
+        assert [each.wait(0) for each in on_quiet] == [False, False]
+        assert [each.wait(0) for each in on_busy] == [True, True]
+        for each in on_busy:
+            read, document = each.read(streams.document_of)
+            assert read is not None
+            assert read.progress == Progress(1)
+            assert document == streams.document_of(read)
+        assert store.reads == 4  # the streams took the listener's read
+    finally:
+        for subscription in on_quiet + on_busy:
+            subscription.close()
+
+
+class FailingBatches(CountingStore):
+    def get_many(self, task_ids: t.Sequence[str]) -> dict[str, Task]:
+        raise StoreUnavailable("The task store is down.")
+
+
+def test_news_of_any_task_wakes_a_stream_per_task_where_the_one_read_fails() -> None:
+    store = FailingBatches()
+    task = store.create(Task(id=new_task_id()))
+    waiters = waiting.Waiters(store)
+    subscriptions = [waiters.subscribe(task.id) for _ in range(2)]
+    try:
+        subscriptions[0].read(streams.document_of)
+        waiters._heard(None, finished=False)
+        assert subscriptions[0].wait(0)  # to look for itself, as before batches
+        read, _ = subscriptions[0].read(streams.document_of)
+        assert read == task
     finally:
         for subscription in subscriptions:
             subscription.close()

@@ -157,6 +157,21 @@ class TaskStore(abc.ABC):
         task = self.get(task_id)
         return task if task is not None and task.owner == owner else None
 
+    def get_many(self, task_ids: t.Sequence[str]) -> builtins.dict[str, Task]:
+        """The tasks of ``task_ids`` that exist (or are tombstones), by id, each as
+        :meth:`get` reads it. Streams in a process use it to look at every task
+        they follow at once when a store's news does not say which task changed.
+
+        This default reads them one by one; stores override it to read them in one
+        query.
+        """
+        found: builtins.dict[str, Task] = {}
+        for task_id in task_ids:
+            task = self.get(task_id)
+            if task is not None:
+                found[task_id] = task
+        return found
+
     @abc.abstractmethod
     def start(self, task_id: str, worker: str) -> Task | None:
         """Move a queued task to running, held by ``worker``; None if it is no

@@ -179,6 +179,10 @@ _GET_OWNED = (
     _SELECT.replace("ON r.id = t.result", "ON r.id = t.result AND t.owner IS ?")
     + " WHERE t.id = ? AND t.owner IS ?"
 )
+# Several tasks at once (see get_many): one statement per size of list, the ids
+# padded to the next size by repeating one.
+_GET_MANY_SIZES = (8, 32, 128)
+_GET_MANY = {size: f"{_SELECT} WHERE t.id IN ({', '.join('?' * size)})" for size in _GET_MANY_SIZES}
 _INSERT = (
     f"INSERT INTO tasks ({_COLUMNS}, rerun, snapshot, {_REQUEST})"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -639,22 +643,41 @@ class SQLiteStore(TaskStore):
         else:
             task.state, task.finished_at = state, now
 
-    def _fetch_task(self, sql: str, params: tuple[t.Any, ...]) -> Task | None:
-        """The task of a one-row read, as clients see it: on the thread's
-        connection without ``_Access``'s wrapping (the hot path of every poll)."""
+    def _select(self, sql: str, params: t.Sequence[t.Any]) -> list[t.Any]:
+        """The rows of a read, on the thread's connection without ``_Access``'s
+        wrapping (the hot path of every poll)."""
         _GATE.enter()
         try:
-            row = self._connection().execute(sql, params).fetchone()
+            return self._connection().execute(sql, params).fetchall()
         except BaseException as e:
             if _is_outage(e):
                 raise self._outage(e) from e
             raise
         finally:
             _GATE.leave()
-        return None if row is None else self._read(row, time.time())
+
+    def _fetch_task(self, sql: str, params: tuple[t.Any, ...]) -> Task | None:
+        """The task of a one-row read, as clients see it."""
+        rows = self._select(sql, params)
+        return self._read(rows[0], time.time()) if rows else None
 
     def get(self, task_id: str) -> Task | None:
         return self._fetch_task(_GET, (task_id,))
+
+    def get_many(self, task_ids: t.Sequence[str]) -> dict[str, Task]:
+        found: dict[str, Task] = {}
+        largest = _GET_MANY_SIZES[-1]
+        for start in range(0, len(task_ids), largest):
+            chunk = list(task_ids[start : start + largest])
+            size = next(size for size in _GET_MANY_SIZES if size >= len(chunk))
+            chunk += chunk[-1:] * (size - len(chunk))
+            rows = self._select(_GET_MANY[size], chunk)
+            now = time.time()
+            for row in rows:
+                task = self._read(row, now)
+                if task is not None:
+                    found[task.id] = task
+        return found
 
     def get_owned(self, task_id: str, owner: str | None) -> Task | None:
         # The owner is compared before the response is joined: another owner's
