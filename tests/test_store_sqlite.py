@@ -543,3 +543,32 @@ def test_processes_that_start_together_on_a_new_file_all_write(tmp_path: Path) -
             worker.wait(10)
     assert [worker.returncode for worker in workers] == [0, 0, 0, 0], errors
     assert len(SQLiteStore(str(path)).list(owner=None)) == 4
+
+
+def test_closing_a_store_waits_for_a_statement_another_thread_runs(tmp_path: Path) -> None:
+    """A connection closed under a statement of another thread crashed the process
+    (the outbox retried a write while a test closed the store: a segfault)."""
+    store = SQLiteStore(str(tmp_path / "tasks.db"))
+    task = store.create(Task(id=new_task_id()))
+    inside = threading.Event()
+    after: list[t.Any] = []
+
+    def write() -> None:
+        with store._writing() as conn:
+            inside.set()
+            time.sleep(0.3)
+            after.append(conn.execute("SELECT count(*) FROM tasks").fetchone()[0])
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        assert inside.wait(10)
+        started = time.monotonic()
+        store.close()
+        assert time.monotonic() - started >= 0.2
+    finally:
+        writer.join(10)
+    assert after == [1]  # its connection was still open for its statement
+    assert store._connections == []
+    assert store.get(task.id) is not None  # a later call opens a new one
+    store.close()

@@ -25,6 +25,12 @@ import time
 
 _logger = logging.getLogger(__name__)
 
+#: What :meth:`ForkGate.close` logs when it gives up waiting, by default (a fork).
+FORK_WARNING = (
+    "Forking while another thread is still inside %(name)s after %(wait).0f s:"
+    " the child may find the database locked"
+)
+
 
 class ForkGate:
     """Calls into a library that a fork must not interrupt, counted across threads.
@@ -67,8 +73,9 @@ class ForkGate:
                 if self._closing and not self._inside:
                     self._changed.notify_all()
 
-    def close(self) -> None:
-        """Wait for the calls in flight in other threads, and hold back new ones."""
+    def close(self, warning: str = FORK_WARNING) -> None:
+        """Wait for the calls in flight in other threads, and hold back new ones;
+        log ``warning`` if they take longer than :attr:`wait`."""
         own = self._depth.__dict__.get("n", 0) > 0  # a fork from inside a call
         deadline = time.monotonic() + self.wait
         with self._lock:
@@ -76,12 +83,7 @@ class ForkGate:
             while self._inside > own:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    _logger.warning(
-                        "Forking while another thread is still inside %s after %.0f s:"
-                        " the child may find the database locked",
-                        self.name,
-                        self.wait,
-                    )
+                    _logger.warning(warning, {"name": self.name, "wait": self.wait})
                     return
                 self._changed.wait(remaining)
 

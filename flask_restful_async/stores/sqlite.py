@@ -562,7 +562,16 @@ class SQLiteStore(TaskStore):
         checkpointer = self._checkpointer
         if checkpointer is not None and checkpointer is not threading.current_thread():
             checkpointer.join(self.timeout)  # it uses a connection of this store
-        for conn in self._retire():
+        # A connection closed while another thread runs a statement on it (a task
+        # thread's write, the outbox retrying one) crashes the process: the
+        # connections are taken once no thread is inside SQLite. Threads that come
+        # later open new ones.
+        _GATE.close(_CLOSE_WARNING)
+        try:
+            connections = self._retire()
+        finally:
+            _GATE.open()
+        for conn in connections:
             _close(conn)
         self._local = threading.local()
         self._spool.close()
@@ -1377,6 +1386,9 @@ _stores: weakref.WeakSet[SQLiteStore] = weakref.WeakSet()
 
 #: Every call of this module into SQLite passes it, and a fork waits for them.
 _GATE = ForkGate("SQLite", FORK_WAIT)
+_CLOSE_WARNING = (
+    "Closing a task store while another thread is still inside %(name)s after %(wait).0f s"
+)
 
 
 def _close(conn: sqlite3.Connection) -> None:
