@@ -144,6 +144,24 @@ class _Entry:
     def probe_due(self) -> bool:
         return self.stale and not self.reading
 
+    def take(
+        self, task: Task | None, derived: object, version: int, convert: t.Callable[[Task], object]
+    ) -> None:
+        """End a read of the task made at ``version`` (what ``changes`` was when it
+        began), by a stream or the listener: kept for the streams unless a newer
+        read is, and if it finds a change nobody announced, the streams are told
+        now. The caller holds the lock."""
+        self.reading = False
+        if self.cached_at <= version:
+            if self.cached_at == version == self.changes and task != self.cached:
+                version += 1
+                self.bump()
+            self.cached, self.derived, self.cached_at = task, derived, version
+            self.convert = convert
+        if self.stale:
+            self.watch_cond.notify()  # news that came during the read
+        self.read_done.notify_all()
+
 
 class _Listener:
     """One run of a listener thread, and the stop signal its ``store.listen`` watches.
@@ -442,24 +460,23 @@ class Waiters:
                 _logger.debug("Reading the followed tasks failed", exc_info=True)
         with self._lock:
             for task_id, entry, version in claimed:
-                entry.reading = False
-                entry.read_done.notify_all()
                 convert = entry.convert
-                if found is None or convert is None or entry.changes != version:
-                    entry.probe()
-                    continue
-                task = found.get(task_id)
-                if task != entry.cached:
+                if found is not None and convert is not None and entry.changes == version:
+                    task = found.get(task_id)
+                    unchanged = task == entry.cached
+                    # An unchanged task keeps what its streams made of it.
+                    derived = entry.derived if unchanged else None
                     try:
-                        derived = None if task is None else convert(task)
+                        if task is not None and not unchanged:
+                            derived = convert(task)
                     except Exception:
                         _logger.exception("Rendering task %s for its streams failed", task_id)
-                        entry.probe()
+                    else:
+                        entry.take(task, derived, version, convert)
                         continue
-                    entry.cached, entry.derived, entry.cached_at = task, derived, version + 1
-                    entry.bump()
-                if entry.stale:
-                    entry.watch_cond.notify()  # news during the read: a stream reads
+                entry.reading = False
+                entry.read_done.notify_all()
+                entry.probe()
 
     def close(self, timeout: float = 2.0) -> None:
         """Stop the listener thread (waiting up to ``timeout`` seconds for it).
@@ -640,18 +657,7 @@ class Subscription:
                 entry.read_done.notify_all()
             raise
         with lock:
-            entry.reading = False
-            if entry.cached_at <= version:
-                if entry.cached_at == version == entry.changes and task != entry.cached:
-                    # A probe (or a fresh read) found a change nobody announced:
-                    # the other streams on the task are told now.
-                    version += 1
-                    entry.bump()
-                entry.cached, entry.derived, entry.cached_at = task, derived, version
-                entry.convert = convert
-            if entry.stale:
-                entry.watch_cond.notify()  # news that came during the read
-            entry.read_done.notify_all()
+            entry.take(task, derived, version, convert)
         return task, derived
 
     def close(self) -> None:
