@@ -25,8 +25,7 @@ from .stores import TaskStore as TaskStore
 from .task import Progress as Progress
 from .task import Task as Task
 from .task import TaskState as TaskState
-
-__version__ = "0.1.0"
+from .version import __version__ as __version__
 
 __all__ = [
     "AsyncResource",

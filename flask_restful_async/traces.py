@@ -52,9 +52,10 @@ except ImportError as e:  # pragma: no cover - depends on the installed extras
         " pip install 'flask-restful-async[otel]'"
     ) from e
 
-from . import __version__, signals
+from . import signals
 from .context import current_task
 from .task import TaskState
+from .version import __version__
 
 if t.TYPE_CHECKING:
     from flask import Flask

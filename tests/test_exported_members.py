@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+
 import flask_restful_async
 
 
@@ -38,3 +40,9 @@ def test_exported_members_are_the_documented_ones() -> None:
         "task_started",
         "task_submitted",
     }
+
+
+def test_the_version_is_the_installed_distributions() -> None:
+    # One version, in flask_restful_async/version.py: the packaging metadata reads
+    # it from there, so what pip reports is what the package says.
+    assert flask_restful_async.__version__ == importlib.metadata.version("flask-restful-async")
