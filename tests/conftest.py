@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import threading
 import time
 import typing as t
 from pathlib import Path
@@ -13,7 +14,7 @@ from flask.testing import FlaskClient
 from flask_restful import Api
 from werkzeug.test import TestResponse
 
-from flask_restful_async import register_async
+from flask_restful_async import AsyncResource, register_async
 from flask_restful_async.state import get_state
 
 from .services import require_redis
@@ -40,6 +41,34 @@ def make_app(tmp_path: Path) -> t.Iterator[AppFactory]:
     yield factory
     for app in made:
         get_state(app).close()
+
+
+#: Set by a task of :class:`Held` as it starts; :data:`HELD_RELEASE` lets it end.
+HELD_STARTED = threading.Event()
+HELD_RELEASE = threading.Event()
+
+
+class Held(AsyncResource):
+    """``POST``: a task that tells it started, then waits (at most 20 s) until the
+    test sets :data:`HELD_RELEASE`. Tests that use it ask for ``held_tasks``."""
+
+    def post(self) -> t.Any:
+        HELD_STARTED.set()
+        HELD_RELEASE.wait(20)
+        return {"held": True}
+
+
+@pytest.fixture
+def held_tasks(make_app: AppFactory) -> t.Iterator[None]:
+    """:class:`Held` tasks start held, and are let go at the end of the test.
+
+    Asks for ``make_app`` so as to end before it: held tasks are released before
+    the apps are closed, which would otherwise wait for them.
+    """
+    HELD_RELEASE.clear()
+    HELD_STARTED.clear()
+    yield
+    HELD_RELEASE.set()
 
 
 @pytest.fixture(params=["memory", "sqlite", "redis"])

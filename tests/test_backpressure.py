@@ -4,34 +4,16 @@
 
 from __future__ import annotations
 
-import threading
-import typing as t
-
 import pytest
 
-from flask_restful_async import AsyncResource
 from flask_restful_async.executors.threads import ThreadExecutor
 from flask_restful_async.state import get_state
 
-from .conftest import AppFactory, wait_done, wait_for
+from .conftest import HELD_RELEASE as RELEASE
+from .conftest import HELD_STARTED as STARTED
+from .conftest import AppFactory, Held, wait_done, wait_for
 
-RELEASE = threading.Event()
-STARTED = threading.Event()
-
-
-class Held(AsyncResource):
-    def post(self) -> t.Any:
-        STARTED.set()
-        RELEASE.wait(20)
-        return {"held": True}
-
-
-@pytest.fixture(autouse=True)
-def reset() -> t.Iterator[None]:
-    RELEASE.clear()
-    STARTED.clear()
-    yield
-    RELEASE.set()
+pytestmark = pytest.mark.usefixtures("held_tasks")
 
 
 def test_a_burst_of_1000_small_submits_is_accepted_with_the_defaults(

@@ -7,10 +7,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
 import time
 import typing as t
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,11 +19,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from flask_restful_async import AsyncResource, current_task
 from flask_restful_async.metrics import store_collector
 
-from .conftest import AppFactory, wait_done, wait_for
+from .conftest import HELD_RELEASE as RELEASE
+from .conftest import HELD_STARTED as STARTED
+from .conftest import AppFactory, Held, wait_done, wait_for
 from .servers import ROOT, http, poll_until_done, serve
-
-RELEASE = threading.Event()
-STARTED = threading.Event()
 
 #: Every series of ours, and the labels each may have: never a task id or an owner.
 LABELS = {
@@ -54,19 +51,7 @@ class Broken(AsyncResource):
         abort(409, message="no")
 
 
-class Held(AsyncResource):
-    def post(self) -> t.Any:
-        STARTED.set()
-        RELEASE.wait(20)
-        return {"held": True}
-
-
-@pytest.fixture(autouse=True)
-def reset() -> Iterator[None]:
-    RELEASE.clear()
-    STARTED.clear()
-    yield
-    RELEASE.set()
+pytestmark = pytest.mark.usefixtures("held_tasks")
 
 
 def value(name: str, **labels: str) -> float:

@@ -26,11 +26,10 @@ from flask_restful_async.state import get_state
 from flask_restful_async.stores.sqlite import SQLiteStore
 from flask_restful_async.task import new_task_id
 
-from .conftest import AppFactory, wait_done, wait_for
+from .conftest import HELD_RELEASE as RELEASE
+from .conftest import HELD_STARTED as STARTED
+from .conftest import AppFactory, Held, wait_done, wait_for
 from .services import free_port, require_redis
-
-RELEASE = threading.Event()
-STARTED = threading.Event()
 
 
 class Report(AsyncResource):
@@ -50,21 +49,7 @@ class Refused(AsyncResource):
         abort(409, message="no")
 
 
-class Held(AsyncResource):
-    def post(self) -> t.Any:
-        STARTED.set()
-        RELEASE.wait(20)
-        return {"held": True}
-
-
-@pytest.fixture(autouse=True)
-def reset(make_app: AppFactory) -> Iterator[None]:
-    # Asks for make_app so as to end before it: held tasks are released before
-    # the apps are closed, which would otherwise wait for them.
-    RELEASE.clear()
-    STARTED.clear()
-    yield
-    RELEASE.set()
+pytestmark = pytest.mark.usefixtures("held_tasks")
 
 
 class Sent(t.NamedTuple):
