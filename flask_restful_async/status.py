@@ -210,27 +210,30 @@ class TaskResultResource(_TaskResource):
         return state.result_response(task)
 
 
-def list_served(state: AsyncState) -> bool:
-    """Whether the task list exists: with an owner callable (each caller sees their
-    own tasks), in debug mode, or where ``RESTFUL_ASYNC_PUBLIC_LIST`` shows every
-    task to anyone. Without an owner every task id is a bearer token, and a list
-    would hand them all out."""
-    return state.owner is not None or state.public_list or state.app.debug
+def list_served(state: AsyncState, owner: str | None) -> bool:
+    """Whether the task list exists for a caller whose identity is ``owner``: with
+    an owner callable that named them (each caller sees their own tasks), in debug
+    mode, or where ``RESTFUL_ASYNC_PUBLIC_LIST`` shows every task to anyone.
+    Without an owner every task id is a bearer token, and a list would hand them
+    all out: to a caller the owner callable did not name, too, who would see every
+    task of every other anonymous caller."""
+    return (owner is not None and state.owner is not None) or state.public_list or state.app.debug
 
 
 class TaskListResource(_TaskResource):
     """``GET /tasks``: the caller's tasks, newest first, in pages.
 
-    Without an owner callable it answers ``404`` (the JSON flask-restful gives a
-    URL that does not exist), unless the app is in debug mode or
-    ``RESTFUL_ASYNC_PUBLIC_LIST`` is on.
+    Without an owner callable, or to a caller it returns None for, it answers
+    ``404`` (the JSON flask-restful gives a URL that does not exist), unless the app
+    is in debug mode or ``RESTFUL_ASYNC_PUBLIC_LIST`` is on.
     """
 
     def get(self) -> Response:
         """With ``Accept: text/event-stream``, a stream of the changes of the
         tasks of that page (see :mod:`~flask_restful_async.streams`)."""
         state = get_state(current_app)
-        if not list_served(state):
+        owner = state.identity()
+        if not list_served(state, owner):
             return error_response(404, NotFound.description, NO_STORE)
         limit = whole_number(request.args.get("limit", str(DEFAULT_LIST_LIMIT)))
         if limit is None:
@@ -247,11 +250,11 @@ class TaskListResource(_TaskResource):
         if cursor is not None and not is_valid_task_id(cursor):
             return error_response(400, "cursor is not valid.", NO_STORE)
         if streams.wants_stream():
-            wanted_tasks = streams.ListQuery(state.identity(), state_filter, limit, cursor)
+            wanted_tasks = streams.ListQuery(owner, state_filter, limit, cursor)
             return self.stream(state, wanted_tasks)
         try:
             tasks = state.store.list(
-                owner=state.identity(), state=state_filter, limit=limit + 1, before=cursor
+                owner=owner, state=state_filter, limit=limit + 1, before=cursor
             )
         except Unavailable as e:
             return unavailable(e)

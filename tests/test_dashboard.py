@@ -77,6 +77,10 @@ def test_served_with_owner_admin_or_in_debug(
     config = options.pop("config", ON)
     app, _ = make_app(config=config, **options)
     headers = {"X-Role": "operator"} if "admin" in options else {}
+    if "owner" in options:
+        headers = {"X-User": "alice"}
+        # A caller the owner callable does not name has no list of their own.
+        assert app.test_client().get(DASHBOARD).status_code == 404
     assert app.test_client().get(DASHBOARD, headers=headers).status_code == 200
 
 

@@ -31,7 +31,7 @@ def test_works_for_an_api_on_a_blueprint_with_a_prefix(tmp_path: Path) -> None:
     app = Flask(__name__, instance_path=str(tmp_path))
     blueprint = Blueprint("v1", __name__, url_prefix="/v1")
     api = Api(blueprint)
-    register_async(api, owner=lambda: None)
+    register_async(api, owner=lambda: "alice")
     api.add_resource(Hello, "/hello/<name>")
     app.register_blueprint(blueprint)
     try:

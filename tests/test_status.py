@@ -238,12 +238,33 @@ def test_without_an_owner_the_task_list_is_a_404_and_hands_out_no_id(
     assert wait_done(client, location).status_code == 200
 
 
+def test_a_caller_the_owner_callable_does_not_name_gets_no_list(
+    make_app_any_store: AppFactory,
+) -> None:
+    """Anonymous callers share no owner: a list would show each of them the tasks
+    of every other one, and their ids are bearer tokens."""
+    app, api = make_app_any_store(owner=lambda: request.headers.get("X-User"))
+    api.add_resource(Quick, "/quick")
+    client = app.test_client()
+    location = client.post("/quick").headers["Location"]  # an anonymous caller's
+    task_id = location.rsplit("/", 1)[1]
+    for headers in ({}, {"Accept": "text/event-stream"}):
+        response = client.get("/tasks", headers=headers)
+        assert response.status_code == 404
+        assert response.json == {"message": NotFound.description}
+        assert task_id.encode() not in response.data
+    assert wait_done(client, location).status_code == 200  # the URL itself works
+    named = client.get("/tasks", headers={"X-User": "bob"})
+    assert named.status_code == 200
+    assert named.json == {"tasks": [], "next": None}
+
+
 @pytest.mark.parametrize(
     ("options", "debug"),
     [
         ({"config": PUBLIC_LIST}, False),
         ({}, True),
-        ({"owner": lambda: None}, False),
+        ({"owner": lambda: "alice"}, False),
     ],
     ids=["RESTFUL_ASYNC_PUBLIC_LIST", "debug", "owner"],
 )

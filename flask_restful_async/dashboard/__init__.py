@@ -121,8 +121,9 @@ def _scope(state: AsyncState) -> _Scope | None:
     """The caller's scope, or None when the task list is not theirs to see."""
     if state.is_admin():
         return _Scope(True, None)
-    if list_served(state):
-        return _Scope(False, state.identity())
+    owner = state.identity()
+    if list_served(state, owner):
+        return _Scope(False, owner)
     return None
 
 
