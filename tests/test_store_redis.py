@@ -10,6 +10,7 @@ runs a second redis-server of its own on a free loopback port.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import secrets
@@ -306,6 +307,72 @@ def test_other_redis_errors_propagate(store: RedisStore, raw: redis.Redis) -> No
     raw.set(f"{store.prefix}task:{task_id}", "not a hash")
     with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
         store.get(task_id)
+
+
+def test_a_server_failing_over_is_an_outage(tmp_path: Path) -> None:
+    """A master demoted to a replica answers writes READONLY; a replica cut off
+    from its master (replica-serve-stale-data no) answers MASTERDOWN: a 503 while
+    it lasts, not a 500, and a task's outcome waits in the outbox instead of
+    ending it lost."""
+    require_redis()
+    port = free_port()
+    with redis_server(port, tmp_path):
+        server = redis.Redis(host="127.0.0.1", port=port, socket_timeout=5)
+        made = RedisStore(f"redis://127.0.0.1:{port}/0", prefix=new_prefix())
+        try:
+            made.create(new_task())
+            server.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))  # no master
+            with pytest.raises(StoreUnavailable):
+                made.create(new_task())
+            server.config_set("replica-serve-stale-data", "no")
+            with pytest.raises(StoreUnavailable):
+                made.get(new_task_id())
+            server.execute_command("REPLICAOF", "NO", "ONE")  # the failover is over
+            assert made.create(new_task()).state is TaskState.QUEUED
+        finally:
+            made.close()
+            server.close()
+
+
+def test_a_server_that_does_not_speak_redis_is_an_outage() -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+
+        def answer() -> None:
+            listener.settimeout(10)
+            with contextlib.suppress(OSError):
+                while True:
+                    conn, _ = listener.accept()
+                    with conn:
+                        conn.recv(1024)
+                        conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+
+        thread = threading.Thread(target=answer, daemon=True)
+        thread.start()
+        made = RedisStore(f"redis://127.0.0.1:{listener.getsockname()[1]}/0", prefix=new_prefix())
+        try:
+            with pytest.raises(StoreUnavailable):
+                made.get(new_task_id())
+        finally:
+            made.close()
+    thread.join(15)
+
+
+def test_a_take_run_again_finds_its_blob_and_no_other_take_does(
+    store: RedisStore, raw: redis.Redis
+) -> None:
+    """A take whose reply was lost runs again (the same call): it must find the
+    bytes. Another take finds nothing: a blob is taken once."""
+    store.put_blob("body", b"the request body", 60)
+    name = f"{store.prefix}blob:body"
+    keys, args = [name, f"{name}:taken:a-call"], [redis_store_module.TAKEN_BLOB_MS]
+    assert store._lane.call(store._take_blob, keys, args) == b"the request body"
+    assert not raw.exists(name)
+    assert store._lane.call(store._take_blob, keys, args) == b"the request body"
+    assert 0 < raw.pttl(keys[1]) <= 60_000
+    assert store.take_blob("body") is None
+    assert store.take_blob("never put") is None
 
 
 # --- encoding -----------------------------------------------------------------

@@ -38,7 +38,9 @@ Key layout, every key under the store's ``prefix`` (``{restful_async}:`` by defa
     The ids one :meth:`RedisStore.claim` call took, for a minute, so that a call
     redis-py retries (its reply lost) returns the same tasks rather than more.
 ``blob:<key>``
-    An opaque blob (:meth:`RedisStore.put_blob`), with its own TTL.
+    An opaque blob (:meth:`RedisStore.put_blob`), with its own TTL; once taken,
+    a copy stays for a minute as ``blob:<key>:taken:<token>``, for that take run
+    again (its reply lost).
 ``active``
     A sorted set of the queued and running tasks, scored by ``created_at``: what
     :meth:`RedisStore.stats` reads one by one (a task leaves it when it ends).
@@ -96,7 +98,7 @@ from collections.abc import Iterable, Iterator, Sequence
 try:
     import redis
     from redis.backoff import ExponentialWithJitterBackoff
-    from redis.exceptions import BusyLoadingError
+    from redis.exceptions import BusyLoadingError, InvalidResponse
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import TimeoutError as RedisTimeoutError
     from redis.retry import Retry
@@ -107,7 +109,7 @@ except ImportError as e:
 
 from ..task import Progress, StoredResponse, Task, TaskState
 from .base import ChangeCallback, Claimed, Ending, StopSignal, StoreStats, TaskStore
-from .redislane import ScriptLane
+from .redislane import FAILOVER_ERRORS, ScriptLane
 
 #: Index entries one list() script looks at, at most; it is called again from
 #: where it stopped until the page is full, so work per call stays bounded.
@@ -118,6 +120,8 @@ PURGE_BATCH = 500
 PURGE_MAX_BATCHES = 20
 #: Tasks one release_lease() script marks lost (or hands back) at a time.
 RELEASE_BATCH = 256
+#: How long (ms) a taken blob stays for a take that runs again (see _TAKE_BLOB).
+TAKEN_BLOB_MS = 60_000
 #: Tasks of workers whose lease lapsed that one claim() takes out of their sets
 #: at most (the next claim goes on).
 ORPHAN_BATCH = 1000
@@ -538,6 +542,20 @@ return out
 """
 )
 
+# KEYS: the blob, and where this take keeps a copy. ARGV: how long the copy lasts
+# (ms). Returns the blob, or nil. The copy's name holds a token of the call: run
+# again with it (its reply was lost), the take gives the same bytes; any other
+# take finds nothing. A blob is taken once, and never lost to a retry.
+_TAKE_BLOB = """
+local data = redis.call('GET', KEYS[1])
+if data then
+  redis.call('SET', KEYS[2], data, 'PX', ARGV[1])
+  redis.call('DEL', KEYS[1])
+  return data
+end
+return redis.call('GET', KEYS[2])
+"""
+
 # KEYS: the worker's set. ARGV[1..]: worker, task ids. Returns how many it let go.
 _HAND_BACK = """
 local prefix, worker = ARGV[1], ARGV[2]
@@ -807,6 +825,7 @@ class RedisStore(TaskStore):
         self._read_live = register(_READ_LIVE)
         self._count_active = register(_COUNT_ACTIVE)
         self._owner_stats = register(_OWNER_STATS)
+        self._take_blob = register(_TAKE_BLOB)
 
     # Key names. Owners and workers are arbitrary strings: the markers ("-" for
     # no owner, "=" and a length otherwise) keep every (owner, key) pair apart.
@@ -838,8 +857,16 @@ class RedisStore(TaskStore):
             yield
         except BusyLoadingError as e:
             raise self.unavailable("loading", "Redis is loading its data set", retry_after=5) from e
+        except FAILOVER_ERRORS as e:
+            # A failover under way: a master demoted to a replica answers writes with
+            # READONLY, a replica cut off from its master MASTERDOWN, a cluster in
+            # the middle of it TRYAGAIN or CLUSTERDOWN. It passes; nothing was written.
+            raise self.unavailable(type(e).__name__, f"Redis is failing over: {e}") from e
         except (RedisConnectionError, RedisTimeoutError) as e:
             raise self.unavailable(type(e).__name__, f"Redis did not answer: {e}") from e
+        except InvalidResponse as e:
+            # What answers at that address does not speak Redis's protocol.
+            raise self.unavailable("InvalidResponse", f"not a Redis server: {e}") from e
 
     def _clock(self, now: float) -> list[str | int]:
         """The arguments every script's prelude reads (see _PRELUDE)."""
@@ -1035,11 +1062,10 @@ class RedisStore(TaskStore):
     def take_blob(self, key: str) -> bytes | None:
         name = f"{self.prefix}blob:{key}"
         with self._reaching():
-            # GET and DEL in one MULTI (GETDEL needs Redis 6.2).
-            pipe = self._client.pipeline(transaction=True)
-            pipe.get(name)
-            pipe.delete(name)
-            data, _ = pipe.execute()
+            # One script, safe to run twice: a take whose reply was lost and that
+            # runs again (the lane retries a dropped connection) finds its copy.
+            copy = f"{name}:taken:{secrets.token_hex(8)}"
+            data = self._lane.call(self._take_blob, [name, copy], [TAKEN_BLOB_MS])
         return None if data is None else bytes(data)
 
     def purge_expired(self, now: float | None = None) -> int:

@@ -28,8 +28,14 @@ import time
 import typing as t
 from collections.abc import Sequence
 
+from redis.exceptions import (
+    ClusterDownError,
+    NoScriptError,
+    ReadOnlyError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
 
 if t.TYPE_CHECKING:
     import redis
@@ -38,6 +44,12 @@ if t.TYPE_CHECKING:
 #: Seconds before the one retry of a call whose connection dropped: a random
 #: step between these, as the client's backoff would take.
 RETRY_DELAY = (0.05, 0.25)
+
+
+#: Error replies of a server in the middle of a failover (MASTERDOWN is a kind of
+#: CLUSTERDOWN for redis-py): the store answers them as an outage, and the
+#: connection that got one is dropped, to reach the new master when next used.
+FAILOVER_ERRORS = (ReadOnlyError, ClusterDownError, TryAgainError)
 
 
 class ScriptLane:
@@ -82,6 +94,10 @@ class ScriptLane:
                 # The server forgot it (restarted, or SCRIPT FLUSH): EVAL loads it again.
                 connection.send_command("EVAL", script.script, len(keys), *keys, *args)
                 reply = connection.read_response()
+        except FAILOVER_ERRORS:
+            connection.disconnect()  # perhaps a demoted master: connect afresh next time
+            self._free.append(connection)
+            raise
         except ResponseError:
             self._free.append(connection)  # an error reply, read whole: still in step
             raise
