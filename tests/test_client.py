@@ -42,7 +42,13 @@ from flask_restful_async.client import (
     TaskLost,
     retry_after,
 )
-from flask_restful_async.client.protocol import Policy
+from flask_restful_async.client.cli import main as cli_main
+from flask_restful_async.client.protocol import (
+    MAX_REDIRECTS,
+    MAX_RETRY_AFTER,
+    Policy,
+    location_of,
+)
 
 from .servers import ROOT, http, serve
 
@@ -296,6 +302,69 @@ def test_foreign_server_with_an_http_date(base: str, recorder: Recorder) -> None
     assert polled - first >= 0.9
 
 
+def test_a_status_url_that_redirects_to_itself_is_given_up(base: str, recorder: Recorder) -> None:
+    with TaskClient(base, event_hooks=recorder.hooks()) as client:
+        operation = client.post("/foreign/odd/loop")
+        assert isinstance(operation, Operation)
+        with pytest.raises(httpx.TooManyRedirects):
+            operation.result(timeout=10)
+    assert len(recorder.sent("GET", "/odd/loop")) == MAX_REDIRECTS + 1
+
+
+def test_a_status_url_that_moved_is_followed(base: str) -> None:
+    with TaskClient(base) as client:
+        operation = client.post("/foreign/odd/moved")
+        assert isinstance(operation, Operation)
+        response = operation.result(timeout=10)
+    assert (response.status_code, response.json()) == (200, {"moved": True})
+    assert operation.state == "succeeded"
+
+
+def test_a_location_on_another_origin_is_not_followed(base: str, recorder: Recorder) -> None:
+    """The polls would carry the caller's headers and credentials: only to the
+    origin of the submit. Such a 202 is the final answer."""
+    with TaskClient(
+        base, headers={"Authorization": "Bearer secret"}, event_hooks=recorder.hooks()
+    ) as client:
+        answer = client.post("/foreign/odd/elsewhere")
+    assert isinstance(answer, httpx.Response)
+    assert answer.status_code == 202
+    assert [r.method for _, r in recorder.requests] == ["POST"]
+
+
+@pytest.mark.parametrize(
+    ("location", "followed"),
+    [
+        ("/tasks/abc", "http://127.0.0.1:8000/tasks/abc"),
+        ("http://127.0.0.1:8000/tasks/abc", "http://127.0.0.1:8000/tasks/abc"),
+        ("https://127.0.0.1:8000/tasks/abc", None),  # another scheme
+        ("http://127.0.0.1:8001/tasks/abc", None),  # another port
+        ("//example.com/tasks/abc", None),  # another host
+        ("http://[::1", None),  # not a URL (werkzeug would not even send it)
+        ("", None),
+    ],
+)
+def test_which_locations_the_polls_follow(location: str, followed: str | None) -> None:
+    request = httpx.Request("POST", "http://127.0.0.1:8000/work")
+    response = httpx.Response(202, headers={"Location": location}, request=request)
+    found = location_of(response)
+    assert (None if found is None else str(found)) == followed
+
+
+def test_a_retry_after_past_any_clock_is_a_day_and_times_out_at_once(base: str) -> None:
+    response = httpx.Response(503, headers={"Retry-After": "9" * 400})
+    assert retry_after(response) == MAX_RETRY_AFTER
+    dated = httpx.Response(503, headers={"Retry-After": "Fri, 31 Dec 9999 23:59:59 GMT"})
+    assert retry_after(dated) == MAX_RETRY_AFTER
+    with TaskClient(base) as client:
+        operation = client.post("/foreign/odd/far")
+        assert isinstance(operation, Operation)
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            operation.result(timeout=5)
+    assert time.monotonic() - started < 1
+
+
 def test_503_on_submit_is_retried_with_the_same_key(client: TaskClient, recorder: Recorder) -> None:
     headers = {"X-Fail-Submits": "2", "X-Fail-Retry-After": "1"}
     operation = client.post("/work", json={}, headers=headers)
@@ -527,6 +596,16 @@ def test_cli_bar_and_exit_status_of_a_failure(base: str) -> None:
 def test_cli_bad_usage_and_errors(base: str) -> None:
     assert run_cli("POST", base + "/work", "--json", "{nope").returncode == 2
     assert run_cli("GET", base + "/plain", "-H", "no colon").returncode == 2
+    for bad in (
+        ["GET", "http://[::1"],  # not a URL
+        ["GET", "ftp://127.0.0.1/x"],
+        ["GET", base + "/plain", "-H", "X-Name: \u00e9"],  # not ASCII
+        ["GET", base + "/plain", "--timeout", "nan"],
+        ["GET", base + "/plain", "--timeout", "inf"],
+    ):
+        with pytest.raises(SystemExit) as usage:  # argparse's exit, with a message
+            cli_main(bad)
+        assert usage.value.code == 2, bad
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
         refused = run_cli("GET", f"http://127.0.0.1:{s.getsockname()[1]}/", "--timeout", "1")

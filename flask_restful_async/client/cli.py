@@ -36,6 +36,8 @@ from .protocol import Progress
 from .sync import Operation, TaskClient
 
 PROGRESS_MODES = ("auto", "bar", "lines", "none")
+#: The longest ``--timeout`` (seconds, a year): past that, a clock cannot add it.
+MAX_TIMEOUT = 365 * 24 * 3600.0
 
 
 def follow(
@@ -250,14 +252,21 @@ def _has_tqdm() -> bool:
 
 
 def number(value: float) -> str:
-    """``3`` for 3 and 3.0, ``2.5`` for 2.5: progress counts may be floats."""
-    return f"{value:g}"
+    """``3`` for 3 and 3.0, ``2.5`` for 2.5: progress counts may be floats (and
+    ints too large for one, from a server of another version, come as they are)."""
+    try:
+        return f"{value:g}"
+    except (OverflowError, TypeError, ValueError):
+        return str(value)
 
 
 def parse_header(text: str) -> tuple[str, str]:
     name, colon, value = text.partition(":")
     if not colon or not name.strip():
         raise argparse.ArgumentTypeError(f"not a header: {text!r} (write 'Name: value')")
+    if not text.isascii():
+        # What HTTP/1.1 clients send: httpx refuses other characters in headers.
+        raise argparse.ArgumentTypeError(f"not an ASCII header: {text!r}")
     return name.strip(), value.strip()
 
 
@@ -303,10 +312,17 @@ def main(argv: t.Sequence[str] | None = None) -> int:
     if args.json is not None:
         try:
             json.loads(args.json)
-        except ValueError as e:
+            args.json.encode()
+        except ValueError as e:  # UnicodeEncodeError included (a lone surrogate)
             parser.error(f"--json is not valid JSON: {e}")
-    if args.timeout is not None and args.timeout <= 0:
-        parser.error("--timeout must be positive")
+    if args.timeout is not None and not (0 < args.timeout < MAX_TIMEOUT):
+        parser.error(f"--timeout must be a number of seconds above 0 and below {MAX_TIMEOUT:g}")
+    try:
+        target = httpx.URL(args.url)
+    except httpx.InvalidURL as e:
+        parser.error(f"not a URL: {args.url!r} ({e})")
+    if target.scheme not in ("http", "https") or not target.host:
+        parser.error(f"not an http:// or https:// URL: {args.url!r}")
     if args.long_poll < 0:
         parser.error("--long-poll must not be negative")
     headers: dict[str, str] = {}

@@ -55,6 +55,13 @@ _SUBMIT_ONLY = frozenset(
 #: the most.
 FIRST_PAUSE = 0.1
 MAX_PAUSE = 5.0
+#: The longest ``Retry-After`` taken as said (seconds): a day. A longer one, or one
+#: past what a float holds, counts as a day.
+MAX_RETRY_AFTER = 24 * 3600.0
+#: Redirects one poll follows before it gives up (``httpx.TooManyRedirects``).
+MAX_REDIRECTS = 20
+#: What a status URL may answer to send the poll elsewhere: it follows with a ``GET``.
+_REDIRECTS = frozenset((301, 302, 303, 307, 308))
 
 
 @dataclass(frozen=True)
@@ -138,20 +145,50 @@ def retry_after(response: httpx.Response) -> float | None:
     None when absent or malformed.
 
     An HTTP date is read against the response's own ``Date`` when it has one, so
-    that a client whose clock is off still waits as long as the server meant.
+    that a client whose clock is off still waits as long as the server meant. At
+    most :data:`MAX_RETRY_AFTER`.
     """
     value = response.headers.get("retry-after", "").strip()
     if not value:
         return None
     if value.isascii() and value.isdigit():
-        return float(value)
+        return min(MAX_RETRY_AFTER, float(value))
     when = parse_date(value)
     if when is None:
         return None
     now = parse_date(response.headers.get("date")) if "date" in response.headers else None
-    if now is None:
-        return max(0.0, when.timestamp() - time.time())
-    return max(0.0, (when - now).total_seconds())
+    seconds = when.timestamp() - time.time() if now is None else (when - now).total_seconds()
+    return min(MAX_RETRY_AFTER, max(0.0, seconds))
+
+
+def within(timeout: dict[str, float | None] | None, seconds: float) -> dict[str, float | None]:
+    """A request's ``timeout`` extension (httpx's per-phase seconds), none of them
+    longer than ``seconds`` (at least 10 ms)."""
+    seconds = max(0.01, seconds)
+    phases = timeout or {}
+    return {
+        phase: seconds if phases.get(phase) is None else min(seconds, t.cast(float, phases[phase]))
+        for phase in ("connect", "read", "write", "pool")
+    }
+
+
+def same_origin(url: httpx.URL, other: httpx.URL) -> bool:
+    """Whether two URLs have one scheme, host and port: only there do the polls
+    go, with the caller's headers and credentials."""
+    return (url.scheme, url.host, url.port) == (other.scheme, other.host, other.port)
+
+
+def location_of(response: httpx.Response) -> httpx.URL | None:
+    """Where the ``Location`` of ``response`` points, or None when it has none, or
+    one that is not a URL, or one on another origin (see :func:`same_origin`)."""
+    location = response.headers.get("location")
+    if not location:
+        return None
+    try:
+        url = response.url.join(location)
+    except httpx.InvalidURL:
+        return None
+    return url if same_origin(url, response.url) else None
 
 
 def status_document(response: httpx.Response) -> dict[str, t.Any] | None:
@@ -291,8 +328,10 @@ class OperationState:
             applied = "wait" in parse_dict_header(response.headers.get("preference-applied", ""))
             if self.long_poll is None or applied:
                 self.long_poll = applied
-        if waited and self.long_poll:
+        if waited and self.long_poll and (pause is not None or now - sent >= waited / 2):
             # The server held the request: its wait counts towards the pause it asks.
+            # (One that says it applied the wait but answered at once, with no
+            # Retry-After, is polled as a server that does not hold: below.)
             self.next_at = sent + (pause or 0.0)
             self.quick = 0
         elif pause is not None and (pause > 0 or self.quick == 0):
@@ -342,7 +381,7 @@ def poll(
     ``wait``. Raises :class:`TimeoutError` rather than sleep past ``deadline``.
     """
     url = state.url
-    attempt = 0
+    attempt = redirects = 0
     while True:
         pause = state.next_at - time.monotonic()
         if deadline is not None and time.monotonic() + max(0.0, pause) > deadline:
@@ -355,7 +394,14 @@ def poll(
             headers["Prefer"] = f"wait={asked}"
         sent = time.monotonic()
         try:
-            response: httpx.Response = yield Send(build(url, headers, asked), False)
+            request = build(url, headers, asked)
+            if deadline is not None:
+                # No answer awaited past the deadline: a request still out then
+                # times out (and the next turn raises TimeoutError).
+                request.extensions["timeout"] = within(
+                    request.extensions.get("timeout"), deadline - time.monotonic()
+                )
+            response: httpx.Response = yield Send(request, False)
         except RETRYABLE:
             attempt += 1
             if attempt > state.policy.retries:
@@ -368,17 +414,26 @@ def poll(
                 response.raise_for_status()
             state.next_at = time.monotonic() + state.policy.pause(attempt, retry_after(response))
             continue
-        location = response.headers.get("location")
-        if response.status_code == 303 and location:
-            # The result, on a URL of its own: GET it at once.
-            url = response.url.join(location)
+        location = location_of(response)
+        if response.status_code in _REDIRECTS and location is not None:
+            # The result on a URL of its own (303), or the status URL moved: GET it
+            # at once, on the same origin only.
+            redirects += 1
+            if redirects > MAX_REDIRECTS:
+                raise httpx.TooManyRedirects(
+                    f"{state.url}: more than {MAX_REDIRECTS} redirects", request=response.request
+                )
+            url = location
             continue
         # A task still at work answers 202 with its own URL as Location; a 202
         # whose Location is elsewhere is the handler's own final answer.
         if (
             response.status_code == 202
             and url == state.url
-            and (location is None or response.url.join(location).path == state.url.path)
+            and (
+                "location" not in response.headers
+                or (location is not None and location.path == state.url.path)
+            )
         ):
             return state.accepted(response, sent, asked)
         state.response = response
@@ -494,11 +549,13 @@ class Requests:
 
     def accepted(self, response: httpx.Response, headers: httpx.Headers) -> OperationState | None:
         """The operation a submit's answer starts: a ``202`` with a ``Location``.
-        ``headers`` are those the caller gave the submit: its polls carry them too."""
-        location = response.headers.get("location")
-        if response.status_code != 202 or not location:
+        ``headers`` are those the caller gave the submit: its polls carry them too,
+        to a status URL on the submit's origin only (a ``202`` whose ``Location`` is
+        elsewhere, or not a URL, is a final answer)."""
+        location = location_of(response) if response.status_code == 202 else None
+        if location is None:
             return None
-        state = OperationState(response.url.join(location), poll_headers(headers), self.policy)
+        state = OperationState(location, poll_headers(headers), self.policy)
         state.accepted(response, time.monotonic(), 0)
         return state
 

@@ -14,7 +14,11 @@
   ``POST /jobs?seconds=S`` answers ``202`` with a ``Location`` and nothing else;
   ``GET /jobs/<id>`` answers ``202`` until ``S`` seconds have passed, then ``200
   {"job": <id>}``. With ``?date=N`` each ``202`` says ``Retry-After`` as the HTTP
-  date ``N`` seconds ahead.
+  date ``N`` seconds ahead. ``POST /odd/<kind>`` answers ``202`` with odd
+  ``Location`` and ``Retry-After`` headers: ``loop`` (its status URL answers ``303``
+  to itself), ``moved`` (``308`` to another URL, which answers ``200``),
+  ``elsewhere`` (a status URL on another origin), ``far`` (``Retry-After`` of 400
+  digits).
 
 Failures on demand, counted in this process (serve it with one worker): a submit
 with ``X-Fail-Submits: N`` is answered ``503`` (or ``X-Fail-Status``) the first N
@@ -142,6 +146,37 @@ def create_foreign_app() -> Flask:
                 response.headers["Retry-After"] = http_date(time.time() + float(ahead))
             return response
         return jsonify(job=job)
+
+    odd_locations = {  # relative to /foreign/odd/<kind>
+        "loop": "loop",
+        "moved": "moved",
+        "elsewhere": "http://127.0.0.2:9/odd/loop",
+        "far": "loop",
+    }
+
+    @app.post("/odd/<kind>")
+    def odd(kind: str) -> Response:
+        response = Response(status=202)
+        response.headers["Location"] = odd_locations[kind]
+        if kind == "far":
+            response.headers["Retry-After"] = "9" * 400
+        return response
+
+    @app.get("/odd/loop")
+    def loop() -> Response:
+        response = Response(status=303)
+        response.headers["Location"] = "loop"
+        return response
+
+    @app.get("/odd/moved")
+    def moved() -> Response:
+        response = Response(status=308)
+        response.headers["Location"] = "final"
+        return response
+
+    @app.get("/odd/final")
+    def final() -> Response:
+        return jsonify(moved=True)
 
     return app
 
