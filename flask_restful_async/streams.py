@@ -118,7 +118,11 @@ def answer_code(state: AsyncState, task: Task | None) -> int:
     return task.response.status
 
 
-def event(name: str, data: bytes, event_id: str) -> bytes:
+def event(name: str, data: bytes, event_id: str | None) -> bytes:
+    """One event; without an id line when ``event_id`` is None, which leaves the
+    client's last event id as it was (the HTML standard's EventSource rules)."""
+    if event_id is None:
+        return b"event: %s\ndata: %s\n\n" % (name.encode(), data)
     return b"id: %s\nevent: %s\ndata: %s\n\n" % (event_id.encode(), name.encode(), data)
 
 
@@ -354,10 +358,13 @@ def _list_events(
         while True:
             batch = list(_list_changes(state, query, tasks, seen))
             if batch:
+                # Only the batch's last event carries an id: a client that left
+                # in the middle of a batch comes back with the id of the batch
+                # before, and gets the whole of this one again.
                 stamp = str(int(read_at * 1000))
                 last = len(batch) - 1
                 for number, (name, data) in enumerate(batch):
-                    event_id = stamp
+                    event_id = None
                     if number == last:
                         event_id = f"{stamp}.{_page_digest(tasks, seen)}"
                     yield event(name, data, event_id)

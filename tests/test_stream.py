@@ -327,6 +327,23 @@ def test_the_list_stream_follows_the_callers_tasks_only(app: Flask) -> None:
         assert next(events).name == ":"
 
 
+def test_only_the_last_event_of_a_list_batch_carries_an_id(app: Flask) -> None:
+    """A client that leaves in the middle of a batch reconnects with the id of the
+    batch before (here none): it gets the whole batch again, nothing is skipped."""
+    client = app.test_client()
+    for _ in range(3):
+        location = submit(client, "/refused")
+        assert client.get(f"{location}?wait=5", headers={"X-User": "alice"}).status_code == 409
+    with stream(client, "/tasks") as events:
+        batch = [next_event(events) for _ in range(6)]
+    assert [item.name for item in batch] == ["status", "done"] * 3
+    assert [item.id is not None for item in batch] == [False] * 5 + [True]
+    last_id = batch[-1].id
+    assert last_id is not None
+    with stream(client, "/tasks", **{"Last-Event-ID": last_id}) as events:
+        assert next(events).name == ":"  # all seen: nothing again
+
+
 def test_the_list_stream_tells_of_a_task_forgotten(app: Flask) -> None:
     client = app.test_client()
     location = submit(client, "/refused")
