@@ -20,6 +20,7 @@ import base64
 import functools
 import json
 import logging
+import math
 import time
 import typing as t
 
@@ -116,13 +117,21 @@ def _seconds(timestamp: float | None) -> str:
     return "-" if text is None else text[:19] + "Z"
 
 
+def _number(value: float) -> str:
+    # Stores of an earlier version may hold an int too large for a float.
+    try:
+        return f"{value:g}"
+    except (OverflowError, TypeError, ValueError):
+        return str(value)
+
+
 def _progress(task: Task) -> str:
     progress = task.progress
     if progress is None:
         return "-"
-    shown = f"{progress.current:g}"
+    shown = _number(progress.current)
     if progress.total is not None:
-        shown += f"/{progress.total:g}"
+        shown += f"/{_number(progress.total)}"
     if progress.message:
         shown += f" {progress.message}"
     return shown
@@ -277,10 +286,18 @@ def forget_command(task_id: str) -> None:
     click.echo(f"Forgot task {task.id}.")
 
 
+def _finite_seconds(value: float) -> float:
+    # click's ranges let NaN through (it compares false with both bounds).
+    if not math.isfinite(value):
+        raise click.BadParameter("must be a finite number of seconds")
+    return value
+
+
 @tasks_cli.command("purge")
 @click.option(
     "--older-than",
     type=click.FloatRange(min=0),
+    callback=lambda ctx, param, value: _finite_seconds(value),
     default=0,
     metavar="SECONDS",
     help="Only tasks that finished more than this long ago (default: every finished task).",

@@ -330,6 +330,7 @@ def test_stats_counts_by_state_and_ages_the_oldest_queued(cli_app: Flask) -> Non
         ["cancel"],
         ["purge", "--state", "queued"],
         ["purge", "--older-than", "-1"],
+        ["purge", "--older-than", "nan"],
         ["stats", "extra"],
         ["nonsense"],
     ],
