@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import logging
+import math
 import time
 import typing as t
 
@@ -85,6 +86,9 @@ class TaskHandle:
             raise TypeError("total must be a number or None")
         if not isinstance(current, (int, float)):
             raise TypeError("current must be a number")
+        # JSON has no NaN nor infinity; an int too large for a float is neither.
+        if not _finite(current) or (total is not None and not _finite(total)):
+            raise ValueError("current and total must be finite numbers")
         if message is not None and not isinstance(message, str):
             raise TypeError("message must be a string or None")
         progress = self.latest = Progress(current, total, message)
@@ -132,3 +136,10 @@ current_task: TaskHandle = LocalProxy(  # type: ignore[assignment]
         " of an AsyncResource that runs in the background."
     ),
 )
+
+
+def _finite(number: float) -> bool:
+    try:
+        return math.isfinite(number)
+    except OverflowError:  # an int too large for a float
+        return False

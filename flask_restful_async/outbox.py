@@ -118,6 +118,7 @@ def finish(
     response: StoredResponse | None,
     worker: str | None,
     logger: logging.Logger,
+    started_at: float | None = None,
 ) -> tuple[TaskState, Ending | None]:
     """Record a task's outcome now, or, if the store does not take it, in the outbox.
 
@@ -125,7 +126,7 @@ def finish(
     is logged, and the task ends as ``lost`` instead. Returns the state recorded
     (or waiting in the outbox): ``state``, or ``lost``; and the ending as the store
     recorded it: None if it did not (the outcome waits in the outbox, or the task
-    had ended already).
+    had ended already). ``started_at``, when the task started, goes with the ending.
     """
     try:
         finished_at = store.finish(task_id, state, response)
@@ -148,7 +149,7 @@ def finish(
         return TaskState.LOST, None
     # Long-polls in this process wake at once, and take the outcome as recorded
     # rather than read it back (unless it is large: they keep a few of these).
-    ending = None if finished_at is None else Ending(state, finished_at, response)
+    ending = None if finished_at is None else Ending(state, finished_at, response, started_at)
     if response is None or len(response.body) <= ANNOUNCED_BODY_MAX:
         waiting.notify(store, task_id, ending)
     else:

@@ -116,7 +116,7 @@ def _run_task(
     finally:
         handle._close()  # the latest progress lands before the outcome
         recorded, ending = outbox.finish(
-            store, task_id, outcome, response, started.worker, app.logger
+            store, task_id, outcome, response, started.worker, app.logger, started.started_at
         )
         if signals.task_finished.receivers:
             ended = dataclasses.replace(

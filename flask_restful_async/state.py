@@ -210,8 +210,11 @@ class AsyncState:
         # A form's fields and files are parsed from the live request, where the
         # method decorators may have read their streams already: such a task runs
         # from a copy, in a task thread, where they are parsed afresh.
-        form = environ.get("CONTENT_TYPE", "").startswith(_FORM_TYPES)
-        hold, now = self.plan_wait(endpoint, method, prefs, here=not form)
+        form = environ.get("CONTENT_TYPE", "").lower().startswith(_FORM_TYPES)
+        # Nor does a task whose body a method decorator read in part: the live
+        # request keeps only the rest, its copy the whole body.
+        whole = request.get_data(cache=True) is body
+        hold, now = self.plan_wait(endpoint, method, prefs, here=not form and whole)
         try:
             snapshot, stored = self.prepare(
                 task, resource, body, endpoint, method, args, kwargs, now
@@ -341,7 +344,8 @@ class AsyncState:
             ending = self.executor.run_now(self.app, task, snapshot, resource)
         finally:
             self.run_times.end(token)
-        return task if ending is None else ending.apply(task)
+        ended = None if ending is None else ending.apply(task)
+        return task if ended is None else ended
 
     def run_inline(self, task: Task, snapshot: RequestSnapshot, resource: Resource) -> Task:
         """Test mode (``RESTFUL_ASYNC_EAGER``): run the recorded ``task`` here and
@@ -516,7 +520,12 @@ class AsyncState:
         ):
             return self.retry_after
         elapsed = time.time() - task.started_at
-        remaining = elapsed * (progress.total - progress.current) / progress.current
+        try:
+            remaining = elapsed * (progress.total - progress.current) / progress.current
+        except OverflowError:
+            return self.max_retry_after
+        if not math.isfinite(remaining):
+            return self.max_retry_after
         return max(1, min(self.max_retry_after, math.ceil(remaining)))
 
 

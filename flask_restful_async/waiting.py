@@ -304,9 +304,10 @@ class Waiters:
                 # happens from now on bumps the counter, the listener's start too.
                 if missed:
                     ending = self._endings.get(task_id)
-                    if ending is not None and task is not None:
+                    ended = None if ending is None or task is None else ending.apply(task)
+                    if ended is not None:
                         # The news carried the end: what a read would give now.
-                        task = store.retention_view(ending.apply(task), time.time())
+                        task = store.retention_view(ended, time.time())
                     else:
                         task = store.get(task_id)
                 missed = True

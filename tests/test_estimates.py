@@ -93,6 +93,9 @@ def test_quick_task_answers_202_finished_once_its_run_time_is_known(
     assert second.json is not None
     assert second.json["state"] == "succeeded"
     assert second.headers["Retry-After"] == "0"
+    # A task that ran has started, in the 202 as at the status URL.
+    assert second.json["started_at"] is not None
+    assert second.json["started_at"] <= second.json["finished_at"]
     result = client.get(second.headers["Location"])
     assert (result.status_code, result.json) == (200, {"quick": True})
 

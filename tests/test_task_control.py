@@ -132,6 +132,28 @@ def test_retry_after_is_estimated_from_progress(make_app_any_store: AppFactory) 
     wait_done(client, location)
 
 
+def test_progress_takes_finite_numbers_only(make_app: AppFactory) -> None:
+    """JSON has no NaN nor infinity, and the status document is JSON: the handler's
+    call fails (the task fails, 500), the status URL never does."""
+    refused: list[str] = []
+
+    class Odd(AsyncResource):
+        def post(self) -> t.Any:
+            for current, total in ((1, float("inf")), (float("nan"), None), (1, 10**400)):
+                try:
+                    current_task.progress(current, total=total)
+                except ValueError as e:
+                    refused.append(str(e))
+            current_task.progress(1, total=2)
+            return {}
+
+    app, api = make_app()
+    api.add_resource(Odd, "/odd")
+    client = app.test_client()
+    assert wait_done(client, client.post("/odd").headers["Location"]).status_code == 200
+    assert refused == ["current and total must be finite numbers"] * 3
+
+
 def test_retry_after_is_capped(make_app_any_store: AppFactory) -> None:
     reported = threading.Event()
     release = threading.Event()

@@ -32,14 +32,22 @@ class Ending:
     state: TaskState
     finished_at: float
     response: StoredResponse | None
+    #: When it started, where the one who announces it knows (None otherwise).
+    started_at: float | None = None
 
-    def apply(self, task: Task) -> Task:
-        """``task`` (as read while it ran) as it ended."""
+    def apply(self, task: Task) -> Task | None:
+        """``task`` (as read while it ran, or while it waited) as it ended; None
+        when that cannot be told without reading it again: it was read before it
+        started, and this does not say when it did."""
+        if task.started_at is None and self.started_at is None:
+            return None
         # A copy of its fields, three of them changed: what dataclasses.replace
         # gives, without its checks of every field, on the path of each answer.
         ended = object.__new__(type(task))
         ended.__dict__.update(task.__dict__)
         ended.state, ended.finished_at, ended.response = self.state, self.finished_at, self.response
+        if task.started_at is None:
+            ended.started_at = self.started_at
         return ended
 
 
