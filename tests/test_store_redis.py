@@ -335,18 +335,21 @@ def test_a_server_failing_over_is_an_outage(tmp_path: Path) -> None:
 
 
 def test_a_server_that_does_not_speak_redis_is_an_outage() -> None:
+    stop = threading.Event()
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen()
+        listener.settimeout(0.05)
 
         def answer() -> None:
-            listener.settimeout(10)
-            with contextlib.suppress(OSError):
-                while True:
+            while not stop.is_set():
+                try:
                     conn, _ = listener.accept()
-                    with conn:
-                        conn.recv(1024)
-                        conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+                except OSError:  # the timeout: look at stop again
+                    continue
+                with conn, contextlib.suppress(OSError):
+                    conn.recv(1024)
+                    conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
 
         thread = threading.Thread(target=answer, daemon=True)
         thread.start()
@@ -356,7 +359,9 @@ def test_a_server_that_does_not_speak_redis_is_an_outage() -> None:
                 made.get(new_task_id())
         finally:
             made.close()
-    thread.join(15)
+            stop.set()
+            thread.join(5)
+    assert not thread.is_alive()
 
 
 def test_a_take_run_again_finds_its_blob_and_no_other_take_does(
