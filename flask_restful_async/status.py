@@ -114,6 +114,9 @@ class TaskStatusResource(_TaskResource):
         except Unavailable as e:
             subscription.close()
             return unavailable(e)
+        except BaseException:
+            subscription.close()  # no stream: nothing else would end it
+            raise
         if task is None or task.owner != owner:
             subscription.close()
             return not_found()
@@ -283,5 +286,8 @@ class TaskListResource(_TaskResource):
         except Unavailable as e:
             subscription.close()
             return unavailable(e)
+        except BaseException:
+            subscription.close()  # no stream: nothing else would end it
+            raise
         last_id = request.headers.get("Last-Event-ID")
         return streams.list_stream(state, subscription, query, tasks, last_id, timing)

@@ -292,6 +292,41 @@ def test_unknown_malformed_and_foreign_ids_are_404_without_a_stream(app: Flask) 
     assert len(set(bodies)) == 1
 
 
+class BuggyStore(MemoryStore):
+    """Reads that fail with an error that is not an outage (a bug, say)."""
+
+    broken = False
+
+    def _check(self) -> None:
+        if self.broken:
+            raise RuntimeError("a bug in the store")
+
+    def get(self, task_id: str) -> Task | None:
+        self._check()
+        return super().get(task_id)
+
+    def get_many(self, task_ids: t.Sequence[str]) -> dict[str, Task]:
+        self._check()
+        return super().get_many(task_ids)
+
+    def list(self, **kwargs: t.Any) -> list[Task]:
+        self._check()
+        return super().list(**kwargs)
+
+
+def test_a_stream_whose_first_read_fails_leaves_no_subscription(make_app: AppFactory) -> None:
+    store = BuggyStore()
+    app, api = make_app(store=store, owner=lambda: "alice")
+    app.config["PROPAGATE_EXCEPTIONS"] = False
+    api.add_resource(Refused, "/refused")
+    client = app.test_client()
+    location = client.post("/refused").headers["Location"]
+    store.broken = True
+    for url in (location, "/tasks"):
+        assert client.get(url, headers=STREAM).status_code == 500
+    assert waiting.waiters_for(store).watching == 0
+
+
 def test_without_the_accept_header_the_status_url_answers_json(app: Flask) -> None:
     client = app.test_client()
     location = submit(client, "/steps")
