@@ -32,7 +32,7 @@ from . import waiting
 from .exceptions import Unavailable
 from .state import AsyncState, get_state
 from .stores.outages import logger as _store_log
-from .task import Task, TaskState, is_valid_task_id, isoformat
+from .task import Task, TaskState, count_text, is_valid_task_id, isoformat
 
 #: How much of a stored response body ``flask tasks show`` prints in its table
 #: form (``--json`` gives all of it).
@@ -117,21 +117,13 @@ def _seconds(timestamp: float | None) -> str:
     return "-" if text is None else text[:19] + "Z"
 
 
-def _number(value: float) -> str:
-    # Stores of an earlier version may hold an int too large for a float.
-    try:
-        return f"{value:g}"
-    except (OverflowError, TypeError, ValueError):
-        return str(value)
-
-
 def _progress(task: Task) -> str:
     progress = task.progress
     if progress is None:
         return "-"
-    shown = _number(progress.current)
+    shown = count_text(progress.current)
     if progress.total is not None:
-        shown += f"/{_number(progress.total)}"
+        shown += f"/{count_text(progress.total)}"
     if progress.message:
         shown += f" {progress.message}"
     return shown

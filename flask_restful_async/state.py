@@ -207,14 +207,17 @@ class AsyncState:
         rule = request.url_rule
         endpoint = (rule.endpoint if rule is not None else None) or ""
         prefs = request_prefer(environ) if "HTTP_PREFER" in environ else _NO_PREFERENCES
-        # A form's fields and files are parsed from the live request, where the
-        # method decorators may have read their streams already: such a task runs
-        # from a copy, in a task thread, where they are parsed afresh.
-        form = environ.get("CONTENT_TYPE", "").lower().startswith(_FORM_TYPES)
-        # Nor does a task whose body a method decorator read in part: the live
-        # request keeps only the rest, its copy the whole body.
-        whole = request.get_data(cache=True) is body
-        hold, now = self.plan_wait(endpoint, method, prefs, here=not form and whole)
+        # Only a submit with Prefer may run its task in this thread (see plan_wait),
+        # and not a form: its fields and files are parsed from the live request,
+        # where the method decorators may have read their streams already; nor a
+        # body a method decorator read in part, of which the live request keeps
+        # only the rest. Such a task runs from its copy, in a task thread.
+        here = (
+            bool(prefs)
+            and not environ.get("CONTENT_TYPE", "").lower().startswith(_FORM_TYPES)
+            and request.get_data(cache=True) is body
+        )
+        hold, now = self.plan_wait(endpoint, method, prefs, here=here)
         try:
             snapshot, stored = self.prepare(
                 task, resource, body, endpoint, method, args, kwargs, now

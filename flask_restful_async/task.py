@@ -104,6 +104,16 @@ class Progress:
         return cls(data["current"], data.get("total"), data.get("message"))
 
 
+def count_text(value: float) -> str:
+    """A progress count as people read it: ``3`` for 3 and 3.0, ``2.5`` for 2.5; an
+    int too large for a float (a store or server of an earlier version may hold
+    one) as it is."""
+    try:
+        return f"{value:g}"
+    except (OverflowError, TypeError, ValueError):
+        return str(value)
+
+
 class StoredResponse(t.NamedTuple):
     """A finished task's response, serialized in the worker: status, headers, body
     bytes. Immutable, and cheap to make (one is made on every poll)."""

@@ -32,6 +32,7 @@ import typing as t
 
 import httpx
 
+from ..task import count_text
 from .protocol import Progress
 from .sync import Operation, TaskClient
 
@@ -207,9 +208,9 @@ class Lines(Display):
     def line(self, progress: Progress | None) -> None:
         text = f"{self.operation.state or '?':<8}"
         if progress is not None:
-            text += f"  {number(progress.current)}"
+            text += f"  {count_text(progress.current)}"
             if progress.total is not None:
-                text += f"/{number(progress.total)}"
+                text += f"/{count_text(progress.total)}"
             if progress.message:
                 text += f"  {progress.message}"
         self.say(f"  {time.monotonic() - self.started:5.1f}s  {text}".rstrip())
@@ -249,15 +250,6 @@ def _has_tqdm() -> bool:
     except ImportError:
         return False
     return True
-
-
-def number(value: float) -> str:
-    """``3`` for 3 and 3.0, ``2.5`` for 2.5: progress counts may be floats (and
-    ints too large for one, from a server of another version, come as they are)."""
-    try:
-        return f"{value:g}"
-    except (OverflowError, TypeError, ValueError):
-        return str(value)
 
 
 def parse_header(text: str) -> tuple[str, str]:

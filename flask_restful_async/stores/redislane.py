@@ -94,12 +94,12 @@ class ScriptLane:
                 # The server forgot it (restarted, or SCRIPT FLUSH): EVAL loads it again.
                 connection.send_command("EVAL", script.script, len(keys), *keys, *args)
                 reply = connection.read_response()
-        except FAILOVER_ERRORS:
-            connection.disconnect()  # perhaps a demoted master: connect afresh next time
+        except ResponseError as e:
+            # An error reply, read whole: the connection is still in step; but one
+            # of a failover may come from a demoted master: connect afresh next time.
+            if isinstance(e, FAILOVER_ERRORS):
+                connection.disconnect()
             self._free.append(connection)
-            raise
-        except ResponseError:
-            self._free.append(connection)  # an error reply, read whole: still in step
             raise
         except BaseException:
             connection.disconnect()  # connects afresh when next used
