@@ -140,7 +140,7 @@ except ImportError as e:  # pragma: no cover - depends on the installed extras
         "flask_restful_async.celery needs Celery: pip install flask-restful-async[celery]"
     ) from e
 
-from . import signals, waiting
+from . import outbox, signals, waiting
 from .exceptions import RestfulAsyncError, StoreUnavailable, Unavailable
 from .executors.base import Executor
 from .lease import LeaseKeeper
@@ -314,16 +314,21 @@ class CeleryExecutor(Executor):
 
 
 def _forget(app: Flask, task_id: str, body_key: str | None = None) -> None:
-    """Delete a recorded task that was not sent: no half-submitted task is left."""
+    """Take back a recorded task that was not sent (see :func:`outbox.withdraw`):
+    no half-submitted task is left, not even when the store is down just now."""
     store = get_state(app).store
-    try:
-        store.delete(task_id)
-        if body_key is not None:
+    outbox.withdraw(store, task_id, app.logger)
+    if body_key is not None:
+        try:
             store.take_blob(body_key)
-    except RestfulAsyncError:
-        app.logger.warning(
-            "Could not delete unsent task %s", task_id, exc_info=True, extra={"task_id": task_id}
-        )
+        except RestfulAsyncError:
+            # It lapses with its own TTL (CELERY_LARGE_BODY_TTL).
+            app.logger.warning(
+                "Could not delete the body of unsent task %s",
+                task_id,
+                exc_info=True,
+                extra={"task_id": task_id},
+            )
 
 
 # -- which Flask app a message is for ------------------------------------------------

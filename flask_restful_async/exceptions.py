@@ -24,7 +24,17 @@ class Saturated(Unavailable):
 
 
 class StoreUnavailable(Unavailable):
-    """The task store did not answer (connection refused, timed out, locked too long)."""
+    """The task store did not answer (connection refused, timed out, locked too long).
+
+    ``doubtful`` is True when the write may have taken effect all the same (the
+    request reached the store, its reply did not come back): the caller must not
+    take it for undone (see :meth:`TaskStore.withdraw
+    <flask_restful_async.stores.base.TaskStore.withdraw>`).
+    """
+
+    def __init__(self, message: str, *, retry_after: int = 1, doubtful: bool = False) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.doubtful = doubtful
 
 
 class TaskCancelled(RestfulAsyncError):

@@ -1,5 +1,5 @@
-"""The writes that keep a ``202``'s promise through a store outage: a task's start
-and its outcome.
+"""The writes that keep a ``202``'s promise through a store outage: a task's start,
+its outcome, and the taking back of a task whose submit was answered ``503``.
 
 A store that does not answer for a few seconds must not leave a task ``queued``
 or ``running`` for ever, nor kill its handler. So the runner starts a task
@@ -7,6 +7,14 @@ through :func:`start`, which tries again until the store answers, and records
 its end through :func:`finish`, which hands an outcome the store did not take to
 this process's :class:`Outbox` for that store: a thread of its own writes it as
 soon as the store answers again (within about a second), and wakes the waiters.
+
+A submit answered ``503`` must leave no task behind, even when the store's
+reply to its create, or the executor's hand-over, was lost after the task was
+written: :func:`withdraw` takes such a task back (see :meth:`TaskStore.withdraw
+<flask_restful_async.stores.base.TaskStore.withdraw>`), now or, through the
+outbox, once the store answers again. Withdrawals are not given up with time
+(a task left behind would wait for ``RESTFUL_ASYNC_QUEUED_TTL``), only to the
+bound on how many wait.
 
 Retrying is bounded. An outcome is kept for at most :data:`GIVE_UP_LEASES` leases
 and, per store and process, :data:`MAX_BYTES` of responses (beyond that, the
@@ -157,14 +165,40 @@ def finish(
     return state, ending
 
 
+def withdraw(store: TaskStore, task_id: str, logger: logging.Logger, *, now: bool = True) -> None:
+    """Take back the task ``task_id`` whose submit is answered ``503``: at once
+    (unless not ``now``: the store just failed), else as soon as the store answers
+    again. Never raises."""
+    if now:
+        try:
+            store.withdraw(task_id)
+            return
+        except StoreUnavailable:
+            pass
+        except Exception:
+            logger.exception("Could not take back task %s", task_id, extra={"task_id": task_id})
+            return
+    logger.warning(
+        "Task %s, whose submit was refused, is taken back once the store answers",
+        task_id,
+        extra={"task_id": task_id},
+    )
+    outbox_for(store).put(task_id, TaskState.QUEUED, None, None, logger)
+
+
 @dataclasses.dataclass
 class _Outcome:
     task_id: str
+    #: A final state; ``queued`` for a task to take back (see :func:`withdraw`).
     state: TaskState
     response: StoredResponse | None
     worker: str | None
     logger: logging.Logger
     since: float
+
+    @property
+    def withdrawal(self) -> bool:
+        return self.state is TaskState.QUEUED
 
     @property
     def size(self) -> int:
@@ -253,7 +287,10 @@ class Outbox:
             pending = list(self._waiting.values())
         for outcome in pending:
             try:
-                self.store.finish(outcome.task_id, outcome.state, outcome.response)
+                if outcome.withdrawal:
+                    self.store.withdraw(outcome.task_id)
+                else:
+                    self.store.finish(outcome.task_id, outcome.state, outcome.response)
             except StoreUnavailable:
                 return False
             except Exception:
@@ -263,7 +300,9 @@ class Outbox:
                     extra={"task_id": outcome.task_id},
                 )
                 with self._lock:
-                    if outcome.response is None and outcome.state is TaskState.LOST:
+                    if outcome.withdrawal or (
+                        outcome.response is None and outcome.state is TaskState.LOST
+                    ):
                         self._abandon(outcome)
                     elif self._waiting.get(outcome.task_id) is outcome:
                         self._degrade(outcome)
@@ -271,8 +310,9 @@ class Outbox:
             with self._lock:
                 if self._waiting.get(outcome.task_id) is outcome:
                     self._remove(outcome.task_id)
+            done = "Task %s is taken back" if outcome.withdrawal else "Task %s's outcome is stored"
             outcome.logger.info(
-                "The outcome of task %s is stored",
+                done,
                 outcome.task_id,
                 extra={"task_id": outcome.task_id},
             )
@@ -285,7 +325,8 @@ class Outbox:
             for outcome in list(self._waiting.values()):
                 if outcome.since > oldest:
                     break
-                self._abandon(outcome)
+                if not outcome.withdrawal:
+                    self._abandon(outcome)
 
     def _bound(self) -> None:
         # Called with the lock held.
@@ -309,13 +350,21 @@ class Outbox:
         outcome.state, outcome.response = TaskState.LOST, None
 
     def _abandon(self, outcome: _Outcome) -> None:
+        self._remove(outcome.task_id)
+        if outcome.withdrawal:
+            outcome.logger.error(
+                "Gave up taking back task %s; if it was written, it reads as lost once"
+                " RESTFUL_ASYNC_QUEUED_TTL has passed",
+                outcome.task_id,
+                extra={"task_id": outcome.task_id},
+            )
+            return
         outcome.logger.error(
             "Gave up writing the outcome of task %s; the lease it ran under is given up,"
             " so that it reads as lost",
             outcome.task_id,
             extra={"task_id": outcome.task_id},
         )
-        self._remove(outcome.task_id)
         if outcome.worker is not None:
             self._given_up.add(outcome.worker)
 

@@ -10,7 +10,7 @@ import typing as t
 from flask import Flask, Response, request
 from flask_restful import Api, Resource
 
-from . import signals, waiting
+from . import outbox, signals, waiting
 from .estimates import RunTimes
 from .exceptions import Saturated, StoreUnavailable, Unavailable
 from .lease import LeaseKeeper, worker_id
@@ -241,6 +241,11 @@ class AsyncState:
                 self.release(size, now)
                 raise
         except Unavailable as e:
+            if isinstance(e, StoreUnavailable) and e.doubtful:
+                # Its reply was lost: the task may be there all the same. This
+                # answer is a 503, so it must not be: taken back once the store
+                # answers (or, with a key, ended lost: a repeat may have seen it).
+                outbox.withdraw(self.store, task.id, self.app.logger, now=False)
             return self.rejected(e, "saturated" if isinstance(e, Saturated) else "store")
         if recorded.id != task.id:
             # A repeat of an earlier submit: answer as it was answered, create nothing.

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import typing as t
 from collections.abc import Iterator, Mapping, Sequence
@@ -101,6 +102,69 @@ def redis_server(port: int, workdir: Path) -> Iterator[subprocess.Popen[bytes]]:
     finally:
         process.kill()
         process.wait(timeout=10)
+
+
+class ReplyCutter:
+    """A loopback TCP proxy to ``port`` that, while :attr:`cutting`, lets requests
+    through and cuts the connection instead of passing the reply back: the server
+    ran the command, the caller never learns it (a reply lost to a dropped
+    connection). Serves on :attr:`port` from ``with`` until the block ends, then
+    closes every socket and joins its threads."""
+
+    def __init__(self, port: int) -> None:
+        self.upstream = port
+        self.cutting = False
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self._server.settimeout(0.1)
+        self.port = int(self._server.getsockname()[1])
+        self._sockets: list[socket.socket] = []
+        self._threads: list[threading.Thread] = []
+        self._stop = threading.Event()
+
+    def __enter__(self) -> ReplyCutter:
+        self._spawn(self._accept)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._server.close()
+        for sock in list(self._sockets):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        for thread in self._threads:
+            thread.join(timeout=5)
+
+    def _spawn(self, target: t.Callable[..., None], *args: t.Any) -> None:
+        thread = threading.Thread(target=target, args=args, daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                client, _ = self._server.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.upstream), timeout=5)
+            server.settimeout(None)
+            self._sockets += [client, server]
+            self._spawn(self._pump, client, server, False)
+            self._spawn(self._pump, server, client, True)
+
+    def _pump(self, source: socket.socket, sink: socket.socket, replies: bool) -> None:
+        try:
+            while data := source.recv(65536):
+                if replies and self.cutting:
+                    break
+                sink.sendall(data)
+        except OSError:
+            pass
+        for sock in (source, sink):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
 
 class RestartableRedis:

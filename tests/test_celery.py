@@ -37,7 +37,7 @@ from flask import Flask, current_app, g
 from flask.testing import FlaskClient
 from flask_restful import Api
 
-from flask_restful_async import AsyncResource, register_async
+from flask_restful_async import AsyncResource, TaskState, register_async
 from flask_restful_async.snapshot import RequestSnapshot
 from flask_restful_async.state import get_state
 from flask_restful_async.stores.memory import MemoryStore
@@ -401,6 +401,34 @@ def test_a_broker_that_takes_no_message_answers_503_and_leaves_no_task(
             delete_keys(prefix)
 
 
+def test_a_keyed_submit_the_broker_does_not_take_ends_lost_and_frees_its_key(
+    tmp_path: Path,
+) -> None:
+    """A repeat with the same key may have been answered 202 while the first
+    submit waited for the broker: its task ends lost rather than vanish (a 404 at
+    that Location), and lets go of the key, so that the client's next try is a
+    submit anew rather than that lost task."""
+    require_redis()
+    from flask_restful_async.state import get_state
+
+    from .apps.celery_app import create_app
+
+    prefix = f"{{restful_async_celery_{secrets.token_hex(6)}}}:"
+    with failing_broker("refused", tmp_path) as broker_url:
+        app, _, store = create_app(prefix, "unused", broker_url=broker_url)
+        try:
+            client = app.test_client()
+            for _ in range(2):
+                response = client.post("/echo", data=b"x", headers={"Idempotency-Key": "k"})
+                assert response.status_code == 503, response.get_data()
+            tasks = store.list(owner=None, limit=10)
+            assert [task.state for task in tasks] == [TaskState.LOST, TaskState.LOST]
+            assert [task.idempotency_key for task in tasks] == [None, None]
+        finally:
+            get_state(app).close()
+            delete_keys(prefix)
+
+
 def test_the_celery_extra_brings_the_redis_transport() -> None:
     """``pip install flask-restful-async[celery]`` is enough for the documented setup,
     a Redis broker: kombu's Redis transport needs redis-py, which ``celery[redis]``
@@ -472,15 +500,15 @@ def test_submit_refuses_view_args_that_are_not_json() -> None:
     executor = CeleryExecutor(celery_app)
     snapshot = Snapshot(environ={}, body=b"", endpoint="echo", method="post", args=(object(),))
 
-    deleted: list[str] = []
-    store.delete = deleted.append  # type: ignore[method-assign]
+    taken_back: list[str] = []
+    store.withdraw = lambda task_id: taken_back.append(task_id) is None  # type: ignore[method-assign]
 
     class FakeTask:
         id = "t" * 22
 
     with pytest.raises(TypeError, match="not JSON data"):
         executor.submit(app, FakeTask(), snapshot)  # type: ignore[arg-type]
-    assert deleted == ["t" * 22]
+    assert taken_back == ["t" * 22]
 
 
 @pytest.mark.parametrize("wiring", ["plain", "make_celery"])

@@ -35,7 +35,13 @@ from flask_restful_async.stores.sqlite import SQLiteStore
 from flask_restful_async.task import Progress, StoredResponse, Task, TaskState, new_task_id
 
 from .conftest import AppFactory, wait_done, wait_for
-from .services import RestartableRedis, free_port, services_required
+from .services import (
+    ReplyCutter,
+    RestartableRedis,
+    free_port,
+    require_redis,
+    services_required,
+)
 
 #: Seconds of the lease in these tests: outcomes are given up after 4 of them.
 LEASE = 1
@@ -541,3 +547,56 @@ def test_a_task_run_in_its_request_thread_keeps_its_promise_through_an_outage(
     assert answer.headers["Preference-Applied"] == "wait=10"
     assert state.executor.acquire_now()
     state.executor.release_now()
+
+
+class Quick(AsyncResource):
+    def post(self) -> dict[str, bool]:
+        return {"done": True}
+
+
+def test_a_submit_whose_create_reply_is_lost_leaves_no_task(
+    make_app: AppFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis ran the create, its reply was cut: the submit answers 503, and the
+    task it wrote is taken back once Redis answers (it waited, held by this
+    process, until it read lost a day later); a keyed one ends lost, its key let go."""
+    pytest.importorskip("redis")
+    require_redis()
+    import redis
+
+    from flask_restful_async.stores.redis import RedisStore
+
+    prefix = f"{{outage-{new_task_id()}}}:"
+    url = "redis://127.0.0.1:6379/12"
+    with ReplyCutter(6379) as cutter:
+        through = RedisStore(f"redis://127.0.0.1:{cutter.port}/12", prefix=prefix)
+        direct = RedisStore(url, prefix=prefix)
+        try:
+            app, api = make_app(store=through, config={"RESTFUL_ASYNC_LEASE": 30})
+            api.add_resource(Quick, "/quick")
+            client = app.test_client()
+            done = wait_done(client, submit(client, "/quick"))
+            assert done.status_code == 200
+            for headers in ({}, {"Idempotency-Key": "k"}):
+                assert through.get(new_task_id()) is None  # connected
+                cutter.cutting = True
+                response = client.post("/quick", headers=headers)
+                cutter.cutting = False
+                assert response.status_code == 503, response.get_data()
+                assert response.headers["Retry-After"] == "1"
+            states = lambda: [task.state for task in direct.list(owner=None)]  # noqa: E731
+            wait_for(lambda: states() == [TaskState.LOST, TaskState.SUCCEEDED])
+            lost, _ = direct.list(owner=None)  # newest first
+            assert lost.state is TaskState.LOST
+            assert lost.idempotency_key is None
+            again = client.post("/quick", headers={"Idempotency-Key": "k"})
+            assert again.status_code == 202
+            assert not again.headers["Location"].endswith(lost.id)
+            assert "is taken back once the store answers" in caplog.text
+        finally:
+            get_state(app).close()
+            direct.close()
+            with redis.Redis.from_url(url) as raw:
+                keys = list(raw.scan_iter(match=f"{prefix}*"))
+                if keys:
+                    raw.delete(*keys)

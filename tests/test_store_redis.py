@@ -34,6 +34,7 @@ from flask_restful_async.task import StoredResponse, new_task_id
 from .services import (
     REDIS_HOST,
     REDIS_PORT,
+    ReplyCutter,
     free_port,
     redis_server,
     require_redis,
@@ -274,6 +275,71 @@ def test_a_retried_claim_returns_the_same_tasks_and_takes_no_more(
     assert store.claim("taker", 2) == first
     monkeypatch.undo()
     assert [each.task.id for each in store.claim("taker", 5)] == [tasks[2].id, tasks[3].id]
+
+
+@pytest.fixture
+def cut(prefix: str) -> Iterator[tuple[RedisStore, ReplyCutter]]:
+    """A store that reaches Redis through a :class:`ReplyCutter`, connected (the
+    replies to a connection's set-up are cut too, and then nothing is sent)."""
+    with ReplyCutter(REDIS_PORT) as cutter:
+        made = RedisStore(f"redis://127.0.0.1:{cutter.port}/{REDIS_DB}", prefix=prefix)
+        assert made.get(new_task_id()) is None
+        yield made, cutter
+        made.close()
+
+
+def test_a_create_whose_reply_is_lost_is_doubtful_and_withdrawn(
+    cut: tuple[RedisStore, ReplyCutter], store: RedisStore
+) -> None:
+    through, cutter = cut
+    plain, keyed = new_task(worker="w"), new_task(worker="w", idempotency_key="k")
+    for task in (plain, keyed):
+        cutter.cutting = True
+        with pytest.raises(StoreUnavailable) as caught:
+            through.create(task, b"snap")
+        assert caught.value.doubtful  # and rightly so: it is there
+        found = store.get(task.id)
+        assert found is not None
+        assert found.state is TaskState.QUEUED
+        cutter.cutting = False
+        # Connected afresh: a call cut while connecting was never sent, not doubtful.
+        assert through.get(new_task_id()) is None
+    assert through.withdraw(plain.id)
+    assert through.withdraw(keyed.id)
+    assert store.get(plain.id) is None
+    ended = store.get(keyed.id)
+    assert ended is not None
+    assert ended.state is TaskState.LOST
+
+
+def test_a_call_that_never_reached_redis_is_not_doubtful() -> None:
+    store = RedisStore(f"redis://127.0.0.1:{free_port()}/0", socket_timeout=0.5)
+    with pytest.raises(StoreUnavailable) as caught:
+        store.create(new_task())
+    assert not caught.value.doubtful
+    store.close()
+
+
+def test_a_claim_whose_reply_is_lost_is_learnt_by_the_next_claim(
+    cut: tuple[RedisStore, ReplyCutter], store: RedisStore, raw: redis.Redis
+) -> None:
+    # Without it, the tasks stayed held by a live worker that did not know them
+    # (nobody ran them until they read lost, a day later).
+    store.renew_lease("taker")
+    base = time.time() - 100
+    tasks = [store.create(new_task(created_at=base + i), b"snap") for i in range(3)]
+    through, cutter = cut
+    cutter.cutting = True
+    with pytest.raises(StoreUnavailable) as caught:
+        through.claim("taker", 2)
+    assert caught.value.doubtful
+    held = {tasks[0].id.encode(), tasks[1].id.encode()}
+    assert raw.smembers(f"{store.prefix}worker:taker") == held
+    cutter.cutting = False
+    again = through.claim("taker", 5)  # the lost call again: its two tasks, no more
+    assert [each.task.id for each in again] == [tasks[0].id, tasks[1].id]
+    assert [each.snapshot for each in again] == [b"snap", b"snap"]
+    assert [each.task.id for each in through.claim("taker", 5)] == [tasks[2].id]
 
 
 def test_claim_takes_a_lapsed_workers_tasks_out_of_its_set_in_batches(

@@ -247,6 +247,42 @@ def test_delete_forgets(store: TaskStore) -> None:
     assert store.get(task.id) is None
 
 
+def test_withdraw_forgets_a_queued_task_without_key(store: TaskStore) -> None:
+    task = store.create(new_task(owner="alice"), b"snapshot")
+    assert store.withdraw(task.id) is True
+    assert store.get(task.id) is None
+    assert store.list(owner="alice") == []
+    assert store.claim("w", 5) == []
+
+
+def test_withdraw_ends_a_keyed_task_lost_and_lets_go_of_its_key(store: TaskStore) -> None:
+    # A repeat may have been answered 202 with its Location: it must end, not vanish.
+    task = store.create(new_task(owner="alice", idempotency_key="k"), b"snapshot")
+    assert store.create(new_task(owner="alice", idempotency_key="k")).id == task.id
+    assert store.withdraw(task.id) is True
+    ended = store.get(task.id)
+    assert ended is not None
+    assert ended.state is TaskState.LOST
+    assert ended.finished_at is not None
+    assert ended.idempotency_key is None
+    assert store.claim("w", 5) == []
+    # The key is free: the client's next try creates a task anew.
+    fresh = new_task(owner="alice", idempotency_key="k")
+    assert store.create(fresh).id == fresh.id
+    assert store.withdraw(task.id) is False  # ended already: nothing more to take back
+
+
+def test_withdraw_leaves_a_started_or_unknown_task_alone(store: TaskStore) -> None:
+    task = store.create(new_task(idempotency_key="k"))
+    assert store.start(task.id, "w") is not None
+    assert store.withdraw(task.id) is False
+    running = store.get(task.id)
+    assert running is not None
+    assert running.state is TaskState.RUNNING
+    assert store.create(new_task(idempotency_key="k")).id == task.id
+    assert store.withdraw(new_task_id()) is False
+
+
 def test_idempotency_key_returns_the_existing_task_per_owner(store: TaskStore) -> None:
     first = store.create(new_task(owner="alice", idempotency_key="k"))
     again = store.create(new_task(owner="alice", idempotency_key="k"))

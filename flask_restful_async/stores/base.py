@@ -239,6 +239,27 @@ class TaskStore(abc.ABC):
     def delete(self, task_id: str) -> None:
         """Forget a task entirely, with its snapshot."""
 
+    def withdraw(self, task_id: str) -> bool:
+        """Take back a task whose submit was not answered ``202`` (its executor could
+        not take it, or its create's reply was lost): a task still queued is
+        deleted, unless it has an idempotency key. A repeat of its submit may have
+        been answered ``202`` with its ``Location`` meanwhile, so such a task ends
+        ``lost`` instead, and lets go of its key (the client's next try with that
+        key creates a task anew). Returns False when there was nothing to take
+        back: no such task, or no longer queued (it ran, or was cancelled).
+
+        This default is read then written, two steps; stores override it with one
+        atomic step that also lets go of the key.
+        """
+        task = self.get(task_id)
+        if task is None or task.state is not TaskState.QUEUED:
+            return False
+        if task.idempotency_key is None:
+            self.delete(task_id)
+        else:
+            self.finish(task_id, TaskState.LOST)
+        return True
+
     @abc.abstractmethod
     def list(
         self,

@@ -183,6 +183,21 @@ class MemoryStore(TaskStore):
         with self._lock:
             self._forget(task_id)
 
+    def withdraw(self, task_id: str) -> bool:
+        with self._lock:
+            task = self._tasks.get(task_id)
+            if task is None or task.state is not TaskState.QUEUED:
+                return False
+            if task.idempotency_key is None:
+                self._forget(task_id)
+                return True
+            scope = (task.owner, task.idempotency_key)
+            if self._keys.get(scope) == task_id:
+                del self._keys[scope]
+            task.idempotency_key = None
+            self._end(task, TaskState.LOST, time.time())
+            return True
+
     def list(
         self,
         *,

@@ -35,8 +35,10 @@ Key layout, every key under the store's ``prefix`` (``{restful_async}:`` by defa
     back, or of a worker whose lease lapsed), scored by ``created_at``: what
     :meth:`RedisStore.claim` takes, oldest first.
 ``claim:<token>``
-    The ids one :meth:`RedisStore.claim` call took, for a minute, so that a call
-    redis-py retries (its reply lost) returns the same tasks rather than more.
+    The ids one :meth:`RedisStore.claim` call took, so that the call run again
+    (its reply lost) returns the same tasks rather than more: kept for
+    ``queued_ttl`` (at least a minute), as the next claim of the process whose
+    reply was lost may come only once Redis answers again.
 ``blob:<key>``
     An opaque blob (:meth:`RedisStore.put_blob`), with its own TTL; once taken,
     a copy stays for a minute as ``blob:<key>:taken:<token>``, for that take run
@@ -90,6 +92,7 @@ import json
 import logging
 import random
 import secrets
+import threading
 import time
 import typing as t
 import urllib.parse
@@ -107,9 +110,10 @@ except ImportError as e:
         "The redis:// task store needs redis-py: pip install flask-restful-async[redis]"
     ) from e
 
+from ..exceptions import StoreUnavailable
 from ..task import Progress, StoredResponse, Task, TaskState
 from .base import ChangeCallback, Claimed, Ending, StopSignal, StoreStats, TaskStore
-from .redislane import FAILOVER_ERRORS, ScriptLane
+from .redislane import FAILOVER_ERRORS, ScriptLane, reached_server
 
 #: Index entries one list() script looks at, at most; it is called again from
 #: where it stopped until the page is full, so work per call stays bounded.
@@ -367,23 +371,52 @@ return redis.call('HGETALL', KEYS[1])
 """
 )
 
+# Forget a task entirely: its hash, index entries, idempotency key, snapshot and
+# schedule; waits and streams on it read it once more, and stop.
+_FORGET = """
+local function forget(key, h)
+  redis.call('DEL', key)
+  redis.call('ZREM', h['ix'], h['id'])
+  redis.call('ZREM', is_active(h['state']) and active or prefix .. 'done:' .. h['state'], h['id'])
+  if h['ik'] and redis.call('GET', h['ik']) == h['id'] then redis.call('DEL', h['ik']) end
+  if h['worker'] then redis.call('SREM', prefix .. 'worker:' .. h['worker'], h['id']) end
+  redis.call('DEL', snapshot_key(h['id']))
+  redis.call('ZREM', unheld, h['id'])
+  redis.call('ZREM', schedule, schedule_member('r', h['id'], h['ix']),
+    schedule_member('f', h['id'], h['ix']))
+  redis.pcall('PUBLISH', prefix .. 'finished', h['id'])
+end
+"""
+
 # KEYS: task.
 _DELETE = (
     _PRELUDE
+    + _FORGET
     + """
 local h = load(KEYS[1])
 if not h then return 0 end
-redis.call('DEL', KEYS[1])
-redis.call('ZREM', h['ix'], h['id'])
-redis.call('ZREM', is_active(h['state']) and active or prefix .. 'done:' .. h['state'], h['id'])
-if h['ik'] and redis.call('GET', h['ik']) == h['id'] then redis.call('DEL', h['ik']) end
-if h['worker'] then redis.call('SREM', prefix .. 'worker:' .. h['worker'], h['id']) end
-redis.call('DEL', snapshot_key(h['id']))
-redis.call('ZREM', unheld, h['id'])
-redis.call('ZREM', schedule, schedule_member('r', h['id'], h['ix']),
-  schedule_member('f', h['id'], h['ix']))
--- Gone: waits and streams on it read it once more, and stop.
-redis.pcall('PUBLISH', prefix .. 'finished', h['id'])
+forget(KEYS[1], h)
+return 1
+"""
+)
+
+# KEYS: task. Returns 1 when the task was taken back (see TaskStore.withdraw): a
+# queued one without idempotency key is forgotten, one with a key ends lost and
+# lets go of it; 0 when it is not there or no longer queued.
+_WITHDRAW = (
+    _PRELUDE
+    + _FORGET
+    + """
+local h = load(KEYS[1])
+if not h or h['state'] ~= 'queued' then return 0 end
+if not h['ik'] then
+  forget(KEYS[1], h)
+  return 1
+end
+if redis.call('GET', h['ik']) == h['id'] then redis.call('DEL', h['ik']) end
+redis.call('HDEL', KEYS[1], 'ik', 'idempotency_key')
+h['ik'] = nil
+conclude(KEYS[1], h, 'lost')
 return 1
 """
 )
@@ -483,7 +516,8 @@ return orphan_tasks(KEYS[2], ARGV[6], tonumber(ARGV[7]))
 )
 
 # KEYS: the claim's record. ARGV[6..]: worker, limit, queued_before (see
-# check_alive), how many tasks of lapsed workers to orphan at most.
+# check_alive), how many tasks of lapsed workers to orphan at most, how long the
+# record is kept (ms).
 # Returns {task hash, snapshot, task hash, snapshot, ...}.
 _CLAIM = (
     _PRELUDE
@@ -536,7 +570,7 @@ while #taken < limit do
 end
 if #taken > 0 then
   redis.call('RPUSH', KEYS[1], unpack(taken))
-  redis.call('PEXPIRE', KEYS[1], 60000)
+  redis.call('PEXPIRE', KEYS[1], ARGV[10])
 end
 return out
 """
@@ -809,6 +843,9 @@ class RedisStore(TaskStore):
                 f" ({e}); the key prefix is an argument: RedisStore(url, prefix=...)"
             ) from None
         self._lane = ScriptLane(self._client)
+        # The token of the last claim() if its reply was lost (see there).
+        self._lost_claim: str | None = None
+        self._claim_lock = threading.Lock()
         register = self._client.register_script
         self._create = register(_CREATE)
         self._start = register(_START)
@@ -816,6 +853,7 @@ class RedisStore(TaskStore):
         self._finish = register(_FINISH)
         self._request_cancel = register(_REQUEST_CANCEL)
         self._delete = register(_DELETE)
+        self._withdraw = register(_WITHDRAW)
         self._get = register(_GET)
         self._list = register(_LIST)
         self._release = register(_RELEASE)
@@ -863,7 +901,9 @@ class RedisStore(TaskStore):
             # the middle of it TRYAGAIN or CLUSTERDOWN. It passes; nothing was written.
             raise self.unavailable(type(e).__name__, f"Redis is failing over: {e}") from e
         except (RedisConnectionError, RedisTimeoutError) as e:
-            raise self.unavailable(type(e).__name__, f"Redis did not answer: {e}") from e
+            error = self.unavailable(type(e).__name__, f"Redis did not answer: {e}")
+            error.doubtful = reached_server(e)
+            raise error from e
         except InvalidResponse as e:
             # What answers at that address does not speak Redis's protocol.
             raise self.unavailable("InvalidResponse", f"not a Redis server: {e}") from e
@@ -937,11 +977,23 @@ class RedisStore(TaskStore):
             limit,
             self._queued_before(now),
             ORPHAN_BATCH,
+            _ms(max(60.0, self.queued_ttl)),
         ]
-        # The token tells a retry of this call (same token) from the next call.
-        token = f"{self.prefix}claim:{secrets.token_urlsafe(12)}"
-        with self._reaching():
-            reply = self._lane.call(self._claim, [token], args)
+        # The token tells a retry of this call (same token) from the next call. A
+        # call whose reply was lost leaves its tasks held by this process, which
+        # does not know them: the next claim runs it again, to learn them.
+        with self._claim_lock:
+            token, self._lost_claim = self._lost_claim, None
+        if token is None:
+            token = f"{self.prefix}claim:{secrets.token_urlsafe(12)}"
+        try:
+            with self._reaching():
+                reply = self._lane.call(self._claim, [token], args)
+        except StoreUnavailable as e:
+            if e.doubtful:
+                with self._claim_lock:
+                    self._lost_claim = token
+            raise
         claimed = [Claimed(_decode(reply[i]), bytes(reply[i + 1])) for i in range(0, len(reply), 2)]
         claimed.sort(key=lambda each: (each.task.created_at, each.task.id))
         return claimed
@@ -1003,6 +1055,11 @@ class RedisStore(TaskStore):
     def delete(self, task_id: str) -> None:
         with self._reaching():
             self._lane.call(self._delete, [self._task_key(task_id)], self._clock(time.time()))
+
+    def withdraw(self, task_id: str) -> bool:
+        with self._reaching():
+            args = self._clock(time.time())
+            return bool(self._lane.call(self._withdraw, [self._task_key(task_id)], args))
 
     def list(
         self,

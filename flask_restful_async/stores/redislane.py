@@ -51,6 +51,15 @@ RETRY_DELAY = (0.05, 0.25)
 #: connection that got one is dropped, to reach the new master when next used.
 FAILOVER_ERRORS = (ReadOnlyError, ClusterDownError, TryAgainError)
 
+# The attribute that marks an error of a call whose command reached the server.
+_SENT = "restful_async_sent"
+
+
+def reached_server(error: BaseException) -> bool:
+    """Whether the call that raised ``error`` (a dropped connection, a timeout)
+    was sent whole before it failed: the script may have run, its reply lost."""
+    return getattr(error, _SENT, False) is True
+
 
 class ScriptLane:
     """Runs scripts registered on ``client`` with connections of its pool."""
@@ -69,14 +78,19 @@ class ScriptLane:
         """What ``script(keys=keys, args=args)`` gives, raising what the client would."""
         try:
             return self._once(script, keys, args)
-        except RedisConnectionError:
+        except RedisConnectionError as first:
             # Dropped (or refused) once: perhaps the server restarted, which closed
             # the free connections too. The retry connects afresh; every script of
             # the store is safe to run twice.
             for connection in list(self._free):
                 connection.disconnect()
             time.sleep(random.uniform(*RETRY_DELAY))
-            return self._once(script, keys, args)
+            try:
+                return self._once(script, keys, args)
+            except BaseException as second:
+                if reached_server(first):
+                    setattr(second, _SENT, True)  # the first try may have run it
+                raise
 
     def _once(self, script: Script, keys: Sequence[str], args: Sequence[t.Any]) -> t.Any:
         if self._pid != os.getpid():
@@ -86,13 +100,17 @@ class ScriptLane:
             connection = self._free.pop()
         except IndexError:
             connection = self._pool.get_connection()
+        sent = False
         try:
             try:
                 connection.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
+                sent = True
                 reply = connection.read_response()
             except NoScriptError:
                 # The server forgot it (restarted, or SCRIPT FLUSH): EVAL loads it again.
+                sent = False
                 connection.send_command("EVAL", script.script, len(keys), *keys, *args)
+                sent = True
                 reply = connection.read_response()
         except ResponseError as e:
             # An error reply, read whole: the connection is still in step; but one
@@ -101,9 +119,13 @@ class ScriptLane:
                 connection.disconnect()
             self._free.append(connection)
             raise
-        except BaseException:
+        except BaseException as e:
             connection.disconnect()  # connects afresh when next used
             self._free.append(connection)
+            if sent:
+                # Sent whole (a command cut short in the sending is not run):
+                # the server may have run the script and its reply got lost.
+                setattr(e, _SENT, True)
             raise
         self._free.append(connection)
         return reply

@@ -873,6 +873,24 @@ class SQLiteStore(TaskStore):
             row = conn.execute("DELETE FROM tasks WHERE id = ? RETURNING result", (task_id,))
             _drop_results(conn, row.fetchall())
 
+    def withdraw(self, task_id: str) -> bool:
+        with self._transaction() as conn:
+            row = conn.execute(
+                "SELECT idempotency_key FROM tasks WHERE id = ? AND state = 'queued'", (task_id,)
+            ).fetchone()
+            if row is None:
+                return False
+            if row[0] is None:
+                found = conn.execute("DELETE FROM tasks WHERE id = ? RETURNING result", (task_id,))
+                _drop_results(conn, found.fetchall())
+            else:
+                conn.execute(
+                    "UPDATE tasks SET state = 'lost', finished_at = ?, idempotency_key = NULL,"
+                    " snapshot = NULL WHERE id = ?",
+                    (time.time(), task_id),
+                )
+        return True
+
     def list(
         self,
         *,
