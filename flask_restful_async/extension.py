@@ -7,9 +7,10 @@ import os
 import typing as t
 import weakref
 
-from flask import Flask
+from flask import Flask, Response, current_app, request
 from flask.sansio.blueprints import BlueprintSetupState
 from flask_restful import Api, Resource
+from werkzeug.exceptions import HTTPException
 
 from .cli import tasks_cli
 from .dashboard import check_dashboard, install_dashboard
@@ -204,8 +205,8 @@ def register_async(
             setup(t.cast(Flask, setup_state.app))
 
         blueprint.record_once(on_register)
-        for resource, rule, endpoint in routes:
-            api.add_resource(resource, rule, endpoint=endpoint)
+        for resource, rules, endpoint in routes:
+            api.add_resource(resource, *rules, endpoint=endpoint)
     elif api.app is not None:
         if app is not None and app is not api.app:
             raise ValueError(
@@ -213,8 +214,8 @@ def register_async(
                 " bound to: leave app out for an Api(app)."
             )
         setup(t.cast(Flask, api.app))
-        for resource, rule, endpoint in routes:
-            api.add_resource(resource, rule, endpoint=endpoint)
+        for resource, rules, endpoint in routes:
+            api.add_resource(resource, *rules, endpoint=endpoint)
     elif app is None:
         raise ValueError(
             "register_async needs to know the app of an Api made without one: call"
@@ -255,19 +256,56 @@ def _connect_metrics(app: Flask) -> None:
     metrics.connect(app)
 
 
-def _routes(url: str) -> list[tuple[type[Resource], str, str]]:
+Routes = list[tuple[type[Resource], tuple[str, ...], str]]
+
+
+def _routes(url: str) -> Routes:
     """The resources register_async adds, with their rules and endpoint names."""
-    # The path converter also catches ids with slashes, so that every malformed id
-    # gets the same JSON 404 instead of the router's HTML one.
+    # The path converter also catches ids with slashes, and the rule that ends in a
+    # slash the empty id, so that every malformed id gets the same JSON 404 instead
+    # of the router's HTML one.
     base = url[: -len(_TASK_ID_PART)]
+    status = (base + "/<path:task_id>", base + "/") if base else ("/<path:task_id>",)
     return [
-        (TaskStatusResource, base + "/<path:task_id>", STATUS_ENDPOINT),
-        (TaskResultResource, url + RESULT_SUFFIX, RESULT_ENDPOINT),
-        (TaskListResource, base or "/", LIST_ENDPOINT),
+        (TaskStatusResource, status, STATUS_ENDPOINT),
+        (TaskResultResource, (url + RESULT_SUFFIX,), RESULT_ENDPOINT),
+        (TaskListResource, (base or "/",), LIST_ENDPOINT),
     ]
 
 
-def _add_routes_to(api: Api, app: Flask, routes: list[tuple[type[Resource], str, str]]) -> None:
+#: The endpoints of the task URLs (after a blueprint's name and its dot, if any).
+_TASK_ENDPOINTS = frozenset((STATUS_ENDPOINT, RESULT_ENDPOINT, LIST_ENDPOINT))
+
+
+def _no_store_at_task_urls(response: Response) -> Response:
+    """``Cache-Control: no-store`` on every answer at a task URL that has no
+    ``Cache-Control`` (CONTRACT section 4): also on those that Flask or the router
+    give without the resources (``OPTIONS``, ``405``) and on errors that
+    flask-restful renders. An ``after_request`` function of each app."""
+    rule = request.url_rule
+    if rule is None:
+        if response.status_code != 405 or not _at_task_url():
+            return response
+    elif rule.endpoint.rpartition(".")[2] not in _TASK_ENDPOINTS:
+        return response
+    if "Cache-Control" not in response.headers:
+        response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+def _at_task_url() -> bool:
+    """Whether the request's path is a task URL (one that answers ``GET``)."""
+    adapter = current_app.create_url_adapter(request)
+    if adapter is None:
+        return False
+    try:
+        rule, _ = adapter.match(method="GET", return_rule=True)
+    except HTTPException:
+        return False
+    return rule.endpoint.rpartition(".")[2] in _TASK_ENDPOINTS
+
+
+def _add_routes_to(api: Api, app: Flask, routes: Routes) -> None:
     """Add ``routes`` to one app of an Api made without an app.
 
     flask-restful adds a resource to an app at once only while ``api.app`` is that
@@ -278,8 +316,8 @@ def _add_routes_to(api: Api, app: Flask, routes: list[tuple[type[Resource], str,
     """
     api.app = app
     try:
-        for resource, rule, endpoint in routes:
-            api.add_resource(resource, rule, endpoint=endpoint)
+        for resource, rules, endpoint in routes:
+            api.add_resource(resource, *rules, endpoint=endpoint)
     finally:
         api.app = None
 
@@ -407,6 +445,7 @@ def _make_state(
         state.lease.on_renew = state.takeover.claim
         executor.on_done = state.takeover.done
         app.before_request(state.lease.start)
+    app.after_request(_no_store_at_task_urls)
     _connect_traces(state, config["RESTFUL_ASYNC_TRACES"])
     return state
 

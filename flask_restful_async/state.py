@@ -201,8 +201,12 @@ class AsyncState:
                     400,
                     "Idempotency-Key must be 1 to 255 visible ASCII characters.",
                 )
-            # Keys are scoped by owner (in the store), method and path (here).
-            task.idempotency_key = f"{request.method} {request.path} {key}"
+            # Keys are scoped by owner (in the store), method and path (here). A key
+            # may hold spaces, so the path holds none: one way to read the scope.
+            path = request.path
+            if " " in path or "%" in path:
+                path = path.replace("%", "%25").replace(" ", "%20")
+            task.idempotency_key = f"{request.method} {path} {key}"
             task.fingerprint = _fingerprint(body)
         rule = request.url_rule
         endpoint = (rule.endpoint if rule is not None else None) or ""

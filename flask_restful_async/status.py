@@ -75,7 +75,7 @@ class TaskStatusResource(_TaskResource):
     are unknown, malformed or another owner's.
     """
 
-    def get(self, task_id: str) -> Response:
+    def get(self, task_id: str = "") -> Response:
         """With ``?wait=N`` or ``Prefer: wait=N``, wait up to N seconds (at most
         ``RESTFUL_ASYNC_MAX_WAIT``) for the task to finish before answering; with
         ``Accept: text/event-stream``, a stream of its changes (see
@@ -123,7 +123,7 @@ class TaskStatusResource(_TaskResource):
         last_id = request.headers.get("Last-Event-ID")
         return streams.task_stream(state, subscription, task, document, last_id, timing)
 
-    def delete(self, task_id: str) -> Response:
+    def delete(self, task_id: str = "") -> Response:
         """Cancel or forget a task.
 
         Queued: ``200`` and the status document, state ``cancelled``; the handler

@@ -341,6 +341,21 @@ def test_range_on_a_background_get_download_answers_as_send_file(
     assert final.headers["Content-Length"] == "100"
 
 
+def test_a_range_past_the_end_is_416_and_kept_by_no_cache(
+    make_app: AppFactory, tmp_path: Path
+) -> None:
+    app, api = result_app(make_app, tmp_path)
+    add_pair(api, "download", _send_path, method="get")
+    client = app.test_client()
+    location = client.get("/async/download").headers["Location"]
+    wait_done(client, location)
+    beyond = client.get(location, headers={"Range": f"bytes={len(CSV) + 10}-"})
+    assert beyond.status_code == 416
+    assert beyond.headers["Content-Range"] == f"bytes */{len(CSV)}"
+    assert beyond.headers["Cache-Control"] == "no-store"
+    assert "message" in beyond.json
+
+
 def test_send_file_downloads_byte_identical_under_gunicorn(tmp_path: Path) -> None:
     # Large enough for many blocks on both sides: a short read shows as a hash mismatch.
     size = 3 * 1024 * 1024 + 17

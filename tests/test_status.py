@@ -50,6 +50,52 @@ def test_malformed_ids_are_404_without_a_store_lookup(make_app: AppFactory, task
     assert store.lookups == 0
 
 
+@pytest.mark.parametrize("method", ["GET", "DELETE"])
+def test_the_empty_id_is_the_same_json_404(make_app: AppFactory, method: str) -> None:
+    app, _ = make_app(store=MemoryStore())
+    response = app.test_client().open("/tasks/", method=method)
+    assert response.status_code == 404
+    assert response.json == {"message": "No such task."}
+    assert response.headers["Cache-Control"] == "no-store"
+
+
+def test_answers_the_router_gives_at_task_urls_are_kept_by_no_cache(
+    make_app: AppFactory,
+) -> None:
+    # OPTIONS (Flask's own answer) and 405 (the router's) never reach the resources;
+    # a 405 is cacheable by default (RFC 9110, 15.5.6).
+    app, api = make_app(store=MemoryStore(), owner=lambda: "alice")
+    api.add_resource(Quick, "/quick")
+    client = app.test_client()
+    location = client.post("/quick").headers["Location"]
+    for method, path, code in [
+        ("OPTIONS", location, 200),
+        ("PUT", location, 405),
+        ("OPTIONS", "/tasks", 200),
+        ("POST", "/tasks", 405),
+        ("PATCH", f"{location}/result", 405),
+    ]:
+        response = client.open(path, method=method)
+        assert (method, path, response.status_code) == (method, path, code)
+        assert response.headers["Cache-Control"] == "no-store"
+        assert "GET" in response.headers["Allow"]
+    # Elsewhere in the app, answers are left as they were.
+    assert "Cache-Control" not in client.put("/quick").headers
+    assert "Cache-Control" not in client.options("/quick").headers
+
+
+def test_a_cache_control_of_the_app_at_task_urls_is_left_alone(make_app: AppFactory) -> None:
+    app, _ = make_app(store=MemoryStore())
+
+    @app.after_request
+    def private(response: t.Any) -> t.Any:
+        if request.method == "OPTIONS":
+            response.headers["Cache-Control"] = "private"
+        return response
+
+    assert app.test_client().options("/tasks/x").headers["Cache-Control"] == "private"
+
+
 def test_unknown_malformed_and_foreign_ids_get_the_same_404(make_app_any_store: AppFactory) -> None:
     app, api = make_app_any_store(owner=lambda: request.headers.get("X-User"))
     api.add_resource(Quick, "/quick")

@@ -27,6 +27,27 @@ class Echo(AsyncResource):
         return {"put": request.get_json()}
 
 
+class Anywhere(AsyncResource):
+    def post(self, where: str) -> t.Any:
+        return {"where": where}
+
+
+def test_keys_with_spaces_never_meet_across_paths(make_app: AppFactory) -> None:
+    # "/at/a b" with key "c" and "/at/a" with key "b c" once made one scope.
+    app, api = make_app()
+    api.add_resource(Anywhere, "/at/<path:where>")
+    client = app.test_client()
+    first = client.post("/at/a b", data=b"x", headers={"Idempotency-Key": "c"})
+    second = client.post("/at/a", data=b"x", headers={"Idempotency-Key": "b c"})
+    third = client.post("/at/a%2520b", data=b"x", headers={"Idempotency-Key": "c"})
+    assert [r.status_code for r in (first, second, third)] == [202, 202, 202]
+    locations = {r.headers["Location"] for r in (first, second, third)}
+    assert len(locations) == 3
+    assert wait_done(client, second.headers["Location"]).json == {"where": "a"}
+    again = client.post("/at/a b", data=b"x", headers={"Idempotency-Key": "c"})
+    assert again.headers["Location"] == first.headers["Location"]
+
+
 def test_a_repeated_idempotency_key_answers_the_first_task(make_app_any_store: AppFactory) -> None:
     app, api = make_app_any_store()
     api.add_resource(Echo, "/echo")
