@@ -234,6 +234,7 @@ class AsyncState:
         # With Prefer (perhaps wait=N), or a short wait ahead, the task as created
         # counts as a first read.
         ticket = waiting.ticket(self.store) if not now and (hold or prefs) else None
+        repeated: Task | None = None
         try:
             if not now:
                 self.executor.acquire(size)
@@ -244,16 +245,23 @@ class AsyncState:
             except BaseException:
                 self.release(size, now)
                 raise
+        except Saturated as e:
+            # No room for a new task; a repeat of an accepted one needs none.
+            repeated = self.find_repeat(task)
+            if repeated is None:
+                return self.rejected(e, "saturated")
+            recorded = repeated
         except Unavailable as e:
             if isinstance(e, StoreUnavailable) and e.doubtful:
                 # Its reply was lost: the task may be there all the same. This
                 # answer is a 503, so it must not be: taken back once the store
                 # answers (or, with a key, ended lost: a repeat may have seen it).
                 outbox.withdraw(self.store, task.id, self.app.logger, now=False)
-            return self.rejected(e, "saturated" if isinstance(e, Saturated) else "store")
+            return self.rejected(e, "store")
         if recorded.id != task.id:
             # A repeat of an earlier submit: answer as it was answered, create nothing.
-            self.release(size, now)
+            if repeated is None:
+                self.release(size, now)
             if recorded.fingerprint != task.fingerprint:
                 return error_response(
                     422, "This Idempotency-Key was already used with a different request body."
@@ -269,12 +277,23 @@ class AsyncState:
                 self.executor.submit(self.app, task, snapshot, resource)
             except Unavailable as e:
                 # An executor that cannot hand the task over (a broker that is down)
-                # has removed it from the store again: nothing is left behind.
+                # has taken it back from the store (see outbox.withdraw).
                 self.executor.release(size)
                 return self.rejected(e, "store" if isinstance(e, StoreUnavailable) else "broker")
             if signals.task_submitted.receivers:
                 signals.send(signals.task_submitted, self.app, task=recorded)
         return self.accepted(recorded, prefs, ticket, hold)
+
+    def find_repeat(self, task: Task) -> Task | None:
+        """The task an earlier submit with ``task``'s idempotency key made, for a
+        submit that found no room for a task of its own; None without a key, when
+        there is none, or when the store does not answer."""
+        if task.idempotency_key is None:
+            return None
+        try:
+            return self.store.get_by_key(task.owner, task.idempotency_key)
+        except Unavailable:
+            return None
 
     def prepare(
         self,

@@ -72,6 +72,35 @@ def test_submits_beyond_the_held_bytes_answer_503_and_leave_no_task(
     assert client.post("/held", json=body).status_code == 202
 
 
+def test_a_repeat_with_its_key_gets_its_202_when_no_room_is_left(
+    make_app_any_store: AppFactory,
+) -> None:
+    # The contract: a repeat answers as the first submit did, whatever state the
+    # task is in. It needs no room: it creates nothing.
+    app, api = make_app_any_store(
+        config={"RESTFUL_ASYNC_MAX_WORKERS": 1, "RESTFUL_ASYNC_MAX_PENDING": 1}
+    )
+    api.add_resource(Held, "/held")
+    client = app.test_client()
+    running = client.post("/held", json={"n": 0})
+    assert STARTED.wait(10)
+    first = client.post("/held", json={"n": 1}, headers={"Idempotency-Key": "k"})
+    assert first.status_code == 202
+    assert client.post("/held", json={"n": 2}).status_code == 503  # full
+    again = client.post("/held", json={"n": 1}, headers={"Idempotency-Key": "k"})
+    assert again.status_code == 202, again.get_data()
+    assert again.headers["Location"] == first.headers["Location"]
+    assert again.json is not None
+    assert again.json["state"] == "queued"
+    other = client.post("/held", json={"n": 3}, headers={"Idempotency-Key": "k"})
+    assert other.status_code == 422
+    new_key = client.post("/held", json={"n": 1}, headers={"Idempotency-Key": "k2"})
+    assert new_key.status_code == 503
+    RELEASE.set()
+    for location in (running.headers["Location"], first.headers["Location"]):
+        assert wait_done(client, location).status_code == 200
+
+
 def test_one_request_larger_than_the_bound_is_accepted_when_nothing_waits(
     make_app: AppFactory,
 ) -> None:

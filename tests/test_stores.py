@@ -247,6 +247,22 @@ def test_delete_forgets(store: TaskStore) -> None:
     assert store.get(task.id) is None
 
 
+def test_get_by_key_finds_what_a_create_with_the_key_would_return(store: TaskStore) -> None:
+    first = store.create(new_task(owner="alice", idempotency_key="k"))
+    store.create(new_task(idempotency_key="anonymous"))
+    found = store.get_by_key("alice", "k")
+    assert found is not None
+    assert found.id == first.id
+    assert store.get_by_key("bob", "k") is None
+    assert store.get_by_key(None, "k") is None
+    assert store.get_by_key("alice", "other") is None
+    anonymous = store.get_by_key(None, "anonymous")
+    assert anonymous is not None
+    assert anonymous.owner is None
+    store.delete(first.id)
+    assert store.get_by_key("alice", "k") is None
+
+
 def test_withdraw_forgets_a_queued_task_without_key(store: TaskStore) -> None:
     task = store.create(new_task(owner="alice"), b"snapshot")
     assert store.withdraw(task.id) is True

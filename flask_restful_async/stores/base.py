@@ -165,6 +165,16 @@ class TaskStore(abc.ABC):
         task = self.get(task_id)
         return task if task is not None and task.owner == owner else None
 
+    def get_by_key(self, owner: str | None, key: str) -> Task | None:
+        """The live (not expired) task that ``owner`` created with the idempotency
+        key ``key`` (as :attr:`Task.idempotency_key` holds it), or None: what a
+        :meth:`create` with that key would return, without creating anything. A
+        repeat of a submit answers with it when there is no room for a new task.
+
+        This default knows no key: stores override it.
+        """
+        return None
+
     def get_many(self, task_ids: t.Sequence[str]) -> builtins.dict[str, Task]:
         """The tasks of ``task_ids`` that exist (or are tombstones), by id, each as
         :meth:`get` reads it. Streams in a process use it to look at every task

@@ -78,6 +78,14 @@ class MemoryStore(TaskStore):
             self._lose_if_stale(task, now)
             return self.retention_view(self._copy(task), now)
 
+    def get_by_key(self, owner: str | None, key: str) -> Task | None:
+        with self._lock:
+            task_id = self._keys.get((owner, key))
+        if task_id is None:
+            return None
+        found = self.get(task_id)
+        return None if found is None or found.expired else found
+
     def get_owned(self, task_id: str, owner: str | None) -> Task | None:
         with self._lock:
             task = self._tasks.get(task_id)

@@ -949,6 +949,15 @@ class RedisStore(TaskStore):
     def get(self, task_id: str) -> Task | None:
         return self._read(task_id, "")
 
+    def get_by_key(self, owner: str | None, key: str) -> Task | None:
+        with self._reaching():
+            task_id = self._client.get(self._idempotency_key(owner, key))
+        if task_id is None:
+            return None
+        text = task_id.decode() if isinstance(task_id, bytes) else str(task_id)
+        found = self.get_owned(text, owner)
+        return None if found is None or found.expired else found
+
     def get_owned(self, task_id: str, owner: str | None) -> Task | None:
         return self._read(task_id, "-" if owner is None else f"={owner}")
 

@@ -693,6 +693,17 @@ class SQLiteStore(TaskStore):
         # task reads as fast as an unknown one, however large its result.
         return self._fetch_task(_GET_OWNED, (owner, task_id, owner))
 
+    def get_by_key(self, owner: str | None, key: str) -> Task | None:
+        now = time.time()
+        with self._reading() as conn:
+            row = conn.execute(
+                f"{_SELECT} WHERE coalesce(t.owner, '') = coalesce(?, '')"
+                " AND t.idempotency_key = ?",
+                (owner, key),
+            ).fetchone()
+        found = None if row is None else self._read(row, now)
+        return None if found is None or found.expired else found
+
     # -- writing -------------------------------------------------------------------
 
     def create(self, task: Task, snapshot: bytes | None = None) -> Task:
