@@ -30,7 +30,9 @@ def dump_json(data: t.Any, code: int, headers: t.Any = None) -> Response:
     (``RESTFUL_JSON`` settings, indent in debug mode, trailing newline, key order)
     and adds what Flask's JSON provider knows how to encode.
     """
-    response: Response = current_app.response_class(_json_text(data), code)
+    # Through make_response, as output_json: a handler's ``return data, {headers}``
+    # gives headers, not a status, in the place of the code.
+    response: Response = current_app.make_response((_json_text(data), code))
     if headers:
         response.headers.extend(headers)
     return response
@@ -42,6 +44,10 @@ def _json_text(data: t.Any) -> str:
     if app.debug:
         settings.setdefault("indent", 4)
     settings.setdefault("sort_keys", False)
+    if "cls" in settings:
+        # flask-restful's way to add an encoder: app.json would pass its own
+        # default= to it, which replaces the encoder's default method.
+        settings.setdefault("default", None)
     return app.json.dumps(data, **settings) + "\n"
 
 
@@ -54,6 +60,7 @@ def render_stored(api: Api, resource: Resource, rv: t.Any, max_size: int) -> Sto
         if (
             not headers
             and type(code) is int
+            and type(api).make_response is Api.make_response
             and _api_mediatype(api) == JSON
             and api.representations.get(JSON) is output_json
         ):
@@ -69,7 +76,8 @@ def render_result(api: Api, resource: Resource, rv: t.Any) -> ResponseBase:
 
     This is ``Resource.dispatch_request``'s tail (per-resource representations)
     followed by ``Api.output`` (``unpack`` and ``Api.make_response``), with the
-    default JSON representation swapped for :func:`dump_json`.
+    default JSON representation swapped for :func:`dump_json`. An Api whose class
+    overrides ``make_response`` has it called, as flask-restful would.
     """
     if isinstance(rv, ResponseBase):
         return rv
@@ -81,6 +89,8 @@ def render_result(api: Api, resource: Resource, rv: t.Any) -> ResponseBase:
             response = _represent(representations[mediatype], data, code, headers)
             response.headers["Content-Type"] = mediatype
             return response
+    if type(api).make_response is not Api.make_response:
+        return api.make_response(data, code, headers=headers)
     mediatype = _api_mediatype(api)
     if mediatype is None:
         raise NotAcceptable()

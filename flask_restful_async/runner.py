@@ -10,6 +10,7 @@ import time
 import typing as t
 
 from flask import Flask, current_app, request
+from flask_restful import Api
 from werkzeug.exceptions import HTTPException
 
 from . import outbox, signals, waiting
@@ -173,7 +174,22 @@ def _outcome(
         if failure is not None:
             failure.append(e)
         app.logger.exception("Task %s failed", task_id, extra={"task_id": task_id})
-        return TaskState.FAILED, _INTERNAL_ERROR
+        return TaskState.FAILED, _mapped_error(state.api, e, state.max_result)
+
+
+def _mapped_error(api: Api, error: Exception, max_size: int) -> StoredResponse:
+    """The response of a task that failed by ``error`` (not an HTTPException):
+    what ``api`` answers for it where it says something of its own (an entry of
+    ``Api(errors=...)`` for the exception's class, or a ``handle_error`` of a
+    subclass), else a ``500`` with a generic message."""
+    if type(error).__name__ not in api.errors and type(api).handle_error is Api.handle_error:
+        return _INTERNAL_ERROR
+    try:
+        return store_response(api.handle_error(error), max_size)
+    except Exception:
+        # Raised again (PROPAGATE_EXCEPTIONS, as under TESTING), or the handler
+        # failed in turn: the generic answer.
+        return _INTERNAL_ERROR
 
 
 def _call_handler(snapshot: RequestSnapshot, resource: Resource | None) -> tuple[t.Any, Resource]:

@@ -204,7 +204,13 @@ class RequestSnapshot:
         a 5 MB upload costs 5 MB, not the third more of base64. The layout is
         versioned; :meth:`from_bytes` refuses versions it does not know.
         """
-        header = _dumps(self._header()).encode()
+        fields = self._header()
+        try:
+            header = _dumps(fields).encode()
+        except UnicodeEncodeError:
+            # A lone surrogate (JSON's "\ud800" parses into one, in g or a view
+            # argument): escaped instead, as JSON allows, and read back the same.
+            header = _ASCII_ENCODER.encode(fields).encode()
         return b"".join((_BYTES_MAGIC, _HEADER_LENGTH.pack(len(header)), header, self.body))
 
     @classmethod
@@ -284,6 +290,7 @@ class RequestSnapshot:
 # One encoder for every snapshot: json.dumps with arguments of its own would build
 # a new one per call, a third of the cost of a small header.
 _ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+_ASCII_ENCODER = json.JSONEncoder(allow_nan=False, separators=(",", ":"))
 
 
 class _MatchedContext(RequestContext):
@@ -336,7 +343,11 @@ def _encode_parsed_form() -> tuple[bytes, str]:
         storage.stream.seek(0)
         data.add(key, (io.BytesIO(storage.read()), storage.filename, storage.content_type))
         storage.stream.seek(0)
-    builder = EnvironBuilder(method="POST", data=data)
+    # Multipart stays multipart, files or not, as the handler would see it.
+    multipart = request.mimetype == "multipart/form-data"
+    builder = EnvironBuilder(
+        method="POST", data=data, content_type="multipart/form-data" if multipart else None
+    )
     try:
         environ = builder.get_environ()
         return environ["wsgi.input"].read(), environ["CONTENT_TYPE"]

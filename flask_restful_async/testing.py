@@ -59,6 +59,7 @@ def follow(
     """
     deadline = time.monotonic() + timeout
     status: str | None = None  # the path of the task's status URL, once known
+    get = _getter(client, response, headers)
     while response.status_code == 202 and "Location" in response.headers:
         location = response.headers["Location"]
         if status is None:
@@ -76,11 +77,11 @@ def follow(
         wait = max(1, min(POLL_WAIT, math.ceil(remaining)))
         asked = time.monotonic()
         separator = "&" if "?" in location else "?"
-        response = client.get(f"{location}{separator}wait={wait}", headers=headers)
+        response = get(f"{location}{separator}wait={wait}")
         if response.status_code == 303 and _is_result_of(
             response.headers.get("Location"), location
         ):
-            response = client.get(response.headers["Location"], headers=headers)
+            response = get(response.headers["Location"])
         elif response.status_code == 202:
             # A server that does not wait (RESTFUL_ASYNC_MAX_WAIT = 0) asks for a
             # pause instead: never poll faster than it asks.
@@ -88,6 +89,28 @@ def follow(
             if pause > 0:
                 time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
     return response
+
+
+def _getter(
+    client: FlaskClient,
+    submitted: TestResponse,
+    headers: t.Mapping[str, str] | Headers | None,
+) -> t.Callable[[str], TestResponse]:
+    """``GET`` of a URL the app gave in answer to ``submitted``, as a browser would
+    resolve it: an app mounted under a script root (``base_url=".../prefix/"``)
+    names its URLs with that root, which the test client must not see twice."""
+    request = getattr(submitted, "request", None)
+    if request is None or not request.script_root:
+        return lambda url: client.get(url, headers=headers)
+    root, base_url = request.script_root, request.root_url
+
+    def get(url: str) -> TestResponse:
+        parts = urlsplit(url)
+        path = parts.path[len(root) :] if parts.path.startswith(root + "/") else parts.path
+        target = f"{path}?{parts.query}" if parts.query else path
+        return client.get(target, headers=headers, base_url=base_url)
+
+    return get
 
 
 def _is_result_of(target: str | None, location: str) -> bool:

@@ -318,6 +318,17 @@ def test_eager_with_result_redirect_and_follow(make_app: AppFactory) -> None:
     assert follow(client, client.post("/async/redirect")).status_code == 302
 
 
+@pytest.mark.parametrize("eager", [True, False])
+def test_follow_under_a_script_root(make_app: AppFactory, eager: bool) -> None:
+    # An app mounted below a prefix names its status URLs with it.
+    app, _ = eager_app(make_app, config={"RESTFUL_ASYNC_EAGER": eager})
+    client = app.test_client()
+    accepted = client.post("/async/tuple-code-headers", base_url="http://localhost/prefix/")
+    assert accepted.headers["Location"].startswith("/prefix/tasks/")
+    final = follow(client, accepted)
+    assert (final.status_code, final.json) == (201, {"rows": 42})
+
+
 def test_eager_replaces_a_celery_executor_and_needs_no_broker(make_app: AppFactory) -> None:
     pytest.importorskip("celery")
     from celery import Celery

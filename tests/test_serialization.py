@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import decimal
+import json
 import typing as t
 import uuid
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
-from flask import make_response
+from flask import Flask, make_response
+from flask_restful import Api, Resource
 from werkzeug.exceptions import HTTPException
 
-from flask_restful_async import AsyncResource, TaskState
+from flask_restful_async import AsyncResource, TaskState, register_async
 from flask_restful_async.exceptions import ResultTooLarge
 from flask_restful_async.responses import render_result, render_stored, store_response
 from flask_restful_async.state import get_state
@@ -165,3 +168,88 @@ def test_the_short_way_to_a_stored_result_gives_what_the_long_way_gives(
         assert render_stored(api, resource(), rv, 1 << 20) == long
         with pytest.raises(ResultTooLarge):
             render_stored(api, resource(), rv, len(long.body) - 1)
+
+
+class PriceEncoder(json.JSONEncoder):
+    def default(self, o: t.Any) -> t.Any:
+        if isinstance(o, decimal.Decimal):
+            return float(o)
+        return super().default(o)
+
+
+class Conflict(Exception):
+    pass
+
+
+class Versioned(Api):
+    """An Api subclass as apps write them: an envelope header, errors of its own."""
+
+    def make_response(self, data: t.Any, *args: t.Any, **kwargs: t.Any) -> t.Any:
+        response = super().make_response(data, *args, **kwargs)
+        response.headers["X-Api-Version"] = "2"
+        return response
+
+    def handle_error(self, e: Exception) -> t.Any:
+        if isinstance(e, KeyError):
+            return self.make_response({"message": "no such item"}, 422)
+        return super().handle_error(e)
+
+
+def answers(
+    tmp_path: Path, api_class: type[Api], body: t.Callable[[], t.Any], **config: t.Any
+) -> tuple[tuple[int, list[tuple[str, str]], bytes], tuple[int, list[tuple[str, str]], bytes]]:
+    """What a plain Resource and an AsyncResource with ``body`` as their handler
+    answer (the async one at its status URL), without Date and Cache-Control."""
+    app = Flask("parity", instance_path=str(tmp_path / "instance"))
+    app.config.update(config)
+    api = api_class(app, errors={"Conflict": {"status": 409}})
+    register_async(api, store="memory://")
+
+    class Plain(Resource):
+        def post(self) -> t.Any:
+            return body()
+
+    class Async(AsyncResource):
+        def post(self) -> t.Any:
+            return body()
+
+    api.add_resource(Plain, "/plain")
+    api.add_resource(Async, "/async")
+    client = app.test_client()
+    try:
+
+        def seen(response: t.Any) -> tuple[int, list[tuple[str, str]], bytes]:
+            skipped = {"date", "cache-control", "vary", "content-length"}
+            headers = [(k, v) for k, v in response.headers.items() if k.lower() not in skipped]
+            return response.status_code, sorted(headers), response.get_data()
+
+        final = wait_done(client, client.post("/async").headers["Location"])
+        return seen(client.post("/plain")), seen(final)
+    finally:
+        get_state(app).close()
+
+
+@pytest.mark.parametrize(
+    ("name", "body", "config"),
+    [
+        ("RESTFUL_JSON's own encoder", lambda: {"price": decimal.Decimal("1.5")},
+         {"RESTFUL_JSON": {"cls": PriceEncoder}}),
+        ("data and a dict of headers", lambda: ({"x": 1}, {"X-Extra": "1"}), {}),
+        ("data and a code as text", lambda: ({"x": 1}, "201 CREATED"), {}),
+        ("an exception Api(errors=...) maps", lambda: (_ for _ in ()).throw(Conflict("no")), {}),
+        ("an exception handle_error maps", lambda: {}["missing"], {}),
+    ],
+)  # fmt: skip
+def test_the_final_answer_is_what_flask_restful_answers(
+    tmp_path: Path, name: str, body: t.Callable[[], t.Any], config: dict[str, t.Any]
+) -> None:
+    plain, final = answers(tmp_path, Versioned, body, **config)
+    assert final == plain, name
+
+
+def test_an_unmapped_exception_is_the_generic_500_through_an_api_subclass(
+    tmp_path: Path,
+) -> None:
+    plain, final = answers(tmp_path, Versioned, lambda: 1 / 0)
+    assert plain[0] == final[0] == 500
+    assert json.loads(final[2]) == {"message": "Internal Server Error"}

@@ -14,6 +14,7 @@ def abort(http_status_code: int, **kwargs: t.Any) -> t.NoReturn: ...
 class Api:
     representations: OrderedDict[str, _Representation]
     default_mediatype: str | None
+    errors: dict[str, t.Any]
     endpoints: set[str]
     app: Flask | Blueprint | None
     blueprint: Blueprint | None
