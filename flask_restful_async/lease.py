@@ -137,8 +137,13 @@ class LeaseKeeper:
             if stop.is_set():
                 return
             if time.monotonic() < renew_at:
-                if time.monotonic() >= self._turn_at and not failing:
-                    self._turn()
+                if time.monotonic() >= self._turn_at:
+                    if failing:
+                        # No look while the store fails: the next renewal that
+                        # works makes one. Until then, wake for renewals only.
+                        self._turn_at = math.inf
+                    else:
+                        self._turn()
                 continue
             # After a failure, sooner: a store back within the lease must find it
             # renewed before it lapses, or running tasks would read as lost.

@@ -78,7 +78,8 @@ def start(
 ) -> Task | None:
     """Move a queued task to running under ``worker``; None if it is not to run.
 
-    Tries again, with backoff, while the store does not answer. A start whose
+    Tries again, with backoff, while the store does not answer (or answers an
+    error, which may pass too: out of memory, busy). A start whose
     reply was lost after it took effect shows on the next try as the task
     running under ``worker`` already: that is this start, and the task runs.
     Past :func:`give_up_after`, the task is handed to the outbox as ``lost``,
@@ -96,13 +97,16 @@ def start(
             if found is not None and found.state is TaskState.RUNNING and found.worker == worker:
                 return found
             return None  # cancelled, or lost meanwhile
-        except StoreUnavailable as e:
+        except Exception as e:
+            # An outage, or an error reply that may pass as well (Redis out of
+            # memory, or busy with a long script): tried again the same way.
             if not tried:
                 logger.warning(
                     "Task %s cannot start yet, trying again: %s",
                     task_id,
-                    e.message,
+                    e.message if isinstance(e, StoreUnavailable) else repr(e),
                     extra={"task_id": task_id},
+                    exc_info=not isinstance(e, StoreUnavailable),
                 )
             tried = True
             if time.monotonic() >= deadline:
@@ -165,13 +169,21 @@ def finish(
     return state, ending
 
 
-def withdraw(store: TaskStore, task_id: str, logger: logging.Logger, *, now: bool = True) -> None:
-    """Take back the task ``task_id`` whose submit is answered ``503``: at once
-    (unless not ``now``: the store just failed), else as soon as the store answers
-    again. Never raises."""
+def withdraw(
+    store: TaskStore,
+    task_id: str,
+    logger: logging.Logger,
+    *,
+    now: bool = True,
+    running_under: str | None = None,
+) -> None:
+    """Take back the task ``task_id`` whose submit is answered ``503`` (see
+    :meth:`TaskStore.withdraw <flask_restful_async.stores.base.TaskStore.withdraw>`
+    for ``running_under``): at once (unless not ``now``: the store just failed),
+    else as soon as the store answers again. Never raises."""
     if now:
         try:
-            store.withdraw(task_id)
+            store.withdraw(task_id, running_under=running_under)
             return
         except StoreUnavailable:
             pass
@@ -183,7 +195,7 @@ def withdraw(store: TaskStore, task_id: str, logger: logging.Logger, *, now: boo
         task_id,
         extra={"task_id": task_id},
     )
-    outbox_for(store).put(task_id, TaskState.QUEUED, None, None, logger)
+    outbox_for(store).put(task_id, TaskState.QUEUED, None, running_under, logger)
 
 
 @dataclasses.dataclass
@@ -192,6 +204,7 @@ class _Outcome:
     #: A final state; ``queued`` for a task to take back (see :func:`withdraw`).
     state: TaskState
     response: StoredResponse | None
+    #: The worker its task runs under; for a task to take back, ``running_under``.
     worker: str | None
     logger: logging.Logger
     since: float
@@ -288,7 +301,7 @@ class Outbox:
         for outcome in pending:
             try:
                 if outcome.withdrawal:
-                    self.store.withdraw(outcome.task_id)
+                    self.store.withdraw(outcome.task_id, running_under=outcome.worker)
                 else:
                     self.store.finish(outcome.task_id, outcome.state, outcome.response)
             except StoreUnavailable:

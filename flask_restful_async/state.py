@@ -255,8 +255,11 @@ class AsyncState:
             if isinstance(e, StoreUnavailable) and e.doubtful:
                 # Its reply was lost: the task may be there all the same. This
                 # answer is a 503, so it must not be: taken back once the store
-                # answers (or, with a key, ended lost: a repeat may have seen it).
-                outbox.withdraw(self.store, task.id, self.app.logger, now=False)
+                # answers (with a key, kept for a repeat that may have seen it).
+                running = task.worker if now else None  # recorded running, never run
+                outbox.withdraw(
+                    self.store, task.id, self.app.logger, now=False, running_under=running
+                )
             return self.rejected(e, "store")
         if recorded.id != task.id:
             # A repeat of an earlier submit: answer as it was answered, create nothing.

@@ -501,7 +501,7 @@ def test_submit_refuses_view_args_that_are_not_json() -> None:
     snapshot = Snapshot(environ={}, body=b"", endpoint="echo", method="post", args=(object(),))
 
     taken_back: list[str] = []
-    store.withdraw = lambda task_id: taken_back.append(task_id) is None  # type: ignore[method-assign]
+    store.withdraw = lambda task_id, **_: taken_back.append(task_id) is None  # type: ignore[method-assign]
 
     class FakeTask:
         id = "t" * 22

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
+import sys
 import threading
 import time
 import typing as t
@@ -197,3 +199,28 @@ def test_claimed_tasks_without_room_go_back_to_the_store(make_app: AppFactory) -
     assert {t.state for t in map(state.store.get, [task.id for task in orphans]) if t} == {
         TaskState.SUCCEEDED
     }
+
+
+class Exits(AsyncResource):
+    """A handler that raises what is no Exception."""
+
+    def post(self) -> t.Any:
+        if request.args.get("how") == "cancelled":
+            raise asyncio.CancelledError
+        sys.exit(3)
+
+
+def test_a_handler_raising_past_exception_ends_its_task_and_not_the_worker(
+    make_app: AppFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    app, api = make_app(config={"RESTFUL_ASYNC_MAX_WORKERS": 1})
+    api.add_resource(Exits, "/exits")
+    api.add_resource(Echo, "/echo")
+    client = app.test_client()
+    for how in ("exit", "cancelled"):
+        failed = wait_done(client, client.post(f"/exits?how={how}").headers["Location"])
+        assert failed.status_code == 500
+    # The one worker is still there to run the next task.
+    done = wait_done(client, client.post("/echo", json={"n": 1}).headers["Location"])
+    assert done.status_code == 200
+    assert "raised past its handler; the worker goes on" in caplog.text

@@ -27,7 +27,7 @@ import pytest
 from flask import current_app, request
 from flask.testing import FlaskClient
 
-from flask_restful_async import AsyncResource, current_task, outbox
+from flask_restful_async import AsyncResource, MemoryStore, current_task, outbox
 from flask_restful_async.exceptions import StoreUnavailable
 from flask_restful_async.state import get_state
 from flask_restful_async.stores.base import TaskStore
@@ -321,6 +321,65 @@ def test_a_start_whose_reply_was_lost_runs_the_task(make_app: AppFactory, tmp_pa
     assert store.lost_replies == 1
 
 
+class StartRefusedOnce(SQLiteStore):
+    """The first start meets an error reply that passes (Redis out of memory)."""
+
+    refused = 0
+
+    def start(self, task_id: str, worker: str) -> t.Any:
+        if self.refused == 0:
+            self.refused += 1
+            raise RuntimeError("OOM command not allowed when used memory > 'maxmemory'")
+        return super().start(task_id, worker)
+
+
+def test_a_start_the_store_refuses_once_is_tried_again(
+    make_app: AppFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # It escaped, and ended the worker thread, leaving the task queued.
+    store = StartRefusedOnce(str(tmp_path / "tasks.db"))
+    app, gates = gated_app(make_app, store)
+    gates["a"]["go"].set()
+    client = app.test_client()
+    response = wait_done(client, submit(client, "/gated?gate=a"))
+    assert response.status_code == 200, response.get_data()
+    assert store.refused == 1
+    assert "cannot start yet, trying again: RuntimeError" in caplog.text
+
+
+def test_the_lease_thread_does_not_spin_while_the_store_fails(make_app: AppFactory) -> None:
+    # A wake-up (a task done, news of the store) during an outage made it loop
+    # without pause until the store answered again.
+    class Failing(MemoryStore):
+        shared = True
+        down = False
+        refused = 0
+
+        def renew_lease(self, worker: str) -> None:
+            if self.down:
+                self.refused += 1
+                raise StoreUnavailable("The task store is not available: down")
+
+    store = Failing()
+    app, _ = make_app(store=store, config={"RESTFUL_ASYNC_LEASE": LEASE})
+    lease = get_state(app).lease
+    assert lease is not None
+    lease.start()
+    store.down = True
+    wait_for(lambda: store.refused >= 1)
+    thread = next(each for each in threading.enumerate() if each.name == "restful-async-lease")
+    lease.wake()
+    before = _thread_cpu(thread)
+    time.sleep(0.5)
+    assert _thread_cpu(thread) - before < 0.1
+
+
+def _thread_cpu(thread: threading.Thread) -> float:
+    """Seconds of CPU ``thread`` used so far (Linux)."""
+    fields = Path(f"/proc/self/task/{thread.native_id}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class ProgressRefused(SQLiteStore):
     error: type[Exception] = StoreUnavailable
 
@@ -550,8 +609,8 @@ def test_a_task_run_in_its_request_thread_keeps_its_promise_through_an_outage(
 
 
 class Quick(AsyncResource):
-    def post(self) -> dict[str, bool]:
-        return {"done": True}
+    def post(self) -> dict[str, t.Any]:
+        return {"done": True, "thread": threading.get_ident()}
 
 
 def test_a_submit_whose_create_reply_is_lost_leaves_no_task(
@@ -559,7 +618,9 @@ def test_a_submit_whose_create_reply_is_lost_leaves_no_task(
 ) -> None:
     """Redis ran the create, its reply was cut: the submit answers 503, and the
     task it wrote is taken back once Redis answers (it waited, held by this
-    process, until it read lost a day later); a keyed one ends lost, its key let go."""
+    process, until it read lost a day later). A keyed one is queued for any
+    process instead, and runs once: a repeat may have been given its Location.
+    One recorded running, to run in the request thread, is taken back too."""
     pytest.importorskip("redis")
     require_redis()
     import redis
@@ -571,27 +632,30 @@ def test_a_submit_whose_create_reply_is_lost_leaves_no_task(
     with ReplyCutter(6379) as cutter:
         through = RedisStore(f"redis://127.0.0.1:{cutter.port}/12", prefix=prefix)
         direct = RedisStore(url, prefix=prefix)
+        config = {"RESTFUL_ASYNC_LEASE": 3, "RESTFUL_ASYNC_SHORT_WAIT": 5}
+        app, api = make_app(store=through, config=config)
         try:
-            app, api = make_app(store=through, config={"RESTFUL_ASYNC_LEASE": 30})
             api.add_resource(Quick, "/quick")
             client = app.test_client()
             done = wait_done(client, submit(client, "/quick"))
             assert done.status_code == 200
-            for headers in ({}, {"Idempotency-Key": "k"}):
+            here = client.post("/quick", headers={"Prefer": "wait=5"})
+            assert here.json == {"done": True, "thread": threading.get_ident()}  # in-request
+            for headers in ({}, {"Prefer": "wait=5"}, {"Idempotency-Key": "k"}):
                 assert through.get(new_task_id()) is None  # connected
                 cutter.cutting = True
                 response = client.post("/quick", headers=headers)
                 cutter.cutting = False
-                assert response.status_code == 503, response.get_data()
+                assert response.status_code == 503, (headers, response.get_data())
                 assert response.headers["Retry-After"] == "1"
+            ended = [TaskState.SUCCEEDED] * 3  # the keyed one, here, done
             states = lambda: [task.state for task in direct.list(owner=None)]  # noqa: E731
-            wait_for(lambda: states() == [TaskState.LOST, TaskState.SUCCEEDED])
-            lost, _ = direct.list(owner=None)  # newest first
-            assert lost.state is TaskState.LOST
-            assert lost.idempotency_key is None
+            wait_for(lambda: states() == ended)
+            keyed = direct.list(owner=None)[0]  # newest first
+            assert keyed.idempotency_key is not None
             again = client.post("/quick", headers={"Idempotency-Key": "k"})
             assert again.status_code == 202
-            assert not again.headers["Location"].endswith(lost.id)
+            assert again.headers["Location"].endswith(keyed.id)
             assert "is taken back once the store answers" in caplog.text
         finally:
             get_state(app).close()

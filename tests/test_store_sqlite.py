@@ -143,6 +143,68 @@ def test_a_forked_child_opens_its_own_connection(tmp_path: Path) -> None:
     store.close()
 
 
+def test_a_fork_with_the_spare_connections_full_does_not_hang_the_child(tmp_path: Path) -> None:
+    # The child drops the other threads' local data before its at-fork handlers
+    # run: their connections must not go to the spares (full), to be closed
+    # through the gate that the parent's fork still holds shut.
+    store = SQLiteStore(str(tmp_path / "fork.db"))
+    release = threading.Event()
+
+    def holds() -> None:
+        store.get(new_task_id())
+        release.wait(10)
+
+    def uses() -> None:
+        store.get(new_task_id())
+
+    holding = [threading.Thread(target=holds) for _ in range(2)]
+    ended = [threading.Thread(target=uses) for _ in range(sqlite_store.SPARE_CONNECTIONS)]
+    for thread in [*holding, *ended]:
+        thread.start()
+    for thread in ended:
+        thread.join(10)
+    try:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - reports through the exit code
+            os._exit(0)
+        deadline = time.monotonic() + 10
+        while not os.waitpid(pid, os.WNOHANG)[0]:
+            if time.monotonic() > deadline:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                pytest.fail("the child hung before its own code ran")
+            time.sleep(0.01)
+    finally:
+        release.set()
+        for thread in holding:
+            thread.join(10)
+        store.close()
+
+
+def test_a_claim_that_cannot_read_a_snapshot_now_hands_its_task_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = SQLiteStore(str(tmp_path / "claim.db"))
+    store.configure(result_ttl=60, tombstone_ttl=60, lease=30)
+    store.renew_lease("taker")
+    task = store.create(Task(id=new_task_id()), b"snapshot")
+
+    def unreadable(reference: str) -> bytes | None:
+        raise OSError(24, "Too many open files")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(store._spool, "read", unreadable)
+        with pytest.raises(StoreUnavailable):
+            store.claim("taker", 5)
+    found = store.get(task.id)
+    assert found is not None
+    assert found.worker is None  # not held by a taker that never got it
+    assert [(each.task.id, each.snapshot) for each in store.claim("taker", 5)] == [
+        (task.id, b"snapshot")
+    ]
+    store.close()
+
+
 def test_a_fork_waits_for_a_write_of_another_thread_and_the_child_can_write(
     tmp_path: Path,
 ) -> None:

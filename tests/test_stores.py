@@ -271,9 +271,11 @@ def test_withdraw_forgets_a_queued_task_without_key(store: TaskStore) -> None:
     assert store.claim("w", 5) == []
 
 
-def test_withdraw_ends_a_keyed_task_lost_and_lets_go_of_its_key(store: TaskStore) -> None:
+def test_withdraw_ends_a_keyed_task_without_snapshot_lost_and_frees_its_key(
+    store: TaskStore,
+) -> None:
     # A repeat may have been answered 202 with its Location: it must end, not vanish.
-    task = store.create(new_task(owner="alice", idempotency_key="k"), b"snapshot")
+    task = store.create(new_task(owner="alice", idempotency_key="k", worker="w"))
     assert store.create(new_task(owner="alice", idempotency_key="k")).id == task.id
     assert store.withdraw(task.id) is True
     ended = store.get(task.id)
@@ -281,11 +283,45 @@ def test_withdraw_ends_a_keyed_task_lost_and_lets_go_of_its_key(store: TaskStore
     assert ended.state is TaskState.LOST
     assert ended.finished_at is not None
     assert ended.idempotency_key is None
-    assert store.claim("w", 5) == []
     # The key is free: the client's next try creates a task anew.
     fresh = new_task(owner="alice", idempotency_key="k")
     assert store.create(fresh).id == fresh.id
     assert store.withdraw(task.id) is False  # ended already: nothing more to take back
+
+
+def test_withdraw_queues_a_keyed_task_with_snapshot_for_any_process(store: TaskStore) -> None:
+    # Its repeat (answered 202, or still to come) then gets the result of one run.
+    task = store.create(new_task(owner="alice", idempotency_key="k", worker="w"), b"snap")
+    assert store.withdraw(task.id) is True
+    queued = store.get(task.id)
+    assert queued is not None
+    assert queued.state is TaskState.QUEUED
+    assert [(each.task.id, each.snapshot) for each in store.claim("other", 5)] == [
+        (task.id, b"snap")
+    ]
+    assert store.create(new_task(owner="alice", idempotency_key="k")).id == task.id
+
+
+def test_withdraw_takes_back_a_task_recorded_running_under_the_worker_named(
+    store: TaskStore,
+) -> None:
+    # A submit that runs its task in the request thread records it running.
+    started = time.time()
+    plain = store.create(new_task(worker="w", state=TaskState.RUNNING, started_at=started))
+    keyed = store.create(
+        new_task(worker="w", state=TaskState.RUNNING, started_at=started, idempotency_key="k"),
+        b"snap",
+    )
+    assert store.withdraw(plain.id) is False  # not named: left running
+    assert store.withdraw(plain.id, running_under="other") is False
+    assert store.withdraw(plain.id, running_under="w") is True
+    assert store.get(plain.id) is None
+    assert store.withdraw(keyed.id, running_under="w") is True
+    queued = store.get(keyed.id)
+    assert queued is not None
+    assert queued.state is TaskState.QUEUED
+    assert queued.started_at is None
+    assert [each.task.id for each in store.claim("other", 5)] == [keyed.id]
 
 
 def test_withdraw_leaves_a_started_or_unknown_task_alone(store: TaskStore) -> None:

@@ -233,6 +233,15 @@ class ThreadExecutor(Executor):
             self._running.acquire()  # a task in a request thread may hold a place
             try:
                 run_task(job.app, job.task_id, job.snapshot, job.resource)
+            except BaseException:
+                # What a handler raises that is no Exception (sys.exit(), an
+                # asyncio.CancelledError) ended its task failed on its way out; it
+                # must not end this thread too, which nothing would replace.
+                job.app.logger.exception(
+                    "Task %s raised past its handler; the worker goes on",
+                    job.task_id,
+                    extra={"task_id": job.task_id},
+                )
             finally:
                 self._running.release()
                 self.release()

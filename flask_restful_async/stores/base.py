@@ -16,6 +16,17 @@ from .outages import OutageLog
 ACTIVE_STATES = (TaskState.QUEUED, TaskState.RUNNING)
 
 
+def withdrawable(task: Task, running_under: str | None) -> bool:
+    """Whether :meth:`TaskStore.withdraw` takes ``task`` back (see there)."""
+    if task.state is TaskState.QUEUED:
+        return True
+    return (
+        task.state is TaskState.RUNNING
+        and running_under is not None
+        and task.worker == running_under
+    )
+
+
 class Claimed(t.NamedTuple):
     """A queued task that :meth:`TaskStore.claim` gave to a worker, with the request
     snapshot that was stored with it (opaque bytes, as the submit wrote them)."""
@@ -249,20 +260,23 @@ class TaskStore(abc.ABC):
     def delete(self, task_id: str) -> None:
         """Forget a task entirely, with its snapshot."""
 
-    def withdraw(self, task_id: str) -> bool:
+    def withdraw(self, task_id: str, *, running_under: str | None = None) -> bool:
         """Take back a task whose submit was not answered ``202`` (its executor could
-        not take it, or its create's reply was lost): a task still queued is
-        deleted, unless it has an idempotency key. A repeat of its submit may have
-        been answered ``202`` with its ``Location`` meanwhile, so such a task ends
-        ``lost`` instead, and lets go of its key (the client's next try with that
-        key creates a task anew). Returns False when there was nothing to take
-        back: no such task, or no longer queued (it ran, or was cancelled).
+        not take it, or its create's reply was lost). It is taken back while still
+        queued, or running under ``running_under`` (a submit that recorded it
+        running, to run it in its request thread, and never ran it). Without an
+        idempotency key it is deleted. With one, a repeat of its submit may have
+        been answered ``202`` with its ``Location`` meanwhile, so it is kept: queued
+        for any process to claim where it has its snapshot (the repeat then gets
+        its result, and a later one finds it by its key); else it ends ``lost`` and
+        lets go of its key (the client's next try with it creates a task anew).
+        Returns False when there was nothing to take back.
 
-        This default is read then written, two steps; stores override it with one
-        atomic step that also lets go of the key.
+        This default is read then written, and only deletes or ends the task;
+        stores override it with one atomic step that does all of the above.
         """
         task = self.get(task_id)
-        if task is None or task.state is not TaskState.QUEUED:
+        if task is None or not withdrawable(task, running_under):
             return False
         if task.idempotency_key is None:
             self.delete(task_id)

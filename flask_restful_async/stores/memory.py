@@ -9,7 +9,7 @@ import typing as t
 from collections import Counter, OrderedDict
 
 from ..task import Progress, StoredResponse, Task, TaskState
-from .base import Claimed, StoreStats, TaskStore
+from .base import Claimed, StoreStats, TaskStore, withdrawable
 
 #: Expired results are looked for at most this often (seconds), by whichever
 #: request happens to create or finish a task: no thread of its own.
@@ -191,19 +191,21 @@ class MemoryStore(TaskStore):
         with self._lock:
             self._forget(task_id)
 
-    def withdraw(self, task_id: str) -> bool:
+    def withdraw(self, task_id: str, *, running_under: str | None = None) -> bool:
         with self._lock:
             task = self._tasks.get(task_id)
-            if task is None or task.state is not TaskState.QUEUED:
+            if task is None or not withdrawable(task, running_under):
                 return False
             if task.idempotency_key is None:
                 self._forget(task_id)
-                return True
-            scope = (task.owner, task.idempotency_key)
-            if self._keys.get(scope) == task_id:
-                del self._keys[scope]
-            task.idempotency_key = None
-            self._end(task, TaskState.LOST, time.time())
+            elif task_id in self._snapshots:
+                task.state, task.started_at, task.worker = TaskState.QUEUED, None, None
+            else:
+                scope = (task.owner, task.idempotency_key)
+                if self._keys.get(scope) == task_id:
+                    del self._keys[scope]
+                task.idempotency_key = None
+                self._end(task, TaskState.LOST, time.time())
             return True
 
     def list(

@@ -400,17 +400,37 @@ return 1
 """
 )
 
-# KEYS: task. Returns 1 when the task was taken back (see TaskStore.withdraw): a
-# queued one without idempotency key is forgotten, one with a key ends lost and
-# lets go of it; 0 when it is not there or no longer queued.
+# KEYS: task. ARGV[6]: the worker under which a running task is taken back too
+# ('' for none). Returns 1 when the task was taken back (see TaskStore.withdraw):
+# one without idempotency key is forgotten; one with a key is queued for any
+# process to claim if it has its snapshot, else it ends lost and lets go of the
+# key. 0 when it is not there, or neither queued nor running under that worker.
 _WITHDRAW = (
     _PRELUDE
     + _FORGET
     + """
 local h = load(KEYS[1])
-if not h or h['state'] ~= 'queued' then return 0 end
+if not h then return 0 end
+if h['state'] ~= 'queued'
+    and not (h['state'] == 'running' and ARGV[6] ~= '' and h['worker'] == ARGV[6]) then
+  return 0
+end
 if not h['ik'] then
   forget(KEYS[1], h)
+  return 1
+end
+if redis.call('EXISTS', snapshot_key(h['id'])) == 1 then
+  if h['state'] == 'running' then
+    redis.call('HSET', KEYS[1], 'state', 'queued')
+    redis.call('HDEL', KEYS[1], 'started_at', 'progress')
+    h['state'] = 'queued'
+  end
+  if h['worker'] then
+    unhold(KEYS[1], h)
+  else
+    redis.call('ZADD', unheld, h['created_at'], h['id'])
+  end
+  redis.pcall('PUBLISH', prefix .. 'changed', h['id'])
   return 1
 end
 if redis.call('GET', h['ik']) == h['id'] then redis.call('DEL', h['ik']) end
@@ -1065,9 +1085,9 @@ class RedisStore(TaskStore):
         with self._reaching():
             self._lane.call(self._delete, [self._task_key(task_id)], self._clock(time.time()))
 
-    def withdraw(self, task_id: str) -> bool:
+    def withdraw(self, task_id: str, *, running_under: str | None = None) -> bool:
         with self._reaching():
-            args = self._clock(time.time())
+            args = [*self._clock(time.time()), running_under or ""]
             return bool(self._lane.call(self._withdraw, [self._task_key(task_id)], args))
 
     def list(

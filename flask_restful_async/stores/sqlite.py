@@ -789,9 +789,21 @@ class SQLiteStore(TaskStore):
                 (worker, stale, limit),
             ).fetchall()
         rows.sort(key=lambda row: (row[2], row[0]))  # RETURNING keeps no order
-        # A snapshot that cannot be read (its file removed by hand) comes back
-        # empty: the taker ends its task lost, as for any snapshot it cannot decode.
-        return [Claimed(self._task(row), self._spool.read(row[21]) or b"") for row in rows]
+        # A snapshot that is gone (its file removed by hand) comes back empty: the
+        # taker ends its task lost, as for any snapshot it cannot decode. One that
+        # cannot be read now (too many open files, an I/O error) goes back to the
+        # queue, for the next claim: taken and not run, it would wait for a day.
+        claimed, unread = [], []
+        for row in rows:
+            try:
+                claimed.append(Claimed(self._task(row), self._spool.read(row[21]) or b""))
+            except OSError:
+                unread.append(row[0])
+        if unread:
+            self.hand_back(worker, unread)
+            if not claimed:
+                raise self.unavailable("spool", "the snapshot spool cannot be read now")
+        return claimed
 
     @staticmethod
     def _free_lapsed(conn: sqlite3.Connection, lapsed_before: float) -> None:
@@ -884,16 +896,24 @@ class SQLiteStore(TaskStore):
             row = conn.execute("DELETE FROM tasks WHERE id = ? RETURNING result", (task_id,))
             _drop_results(conn, row.fetchall())
 
-    def withdraw(self, task_id: str) -> bool:
+    def withdraw(self, task_id: str, *, running_under: str | None = None) -> bool:
         with self._transaction() as conn:
             row = conn.execute(
-                "SELECT idempotency_key FROM tasks WHERE id = ? AND state = 'queued'", (task_id,)
+                "SELECT idempotency_key, snapshot IS NOT NULL FROM tasks WHERE id = ?"
+                " AND (state = 'queued' OR (state = 'running' AND worker = ?))",
+                (task_id, running_under),
             ).fetchone()
             if row is None:
                 return False
             if row[0] is None:
                 found = conn.execute("DELETE FROM tasks WHERE id = ? RETURNING result", (task_id,))
                 _drop_results(conn, found.fetchall())
+            elif row[1]:
+                conn.execute(
+                    "UPDATE tasks SET state = 'queued', started_at = NULL, worker = NULL"
+                    " WHERE id = ?",
+                    (task_id,),
+                )
             else:
                 conn.execute(
                     "UPDATE tasks SET state = 'lost', finished_at = ?, idempotency_key = NULL,"
@@ -1392,18 +1412,26 @@ class _Held:
     connection back to its store (:meth:`SQLiteStore._spare`). The store keeps
     weak references to these (a ``sqlite3.Connection`` cannot have any)."""
 
-    __slots__ = ("__weakref__", "conn", "store")
+    __slots__ = ("__weakref__", "conn", "pid", "store")
 
     def __init__(self, store: SQLiteStore, conn: sqlite3.Connection) -> None:
         # Weak: the store's thread-local data holds this.
         self.store = weakref.ref(store)
         self.conn: sqlite3.Connection | None = conn
+        self.pid = os.getpid()
 
     def __del__(self) -> None:
         conn, self.conn = self.conn, None
         if conn is None:
             return
         store = self.store()
+        if self.pid != os.getpid():
+            # A forked child drops the other threads' local data before its
+            # at-fork handlers run, with the gate still closed by the parent's
+            # fork: never wait on it here, nor close the parent's connection.
+            if store is not None:
+                store._inherited.append(conn)
+            return
         if store is not None:
             store._spare(conn)
         else:
