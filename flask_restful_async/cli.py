@@ -21,6 +21,7 @@ import functools
 import json
 import logging
 import math
+import re
 import time
 import typing as t
 
@@ -28,7 +29,7 @@ import click
 from flask import current_app
 from flask.cli import AppGroup
 
-from . import waiting
+from . import signals, waiting
 from .exceptions import Unavailable
 from .state import AsyncState, get_state
 from .stores.outages import logger as _store_log
@@ -129,8 +130,25 @@ def _progress(task: Task) -> str:
     return shown
 
 
+#: Control characters (C0, DEL, C1): what a terminal may take for a command.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def _safe(text: str, keep: str = "") -> str:
+    """``text`` with its control characters written as escapes (``\\x1b``), but
+    those in ``keep``: a task's path, message, headers and body come from API
+    callers, and an escape sequence reaching the operator's terminal could
+    clear it, retitle it, hide text or fake rows of a listing."""
+    return _CONTROL.sub(
+        lambda found: found[0] if found[0] in keep else found[0].encode("unicode_escape").decode(),
+        text,
+    )
+
+
 def _table(header: t.Sequence[str], rows: t.Sequence[t.Sequence[str]]) -> str:
-    """Columns padded to their widest cell, two spaces apart."""
+    """Columns padded to their widest cell, two spaces apart (every cell made
+    safe for a terminal, see :func:`_safe`)."""
+    rows = [[_safe(cell) for cell in row] for row in rows]
     every = [header, *rows] if header else list(rows)
     widths = [max(len(row[i]) for row in every) for i in range(len(every[0]))]
     lines = ("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in every)
@@ -224,9 +242,9 @@ def show_command(task_id: str, as_json: bool) -> None:
         return
     click.echo(f"response  {response.status}")
     for name, value in response.headers:
-        click.echo(f"  {name}: {value}")
+        click.echo(f"  {_safe(name)}: {_safe(value)}")
     click.echo()
-    shown = response.body[:SHOWN_BODY].decode(errors="replace")
+    shown = _safe(response.body[:SHOWN_BODY].decode(errors="replace"), keep="\n\t")
     click.echo(shown, nl=not shown.endswith("\n"))
     if len(response.body) > SHOWN_BODY:
         click.echo(f"[... {len(response.body) - SHOWN_BODY} more bytes; --json shows them all]")
@@ -254,6 +272,9 @@ def cancel_command(task_id: str) -> None:
     if cancelled.state is TaskState.CANCELLED:
         waiting.notify(state.store, cancelled.id)
         state.executor.cancel(state.app, cancelled.id)
+        if signals.task_finished.receivers:
+            # It ended here, as with DELETE: no worker will tell.
+            signals.send(signals.task_finished, state.app, task=cancelled)
         click.echo(f"Cancelled task {cancelled.id}: it was queued, its handler will not run.")
     elif cancelled.state.finished:
         click.echo(f"Task {cancelled.id} finished meanwhile ({cancelled.state.value}).")

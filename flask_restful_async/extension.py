@@ -171,6 +171,9 @@ def register_async(
         raise TypeError("decorators must be a sequence of decorators (callables)")
     routes = _routes(url)
     decorators = tuple(decorators)
+    # The task list's path and the status rule's, where the Api serves them (a
+    # blueprint may add a prefix of its own): no dashboard in their place.
+    task_paths = {api.prefix + rules[0].split("<", 1)[0].rstrip("/") for _, rules, _ in routes}
 
     def setup(app: Flask) -> None:
         if EXTENSION_KEY in app.extensions:
@@ -183,7 +186,7 @@ def register_async(
             if shared is not None and not isinstance(shared, str):
                 _claim(shared, app)
         app.extensions[EXTENSION_KEY] = _make_state(
-            app, api, store, executor, owner, decorators, admin
+            app, api, store, executor, owner, decorators, admin, task_paths
         )
         _connect_metrics(app)
         # An app's own command of that name wins; it can add ours under another:
@@ -355,6 +358,7 @@ def _make_state(
     owner: OwnerCallable | None,
     decorators: tuple[t.Callable[..., t.Any], ...],
     admin: AdminCallable | None = None,
+    task_paths: t.Collection[str] = (),
 ) -> AsyncState:
     for key, value in DEFAULTS.items():
         app.config.setdefault(key, value)
@@ -364,7 +368,7 @@ def _make_state(
     dashboard = config["RESTFUL_ASYNC_DASHBOARD"]
     if dashboard:
         # Refused before anything is opened or started for the app.
-        check_dashboard(app, dashboard, owner, admin)
+        check_dashboard(app, dashboard, owner, admin, task_paths)
     interval = config["RESTFUL_ASYNC_PROGRESS_INTERVAL"]
     # Read by every task as it starts: refused here rather than in a worker.
     if isinstance(interval, bool) or not isinstance(interval, int | float) or interval < 0:

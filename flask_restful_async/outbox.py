@@ -259,6 +259,11 @@ class Outbox:
                     return
                 self._thread = thread
 
+    def waits(self, task_id: str) -> bool:
+        """Whether an outcome (or a withdrawal) of ``task_id`` waits here."""
+        with self._lock:
+            return task_id in self._waiting
+
     def given_up(self) -> set[str]:
         """The worker names whose tasks' outcomes were given up since the last call."""
         with self._lock:

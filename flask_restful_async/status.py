@@ -146,24 +146,35 @@ class TaskStatusResource(_TaskResource):
             if task is None:
                 return not_found()
             if not task.state.finished:
-                task = state.store.request_cancel(task.id)
-                if task is None:
-                    return not_found()
-                if task.state is TaskState.CANCELLED:
-                    waiting.notify(state.store, task.id)
-                    state.executor.cancel(state.app, task.id)  # e.g. revoke its message
-                    if signals.task_finished.receivers:
-                        # It ended here, in this request: no worker will tell.
-                        signals.send(signals.task_finished, state.app, task=task)
-                    return status_response(task, 200, None, None)
-                if not task.state.finished:
-                    waiting.changed(state.store, task.id)  # cancel_requested: true
-                    return state.status(task, 202)
+                answer = cancel(state, task)
+                if answer is not None:
+                    return answer
             state.store.delete(task.id)
             waiting.notify(state.store, task.id)
         except Unavailable as e:
             return unavailable(e)
         return current_app.response_class(status=204, headers=NO_STORE)
+
+
+def cancel(state: AsyncState, task: Task) -> Response | None:
+    """Cancel ``task``, read while queued or running, as ``DELETE`` does: ``200``
+    and the document of a queued task now cancelled, ``202`` for a running one
+    asked to stop, ``404`` if it is gone; None if it finished meanwhile. Raises
+    what the store raises."""
+    found = state.store.request_cancel(task.id)
+    if found is None:
+        return not_found()
+    if found.state is TaskState.CANCELLED:
+        waiting.notify(state.store, found.id)
+        state.executor.cancel(state.app, found.id)  # e.g. revoke its message
+        if signals.task_finished.receivers:
+            # It ended here, in this request: no worker will tell.
+            signals.send(signals.task_finished, state.app, task=found)
+        return status_response(found, 200, None, None)
+    if found.state.finished:
+        return None
+    waiting.changed(state.store, found.id)  # cancel_requested: true
+    return state.status(found, 202)
 
 
 def requested_wait() -> tuple[int | None, bool]:

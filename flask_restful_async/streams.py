@@ -355,8 +355,16 @@ def _list_events(
                     for task in tasks
                     if not _maybe_changed_since(task, since)
                 }
+        first = True
         while True:
             batch = list(_list_changes(state, query, tasks, seen))
+            if not batch and first:
+                # Nothing to send yet (an empty list, or nothing new since the
+                # client's last event): a comment, so that the answer's head goes
+                # out now rather than with the first keep-alive.
+                yield _KEEP_ALIVE
+                clock.sent()
+            first = False
             if batch:
                 # Only the batch's last event carries an id: a client that left
                 # in the middle of a batch comes back with the id of the batch

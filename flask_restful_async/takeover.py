@@ -162,8 +162,12 @@ def hand_back(
         if takeover is not None and holder is not None and snapshot.portable:
             held.setdefault(holder, []).append(task_id)
         else:  # nobody else can run it: it ends as a stop always ended it
-            outbox.finish(store, task_id, TaskState.LOST, None, worker_id(), app.logger)
-            signals.send_given_up(app, task_id, snapshot)
+            _, ending = outbox.finish(store, task_id, TaskState.LOST, None, worker_id(), app.logger)
+            box = outbox.existing_outbox(store)
+            if ending is not None or (box is not None and box.waits(task_id)):
+                # Not when it had ended already (cancelled while it waited): it
+                # was told then.
+                signals.send_given_up(app, task_id, snapshot)
     for holder, task_ids in held.items():
         try:
             count = store.hand_back(holder, task_ids)

@@ -19,7 +19,7 @@ from click.testing import Result
 from flask import Blueprint, Flask, request
 from flask_restful import Api, abort
 
-from flask_restful_async import AsyncResource, current_task, register_async
+from flask_restful_async import AsyncResource, current_task, register_async, signals
 from flask_restful_async.cli import SHOWN_BODY, tasks_cli
 from flask_restful_async.state import get_state
 from flask_restful_async.task import StoredResponse, Task, TaskState, new_task_id
@@ -223,9 +223,16 @@ def test_cancel_a_queued_and_a_running_task(cli_app: Flask) -> None:
     running, queued = held(cli_app)
     client = cli_app.test_client()
 
-    result = run(cli_app, "cancel", queued)
+    finished: list[tuple[str, TaskState]] = []
+
+    def told(sender: Flask, task: Task) -> None:
+        finished.append((task.id, task.state))
+
+    with signals.task_finished.connected_to(told, cli_app):
+        result = run(cli_app, "cancel", queued)
     assert result.exit_code == 0, result.output
     assert "its handler will not run" in result.stdout
+    assert finished == [(queued, TaskState.CANCELLED)]  # as DELETE tells it
     answer = client.get(f"/tasks/{queued}", headers={"X-User": "bob"})
     assert answer.status_code == 409
     assert answer.json["state"] == "cancelled"
@@ -240,6 +247,29 @@ def test_cancel_a_queued_and_a_running_task(cli_app: Flask) -> None:
     result = run(cli_app, "cancel", running)
     assert result.exit_code == 1
     assert "has already finished (cancelled)" in result.stderr
+
+
+class Sly(AsyncResource):
+    def post(self, where: str) -> t.Any:
+        current_task.progress(1, message="\x1b]0;pwned\x07done\nfake-row")
+        return {"ok": True}, 200, {"X-Sly": "\x1b[8mhidden"}
+
+
+def test_list_and_show_never_pass_control_characters_to_the_terminal(
+    make_app: AppFactory,
+) -> None:
+    # A path, a message, headers, a body: all from API callers.
+    app, api = make_app(config={"RESTFUL_ASYNC_PUBLIC_LIST": True})
+    api.add_resource(Sly, "/sly/<path:where>")
+    task_id = finish(app, "/sly/%1B[2Jx")
+    for args in (("list",), ("show", task_id)):
+        result = run(app, *args)
+        assert result.exit_code == 0, result.output
+        assert "\x1b" not in result.stdout
+        assert "\x07" not in result.stdout
+        assert "\\x1b" in result.stdout  # shown as an escape
+    listed = run(app, "list").stdout.splitlines()
+    assert len(listed) == 2  # the header and one row: none of the message's making
 
 
 def test_forget_a_finished_task_but_not_an_active_one(cli_app: Flask) -> None:
@@ -351,6 +381,20 @@ def test_a_redis_that_is_down_is_one_line_and_exit_1(
     assert result.exit_code == 1, result.output
     assert result.stdout == ""
     assert result.stderr.startswith(f"Error: Task store {url}: Redis did not answer: ")
+    assert result.stderr.count("\n") == 1, result.stderr
+
+
+@pytest.mark.parametrize("command", [["list"], ["stats"], ["show", "a" * 22]])
+def test_a_redis_database_out_of_range_is_one_line_and_exit_1(
+    make_app: AppFactory, command: list[str]
+) -> None:
+    require_redis()
+    url = "redis://127.0.0.1:6379/999"
+    app, _ = make_app(store=url)
+    result = app.test_cli_runner().invoke(args=["tasks", *command])
+    assert result.exit_code == 1, (result.output, result.exception)
+    assert result.stdout == ""
+    assert result.stderr.startswith("Error: ")
     assert result.stderr.count("\n") == 1, result.stderr
 
 

@@ -84,7 +84,7 @@ def test_served_with_owner_admin_or_in_debug(
     assert app.test_client().get(DASHBOARD, headers=headers).status_code == 200
 
 
-@pytest.mark.parametrize("path", ["tasks/dashboard", "/", 42])
+@pytest.mark.parametrize("path", ["tasks/dashboard", "/", 42, "/tasks", "/tasks/"])
 def test_a_bad_path_is_refused(make_app: AppFactory, path: object) -> None:
     with pytest.raises(ValueError, match="RESTFUL_ASYNC_DASHBOARD"):
         make_app(config={"RESTFUL_ASYNC_DASHBOARD": path}, owner=caller)
@@ -224,6 +224,18 @@ def test_pages_follow_the_store_cursor_and_the_state_filter(app: Flask) -> None:
     assert uncounted is not None
     assert uncounted["counts"] is None
     assert len(uncounted["tasks"]) == 2
+
+
+def test_the_detail_tells_the_303_of_a_result_redirect(make_app: AppFactory) -> None:
+    app, _ = make_app(
+        config={**ON, "RESTFUL_ASYNC_RESULT_REDIRECT": True}, owner=caller, store="memory://"
+    )
+    done = add_task(app, "alice", TaskState.SUCCEEDED)
+    client = app.test_client()
+    data = client.get(f"{DASHBOARD}/api/tasks/{done.id}", headers={"X-User": "alice"})
+    assert data.json is not None
+    assert data.json["answer"] == 303
+    assert client.get(f"/tasks/{done.id}", headers={"X-User": "alice"}).status_code == 303
 
 
 @pytest.mark.parametrize("query", ["limit=0", "limit=501", "limit=x", "state=done", "cursor=nope"])
@@ -376,3 +388,31 @@ def test_an_api_on_a_blueprint_serves_it_with_its_own_list_url(tmp_path: Path) -
         assert data["tasks"][0]["url"].startswith("/v1/tasks/")
     finally:
         get_state(app).close()
+
+
+def test_cancel_never_forgets_a_task_that_finished(app: Flask) -> None:
+    # The page's Cancel: a row still read running when its task finished; a
+    # DELETE then deleted the result.
+    client = app.test_client()
+    alice = {"X-User": "alice"}
+    queued = add_task(app, "alice")
+    running = add_task(app, "alice", TaskState.RUNNING)
+    done = add_task(app, "alice", TaskState.SUCCEEDED)
+    url = f"{DASHBOARD}/api/tasks/%s/cancel"
+    answer = client.post(url % queued.id, headers=alice)
+    assert answer.status_code == 200
+    assert answer.json is not None
+    assert answer.json["state"] == "cancelled"
+    answer = client.post(url % running.id, headers=alice)
+    assert answer.status_code == 202
+    assert answer.json is not None
+    assert answer.json["cancel_requested"] is True
+    answer = client.post(url % done.id, headers=alice)
+    assert answer.status_code == 409
+    assert answer.headers["Cache-Control"] == "no-store"
+    kept = get_state(app).store.get(done.id)
+    assert kept is not None
+    assert kept.state is TaskState.SUCCEEDED
+    assert client.post(url % queued.id, headers={"X-User": "bob"}).status_code == 404
+    cross = {**alice, "Sec-Fetch-Site": "cross-site"}
+    assert client.post(url % running.id, headers=cross).status_code == 403

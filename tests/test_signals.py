@@ -402,3 +402,27 @@ def test_a_celery_worker_sends_started_progress_and_finished(tmp_path: Path) -> 
         assert each["sender"] == app.name
         assert (each["method"], each["path"]) == ("POST", "/echo")
     assert [each["state"] for each in heard] == ["running", "running", "running", "succeeded"]
+
+
+@pytest.mark.usefixtures("held_tasks")
+def test_a_task_cancelled_while_it_waited_is_told_finished_once_at_a_stop(
+    make_app: AppFactory,
+) -> None:
+    # The stop ended it lost again (the store kept it cancelled), and told so:
+    # the metrics counted it twice.
+    app, api = make_app(store="memory://", config={"RESTFUL_ASYNC_MAX_WORKERS": 1})
+    api.add_resource(Held, "/held")
+    client = app.test_client()
+    finished: list[tuple[str, TaskState]] = []
+
+    def told(sender: Flask, task: Task) -> None:
+        finished.append((task.id, task.state))
+
+    with signals.task_finished.connected_to(told, app):
+        client.post("/held")
+        assert STARTED.wait(10)
+        waiting = client.post("/held").json["id"]
+        assert client.delete(f"/tasks/{waiting}").status_code == 200
+        RELEASE.set()
+        get_state(app).close()
+    assert [state for task_id, state in finished if task_id == waiting] == [TaskState.CANCELLED]

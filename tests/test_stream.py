@@ -362,6 +362,17 @@ def test_the_list_stream_follows_the_callers_tasks_only(app: Flask) -> None:
         assert next(events).name == ":"
 
 
+def test_an_empty_list_stream_starts_at_once(make_app: AppFactory) -> None:
+    # Its head went out with the first keep-alive only: a browser's EventSource
+    # stayed "connecting" for as long.
+    app, _ = make_app(
+        owner=lambda: "alice",
+        config={"RESTFUL_ASYNC_STREAM_KEEPALIVE": 60, "RESTFUL_ASYNC_MAX_STREAM": 2},
+    )
+    with stream(app.test_client(), "/tasks?state=running") as events:
+        assert next(events) == Event(":", "keep-alive", None)
+
+
 def test_only_the_last_event_of_a_list_batch_carries_an_id(app: Flask) -> None:
     """A client that leaves in the middle of a batch reconnects with the id of the
     batch before (here none): it gets the whole batch again, nothing is skipped."""

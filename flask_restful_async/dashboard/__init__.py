@@ -34,11 +34,14 @@ from werkzeug.exceptions import NotFound
 
 from .. import streams
 from ..exceptions import Unavailable
+from ..origin import is_cross_site
 from ..responses import NO_STORE, error_response, json_response
 from ..state import AdminCallable, AsyncState, OwnerCallable, get_state
 from ..status import (
+    CROSS_SITE_MESSAGE,
     MAX_LIST_LIMIT,
     TaskListResource,
+    cancel,
     find_task,
     list_served,
     not_found,
@@ -72,13 +75,24 @@ F = t.TypeVar("F", bound=t.Callable[..., t.Any])
 
 
 def check_dashboard(
-    app: Flask, path: object, owner: OwnerCallable | None, admin: AdminCallable | None
+    app: Flask,
+    path: object,
+    owner: OwnerCallable | None,
+    admin: AdminCallable | None,
+    task_paths: t.Collection[str] = (),
 ) -> None:
-    """Refuse a dashboard that would show every task to anyone, or a bad path."""
+    """Refuse a dashboard that would show every task to anyone, or a bad path (one
+    of ``task_paths``, where the task list or the status URLs are served)."""
     if not isinstance(path, str) or not path.startswith("/") or not path.strip("/"):
         raise ValueError(
             "RESTFUL_ASYNC_DASHBOARD must be the path of the dashboard page, such as"
             f" '/tasks/dashboard', or None for no dashboard; not {path!r}"
+        )
+    if path.rstrip("/") in task_paths:
+        raise ValueError(
+            f"RESTFUL_ASYNC_DASHBOARD = {path!r} is the path of the task list or of a"
+            " task's status URL: give the dashboard a path of its own, such as"
+            " '/tasks/dashboard'"
         )
     if owner is None and admin is None and not app.debug:
         raise RuntimeError(
@@ -211,6 +225,37 @@ def tasks() -> Response:
     return json_response(200, document, NO_STORE)
 
 
+@blueprint.route("/api/tasks/<path:task_id>/cancel", methods=["POST"])
+@_guarded
+def cancel_task(task_id: str) -> Response:
+    """Cancel a queued or running task, as ``DELETE`` on its status URL does, but
+    never forget one: a task that finished before the click answers ``409`` (the
+    page's Cancel button; ``DELETE`` of a finished task deletes its result)."""
+    state = get_state(current_app)
+    if not state.cross_site_delete and is_cross_site(request.environ, request.host_url):
+        return error_response(403, CROSS_SITE_MESSAGE, NO_STORE)
+    scope = _scope(state)
+    if scope is None:
+        return _no_such_page()
+    try:
+        found = _visible(state, scope, task_id)
+        if found is None:
+            return not_found()
+        answer = None if found.state.finished else cancel(state, found)
+    except Unavailable as e:
+        return unavailable(e)
+    if answer is not None:
+        return answer
+    return error_response(409, "The task has finished: there is nothing to cancel.", NO_STORE)
+
+
+def _visible(state: AsyncState, scope: _Scope, task_id: str) -> Task | None:
+    """The task ``task_id`` if the caller may see it (raises what the store raises)."""
+    if scope.every:
+        return state.store.get(task_id) if is_valid_task_id(task_id) else None
+    return find_task(state, task_id)
+
+
 @blueprint.route("/api/tasks/<path:task_id>", methods=["GET"])
 @_guarded
 def task(task_id: str) -> Response:
@@ -226,10 +271,7 @@ def task(task_id: str) -> Response:
     if scope is None:
         return _no_such_page()
     try:
-        if scope.every:
-            found = state.store.get(task_id) if is_valid_task_id(task_id) else None
-        else:
-            found = find_task(state, task_id)
+        found = _visible(state, scope, task_id)
     except Unavailable as e:
         return unavailable(e)
     if found is None:
@@ -247,7 +289,7 @@ def task(task_id: str) -> Response:
         }
     document = {
         "task": _summary(state, found, scope),
-        "answer": _answer(found),
+        "answer": streams.answer_code(state, found),
         "response": response,
     }
     return json_response(200, document, NO_STORE)
@@ -264,14 +306,3 @@ def _summary(state: AsyncState, task: Task, scope: _Scope) -> dict[str, t.Any]:
         summary["owner"] = task.owner
         summary["endpoint"] = task.endpoint
     return summary
-
-
-def _answer(task: Task) -> int:
-    """The status code the task's status URL answers now (CONTRACT section 4)."""
-    if task.expired:
-        return 410
-    if not task.state.finished:
-        return 202
-    if task.response is None:
-        return 409 if task.state is TaskState.CANCELLED else 500
-    return task.response.status

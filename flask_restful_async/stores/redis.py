@@ -101,7 +101,7 @@ from collections.abc import Iterable, Iterator, Sequence
 try:
     import redis
     from redis.backoff import ExponentialWithJitterBackoff
-    from redis.exceptions import BusyLoadingError, InvalidResponse
+    from redis.exceptions import BusyLoadingError, InvalidResponse, ResponseError
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import TimeoutError as RedisTimeoutError
     from redis.retry import Retry
@@ -113,7 +113,7 @@ except ImportError as e:
 from ..exceptions import StoreUnavailable
 from ..task import Progress, StoredResponse, Task, TaskState
 from .base import ChangeCallback, Claimed, Ending, StopSignal, StoreStats, TaskStore
-from .redislane import FAILOVER_ERRORS, ScriptLane, reached_server
+from .redislane import FAILOVER_ERRORS, ScriptLane, reached_server, refused_setup
 
 #: Index entries one list() script looks at, at most; it is called again from
 #: where it stopped until the page is full, so work per call stays bounded.
@@ -927,6 +927,14 @@ class RedisStore(TaskStore):
         except InvalidResponse as e:
             # What answers at that address does not speak Redis's protocol.
             raise self.unavailable("InvalidResponse", f"not a Redis server: {e}") from e
+        except ResponseError as e:
+            if not refused_setup(e):
+                raise
+            # AUTH, SELECT or HELLO refused (a database number out of range): a
+            # configuration to mend, answered as any store that cannot serve.
+            raise self.unavailable(
+                "setup", f"Redis refused a new connection's set-up: {e}", level=logging.ERROR
+            ) from e
 
     def _clock(self, now: float) -> list[str | int]:
         """The arguments every script's prelude reads (see _PRELUDE)."""

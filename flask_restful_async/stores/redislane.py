@@ -53,6 +53,23 @@ FAILOVER_ERRORS = (ReadOnlyError, ClusterDownError, TryAgainError)
 
 # The attribute that marks an error of a call whose command reached the server.
 _SENT = "restful_async_sent"
+# The attribute that marks an error reply to a new connection's set-up (AUTH,
+# SELECT, HELLO): the store is misconfigured (a database out of range), no call ran.
+_SETUP = "restful_async_setup"
+
+
+def refused_setup(error: BaseException) -> bool:
+    """Whether ``error`` (an error reply) came while a connection was set up: so
+    marked by a lane, or raised (through the client's own calls) from redis-py's
+    ``on_connect`` steps."""
+    if getattr(error, _SETUP, False) is True:
+        return True
+    trace = error.__traceback__
+    while trace is not None:
+        if trace.tb_frame.f_code.co_name.startswith("on_connect"):
+            return True
+        trace = trace.tb_next
+    return False
 
 
 def reached_server(error: BaseException) -> bool:
@@ -115,8 +132,10 @@ class ScriptLane:
         except ResponseError as e:
             # An error reply, read whole: the connection is still in step; but one
             # of a failover may come from a demoted master: connect afresh next time.
-            if isinstance(e, FAILOVER_ERRORS):
+            if isinstance(e, FAILOVER_ERRORS) or not sent:
                 connection.disconnect()
+            if not sent:
+                setattr(e, _SETUP, True)  # to the set-up of a new connection
             self._free.append(connection)
             raise
         except BaseException as e:

@@ -15,6 +15,7 @@ class Api:
     representations: OrderedDict[str, _Representation]
     default_mediatype: str | None
     errors: dict[str, t.Any]
+    prefix: str
     endpoints: set[str]
     app: Flask | Blueprint | None
     blueprint: Blueprint | None

@@ -120,10 +120,12 @@
     const bar = row.querySelector("progress");
     const text = row.querySelector(".progress-text");
     const progress = task.progress;
-    if (progress && progress.total) {
+    if (progress && progress.total > 0 && isFinite(progress.total)) {
       bar.max = progress.total;
-      bar.value = Math.min(progress.current, progress.total);
-      const percent = Math.floor((100 * progress.current) / progress.total);
+      bar.value = Math.max(0, Math.min(progress.current, progress.total));
+      // A handler's numbers, as it gave them: shown within 0 to 100 %.
+      const ratio = isFinite(progress.current) ? progress.current / progress.total : 1;
+      const percent = Math.floor(100 * Math.max(0, Math.min(1, ratio)));
       text.textContent = percent + "%" + (progress.message ? " · " + progress.message : "");
       bar.hidden = false;
     } else if (state === "running") {
@@ -235,6 +237,14 @@
       }
       const data = await answer.json();
       tell("");
+      if (view.cursor && data.tasks.length === 0) {
+        // The task this page starts after is gone (forgotten, expired): the page
+        // would read empty though older tasks remain. Back to the first page.
+        view.cursors = [];
+        view.cursor = null;
+        again = true;
+        return;
+      }
       view.next = data.next;
       render(data.tasks);
       if (data.counts) {
@@ -340,11 +350,22 @@
     const button = entry.row.querySelector(how === "cancel" ? ".cancel" : ".forget");
     button.disabled = true;
     try {
-      const answer = await fetch(entry.task.url, {
-        method: "DELETE",
-        headers: { Accept: "application/json" },
-      });
-      if (answer.status === 204 || answer.status === 404) {
+      // Cancel never forgets: a DELETE of a task that finished since the row was
+      // painted would delete its result. The dashboard's cancel answers 409 then.
+      const answer =
+        how === "cancel"
+          ? await fetch(tasksUrl + "/" + encodeURIComponent(id) + "/cancel", {
+              method: "POST",
+              headers: { Accept: "application/json" },
+            })
+          : await fetch(entry.task.url, {
+              method: "DELETE",
+              headers: { Accept: "application/json" },
+            });
+      if (how === "cancel" && answer.status === 409) {
+        tell("The task finished before it could be cancelled.");
+        soon();
+      } else if (answer.status === 204 || answer.status === 404) {
         entry.row.remove();
         shown.delete(id);
         empty.hidden = shown.size > 0;
@@ -376,8 +397,11 @@
     list.append(element("dt", "", name), element("dd", "", value));
   }
 
+  let detailOf = null; // the task the dialog shows: a late answer about another is dropped
+
   async function openDetail(id) {
     const entry = shown.get(id);
+    detailOf = id;
     detailTitle.textContent = "Task " + id;
     detailBody.replaceChildren(element("p", "muted", "Loading…"));
     if (!detail.open) detail.showModal();
@@ -386,15 +410,18 @@
       const answer = await fetch(tasksUrl + "/" + encodeURIComponent(id), {
         headers: { Accept: "application/json" },
       });
+      if (detailOf !== id) return;
       if (!answer.ok) {
         detailBody.replaceChildren(element("p", "problem", "The server answered " + answer.status + "."));
         return;
       }
       data = await answer.json();
     } catch (error) {
+      if (detailOf !== id) return;
       detailBody.replaceChildren(element("p", "problem", "The server cannot be reached."));
       return;
     }
+    if (detailOf !== id || !detail.open) return;
     const task = data.task;
     const facts = element("dl", "facts");
     field(facts, "State", task.state + (task.cancel_requested ? " (cancellation requested)" : ""));
