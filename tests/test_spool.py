@@ -116,6 +116,20 @@ def test_collect_removes_only_what_no_task_and_no_writer_needs(tmp_path: Path) -
     assert segments(folder) == []
 
 
+def test_two_spools_of_one_process_on_one_folder_keep_each_others_segments(
+    tmp_path: Path,
+) -> None:
+    # Two stores (two apps) on one file: each took the other's current segment
+    # for an old one of the same worker, and removed it.
+    first, second = SnapshotSpool(str(tmp_path)), SnapshotSpool(str(tmp_path))
+    references = [spool.append("w", b"snapshot") for spool in (first, second)]
+    for spool in (first, second):
+        assert spool.collect(set, ["w"]) == 0
+    assert second.read(references[0]) == first.read(references[1]) == b"snapshot"
+    first.close()
+    second.close()
+
+
 def test_owner_tags_are_short_names_whatever_the_worker_is_called() -> None:
     tags = {owner_tag(worker) for worker in ("host:1:ab", "host/2:cd", None, "é" * 300)}
     assert len(tags) == 4

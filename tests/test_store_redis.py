@@ -509,7 +509,8 @@ def test_list_pages_through_ties_in_a_fixed_order(store: RedisStore) -> None:
 def test_list_finds_sparse_matches_beyond_one_scan(store: RedisStore) -> None:
     store.renew_lease("w")
     total = 2 * LIST_SCAN + 50
-    ids = [store.create(new_task(created_at=1000.0 + i)).id for i in range(total)]
+    base = time.time() - 3600  # recent: a task queued past queued_ttl never starts
+    ids = [store.create(new_task(created_at=base + i)).id for i in range(total)]
     running = [ids[3], ids[LIST_SCAN + 7], ids[total - 2]]
     for task_id in running:
         store.start(task_id, "w")

@@ -181,6 +181,51 @@ def test_a_fork_with_the_spare_connections_full_does_not_hang_the_child(tmp_path
         store.close()
 
 
+def test_the_purge_records_tasks_queued_past_queued_ttl_as_lost(tmp_path: Path) -> None:
+    # Read one by one, they read lost; unread, they stayed queued rows for good:
+    # never purged, and counted among the live tasks.
+    path = tmp_path / "stale.db"
+    store = SQLiteStore(str(path))
+    store.configure(result_ttl=60, tombstone_ttl=60, lease=30, queued_ttl=3600)
+    stale = store.create(Task(id=new_task_id(), created_at=time.time() - 7200))
+    fresh = store.create(Task(id=new_task_id()))
+    store.purge_expired()
+    with sqlite3.connect(path) as raw:
+        rows = dict(raw.execute("SELECT id, state FROM tasks").fetchall())
+    assert rows == {stale.id: "lost", fresh.id: "queued"}
+    store.close()
+
+
+def test_a_file_of_this_layout_made_before_its_later_columns_gets_them(
+    tmp_path: Path,
+) -> None:
+    # Files of layout 4 made before the response and request columns: every
+    # statement failed with "no such column", a 503 for good.
+    later = {name for name, _ in sqlite_store._LATER_COLUMNS}
+    table, rest = sqlite_store._SCHEMA.split(") WITHOUT ROWID;", 1)
+    kept = [line for line in table.splitlines() if line.strip().split(" ", 1)[0] not in later]
+    schema = "\n".join(kept).rstrip(",") + "\n) WITHOUT ROWID;" + rest
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as raw:
+        raw.executescript(schema)
+        raw.execute(f"PRAGMA user_version = {sqlite_store.SCHEMA_VERSION}")
+        raw.execute(
+            "INSERT INTO tasks (id, state, created_at) VALUES (?, 'queued', ?)",
+            ("a" * 22, time.time()),
+        )
+    store = SQLiteStore(str(path))
+    old = store.get("a" * 22)
+    assert old is not None
+    assert old.path is None
+    task = store.create(Task(id=new_task_id(), method="POST", path="/x"))
+    store.finish(task.id, TaskState.SUCCEEDED, StoredResponse(200, [], b"{}"))
+    found = store.get(task.id)
+    assert found is not None
+    assert found.path == "/x"
+    assert found.response == StoredResponse(200, [], b"{}")
+    store.close()
+
+
 def test_a_claim_that_cannot_read_a_snapshot_now_hands_its_task_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

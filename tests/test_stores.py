@@ -263,6 +263,15 @@ def test_get_by_key_finds_what_a_create_with_the_key_would_return(store: TaskSto
     assert store.get_by_key("alice", "k") is None
 
 
+def test_a_task_queued_past_queued_ttl_never_starts(store: TaskStore) -> None:
+    # It reads lost: a worker that comes to it later must not run it after all.
+    stale = store.create(new_task(created_at=time.time() - store.queued_ttl - 60))
+    assert store.start(stale.id, "w") is None
+    found = store.get(stale.id)
+    assert found is not None
+    assert found.state is TaskState.LOST
+
+
 def test_withdraw_forgets_a_queued_task_without_key(store: TaskStore) -> None:
     task = store.create(new_task(owner="alice"), b"snapshot")
     assert store.withdraw(task.id) is True
@@ -638,8 +647,15 @@ def test_a_task_no_worker_started_within_queued_ttl_reads_lost(store: TaskStore)
     long_ago = time.time() - 61
     stale = store.create(new_task(owner="o", created_at=long_ago))
     stale_held = store.create(new_task(owner="o", created_at=long_ago - 1, worker="w"))
-    running = store.create(new_task(owner="o", created_at=long_ago - 2))
-    store.start(running.id, "w")
+    running = store.create(
+        new_task(
+            owner="o",
+            created_at=long_ago - 2,
+            state=TaskState.RUNNING,
+            started_at=long_ago,
+            worker="w",
+        )
+    )  # started in time (in its request thread): it runs on
     fresh = store.create(new_task(owner="o"))
     # Listed by the state they read as, before any read of their own.
     assert [t.id for t in store.list(owner="o", state=TaskState.QUEUED)] == [fresh.id]

@@ -112,6 +112,8 @@ class MemoryStore(TaskStore):
     def start(self, task_id: str, worker: str) -> Task | None:
         with self._lock:
             task = self._tasks.get(task_id)
+            if task is not None:
+                self._lose_if_stale(task, time.time())  # it reads lost: never run
             if task is None or task.state is not TaskState.QUEUED:
                 return None
             task.state = TaskState.RUNNING

@@ -297,7 +297,8 @@ return {1}
 """
 )
 
-# KEYS: task. ARGV[6]: worker. started_at is the caller's clock.
+# KEYS: task. ARGV[6]: worker, ARGV[7]: queued_before (see check_alive).
+# started_at is the caller's clock.
 _START = (
     _PRELUDE
     + """
@@ -310,6 +311,11 @@ if h['state'] == 'running' and h['worker'] == worker
   return redis.call('HGETALL', KEYS[1])
 end
 if h['state'] ~= 'queued' then return false end
+if tonumber(h['created_at']) < tonumber(ARGV[7]) then
+  -- Queued past queued_ttl: it reads lost, and is recorded so; it never runs.
+  conclude(KEYS[1], h, 'lost')
+  return false
+end
 redis.call('HSET', KEYS[1], 'state', 'running', 'started_at', now, 'worker', worker)
 if h['worker'] and h['worker'] ~= worker then
   redis.call('SREM', prefix .. 'worker:' .. h['worker'], h['id'])
@@ -999,7 +1005,8 @@ class RedisStore(TaskStore):
         return self.retention_view(_decode(reply), now)
 
     def start(self, task_id: str, worker: str) -> Task | None:
-        args = [*self._clock(time.time()), worker]
+        now = time.time()
+        args = [*self._clock(now), worker, self._queued_before(now)]
         with self._reaching():
             reply = self._lane.call(self._start, [self._task_key(task_id)], args)
         return None if reply is None else _decode(reply)

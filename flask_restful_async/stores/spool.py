@@ -27,6 +27,7 @@ import secrets
 import threading
 import time
 import typing as t
+import weakref
 
 #: A process starts a new segment once its current one holds this many bytes.
 SEGMENT_SIZE = 64 * 1024 * 1024
@@ -46,6 +47,10 @@ class _Segment:
     name: str
     size: int = 0
     check_at: float = 0.0
+
+
+#: Every spool of this process, to tell the segments they append to (see collect).
+_spools: weakref.WeakSet[SnapshotSpool] = weakref.WeakSet()
 
 
 @functools.lru_cache(maxsize=64)
@@ -71,6 +76,8 @@ class SnapshotSpool:
         # The segment this process appends to for each owner (one in practice).
         self._current: dict[str, _Segment] = {}
         self._serial = 0
+        self._place = os.path.abspath(folder)
+        _spools.add(self)
 
     def append(self, worker: str | None, data: bytes) -> str:
         """Write ``data`` at the end of this process's segment; return where it lies.
@@ -138,8 +145,14 @@ class SnapshotSpool:
         this process does not run ends lost).
         """
         live = {owner_tag(worker) for worker in live_workers}
-        with self._lock:
-            mine = {segment.name for segment in self._current.values()}
+        # What this process appends to, through this spool or another on the same
+        # folder (two stores, of two apps, on one file): both name their segments
+        # by the process's worker name, and each would take the other's for old.
+        mine: set[str] = set()
+        for spool in list(_spools):
+            if spool._place == self._place:
+                with spool._lock:
+                    mine.update(segment.name for segment in spool._current.values())
         try:
             names = [name for name in os.listdir(self.folder) if name.endswith(SUFFIX)]
         except FileNotFoundError:

@@ -757,12 +757,14 @@ class SQLiteStore(TaskStore):
         )
 
     def start(self, task_id: str, worker: str) -> Task | None:
+        # Not a task queued past queued_ttl: it reads lost, and must not run later.
+        now = time.time()
         with self._writing() as conn:
             row = conn.execute(
                 "UPDATE tasks SET state = 'running', started_at = ?, worker = ?,"
                 " snapshot = CASE WHEN rerun = 1 THEN snapshot END"
-                f" WHERE id = ? AND state = 'queued' {_RETURNING}",
-                (time.time(), worker, task_id),
+                f" WHERE id = ? AND state = 'queued' AND created_at >= ? {_RETURNING}",
+                (now, worker, task_id, now - self.queued_ttl),
             ).fetchone()
         return None if row is None else self._task(row)
 
@@ -1027,6 +1029,15 @@ class SQLiteStore(TaskStore):
             )
             _drop_results(conn, [*gone, *expired])
             changed = len(gone) + len(expired)
+            # Queued past queued_ttl: lost, and recorded so (they read lost already),
+            # so that they end, get purged and stop counting as live. Through the
+            # index of unfinished tasks.
+            conn.execute(
+                "UPDATE tasks SET state = 'lost', finished_at = ?, snapshot = NULL"
+                " WHERE id IN (SELECT id FROM tasks WHERE finished_at IS NULL"
+                " AND created_at < ? AND state = 'queued' LIMIT ?)",
+                (now, now - self.queued_ttl, PURGE_BATCH),
+            )
             conn.execute(
                 "DELETE FROM blobs WHERE key IN (SELECT key FROM blobs WHERE expires_at < ?"
                 " LIMIT ?)",
@@ -1299,7 +1310,7 @@ def _ensure_schema(conn: sqlite3.Connection, store: SQLiteStore) -> None:
     """Create the tables in a new file, add the indexes an earlier version of this
     layout lacks; refuse a file of another layout."""
     version = conn.execute("PRAGMA user_version").fetchone()[0]
-    if version == SCHEMA_VERSION and not any(_schema_changes(conn)):
+    if version == SCHEMA_VERSION and not any(_schema_changes(conn)) and not _missing_columns(conn):
         return
     conn.execute("BEGIN IMMEDIATE")
     try:
@@ -1326,6 +1337,8 @@ def _ensure_schema(conn: sqlite3.Connection, store: SQLiteStore) -> None:
                     conn.execute(statement)
                     statement = ""
         # A new file, or one an earlier version made: what this version adds.
+        for name, kind in _missing_columns(conn):
+            conn.execute(f"ALTER TABLE tasks ADD COLUMN {name} {kind}")
         missing, stale = _schema_changes(conn)
         for name, statement in _EXTRAS.items():
             if name in missing:
@@ -1338,6 +1351,24 @@ def _ensure_schema(conn: sqlite3.Connection, store: SQLiteStore) -> None:
         conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
+
+
+#: Columns of the tasks table that files of this layout made before them lack
+#: (added at the end of the table, where SQLite adds a column): all may be NULL.
+_LATER_COLUMNS = (
+    ("status", "INTEGER"),
+    ("headers", "TEXT"),
+    ("body", "BLOB"),
+    ("endpoint", "TEXT"),
+    ("method", "TEXT"),
+    ("path", "TEXT"),
+)
+
+
+def _missing_columns(conn: sqlite3.Connection) -> list[tuple[str, str]]:
+    """The columns of :data:`_LATER_COLUMNS` that the file's tasks table lacks."""
+    present = {row[1] for row in conn.execute("PRAGMA table_info(tasks)").fetchall()}
+    return [column for column in _LATER_COLUMNS if column[0] not in present]
 
 
 def _schema_changes(conn: sqlite3.Connection) -> tuple[set[str], set[str]]:
