@@ -189,11 +189,14 @@ class LeaseKeeper:
             dropped = [worker for worker in self._held if worker in given_up]
             if not dropped:
                 return
-            self._held = [worker for worker in self._held if worker not in given_up]
+            # Built whole, then put in place: ensure() reads the last name
+            # without the lock, and must never find the list empty.
+            kept = [worker for worker in self._held if worker not in given_up]
             if _worker_id in given_up:
                 _rename()
-            if not self._held:
-                self._held.append(_worker_id)
+            if not kept:
+                kept.append(_worker_id)
+            self._held = kept
         for worker in dropped:
             self.app.logger.error(
                 "Tasks of %s in this store could not be ended: its lease is given up,"
