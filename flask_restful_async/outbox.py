@@ -188,8 +188,9 @@ def withdraw(
         except StoreUnavailable:
             pass
         except Exception:
+            # An error reply that may pass (Redis busy, out of memory): tried
+            # again like an outage, as a task left behind could run later.
             logger.exception("Could not take back task %s", task_id, extra={"task_id": task_id})
-            return
     logger.warning(
         "Task %s, whose submit was refused, is taken back once the store answers",
         task_id,
@@ -208,6 +209,8 @@ class _Outcome:
     worker: str | None
     logger: logging.Logger
     since: float
+    #: Whether the store refused it once (logged then, not at every try).
+    refused: bool = False
 
     @property
     def withdrawal(self) -> bool:
@@ -300,9 +303,11 @@ class Outbox:
                 pause = min(RETRY_MAX, pause * 2)
 
     def _write_all(self) -> bool:
-        """Write the waiting outcomes, oldest first; False at the first outage."""
+        """Write the waiting outcomes, oldest first; False at the first outage, or
+        when a withdrawal met an error (it stays, to be tried again)."""
         with self._lock:
             pending = list(self._waiting.values())
+        written = True
         for outcome in pending:
             try:
                 if outcome.withdrawal:
@@ -312,15 +317,26 @@ class Outbox:
             except StoreUnavailable:
                 return False
             except Exception:
+                if outcome.withdrawal:
+                    # Never given up on an error reply (Redis busy, out of memory):
+                    # the task left behind could be claimed and run, though its
+                    # submit was answered 503. Tried again at the others' pace.
+                    if not outcome.refused:
+                        outcome.refused = True
+                        outcome.logger.exception(
+                            "The store refused to take back task %s; trying again",
+                            outcome.task_id,
+                            extra={"task_id": outcome.task_id},
+                        )
+                    written = False
+                    continue
                 outcome.logger.exception(
                     "The store refused the outcome of task %s",
                     outcome.task_id,
                     extra={"task_id": outcome.task_id},
                 )
                 with self._lock:
-                    if outcome.withdrawal or (
-                        outcome.response is None and outcome.state is TaskState.LOST
-                    ):
+                    if outcome.response is None and outcome.state is TaskState.LOST:
                         self._abandon(outcome)
                     elif self._waiting.get(outcome.task_id) is outcome:
                         self._degrade(outcome)
@@ -335,7 +351,7 @@ class Outbox:
                 extra={"task_id": outcome.task_id},
             )
             waiting.notify(self.store, outcome.task_id)
-        return True
+        return written
 
     def _give_up_old(self) -> None:
         oldest = time.monotonic() - give_up_after(self.store)

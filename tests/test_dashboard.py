@@ -399,6 +399,9 @@ def test_cancel_never_forgets_a_task_that_finished(app: Flask) -> None:
     running = add_task(app, "alice", TaskState.RUNNING)
     done = add_task(app, "alice", TaskState.SUCCEEDED)
     url = f"{DASHBOARD}/api/tasks/%s/cancel"
+    # A form of another page could POST this without the browser asking first.
+    assert client.post(url % queued.id, headers=alice, data={"a": "1"}).status_code == 415
+    alice = {**alice, "Content-Type": "application/json"}
     answer = client.post(url % queued.id, headers=alice)
     assert answer.status_code == 200
     assert answer.json is not None
@@ -413,6 +416,7 @@ def test_cancel_never_forgets_a_task_that_finished(app: Flask) -> None:
     kept = get_state(app).store.get(done.id)
     assert kept is not None
     assert kept.state is TaskState.SUCCEEDED
-    assert client.post(url % queued.id, headers={"X-User": "bob"}).status_code == 404
+    bob = {**alice, "X-User": "bob"}
+    assert client.post(url % queued.id, headers=bob).status_code == 404
     cross = {**alice, "Sec-Fetch-Site": "cross-site"}
     assert client.post(url % running.id, headers=cross).status_code == 403

@@ -380,6 +380,28 @@ def _thread_cpu(thread: threading.Thread) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+class WithdrawRefusedTwice(MemoryStore):
+    """Answers its first two withdrawals with an error reply (Redis BUSY)."""
+
+    refused = 0
+
+    def withdraw(self, task_id: str, *, running_under: str | None = None) -> bool:
+        if self.refused < 2:
+            self.refused += 1
+            raise RuntimeError("BUSY Redis is busy running a script")
+        return super().withdraw(task_id, running_under=running_under)
+
+
+def test_a_withdrawal_the_store_refuses_is_tried_again_not_given_up() -> None:
+    # Given up, the 503'd task stayed queued, and a stop let another process run it.
+    store = WithdrawRefusedTwice()
+    task = store.create(Task(id=new_task_id(), worker="w"), b"snapshot")
+    logger = logging.getLogger("test.withdraw")
+    outbox.withdraw(store, task.id, logger)
+    wait_for(lambda: store.get(task.id) is None)
+    assert store.refused == 2
+
+
 class ProgressRefused(SQLiteStore):
     error: type[Exception] = StoreUnavailable
 

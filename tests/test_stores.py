@@ -333,6 +333,27 @@ def test_withdraw_takes_back_a_task_recorded_running_under_the_worker_named(
     assert [each.task.id for each in store.claim("other", 5)] == [keyed.id]
 
 
+def test_withdraw_ends_cancelled_a_running_task_whose_cancel_was_asked(store: TaskStore) -> None:
+    # Queued again, it would never be claimed (claims skip what was cancelled),
+    # and the DELETE that asked would never see it end.
+    keyed = store.create(
+        new_task(
+            worker="w",
+            state=TaskState.RUNNING,
+            started_at=time.time(),
+            idempotency_key="k",
+        ),
+        b"snap",
+    )
+    asked = store.request_cancel(keyed.id)
+    assert asked is not None
+    assert asked.cancel_requested
+    assert store.withdraw(keyed.id, running_under="w") is True
+    ended = store.get(keyed.id)
+    assert ended is not None
+    assert ended.state is TaskState.CANCELLED
+
+
 def test_withdraw_leaves_a_started_or_unknown_task_alone(store: TaskStore) -> None:
     task = store.create(new_task(idempotency_key="k"))
     assert store.start(task.id, "w") is not None

@@ -234,6 +234,10 @@ def cancel_task(task_id: str) -> Response:
     state = get_state(current_app)
     if not state.cross_site_delete and is_cross_site(request.environ, request.host_url):
         return error_response(403, CROSS_SITE_MESSAGE, NO_STORE)
+    if request.mimetype != "application/json":
+        # A form of another page can POST without asking first; a JSON body, as
+        # a DELETE, needs the browser to ask the server (CORS), which says no.
+        return error_response(415, "Send the cancel as application/json.", NO_STORE)
     scope = _scope(state)
     if scope is None:
         return _no_such_page()

@@ -201,7 +201,10 @@ class MemoryStore(TaskStore):
             if task.idempotency_key is None:
                 self._forget(task_id)
             elif task_id in self._snapshots:
-                task.state, task.started_at, task.worker = TaskState.QUEUED, None, None
+                if task.cancel_requested:  # asked while it read running: it ends so
+                    self._end(task, TaskState.CANCELLED, time.time())
+                else:
+                    task.state, task.started_at, task.worker = TaskState.QUEUED, None, None
             else:
                 scope = (task.owner, task.idempotency_key)
                 if self._keys.get(scope) == task_id:

@@ -426,6 +426,11 @@ if not h['ik'] then
   return 1
 end
 if redis.call('EXISTS', snapshot_key(h['id'])) == 1 then
+  if h['cancel'] then
+    -- Cancelling was asked while it read running: it ends so.
+    conclude(KEYS[1], h, 'cancelled')
+    return 1
+  end
   if h['state'] == 'running' then
     redis.call('HSET', KEYS[1], 'state', 'queued')
     redis.call('HDEL', KEYS[1], 'started_at', 'progress')

@@ -901,8 +901,8 @@ class SQLiteStore(TaskStore):
     def withdraw(self, task_id: str, *, running_under: str | None = None) -> bool:
         with self._transaction() as conn:
             row = conn.execute(
-                "SELECT idempotency_key, snapshot IS NOT NULL FROM tasks WHERE id = ?"
-                " AND (state = 'queued' OR (state = 'running' AND worker = ?))",
+                "SELECT idempotency_key, snapshot IS NOT NULL, cancel_requested FROM tasks"
+                " WHERE id = ? AND (state = 'queued' OR (state = 'running' AND worker = ?))",
                 (task_id, running_under),
             ).fetchone()
             if row is None:
@@ -910,6 +910,13 @@ class SQLiteStore(TaskStore):
             if row[0] is None:
                 found = conn.execute("DELETE FROM tasks WHERE id = ? RETURNING result", (task_id,))
                 _drop_results(conn, found.fetchall())
+            elif row[1] and row[2]:
+                # Cancelling was asked while it read running: it ends so.
+                conn.execute(
+                    "UPDATE tasks SET state = 'cancelled', finished_at = ?, snapshot = NULL"
+                    " WHERE id = ?",
+                    (time.time(), task_id),
+                )
             elif row[1]:
                 conn.execute(
                     "UPDATE tasks SET state = 'queued', started_at = NULL, worker = NULL"

@@ -356,7 +356,8 @@
         how === "cancel"
           ? await fetch(tasksUrl + "/" + encodeURIComponent(id) + "/cancel", {
               method: "POST",
-              headers: { Accept: "application/json" },
+              headers: { Accept: "application/json", "Content-Type": "application/json" },
+              body: "{}",
             })
           : await fetch(entry.task.url, {
               method: "DELETE",
