@@ -226,6 +226,29 @@ def test_a_file_of_this_layout_made_before_its_later_columns_gets_them(
     store.close()
 
 
+def test_a_file_with_the_old_key_index_gets_the_new_one(tmp_path: Path) -> None:
+    # The old index took owner "" for no owner; a file made with it is moved on.
+    path = tmp_path / "keys.db"
+    store = SQLiteStore(str(path))
+    store.get(new_task_id())
+    store.close()
+    with sqlite3.connect(path) as raw:
+        raw.execute("DROP INDEX tasks_by_owner_key")
+        raw.execute(
+            "CREATE UNIQUE INDEX tasks_by_key ON tasks (coalesce(owner, ''), idempotency_key)"
+            " WHERE idempotency_key IS NOT NULL"
+        )
+    store = SQLiteStore(str(path))
+    first = store.create(Task(id=new_task_id(), idempotency_key="k"))
+    second = store.create(Task(id=new_task_id(), owner="", idempotency_key="k"))
+    assert first.id != second.id
+    store.close()
+    with sqlite3.connect(path) as raw:
+        names = {row[0] for row in raw.execute("SELECT name FROM sqlite_schema")}
+    assert "tasks_by_owner_key" in names
+    assert "tasks_by_key" not in names
+
+
 def test_a_claim_that_cannot_read_a_snapshot_now_hands_its_task_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -247,6 +247,20 @@ def test_delete_forgets(store: TaskStore) -> None:
     assert store.get(task.id) is None
 
 
+def test_the_owner_named_empty_and_no_owner_never_share_a_key(store: TaskStore) -> None:
+    # An owner callable may name a caller "": not the anonymous callers.
+    anonymous = store.create(new_task(idempotency_key="k"))
+    named = store.create(new_task(owner="", idempotency_key="k"))
+    assert named.id != anonymous.id
+    found = store.get_by_key("", "k")
+    assert found is not None
+    assert found.id == named.id
+    found = store.get_by_key(None, "k")
+    assert found is not None
+    assert found.id == anonymous.id
+    assert store.create(new_task(owner="", idempotency_key="k")).id == named.id
+
+
 def test_get_by_key_finds_what_a_create_with_the_key_would_return(store: TaskStore) -> None:
     first = store.create(new_task(owner="alice", idempotency_key="k"))
     store.create(new_task(idempotency_key="anonymous"))

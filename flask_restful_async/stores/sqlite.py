@@ -107,8 +107,6 @@ CREATE TABLE IF NOT EXISTS tasks (
     path TEXT
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS tasks_by_owner ON tasks (owner, created_at);
-CREATE UNIQUE INDEX IF NOT EXISTS tasks_by_key ON tasks (coalesce(owner, ''), idempotency_key)
-    WHERE idempotency_key IS NOT NULL;
 CREATE TABLE IF NOT EXISTS results (
     id INTEGER PRIMARY KEY,
     status INTEGER NOT NULL,
@@ -139,11 +137,16 @@ _EXTRAS = {
     "tasks_ended": "CREATE INDEX tasks_ended ON tasks (finished_at, state)"
     " WHERE finished_at IS NOT NULL",
     "tasks_open": "CREATE INDEX tasks_open ON tasks (created_at) WHERE finished_at IS NULL",
+    # Idempotency keys, unique per owner; an owner "" is not "no owner" (see _BY_KEY).
+    "tasks_by_owner_key": "CREATE UNIQUE INDEX tasks_by_owner_key ON tasks"
+    " (owner IS NULL, coalesce(owner, ''), idempotency_key) WHERE idempotency_key IS NOT NULL",
 }
 # What files of an earlier version of this layout may hold, and this one drops: the
-# index tasks_ended replaces, and the counts per minute of finish time that
-# triggers kept (a write of one more table on every end, for a scrape's sake).
+# index of idempotency keys that took owner "" for no owner, the index tasks_ended
+# replaces, and the counts per minute of finish time that triggers kept (a write of
+# one more table on every end, for a scrape's sake).
 _REPLACED = {
+    "tasks_by_key": "DROP INDEX IF EXISTS tasks_by_key",
     "tasks_by_finish": "DROP INDEX IF EXISTS tasks_by_finish",
     "ended_update": "DROP TRIGGER IF EXISTS ended_update",
     "ended_delete": "DROP TRIGGER IF EXISTS ended_delete",
@@ -188,6 +191,12 @@ _INSERT = (
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _ACTIVE = "('queued', 'running')"
+# A task by owner and idempotency key, in the terms of the index tasks_by_owner_key
+# (so that it serves the lookup): parameters owner, owner, key.
+_BY_KEY = (
+    "(t.owner IS NULL) = (? IS NULL) AND coalesce(t.owner, '') = coalesce(?, '')"
+    " AND t.idempotency_key = ?"
+)
 _ACTIVE_VALUES = frozenset(("queued", "running"))
 _STATES = {state.value: state for state in TaskState}
 # True for a task whose worker holds no live lease (bind: now).
@@ -697,9 +706,8 @@ class SQLiteStore(TaskStore):
         now = time.time()
         with self._reading() as conn:
             row = conn.execute(
-                f"{_SELECT} WHERE coalesce(t.owner, '') = coalesce(?, '')"
-                " AND t.idempotency_key = ?",
-                (owner, key),
+                f"{_SELECT} WHERE {_BY_KEY}",
+                (owner, owner, key),
             ).fetchone()
         found = None if row is None else self._read(row, now)
         return None if found is None or found.expired else found
@@ -718,9 +726,8 @@ class SQLiteStore(TaskStore):
             return task
         with self._transaction() as conn:
             row = conn.execute(
-                f"{_SELECT} WHERE coalesce(t.owner, '') = coalesce(?, '')"
-                " AND t.idempotency_key = ?",
-                (task.owner, task.idempotency_key),
+                f"{_SELECT} WHERE {_BY_KEY}",
+                (task.owner, task.owner, task.idempotency_key),
             ).fetchone()
             if row is not None:
                 existing = self.retention_view(self._task(row), now)
