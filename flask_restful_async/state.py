@@ -279,9 +279,13 @@ class AsyncState:
             try:
                 self.executor.submit(self.app, task, snapshot, resource)
             except Unavailable as e:
-                # An executor that cannot hand the task over (a broker that is down)
-                # has taken it back from the store (see outbox.withdraw).
+                # The executor could not take the task over (a broker that is down,
+                # no worker thread to be had): it is taken back from the store (the
+                # Celery executor does so itself; a second take finds nothing).
+                outbox.withdraw(self.store, task.id, self.app.logger)
                 self.executor.release(size)
+                if isinstance(e, Saturated):
+                    return self.rejected(e, "saturated")
                 return self.rejected(e, "store" if isinstance(e, StoreUnavailable) else "broker")
             if signals.task_submitted.receivers:
                 signals.send(signals.task_submitted, self.app, task=recorded)

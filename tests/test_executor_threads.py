@@ -224,3 +224,32 @@ def test_a_handler_raising_past_exception_ends_its_task_and_not_the_worker(
     done = wait_done(client, client.post("/echo", json={"n": 1}).headers["Location"])
     assert done.status_code == 200
     assert "raised past its handler; the worker goes on" in caplog.text
+
+
+def test_a_submit_no_worker_thread_can_take_is_refused_and_leaves_no_task(
+    make_app: AppFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The process's thread limit: the task was queued with no worker to run it.
+    app, api = make_app(config={"RESTFUL_ASYNC_MAX_WORKERS": 2})
+    api.add_resource(Echo, "/echo")
+    client = app.test_client()
+    start = threading.Thread.start
+
+    def refused(thread: threading.Thread) -> None:
+        if thread.name.startswith("restful-async-") and thread.name[-1].isdigit():
+            raise RuntimeError("can't start new thread")
+        start(thread)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(threading.Thread, "start", refused)
+        response = client.post("/echo", json={"n": 1})
+    assert response.status_code == 503
+    assert response.headers["Retry-After"]
+    assert get_state(app).store.list(owner=None) == []
+    # With a worker there, a thread that cannot start only means a wait.
+    done = wait_done(client, client.post("/echo", json={"n": 2}).headers["Location"])
+    assert done.status_code == 200
+    with monkeypatch.context() as patched:
+        patched.setattr(threading.Thread, "start", refused)
+        location = client.post("/echo", json={"n": 3}).headers["Location"]
+    assert wait_done(client, location).json["json"] == {"n": 3}

@@ -197,26 +197,44 @@ class ThreadExecutor(Executor):
         snapshot: RequestSnapshot,
         resource: Resource | None = None,
     ) -> None:
-        self._queue.put(_Job(app, task.id, task.worker, snapshot, resource))
+        job = _Job(app, task.id, task.worker, snapshot, resource)
+        if not self._idle.acquire(blocking=False):
+            # No idle worker: one more, if the pool may grow. Before the job is
+            # queued, so that a task no thread can run is refused, not stranded.
+            self._grow(app)
+        self._queue.put(job)
         if self._closed:
             # Shut down while this request was on its way: no worker may be left
             # to take the task, so it goes back to the store with the rest.
             self._hand_back()
-            return
-        if self._idle.acquire(blocking=False):
-            return
+
+    def _grow(self, app: Flask) -> None:
+        """Start one more worker if the pool has room. Raises Saturated when none
+        can start (the process's thread limit) and no worker is there to take the
+        task in its turn."""
         with self._lock:
-            if len(self._threads) < self.max_workers and not self._closed:
-                thread = threading.Thread(
-                    target=self._work,
-                    name=f"restful-async-{len(self._threads)}",
-                    daemon=True,
-                )
+            if len(self._threads) >= self.max_workers or self._closed:
+                return
+            thread = threading.Thread(
+                target=self._work,
+                name=f"restful-async-{len(self._threads)}",
+                daemon=True,
+            )
+            try:
                 thread.start()
-                self._threads.append(thread)
-                if not self._exit_hook_registered:
-                    atexit.register(self.shutdown)
-                    self._exit_hook_registered = True
+            except RuntimeError:
+                if self._threads:
+                    app.logger.warning(
+                        "Could not start a task worker; the %d running will take the task",
+                        len(self._threads),
+                        exc_info=True,
+                    )
+                    return
+                raise Saturated("No worker can be started here now; try again later.") from None
+            self._threads.append(thread)
+            if not self._exit_hook_registered:
+                atexit.register(self.shutdown)
+                self._exit_hook_registered = True
 
     def _work(self) -> None:
         # Imported here, not at the top: every process imports this module (the
