@@ -78,18 +78,19 @@ Design:
   several apps of one name, as test suites do), or else in the only app bound.
 - Failures before the handler. A task ends ``failed`` (500 JSON at its status URL,
   the error logged with the task id through ``app.logger``) when its snapshot does
-  not decode, when the store keeps failing (lease, body) for :data:`LEASE_RETRIES`
-  tries :data:`LEASE_RETRY_DELAY` seconds apart, or when anything else fails
-  before the handler runs. A worker that has no app for a message cannot reach
+  not decode, when the store keeps failing (lease, body) for about a minute
+  (``LEASE_RETRIES * LEASE_RETRY_DELAY`` s, tried again in the worker: a message
+  sent back to a broker that is down too would be dropped), or when anything else
+  fails before the handler runs. A worker that has no app for a message cannot reach
   the task's store (only the app knows it), so it cannot end the task: it logs an
-  error that says how to fix the worker and sends the message back to the broker
-  (a Celery retry, 1, 2, 4, then every :data:`APP_RETRY_DELAY` seconds, at most
-  :data:`APP_RETRIES` times: about five minutes), so that a worker that has the app (another one, or
-  this one fixed and restarted) runs it. Acknowledging the message would lose the
-  task silently; requeueing it at once would hand it straight back. A task whose
-  retries run out stays ``queued`` until ``RESTFUL_ASYNC_QUEUED_TTL`` reads it
-  ``lost``. A message for a task its store does not know is dropped with an error
-  that says that the web process and the worker do not share the store.
+  error that says how to fix the worker and sends the message back to the broker (a
+  Celery retry, 1, 2, 4, then every :data:`APP_RETRY_DELAY` seconds, at most
+  :data:`APP_RETRIES` times: about five minutes), so that a worker that has the app
+  (another one, or this one fixed and restarted) runs it. Acknowledging the message
+  would lose the task silently; requeueing it at once would hand it straight back. A
+  task whose retries run out stays ``queued`` until ``RESTFUL_ASYNC_QUEUED_TTL``
+  reads it ``lost``. A message for a task its store does not know is dropped with an
+  error that says that the web process and the worker do not share the store.
 - The lease. A worker process that runs tasks holds a lease in the store, renewed
   by a :class:`LeaseKeeper` (one per Flask app and process, started by the first
   task): a worker that dies has its running tasks read as ``lost`` within the
@@ -128,6 +129,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import random
+import secrets
 import threading
 import time
 import typing as t
@@ -141,7 +144,7 @@ except ImportError as e:  # pragma: no cover - depends on the installed extras
     ) from e
 
 from . import outbox, signals, waiting
-from .exceptions import RestfulAsyncError, StoreUnavailable, Unavailable
+from .exceptions import RestfulAsyncError, Unavailable
 from .executors.base import Executor
 from .lease import LeaseKeeper
 from .responses import served_headers
@@ -167,8 +170,9 @@ __all__ = [
 #: The name of the Celery task that runs a submitted task in a worker.
 TASK_NAME = "flask_restful_async.run"
 
-#: Seconds between tries of a task whose worker could not get it ready (the store
-#: did not answer: lease, body), and how many retries before the task fails.
+#: A task whose worker cannot get it ready (the store does not serve its lease or
+#: its body) is tried again for ``LEASE_RETRIES * LEASE_RETRY_DELAY`` seconds, in
+#: the worker, then fails.
 LEASE_RETRY_DELAY = 2
 LEASE_RETRIES = 30
 
@@ -301,6 +305,17 @@ class CeleryExecutor(Executor):
         answer is given up on after one quick retry.
         """
         try:
+            # A large body waits in the store for a worker that will not take it
+            # now (a revoked message is dropped unseen): it goes now.
+            get_state(app).store.take_blob(task_id)
+        except Exception as e:
+            app.logger.warning(
+                "Could not delete the body of cancelled task %s: %r",
+                task_id,
+                e,
+                extra={"task_id": task_id},
+            )
+        try:
             with self.celery_app.connection_for_write() as connection:
                 connection.ensure_connection(max_retries=1, interval_start=0, timeout=2)
                 self.celery_app.control.revoke(task_id, connection=connection)
@@ -387,16 +402,50 @@ def _lease(flask_app: Flask) -> None:
     keeper.ensure()
 
 
+class _StoreGaveUp(Exception):
+    """The store did not serve a task's preparation within the retry bound."""
+
+
 def _prepare(
     flask_app: Flask, task_id: str, snapshot_json: str, body_key: str | None
 ) -> RequestSnapshot | None:
     """The snapshot to run, with its body; None when the task must not run (it
-    was ended here)."""
+    was ended here).
+
+    The store's part (this process's lease, the large body) is tried again here,
+    with backoff, for about ``LEASE_RETRIES * LEASE_RETRY_DELAY`` seconds, through
+    an outage or an error reply that may pass (Redis out of memory, busy): not by
+    sending the message back to the broker, which may be down too (a broker on the
+    same Redis), when Celery drops it. Raises :class:`_StoreGaveUp` past the bound.
+    """
     snapshot = RequestSnapshot.from_json(snapshot_json)
-    _lease(flask_app)
-    if body_key is None:
-        return snapshot
-    body = get_state(flask_app).store.take_blob(body_key)
+    store = get_state(flask_app).store
+    call = secrets.token_hex(8)  # the same take, tried again, finds its copy
+    deadline = time.monotonic() + LEASE_RETRIES * LEASE_RETRY_DELAY
+    pause = outbox.RETRY_FIRST
+    told = False
+    while True:
+        try:
+            _lease(flask_app)
+            if body_key is None:
+                return snapshot
+            body = store.take_blob(body_key, call=call)
+            break
+        except Exception as e:
+            if time.monotonic() >= deadline:
+                raise _StoreGaveUp(
+                    f"the store did not serve it for {LEASE_RETRIES * LEASE_RETRY_DELAY} s: {e!r}"
+                ) from e
+            if not told:
+                told = True
+                flask_app.logger.warning(
+                    "Task %s cannot start yet, trying again: %r",
+                    task_id,
+                    e,
+                    extra={"task_id": task_id},
+                )
+        time.sleep(pause * random.uniform(0.5, 1.0))
+        pause = min(outbox.RETRY_MAX, pause * 2)
     if body is None:
         flask_app.logger.error(
             "The request body of task %s is no longer in the store",
@@ -453,14 +502,16 @@ def _end_queued(flask_app: Flask, task_id: str, response: StoredResponse) -> Non
                     task, state=TaskState.FAILED, finished_at=time.time(), response=response
                 )
                 signals.send(signals.task_finished, flask_app, task=ended)
-    except RestfulAsyncError:
-        flask_app.logger.error(
-            "Could not mark task %s as failed: it reads queued until the store answers"
-            " again and RESTFUL_ASYNC_QUEUED_TTL has passed",
+    except Exception:
+        # The store does not answer, or refuses (out of memory): the outbox
+        # writes the end once it takes it (it ends only a task still active).
+        flask_app.logger.warning(
+            "Could not mark task %s as failed now; it is written once the store takes it",
             task_id,
             exc_info=True,
             extra={"task_id": task_id},
         )
+        outbox.finish(store, task_id, TaskState.FAILED, response, None, flask_app.logger)
 
 
 def _register(celery_app: Celery) -> t.Any:
@@ -511,16 +562,9 @@ def _register(celery_app: Celery) -> t.Any:
             raise self.retry(countdown=delay, max_retries=APP_RETRIES)
         try:
             snapshot = _prepare(app, task_id, snapshot_json, body_key)
-        except StoreUnavailable as e:
-            if self.request.retries >= LEASE_RETRIES:
-                _fail(app, task_id, f"the store did not answer in {LEASE_RETRIES + 1} tries")
-                return
-            # Without a lease the task would read as lost at once (and without its
-            # body it cannot run): try again later (the task is still queued).
-            app.logger.warning(
-                "Task %s cannot start yet: %s", task_id, e.message, extra={"task_id": task_id}
-            )
-            raise self.retry(countdown=LEASE_RETRY_DELAY, max_retries=LEASE_RETRIES) from e
+        except _StoreGaveUp as e:
+            _fail(app, task_id, str(e))
+            return
         except Exception as e:
             _fail(app, task_id, repr(e))
             return

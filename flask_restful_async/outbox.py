@@ -330,16 +330,23 @@ class Outbox:
                         )
                     written = False
                     continue
-                outcome.logger.exception(
-                    "The store refused the outcome of task %s",
-                    outcome.task_id,
-                    extra={"task_id": outcome.task_id},
-                )
+                if not outcome.refused:
+                    outcome.refused = True
+                    outcome.logger.exception(
+                        "The store refused the outcome of task %s",
+                        outcome.task_id,
+                        extra={"task_id": outcome.task_id},
+                    )
                 with self._lock:
-                    if outcome.response is None and outcome.state is TaskState.LOST:
-                        self._abandon(outcome)
-                    elif self._waiting.get(outcome.task_id) is outcome:
+                    if outcome.response is not None and self._waiting.get(outcome.task_id) is (
+                        outcome
+                    ):
+                        # The response may be what it refuses (too large): without.
                         self._degrade(outcome)
+                # Even "lost" refused (Redis out of memory for a moment): tried again
+                # until give_up_after, as an outage, rather than given up at once,
+                # which gives up the lease of every task of this process.
+                written = False
                 continue
             with self._lock:
                 if self._waiting.get(outcome.task_id) is outcome:

@@ -392,6 +392,33 @@ class WithdrawRefusedTwice(MemoryStore):
         return super().withdraw(task_id, running_under=running_under)
 
 
+class FinishRefusedTwice(MemoryStore):
+    """Refuses its first two finishes with an error reply (Redis out of memory)."""
+
+    refused = 0
+
+    def finish(self, task_id: str, state: TaskState, response: t.Any = None) -> t.Any:
+        if self.refused < 2:
+            self.refused += 1
+            raise RuntimeError("OOM command not allowed when used memory > 'maxmemory'")
+        return super().finish(task_id, state, response)
+
+
+def test_an_outcome_refused_for_a_moment_is_written_and_gives_up_no_lease() -> None:
+    # Given up at the second refusal, it gave up the lease of every task of the
+    # process: a moment of Redis out of memory made all of them read lost.
+    store = FinishRefusedTwice()
+    task = store.create(Task(id=new_task_id(), worker="w"))
+    assert store.start(task.id, "w") is not None
+    response = StoredResponse(200, [], b"{}")
+    logger = logging.getLogger("test.finish")
+    outbox.finish(store, task.id, TaskState.SUCCEEDED, response, "w", logger)
+    ended = lambda: store.get(task.id)  # noqa: E731
+    wait_for(lambda: (found := ended()) is not None and found.state.finished)
+    assert store.refused == 2
+    assert outbox.outbox_for(store).given_up() == set()
+
+
 def test_a_withdrawal_the_store_refuses_is_tried_again_not_given_up() -> None:
     # Given up, the 503'd task stayed queued, and a stop let another process run it.
     store = WithdrawRefusedTwice()

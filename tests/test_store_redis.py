@@ -443,6 +443,12 @@ def test_a_take_run_again_finds_its_blob_and_no_other_take_does(
     assert 0 < raw.pttl(keys[1]) <= 60_000
     assert store.take_blob("body") is None
     assert store.take_blob("never put") is None
+    # A caller that tries its take again under one name (a Celery worker through
+    # an outage) finds the bytes; any other take does not.
+    store.put_blob("again", b"bytes", 60)
+    assert store.take_blob("again", call="one") == b"bytes"
+    assert store.take_blob("again", call="one") == b"bytes"
+    assert store.take_blob("again", call="two") is None
 
 
 # --- encoding -----------------------------------------------------------------

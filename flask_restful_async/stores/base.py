@@ -328,8 +328,11 @@ class TaskStore(abc.ABC):
         """
         raise NotImplementedError(f"{type(self).__name__} keeps no blobs")
 
-    def take_blob(self, key: str) -> bytes | None:
-        """Remove and return the blob under ``key``; None if absent or expired."""
+    def take_blob(self, key: str, *, call: str | None = None) -> bytes | None:
+        """Remove and return the blob under ``key``; None if absent or expired.
+
+        ``call`` names this take: a store whose replies can be lost (Redis) gives a
+        take run again under the same name, within a minute, the same bytes."""
         raise NotImplementedError(f"{type(self).__name__} keeps no blobs")
 
     def maintain(self) -> None:

@@ -253,7 +253,7 @@ class MemoryStore(TaskStore):
         with self._lock:
             self._blobs[key] = (bytes(data), time.time() + ttl)
 
-    def take_blob(self, key: str) -> bytes | None:
+    def take_blob(self, key: str, *, call: str | None = None) -> bytes | None:
         with self._lock:
             entry = self._blobs.pop(key, None)
         if entry is None or entry[1] < time.time():

@@ -1165,12 +1165,13 @@ class RedisStore(TaskStore):
         with self._reaching():
             self._client.set(f"{self.prefix}blob:{key}", data, px=_ms(ttl))
 
-    def take_blob(self, key: str) -> bytes | None:
+    def take_blob(self, key: str, *, call: str | None = None) -> bytes | None:
         name = f"{self.prefix}blob:{key}"
         with self._reaching():
             # One script, safe to run twice: a take whose reply was lost and that
-            # runs again (the lane retries a dropped connection) finds its copy.
-            copy = f"{name}:taken:{secrets.token_hex(8)}"
+            # runs again (the lane retries a dropped connection, or the caller
+            # with the same ``call``) finds its copy.
+            copy = f"{name}:taken:{call or secrets.token_hex(8)}"
             data = self._lane.call(self._take_blob, [name, copy], [TAKEN_BLOB_MS])
         return None if data is None else bytes(data)
 

@@ -1012,7 +1012,7 @@ class SQLiteStore(TaskStore):
                 (key, sqlite3.Binary(data), time.time() + ttl),
             )
 
-    def take_blob(self, key: str) -> bytes | None:
+    def take_blob(self, key: str, *, call: str | None = None) -> bytes | None:
         now = time.time()
         with self._writing() as conn:
             row = conn.execute(
