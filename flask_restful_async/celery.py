@@ -129,7 +129,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import random
 import secrets
 import threading
 import time
@@ -422,7 +421,7 @@ def _prepare(
     store = get_state(flask_app).store
     call = secrets.token_hex(8)  # the same take, tried again, finds its copy
     deadline = time.monotonic() + LEASE_RETRIES * LEASE_RETRY_DELAY
-    pause = outbox.RETRY_FIRST
+    backoff = outbox.Backoff()
     told = False
     while True:
         try:
@@ -444,8 +443,7 @@ def _prepare(
                     e,
                     extra={"task_id": task_id},
                 )
-        time.sleep(pause * random.uniform(0.5, 1.0))
-        pause = min(outbox.RETRY_MAX, pause * 2)
+        backoff.sleep()
     if body is None:
         flask_app.logger.error(
             "The request body of task %s is no longer in the store",

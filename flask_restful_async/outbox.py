@@ -64,6 +64,22 @@ RETRY_MAX = 1.0
 ANNOUNCED_BODY_MAX = 16 * 1024
 
 
+class Backoff:
+    """The pauses between tries of a write the store did not take: from
+    :data:`RETRY_FIRST`, doubling up to :data:`RETRY_MAX`, each cut by a random
+    part of up to a half (so that processes that failed together try apart)."""
+
+    def __init__(self) -> None:
+        self.pause = RETRY_FIRST
+
+    def sleep(self) -> None:
+        time.sleep(self.pause * random.uniform(0.5, 1.0))
+        self.pause = min(RETRY_MAX, self.pause * 2)
+
+    def reset(self) -> None:
+        self.pause = RETRY_FIRST
+
+
 def give_up_after(store: TaskStore) -> float:
     """Seconds a start or an outcome is retried for in ``store``."""
     return GIVE_UP_LEASES * store.lease
@@ -86,7 +102,7 @@ def start(
     and ``on_give_up`` is called.
     """
     deadline = time.monotonic() + give_up_after(store)
-    pause = RETRY_FIRST
+    backoff = Backoff()
     tried = False
     while True:
         try:
@@ -119,8 +135,7 @@ def start(
                 if on_give_up is not None:
                     on_give_up()
                 return None
-        time.sleep(pause * random.uniform(0.5, 1.0))
-        pause = min(RETRY_MAX, pause * 2)
+        backoff.sleep()
 
 
 def finish(
@@ -289,18 +304,17 @@ class Outbox:
             self._bytes = 0
 
     def _run(self) -> None:
-        pause = RETRY_FIRST
+        backoff = Backoff()
         while True:
             with self._lock:
                 if not self._waiting:
                     self._thread = None
                     return
             if self._write_all():
-                pause = RETRY_FIRST
+                backoff.reset()
             else:
                 self._give_up_old()
-                time.sleep(pause * random.uniform(0.5, 1.0))
-                pause = min(RETRY_MAX, pause * 2)
+                backoff.sleep()
 
     def _write_all(self) -> bool:
         """Write the waiting outcomes, oldest first; False at the first outage, or
@@ -317,35 +331,25 @@ class Outbox:
             except StoreUnavailable:
                 return False
             except Exception:
-                if outcome.withdrawal:
-                    # Never given up on an error reply (Redis busy, out of memory):
-                    # the task left behind could be claimed and run, though its
-                    # submit was answered 503. Tried again at the others' pace.
-                    if not outcome.refused:
-                        outcome.refused = True
-                        outcome.logger.exception(
-                            "The store refused to take back task %s; trying again",
-                            outcome.task_id,
-                            extra={"task_id": outcome.task_id},
-                        )
-                    written = False
-                    continue
+                # An error reply (Redis busy, out of memory) is tried again, as an
+                # outage is: a withdrawal never given up (the task left behind could
+                # be claimed and run, though its submit was answered 503), an
+                # outcome until give_up_after, even "lost" (given up at once, it
+                # gave up the lease of every task of this process).
                 if not outcome.refused:
                     outcome.refused = True
                     outcome.logger.exception(
-                        "The store refused the outcome of task %s",
+                        "The store refused to take back task %s; trying again"
+                        if outcome.withdrawal
+                        else "The store refused the outcome of task %s",
                         outcome.task_id,
                         extra={"task_id": outcome.task_id},
                     )
-                with self._lock:
-                    if outcome.response is not None and self._waiting.get(outcome.task_id) is (
-                        outcome
-                    ):
-                        # The response may be what it refuses (too large): without.
-                        self._degrade(outcome)
-                # Even "lost" refused (Redis out of memory for a moment): tried again
-                # until give_up_after, as an outage, rather than given up at once,
-                # which gives up the lease of every task of this process.
+                if outcome.response is not None:
+                    with self._lock:
+                        if self._waiting.get(outcome.task_id) is outcome:
+                            # The response may be what it refuses (too large): without.
+                            self._degrade(outcome)
                 written = False
                 continue
             with self._lock:
