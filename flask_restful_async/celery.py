@@ -283,15 +283,20 @@ class CeleryExecutor(Executor):
                 snapshot = dataclasses.replace(snapshot, body=b"")
             message = snapshot.to_json()
         except Exception:
-            _forget(app, task.id, body_key)
+            # Not an Unavailable: the submit does not take the task back itself.
+            outbox.withdraw(get_state(app).store, task.id, app.logger)
+            if body_key is not None:
+                _drop_body(app, body_key, "unsent")
             raise
         try:
             self._task.apply_async(args=(task.id, message, body_key), **options)
         except Exception as e:
             # Whatever kept the message from the broker (down, full, a transport
             # that is not installed), the client can only try again later; where
-            # the broker is and what it said is for the log alone.
-            _forget(app, task.id, body_key)
+            # the broker is and what it said is for the log alone. The submit
+            # takes the task back (see Executor.submit); its body goes here.
+            if body_key is not None:
+                _drop_body(app, body_key, "unsent")
             app.logger.error(
                 "Could not send task %s to the broker: %r", task.id, e, extra={"task_id": task.id}
             )
@@ -303,17 +308,9 @@ class CeleryExecutor(Executor):
         Best effort: errors are logged, never raised, and a broker that does not
         answer is given up on after one quick retry.
         """
-        try:
-            # A large body waits in the store for a worker that will not take it
-            # now (a revoked message is dropped unseen): it goes now.
-            get_state(app).store.take_blob(task_id)
-        except Exception as e:
-            app.logger.warning(
-                "Could not delete the body of cancelled task %s: %r",
-                task_id,
-                e,
-                extra={"task_id": task_id},
-            )
+        # A large body waits in the store for a worker that will not take it now
+        # (a revoked message is dropped unseen): it goes now.
+        _drop_body(app, task_id, "cancelled")
         try:
             with self.celery_app.connection_for_write() as connection:
                 connection.ensure_connection(max_retries=1, interval_start=0, timeout=2)
@@ -327,22 +324,20 @@ class CeleryExecutor(Executor):
             )
 
 
-def _forget(app: Flask, task_id: str, body_key: str | None = None) -> None:
-    """Take back a recorded task that was not sent (see :func:`outbox.withdraw`):
-    no half-submitted task is left, not even when the store is down just now."""
-    store = get_state(app).store
-    outbox.withdraw(store, task_id, app.logger)
-    if body_key is not None:
-        try:
-            store.take_blob(body_key)
-        except RestfulAsyncError:
-            # It lapses with its own TTL (CELERY_LARGE_BODY_TTL).
-            app.logger.warning(
-                "Could not delete the body of unsent task %s",
-                task_id,
-                exc_info=True,
-                extra={"task_id": task_id},
-            )
+def _drop_body(app: Flask, task_id: str, what: str) -> None:
+    """Delete the large body kept for task ``task_id`` (its blob key is the id),
+    which no worker will take; best effort: it lapses with its own TTL
+    (``CELERY_LARGE_BODY_TTL``) otherwise."""
+    try:
+        get_state(app).store.take_blob(task_id)
+    except Exception:
+        app.logger.warning(
+            "Could not delete the body of %s task %s",
+            what,
+            task_id,
+            exc_info=True,
+            extra={"task_id": task_id},
+        )
 
 
 # -- which Flask app a message is for ------------------------------------------------

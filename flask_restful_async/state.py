@@ -280,8 +280,7 @@ class AsyncState:
                 self.executor.submit(self.app, task, snapshot, resource)
             except Unavailable as e:
                 # The executor could not take the task over (a broker that is down,
-                # no worker thread to be had): it is taken back from the store (the
-                # Celery executor does so itself; a second take finds nothing).
+                # no worker thread to be had): it is taken back from the store.
                 outbox.withdraw(self.store, task.id, self.app.logger)
                 self.executor.release(size)
                 if isinstance(e, Saturated):

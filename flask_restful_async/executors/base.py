@@ -104,7 +104,10 @@ class Executor(abc.ABC):
     ) -> None:
         """Run a recorded task. ``resource`` is the instance that accepted the
         request; an executor that crosses processes ignores it and the runner
-        builds one in the worker."""
+        builds one in the worker. Raises
+        :class:`~flask_restful_async.exceptions.Unavailable` when it cannot take
+        the task (the submit then answers ``503`` and takes the task back from the
+        store)."""
 
     def cancel(self, app: Flask, task_id: str) -> None:
         """A queued task was cancelled in the store: drop it from wherever it waits,
