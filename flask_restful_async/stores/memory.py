@@ -206,9 +206,7 @@ class MemoryStore(TaskStore):
                 else:
                     task.state, task.started_at, task.worker = TaskState.QUEUED, None, None
             else:
-                scope = (task.owner, task.idempotency_key)
-                if self._keys.get(scope) == task_id:
-                    del self._keys[scope]
+                self._drop_key(task)
                 task.idempotency_key = None
                 self._end(task, TaskState.LOST, time.time())
             return True
@@ -300,9 +298,14 @@ class MemoryStore(TaskStore):
         if self._finished.pop(task_id, None) is not None and task is not None:
             self._ended[task.state] -= 1
         self._tombstones.pop(task_id, None)
-        if task is not None and task.idempotency_key is not None:
+        if task is not None:
+            self._drop_key(task)
+
+    def _drop_key(self, task: Task) -> None:
+        """Let go of ``task``'s idempotency key, if it still names it (lock held)."""
+        if task.idempotency_key is not None:
             scope = (task.owner, task.idempotency_key)
-            if self._keys.get(scope) == task_id:
+            if self._keys.get(scope) == task.id:
                 del self._keys[scope]
 
     # -- operating (see TaskStore.list_all) ----------------------------------------
