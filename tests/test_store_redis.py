@@ -823,3 +823,17 @@ def test_a_forked_child_uses_connections_of_its_own(store: RedisStore) -> None:
     # had the child used the parent's socket, replies would now be out of step
     for task in tasks * 5:
         assert store.get(task.id) == task
+
+
+def test_a_task_created_finished_again_is_kept_once(store: RedisStore) -> None:
+    """The script that writes a task run before it was recorded, sent again (as
+    redis-py does when the reply of the first was lost), changes nothing."""
+    task = Task(id=new_task_id(), owner="o", worker="w", state=TaskState.SUCCEEDED)
+    task.started_at = task.finished_at = task.created_at
+    task.response = StoredResponse(200, [("Content-Type", "application/json")], b"{}\n")
+    store.create_finished(task)
+    first = store.get(task.id)
+    store.create_finished(task)
+    assert store.get(task.id) == first
+    assert store.stats().counts[TaskState.SUCCEEDED] == 1
+    assert [listed.id for listed in store.list(owner="o", limit=5)] == [task.id]

@@ -401,6 +401,51 @@ def test_list_is_newest_first_owner_scoped_filtered_and_paged(store: TaskStore) 
     assert store.list(owner=None) == []
 
 
+@pytest.mark.parametrize("size", [0, 400, 600, 70_000])
+@pytest.mark.parametrize("state", [TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED])
+def test_a_task_created_finished_reads_as_one_finished_the_usual_way(
+    store: TaskStore, size: int, state: TaskState
+) -> None:
+    """A task run before it was recorded, written once as it ended: read, listed,
+    counted and expired as one created, started and finished."""
+    store.configure(result_ttl=0.2, tombstone_ttl=30, lease=30)
+    response = (
+        None
+        if state is TaskState.CANCELLED
+        else StoredResponse(201, [("Content-Type", "application/octet-stream")], b"r" * size)
+    )
+    now = time.time()
+    task = new_task(owner="o")
+    task.state, task.worker, task.response = state, "w", response
+    task.started_at, task.finished_at = task.created_at, now
+    task.progress = Progress(3, 4, "three")
+    task.endpoint, task.method, task.path = "things", "POST", "/things"
+    recorded_at = store.create_finished(task)
+    assert recorded_at is not None
+    assert abs(recorded_at - now) < 5
+    found = store.get_owned(task.id, "o")
+    assert found is not None
+    assert found.state is state
+    assert found.response == response
+    assert found.progress == Progress(3, 4, "three")
+    assert found.started_at == pytest.approx(task.started_at)
+    assert found.finished_at is not None
+    assert (found.endpoint, found.method, found.path) == ("things", "POST", "/things")
+    assert store.get_owned(task.id, "another") is None
+    assert [listed.id for listed in store.list(owner="o", state=state, limit=5)] == [task.id]
+    assert store.stats().counts[state] == 1
+    # Final: a finish, or a cancel, changes nothing.
+    assert store.finish(task.id, TaskState.FAILED, None) is None
+    cancelled = store.request_cancel(task.id)
+    assert cancelled is None or cancelled.state is state
+    time.sleep(0.25)
+    store.purge_expired()
+    tombstone = store.get(task.id)
+    assert tombstone is not None
+    assert tombstone.expired
+    assert tombstone.response is None
+
+
 def test_finished_results_become_tombstones_then_disappear(store: TaskStore) -> None:
     store.configure(result_ttl=0.1, tombstone_ttl=0.1, lease=30)
     done = store.create(new_task())

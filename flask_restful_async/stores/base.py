@@ -252,6 +252,23 @@ class TaskStore(abc.ABC):
         must then read the task to know how it ended.
         """
 
+    def create_finished(self, task: Task) -> float | None:
+        """Record ``task``, which has run to its end already: its submit ran it in
+        the request thread before anyone was given its id (``Prefer: wait``), so
+        there was nothing to record before. ``task`` is finished, with
+        ``started_at``, ``finished_at`` and its ``response`` as :meth:`finish`
+        takes it, and no idempotency key or snapshot. Returns the finish time
+        recorded, as :meth:`finish` does.
+
+        This default creates it running and then finishes it (two writes); a store
+        that can overrides it with one.
+        """
+        running = dataclasses.replace(
+            task, state=TaskState.RUNNING, finished_at=None, response=None
+        )
+        self.create(running)
+        return self.finish(task.id, task.state, task.response)
+
     @abc.abstractmethod
     def request_cancel(self, task_id: str) -> Task | None:
         """Cancel a queued task outright, or flag a running one; return the new record."""

@@ -359,6 +359,29 @@ return 1
 """
 )
 
+# KEYS: task, owner index. ARGV[6..]: id, created_at, then '1', status, headers,
+# body and whether to announce them ('1') or '0' and four blanks, then the hash's
+# fields and values: a task that ran before it was recorded, ended.
+_CREATE_FINISHED = (
+    _PRELUDE
+    + """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  -- A retried call whose first attempt did get through.
+  return 0
+end
+local id = ARGV[6]
+redis.call('HSET', KEYS[1], unpack(ARGV, 13))
+redis.call('ZADD', KEYS[2], ARGV[7], id)
+local h = load(KEYS[1])
+local news = nil
+if ARGV[8] == '1' and ARGV[12] == '1' then
+  news = table.concat({id, h['state'], now, ARGV[9], ARGV[10], ARGV[11]}, '\0')
+end
+conclude(KEYS[1], h, h['state'], news)
+return 1
+"""
+)
+
 # KEYS: task. ARGV[6]: queued_before (see check_alive).
 _REQUEST_CANCEL = (
     _PRELUDE
@@ -882,6 +905,7 @@ class RedisStore(TaskStore):
         self._start = register(_START)
         self._set_progress = register(_SET_PROGRESS)
         self._finish = register(_FINISH)
+        self._create_finished = register(_CREATE_FINISHED)
         self._request_cancel = register(_REQUEST_CANCEL)
         self._delete = register(_DELETE)
         self._withdraw = register(_WITHDRAW)
@@ -1090,6 +1114,32 @@ class RedisStore(TaskStore):
             # call whose reply was lost: then the caller reads how it ended.
             recorded = self._lane.call(self._finish, [self._task_key(task_id)], args)
         return now if recorded == 1 else None
+
+    def create_finished(self, task: Task) -> float | None:
+        if not task.state.finished:
+            raise ValueError(f"create_finished() needs a final state, not {task.state.value!r}")
+        now = time.time()
+        owner_index = self._owner_key(task.owner)
+        response = task.response
+        announce: list[str | int | bytes] = ["0", "", "", "", "0"]
+        if response is not None:
+            headers = _encode_headers(response.headers)
+            small = len(headers) + len(response.body) <= ANNOUNCED_RESPONSE_MAX
+            announce = ["1", response.status, headers, response.body, "1" if small else "0"]
+        args = [
+            *self._clock(now),
+            task.id,
+            repr(float(task.created_at)),
+            *announce,
+            *_encode(task),
+            b"ix",
+            owner_index.encode(),
+        ]
+        with self._reaching():
+            # 0 when this is redis-py's retry of a call whose reply was lost: it
+            # was recorded then, at about this time.
+            self._lane.call(self._create_finished, [self._task_key(task.id), owner_index], args)
+        return now
 
     def request_cancel(self, task_id: str) -> Task | None:
         now = time.time()

@@ -12,6 +12,7 @@ import atexit
 import builtins
 import collections
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -189,6 +190,12 @@ _GET_MANY = {size: f"{_SELECT} WHERE t.id IN ({', '.join('?' * size)})" for size
 _INSERT = (
     f"INSERT INTO tasks ({_COLUMNS}, rerun, snapshot, {_REQUEST})"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+# A task that ran to its end before it was recorded (see create_finished), with its
+# response in the row or, if large, in the results table.
+_INSERT_FINISHED = (
+    f"INSERT INTO tasks ({_COLUMNS}, rerun, snapshot, {_REQUEST}, status, headers, body, result)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _ACTIVE = "('queued', 'running')"
 # A task by owner and idempotency key, in the terms of the index tasks_by_owner_key
@@ -737,31 +744,40 @@ class SQLiteStore(TaskStore):
             self._insert(conn, task, snapshot)
         return task
 
+    def create_finished(self, task: Task) -> float | None:
+        now = time.time()
+        if now >= self._next_purge:
+            self._next_purge = now + PURGE_INTERVAL
+            self.purge_expired(now)
+        if task.finished_at is None:
+            task = dataclasses.replace(task, finished_at=now)
+        response = task.response
+        if response is None:
+            with self._writing() as conn:
+                conn.execute(_INSERT_FINISHED, (*_row(task, None), None, None, None, None))
+            return task.finished_at
+        headers = _encode_headers(response.headers)
+        if len(response.body) + len(headers) <= INLINE_RESPONSE:
+            # One statement, the response in the row: the whole task in one write.
+            with self._writing() as conn:
+                conn.execute(
+                    _INSERT_FINISHED,
+                    (*_row(task, None), response.status, headers, response.body, None),
+                )
+            return task.finished_at
+        with self._transaction() as conn:
+            result = conn.execute(
+                "INSERT INTO results (status, headers, body) VALUES (?, ?, ?)",
+                (response.status, headers, response.body),
+            ).lastrowid
+            conn.execute(_INSERT_FINISHED, (*_row(task, None), None, None, None, result))
+        return task.finished_at
+
     def _insert(self, conn: sqlite3.Connection, task: Task, snapshot: bytes | None) -> None:
         """Insert ``task``, its snapshot appended to the spool first (under the
         write lock, inside the transaction if there is one)."""
         reference = None if snapshot is None else self._spool.append(task.worker, snapshot)
-        conn.execute(
-            _INSERT,
-            (
-                task.id,
-                task.state.value,
-                task.created_at,
-                task.started_at,
-                task.finished_at,
-                json.dumps(task.progress.to_dict()) if task.progress is not None else None,
-                task.owner,
-                task.idempotency_key,
-                task.fingerprint,
-                int(task.cancel_requested),
-                task.worker,
-                int(task.rerun),
-                reference,
-                task.endpoint,
-                task.method,
-                task.path,
-            ),
-        )
+        conn.execute(_INSERT, _row(task, reference))
 
     def start(self, task_id: str, worker: str) -> Task | None:
         # Not a task queued past queued_ttl: it reads lost, and must not run later.
@@ -1245,6 +1261,28 @@ class SQLiteStore(TaskStore):
             deleted += len(gone)
             if len(gone) < PURGE_BATCH:
                 return deleted
+
+
+def _row(task: Task, snapshot: str | None) -> tuple[t.Any, ...]:
+    """The values of ``_INSERT`` for ``task``, whose snapshot lies at ``snapshot``."""
+    return (
+        task.id,
+        task.state.value,
+        task.created_at,
+        task.started_at,
+        task.finished_at,
+        json.dumps(task.progress.to_dict()) if task.progress is not None else None,
+        task.owner,
+        task.idempotency_key,
+        task.fingerprint,
+        int(task.cancel_requested),
+        task.worker,
+        int(task.rerun),
+        snapshot,
+        task.endpoint,
+        task.method,
+        task.path,
+    )
 
 
 def _encode_headers(headers: t.Sequence[tuple[str, str]]) -> str:
