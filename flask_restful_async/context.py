@@ -55,6 +55,7 @@ class TaskHandle:
         app: Flask | None = None,
         record: Task | None = None,
         carrier: t.Mapping[str, str] | None = None,
+        in_store: bool = True,
     ) -> None:
         self.id = task_id
         self.carrier = carrier if carrier is not None else {}
@@ -65,13 +66,28 @@ class TaskHandle:
         self.latest: Progress | None = None
         self._cancelled = False
         self._checked_at = 0.0
+        self._progress_interval = progress_interval
+        self._logger = logger or logging.getLogger(__name__)
+        # A task not in the store yet (run in its request thread, see
+        # flask_restful_async.deferred) keeps its progress here until it is
+        # recorded, and cannot be cancelled meanwhile: no one knows its id.
+        self._reporter: ProgressReporter | None = None
+        if in_store:
+            self._in_store(None)
+
+    def _in_store(self, recorded: Progress | None) -> None:
+        """The task is in the store from now on, recorded with progress
+        ``recorded``: progress is written there, the cancel flag read there."""
         self._reporter = ProgressReporter(
-            task_id,
-            store,
-            interval=progress_interval,
-            logger=logger or logging.getLogger(__name__),
+            self.id,
+            self._store,
+            interval=self._progress_interval,
+            logger=self._logger,
             on_cancel=self._note_cancel,
         )
+        latest = self.latest
+        if latest is not None and latest is not recorded:
+            self._reporter.report(latest)  # reported while it was being recorded
 
     def progress(
         self, current: float, total: float | None = None, message: str | None = None
@@ -92,18 +108,22 @@ class TaskHandle:
         if message is not None and not isinstance(message, str):
             raise TypeError("message must be a string or None")
         progress = self.latest = Progress(current, total, message)
-        self._reporter.report(progress)
+        if self._reporter is not None:
+            self._reporter.report(progress)
         if signals.task_progress.receivers and self._app is not None and self._record is not None:
             task = dataclasses.replace(self._record, progress=progress)
             signals.send(signals.task_progress, self._app, task=task)
 
     def _close(self) -> None:
         # The handler returned: write the progress still kept, take no more.
-        self._reporter.close()
+        if self._reporter is not None:
+            self._reporter.close()
 
     @property
     def cancelled(self) -> bool:
         """True once a client asked to cancel this task (``DELETE`` on its status URL)."""
+        if self._reporter is None:
+            return self._cancelled
         if not self._cancelled and time.monotonic() - self._checked_at > CANCEL_CHECK_INTERVAL:
             try:
                 requested = self._store.cancel_requested(self.id)

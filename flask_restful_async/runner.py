@@ -15,19 +15,21 @@ from werkzeug.exceptions import HTTPException
 
 from . import outbox, signals, waiting
 from .context import TaskHandle, _cv_task
-from .exceptions import ResultTooLarge, TaskCancelled
+from .exceptions import ResultTooLarge, StoreUnavailable, TaskCancelled
 from .lease import worker_id
 from .resource import Replay, _cv_replay
 from .responses import RESULT_TOO_LARGE, render_stored, served_headers, store_response
 from .state import get_state
+from .stores.base import Ending
 from .task import StoredResponse, TaskState
 
 if t.TYPE_CHECKING:
     from flask_restful import Resource
 
+    from .deferred import Run
     from .snapshot import RequestSnapshot
-    from .stores.base import Ending
-    from .task import Task
+    from .stores.base import TaskStore
+    from .task import Progress, Task
 
 _INTERNAL_ERROR = StoredResponse(
     500,
@@ -52,12 +54,22 @@ def run_task(
 
 
 def run_here(
-    app: Flask, task: Task, snapshot: RequestSnapshot, resource: Resource
+    app: Flask,
+    task: Task,
+    snapshot: RequestSnapshot,
+    resource: Resource,
+    *,
+    unrecorded: Run | None = None,
 ) -> Ending | None:
     """Run ``task``, which its submit recorded as running already (under this
     process's worker name), in the request thread and context of that submit, and
     return how it ended as the store recorded it: None if the store did not take
     the outcome now (it waits in the outbox).
+
+    With ``unrecorded``, the task is not in the store: it goes there as it ends,
+    in one write, unless it was recorded running meanwhile (see
+    :mod:`~flask_restful_async.deferred`), and how it ended is returned whether
+    the store took it or not.
 
     The handler sees the submit's own request and ``g``, as a synchronous call
     would, in a copy of the current :mod:`contextvars` context: what it sets there
@@ -66,7 +78,9 @@ def run_here(
     # The submit read the body (it is cached): what the handler reads of the raw
     # stream starts from its first byte again, as in a task thread.
     request.stream = io.BytesIO(snapshot.body)
-    ran = contextvars.copy_context().run(_run_task, app, task.id, snapshot, resource, task)
+    ran = contextvars.copy_context().run(
+        _run_task, app, task.id, snapshot, resource, task, unrecorded
+    )
     assert ran is not None
     return ran[0]
 
@@ -77,6 +91,7 @@ def _run_task(
     snapshot: RequestSnapshot,
     resource: Resource | None,
     started: Task | None,
+    unrecorded: Run | None = None,
 ) -> tuple[Ending | None] | None:
     # Start and outcome go through the outbox module: a store outage neither
     # leaves the task queued or running for ever nor ends the handler.
@@ -92,7 +107,8 @@ def _run_task(
         )
         if started is None:
             return None  # cancelled (or forgotten) before it could start
-    waiting.changed(store, task_id)  # streams in this process
+    if unrecorded is None:
+        waiting.changed(store, task_id)  # streams in this process
     handle = TaskHandle(
         task_id,
         store,
@@ -101,7 +117,10 @@ def _run_task(
         app=app,
         record=started,
         carrier=snapshot.carrier,
+        in_store=unrecorded is None,
     )
+    if unrecorded is not None:
+        unrecorded.attach(handle)
     _cv_task.set(handle)
     if signals.task_started.receivers:
         signals.send(signals.task_started, app, task=started)
@@ -115,20 +134,66 @@ def _run_task(
     except Exception:
         app.logger.exception("Task %s failed", task_id, extra={"task_id": task_id})
     finally:
+        # Decided before the handle closes: no recording starts after.
+        write_whole = unrecorded is not None and unrecorded.end()
         handle._close()  # the latest progress lands before the outcome
-        recorded, ending = outbox.finish(
-            store, task_id, outcome, response, started.worker, app.logger, started.started_at
-        )
+        ending: Ending | None
+        if write_whole:
+            ended_as = outcome
+            ending = _create_finished(app, store, started, outcome, response, handle.latest)
+        else:
+            ended_as, ending = outbox.finish(
+                store, task_id, outcome, response, started.worker, app.logger, started.started_at
+            )
         if signals.task_finished.receivers:
             ended = dataclasses.replace(
                 started,
-                state=recorded,
-                finished_at=time.time(),
+                state=ended_as,
+                finished_at=time.time() if ending is None else ending.finished_at,
                 progress=handle.latest or started.progress,
-                response=response if recorded is outcome else None,
+                response=response if ended_as is outcome else None,
             )
             signals.send(signals.task_finished, app, task=ended)
     return (ending,)
+
+
+def _create_finished(
+    app: Flask,
+    store: TaskStore,
+    started: Task,
+    outcome: TaskState,
+    response: StoredResponse | None,
+    progress: Progress | None,
+) -> Ending:
+    """Record a task that ran before it was recorded, now that it has ended, and
+    return how it ended. Its answer goes to the client whatever the store does: a
+    store that does not take the record leaves it out of the task lists (logged;
+    or in them, if only the store's reply was lost), and nothing else, since no
+    one was given its id."""
+    finished_at = time.time()
+    ended = dataclasses.replace(
+        started,
+        state=outcome,
+        finished_at=finished_at,
+        progress=progress or started.progress,
+        response=response,
+    )
+    try:
+        recorded_at = store.create_finished(ended)
+    except Exception as e:
+        app.logger.warning(
+            "Task %s ran in its request thread, whose client gets its answer, but the"
+            " store did not take its record: it may be missing from the task lists (%s)",
+            started.id,
+            e.message if isinstance(e, StoreUnavailable) else repr(e),
+            extra={"task_id": started.id},
+            exc_info=not isinstance(e, StoreUnavailable),
+        )
+        return Ending(outcome, finished_at, response, started.started_at)
+    ending = Ending(outcome, recorded_at or finished_at, response, started.started_at)
+    # List streams in this process hear of it; no one waits for it by id.
+    waiting.notify(store, started.id, ending)
+    return ending
 
 
 def _run_in_request(

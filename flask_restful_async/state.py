@@ -11,6 +11,7 @@ from flask import Flask, Response, request
 from flask_restful import Api, Resource
 
 from . import outbox, signals, waiting
+from .deferred import Recorder
 from .estimates import RunTimes
 from .exceptions import Saturated, StoreUnavailable, Unavailable
 from .lease import LeaseKeeper, worker_id
@@ -100,6 +101,13 @@ class AsyncState:
         # Only a process that holds tasks (threads) in a store that other
         # processes read needs a lease.
         self.lease = LeaseKeeper(app, store) if store.shared and executor.local else None
+        # Tasks run in their request thread, written once as they end (deferred.py).
+        self.recorder = Recorder(
+            store,
+            short_wait,
+            app.logger,
+            before_record=None if self.lease is None else self.lease.ensure,
+        )
         # With a lease, tasks are stored with their request, for another process
         # to take over (set up by register_async).
         self.takeover: Takeover | None = None
@@ -231,6 +239,11 @@ class AsyncState:
                 self.executor.release_now()
             raise
         size = 0 if now else snapshot.held_bytes
+        if now and task.idempotency_key is None and stored is None:
+            # Nobody can learn its id before it ends (no key to repeat the submit
+            # by, no copy for another process to run it again): it is recorded
+            # once, as it ends, in one write rather than two. See run_now.
+            return self.accepted(self.run_now(task, snapshot, resource, recorded=False), prefs)
         # With Prefer (perhaps wait=N), or a short wait ahead, the task as created
         # counts as a first read.
         ticket = waiting.ticket(self.store) if not now and (hold or prefs) else None
@@ -368,19 +381,30 @@ class AsyncState:
             return hold, False
         return hold, self.executor.acquire_now()
 
-    def run_now(self, task: Task, snapshot: RequestSnapshot, resource: Resource) -> Task:
+    def run_now(
+        self, task: Task, snapshot: RequestSnapshot, resource: Resource, *, recorded: bool = True
+    ) -> Task:
         """Run ``task``, recorded as running, in this (request) thread, and return it
         as it ended (as it started if the store did not take its outcome: the
         client polls for it then). It holds the room :meth:`Executor.acquire_now`
-        took meanwhile."""
+        took meanwhile.
+
+        Not ``recorded``: the task is not in the store yet, and goes there as it
+        ends, or as running if it runs long (see :mod:`~flask_restful_async.deferred`);
+        it is returned as it ended, whether the store took it or not."""
         token = self.run_times.begin(snapshot.endpoint, snapshot.method)
+        run = None if recorded else self.recorder.begin(task)
         try:
-            waiting.changed(self.store, task.id)  # list streams in this process
+            if recorded:
+                waiting.changed(self.store, task.id)  # list streams in this process
             if signals.task_submitted.receivers:
                 signals.send(signals.task_submitted, self.app, task=task)
-            ending = self.executor.run_now(self.app, task, snapshot, resource)
+            ending = self.executor.run_now(self.app, task, snapshot, resource, unrecorded=run)
         finally:
             self.run_times.end(token)
+            if run is not None:
+                run.end()  # if the runner did not get to it: never recorded from now on
+                self.recorder.done(run)
         ended = None if ending is None else ending.apply(task)
         return task if ended is None else ended
 

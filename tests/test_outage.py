@@ -617,10 +617,11 @@ def test_a_task_run_in_its_request_thread_keeps_its_promise_through_an_outage(
     make_app: AppFactory, outage: Outage
 ) -> None:
     """A short ``Prefer: wait`` task runs in the request thread (see
-    test_short_in_request) and ends while the store is down: its outcome waits in
-    the outbox, and the submit, still within its wait, answers with it once the
-    store is back and has taken it. A submit made while the store is down gets 503,
-    and leaves the request-thread slot free."""
+    test_short_in_request); one with an idempotency key is recorded as running
+    before it runs. It ends while the store is down: its outcome waits in the
+    outbox, and the submit, still within its wait, answers with it once the store
+    is back and has taken it. A keyed submit made while the store is down gets
+    503, and leaves the request-thread slot free."""
     app, gates = gated_app(
         make_app,
         outage.store,
@@ -631,16 +632,17 @@ def test_a_task_run_in_its_request_thread_keeps_its_promise_through_an_outage(
     state = get_state(app)
     state.run_times.record("gated", "post", 0.01)
     answers = []
+    keyed = {"Prefer": "wait=10", "Idempotency-Key": "a"}
     here = threading.Thread(
-        target=lambda: answers.append(
-            app.test_client().post("/gated?gate=a", headers={"Prefer": "wait=10"})
-        )
+        target=lambda: answers.append(app.test_client().post("/gated?gate=a", headers=keyed))
     )
     here.start()
     assert gates["a"]["started"].wait(10)
     outage.down()
     try:
-        refused = app.test_client().post("/gated?gate=b", headers={"Prefer": "wait=10"})
+        refused = app.test_client().post(
+            "/gated?gate=b", headers={"Prefer": "wait=10", "Idempotency-Key": "b"}
+        )
         assert refused.status_code == 503
         assert int(refused.headers["Retry-After"]) >= 1
         assert not gates["b"]["started"].is_set()
@@ -653,6 +655,53 @@ def test_a_task_run_in_its_request_thread_keeps_its_promise_through_an_outage(
     assert answer.status_code == 200, answer.get_data()
     assert answer.json == {"gate": "a", "done": True}
     assert answer.headers["Preference-Applied"] == "wait=10"
+    assert state.executor.acquire_now()
+    state.executor.release_now()
+
+
+def test_a_task_written_as_it_ends_answers_its_client_through_an_outage(
+    make_app: AppFactory, outage: Outage, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without a key, a task run in its request thread is written to the store only
+    as it ends (no one can learn its id before): it needs no store to run, so a
+    submit made while the store is down runs too. Each client gets the handler's
+    answer; what the store did not take is missing from the task lists (logged),
+    and nothing half-written is left behind."""
+    app, gates = gated_app(
+        make_app,
+        outage.store,
+        RESTFUL_ASYNC_LEASE=4,
+        RESTFUL_ASYNC_SHORT_WAIT=5,
+        RESTFUL_ASYNC_SHORT_IN_REQUEST=True,
+    )
+    state = get_state(app)
+    state.run_times.record("gated", "post", 0.01)
+    answers: dict[str, t.Any] = {}
+    wait = {"Prefer": "wait=10"}
+
+    def call(name: str) -> None:
+        answers[name] = app.test_client().post(f"/gated?gate={name}", headers=wait)
+
+    here = threading.Thread(target=call, args=("a",))
+    here.start()
+    assert gates["a"]["started"].wait(10)
+    outage.down()
+    try:
+        during = threading.Thread(target=call, args=("b",))
+        during.start()
+        assert gates["b"]["started"].wait(10)  # it runs: nothing to write first
+        gates["a"]["go"].set()
+        gates["b"]["go"].set()
+        here.join(15)
+        during.join(15)
+    finally:
+        outage.up()
+    for name in ("a", "b"):
+        assert answers[name].status_code == 200, answers[name].get_data()
+        assert answers[name].json == {"gate": name, "done": True}
+    assert outbox.existing_outbox(state.store) is None or not outbox.existing_outbox(state.store)
+    assert state.store.list(owner=None, limit=10) == []
+    assert caplog.text.count("did not take its record") == 2
     assert state.executor.acquire_now()
     state.executor.release_now()
 
@@ -690,14 +739,20 @@ def test_a_submit_whose_create_reply_is_lost_leaves_no_task(
             assert done.status_code == 200
             here = client.post("/quick", headers={"Prefer": "wait=5"})
             assert here.json == {"done": True, "thread": threading.get_ident()}  # in-request
-            for headers in ({}, {"Prefer": "wait=5"}, {"Idempotency-Key": "k"}):
+            # In the request thread: with a key, recorded running before it runs
+            # (without one it is written only as it ends, and needs no create).
+            in_request = {"Prefer": "wait=5", "Idempotency-Key": "p"}
+            for headers in ({}, in_request, {"Idempotency-Key": "k"}):
                 assert through.get(new_task_id()) is None  # connected
                 cutter.cutting = True
                 response = client.post("/quick", headers=headers)
                 cutter.cutting = False
                 assert response.status_code == 503, (headers, response.get_data())
                 assert response.headers["Retry-After"] == "1"
-            ended = [TaskState.SUCCEEDED] * 3  # the keyed one, here, done
+            # The keyed one; the one for the request thread, which has no copy of
+            # its request for another process to run it: lost, its key let go;
+            # here, done.
+            ended = [TaskState.SUCCEEDED, TaskState.LOST, TaskState.SUCCEEDED, TaskState.SUCCEEDED]
             states = lambda: [task.state for task in direct.list(owner=None)]  # noqa: E731
             wait_for(lambda: states() == ended)
             keyed = direct.list(owner=None)[0]  # newest first

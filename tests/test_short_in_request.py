@@ -1,5 +1,7 @@
 """Short tasks that a ``Prefer: wait=N`` submit waits for run in its request thread
-(``RESTFUL_ASYNC_SHORT_IN_REQUEST``): recorded as running from the start, bounded
+(``RESTFUL_ASYNC_SHORT_IN_REQUEST``): written to the store once, as they end, unless
+a key or a copy for another process has them recorded as running from the start,
+or they run past the short wait (recorded as running then); bounded
 by ``RESTFUL_ASYNC_MAX_WORKERS`` at once (then by the places of idle workers),
 never for a task expected to run longer than the short wait or N, nor once one
 of them has run past the short wait."""
@@ -18,11 +20,14 @@ from flask_restful_async import AsyncResource, TaskState, current_task, signals
 from flask_restful_async.exceptions import StoreUnavailable
 from flask_restful_async.prefer import parse_prefer
 from flask_restful_async.state import get_state
+from flask_restful_async.stores.sqlite import SQLiteStore
 from flask_restful_async.task import Task
 
 from .conftest import AppFactory, wait_done, wait_for
 
 GENEROUS = {"RESTFUL_ASYNC_SHORT_WAIT": 5}
+#: A short wait that a test outlasts: a run past it is recorded as running.
+QUICK = {"RESTFUL_ASYNC_SHORT_WAIT": 0.3}
 WAIT = {"Prefer": "wait=10"}
 
 GATE = threading.Event()
@@ -238,8 +243,12 @@ def test_one_that_runs_past_the_short_wait_sends_the_next_to_a_task_thread(
     wait_done(app.test_client(), response.headers["Location"])
 
 
-def test_a_cancel_reaches_a_task_running_in_a_request_thread(make_app: AppFactory) -> None:
-    app, api = make_app(config=GENEROUS)
+def test_a_cancel_reaches_a_task_running_in_a_request_thread(
+    make_app_any_store: AppFactory,
+) -> None:
+    """Recorded as running once it has run past the short wait (it was expected
+    to end sooner): listed from then on, and it can be cancelled."""
+    app, api = make_app_any_store(config=QUICK)
     api.add_resource(Patient, "/patient")
     state = get_state(app)
     state.run_times.record("patient", "post", 0.01)
@@ -250,8 +259,11 @@ def test_a_cancel_reaches_a_task_running_in_a_request_thread(make_app: AppFactor
     thread.start()
     wait_for(lambda: len(ran_in) == 1)
     assert ran_in == [thread.ident]
+    wait_for(lambda: state.store.list(owner=None, state=TaskState.RUNNING, limit=5) != [])
     running = state.store.list(owner=None, state=TaskState.RUNNING, limit=5)
     assert len(running) == 1
+    assert running[0].started_at is not None
+    assert time.time() - running[0].started_at >= QUICK["RESTFUL_ASYNC_SHORT_WAIT"]
     cancelled = app.test_client().delete(f"/tasks/{running[0].id}")
     assert cancelled.status_code == 202  # running: the handler is asked to stop
     thread.join(10)
@@ -263,6 +275,8 @@ def test_a_cancel_reaches_a_task_running_in_a_request_thread(make_app: AppFactor
 def test_a_store_that_does_not_answer_gives_the_slot_back(
     make_app: AppFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A keyed submit records its task before it runs: a store that does not
+    answer is a 503, and the place taken for the run is given back."""
     app, api = make_app(config={**GENEROUS, "RESTFUL_ASYNC_MAX_WORKERS": 1})
     api.add_resource(Echo, "/echo")
     warm_up(app, "/echo", "echo")
@@ -273,14 +287,159 @@ def test_a_store_that_does_not_answer_gives_the_slot_back(
 
     with monkeypatch.context() as patch:
         patch.setattr(state.store, "create", create)
-        for _ in range(3):
-            response = app.test_client().post("/echo", json={}, headers=WAIT)
+        for attempt in range(3):
+            response = app.test_client().post(
+                "/echo", json={}, headers={**WAIT, "Idempotency-Key": f"k-{attempt}"}
+            )
             assert response.status_code == 503
             assert response.headers["Retry-After"] == "2"
     assert ran_in == []
+    assert slot_is_free(app)
     response = app.test_client().post("/echo", json={}, headers=WAIT)
     assert response.status_code == 200
     assert ran_in == [threading.get_ident()]
+
+
+def test_a_task_that_ends_quickly_is_written_once(
+    make_app_any_store: AppFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nobody can learn its id before it ends: nothing is written before it runs,
+    and it is written whole, finished, as it ends."""
+    app, api = make_app_any_store(config=GENEROUS)
+    api.add_resource(Reporting, "/reporting")
+    state = get_state(app)
+    state.run_times.record("reporting", "post", 0.01)
+    writes: list[str] = []
+    for name in ("create", "start", "finish", "set_progress", "create_finished"):
+        monkeypatch.setattr(state.store, name, spy(writes, name, getattr(state.store, name)))
+    seen: list[list[Task]] = []
+    Reporting.look = lambda: seen.append(state.store.list(owner=None, limit=5))
+    response = app.test_client().post("/reporting", json={"n": 2}, headers=WAIT)
+    assert response.status_code == 200
+    assert ran_in == [threading.get_ident()]
+    # Nothing before the run: then the whole task (in one statement where the
+    # store can, SQLite's; others create and finish it within the call).
+    assert writes[0] == "create_finished"
+    assert writes in (["create_finished"], ["create_finished", "create", "finish"])
+    if isinstance(state.store, SQLiteStore):
+        assert writes == ["create_finished"]
+    assert seen == [[]]  # not listed while it ran
+    task_id = response.json["task"]
+    stored = state.store.get(task_id)
+    assert stored is not None
+    assert stored.state is TaskState.SUCCEEDED
+    assert stored.response is not None
+    assert stored.response.body == response.data
+    assert stored.progress is not None
+    assert (stored.progress.current, stored.progress.message) == (2, "second")
+    assert stored.started_at is not None
+    assert stored.finished_at is not None
+    assert stored.created_at <= stored.started_at <= stored.finished_at
+    assert stored.worker is not None
+    assert (stored.endpoint, stored.method, stored.path) == ("reporting", "POST", "/reporting")
+    listed = state.store.list(owner=None, state=TaskState.SUCCEEDED, limit=5)
+    assert [task.id for task in listed] == [task_id]
+    status = app.test_client().get(f"/tasks/{task_id}")
+    assert (status.status_code, status.data) == (200, response.data)
+
+
+def test_a_large_result_is_written_once_too(make_app_any_store: AppFactory) -> None:
+    app, api = make_app_any_store(config=GENEROUS)
+    api.add_resource(Large, "/large")
+    state = get_state(app)
+    state.run_times.record("large", "post", 0.01)
+    response = app.test_client().post("/large", headers=WAIT)
+    assert response.status_code == 201
+    task_id = response.headers["X-Task"]
+    status = app.test_client().get(f"/tasks/{task_id}")
+    assert (status.status_code, status.data) == (201, response.data)
+    assert status.headers["X-Task"] == task_id
+
+
+def test_progress_reported_before_the_task_is_recorded_reaches_the_store(
+    make_app_any_store: AppFactory,
+) -> None:
+    """A run past the short wait is recorded as running with the progress its
+    handler reported so far; what follows is written as for any task."""
+    app, api = make_app_any_store(config=QUICK)
+    api.add_resource(Slow, "/slow")
+    state = get_state(app)
+    state.run_times.record("slow", "post", 0.01)
+    GATE.clear()
+    answers = []
+    thread = threading.Thread(
+        target=lambda: answers.append(app.test_client().post("/slow", headers=WAIT))
+    )
+    thread.start()
+    wait_for(lambda: state.store.list(owner=None, state=TaskState.RUNNING, limit=5) != [])
+    (running,) = state.store.list(owner=None, state=TaskState.RUNNING, limit=5)
+    assert running.progress is not None
+    assert running.progress.message == "halfway"
+    GATE.set()
+    thread.join(10)
+    (answer,) = answers
+    assert answer.status_code == 200
+    ended = state.store.get(running.id)
+    assert ended is not None
+    assert ended.state is TaskState.SUCCEEDED
+    assert ended.progress is not None
+    assert ended.progress.message == "done"
+
+
+def test_a_store_down_at_its_end_still_gives_the_answer(
+    make_app: AppFactory, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The client gets the handler's answer; the task is missing from the lists
+    (logged), and nothing half-written is left."""
+    app, api = make_app(config={**GENEROUS, "RESTFUL_ASYNC_MAX_WORKERS": 1})
+    api.add_resource(Echo, "/echo")
+    state = get_state(app)
+    state.run_times.record("echo", "post", 0.01)
+
+    def down(*args: t.Any, **kwargs: t.Any) -> t.Any:
+        raise StoreUnavailable("down for a moment", retry_after=2)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(state.store, "create_finished", down)
+        response = app.test_client().post("/echo", json={"a": 1}, headers=WAIT)
+    assert response.status_code == 200
+    assert response.json["json"] == {"a": 1}
+    assert state.store.get(response.json["task"]) is None
+    assert "did not take its record" in caplog.text
+    assert slot_is_free(app)
+
+
+def spy(writes: list[str], name: str, method: t.Callable[..., t.Any]) -> t.Callable[..., t.Any]:
+    def recorded(*args: t.Any, **kwargs: t.Any) -> t.Any:
+        writes.append(name)
+        return method(*args, **kwargs)
+
+    return recorded
+
+
+class Reporting(AsyncResource):
+    look: t.ClassVar[t.Callable[[], None]] = staticmethod(lambda: None)
+
+    def post(self) -> t.Any:
+        ran_in.append(threading.get_ident())
+        current_task.progress(1, 2, "first")
+        type(self).look()
+        current_task.progress(2, 2, "second")
+        assert not current_task.cancelled
+        return {"task": current_task.id}
+
+
+class Large(AsyncResource):
+    def post(self) -> t.Any:
+        return {"blob": "x" * 4000}, 201, {"X-Task": current_task.id}
+
+
+class Slow(AsyncResource):
+    def post(self) -> t.Any:
+        current_task.progress(1, 2, "halfway")
+        GATE.wait(10)
+        current_task.progress(2, 2, "done")
+        return {"slow": True}
 
 
 def test_a_repeated_idempotency_key_gives_the_slot_back(make_app: AppFactory) -> None:

@@ -9,6 +9,7 @@ if t.TYPE_CHECKING:
     from flask import Flask
     from flask_restful import Resource
 
+    from ..deferred import Run
     from ..snapshot import RequestSnapshot
     from ..stores.base import Ending
     from ..task import Task
@@ -78,12 +79,18 @@ class Executor(abc.ABC):
         """Give back what :meth:`acquire_now` took, once the task has ended."""
 
     def run_now(
-        self, app: Flask, task: Task, snapshot: RequestSnapshot, resource: Resource
+        self,
+        app: Flask,
+        task: Task,
+        snapshot: RequestSnapshot,
+        resource: Resource,
+        *,
+        unrecorded: Run | None = None,
     ) -> Ending | None:
         """Run ``task``, for which :meth:`acquire_now` took room and which its submit
-        recorded as running, in the calling (request) thread; then give the room
-        back. Returns how it ended as the store recorded it (see
-        :func:`~flask_restful_async.runner.run_here`). Only an executor whose
+        recorded as running (or, with ``unrecorded``, not in the store yet), in the
+        calling (request) thread; then give the room back. Returns how it ended
+        (see :func:`~flask_restful_async.runner.run_here`). Only an executor whose
         :meth:`acquire_now` can succeed has it."""
         raise NotImplementedError(f"{type(self).__name__} runs no task in the request thread")
 

@@ -18,6 +18,7 @@ if t.TYPE_CHECKING:
     from flask import Flask
     from flask_restful import Resource
 
+    from ..deferred import Run
     from ..snapshot import RequestSnapshot
     from ..stores.base import Ending
     from ..task import Task
@@ -165,12 +166,18 @@ class ThreadExecutor(Executor):
             self._in_request.release()
 
     def run_now(
-        self, app: Flask, task: Task, snapshot: RequestSnapshot, resource: Resource
+        self,
+        app: Flask,
+        task: Task,
+        snapshot: RequestSnapshot,
+        resource: Resource,
+        *,
+        unrecorded: Run | None = None,
     ) -> Ending | None:
         from ..runner import run_here  # as in _work
 
         try:
-            return run_here(app, task, snapshot, resource)
+            return run_here(app, task, snapshot, resource, unrecorded=unrecorded)
         finally:
             self.release_now()
 
