@@ -19,7 +19,8 @@ bound on how many wait.
 Retrying is bounded. An outcome is kept for at most :data:`GIVE_UP_LEASES` leases
 and, per store and process, :data:`MAX_BYTES` of responses (beyond that, the
 oldest outcomes lose their response and end as ``lost``) and :data:`MAX_TASKS`
-outcomes. An outcome given up is handed to the lease (see
+outcomes; an outcome the store refuses (an error reply, not an outage) for a whole
+lease loses its response too. An outcome given up is handed to the lease (see
 :meth:`flask_restful_async.lease.LeaseKeeper`), which stops renewing the name its
 task runs under and releases it, so that the task reads ``lost``: the renewal never
 keeps alive a task whose end this process will not write. A process that exits
@@ -149,9 +150,11 @@ def finish(
 ) -> tuple[TaskState, Ending | None]:
     """Record a task's outcome now, or, if the store does not take it, in the outbox.
 
-    Never raises. An error other than an outage (the store refused this outcome)
-    is logged, and the task ends as ``lost`` instead. Returns the state recorded
-    (or waiting in the outbox): ``state``, or ``lost``; and the ending as the store
+    Never raises. An error other than an outage (the store refused this outcome:
+    out of memory, busy) is logged, and the outcome waits in the outbox as in an
+    outage; refused for a lease or more, it is tried without its response, as
+    ``lost`` (the response may be what the store refuses). Returns the state
+    recorded (or waiting in the outbox), ``state``; and the ending as the store
     recorded it: None if it did not (the outcome waits in the outbox, or the task
     had ended already). ``started_at``, when the task started, goes with the ending.
     """
@@ -167,13 +170,15 @@ def finish(
         outbox_for(store).put(task_id, state, response, worker, logger)
         return state, None
     except Exception:
+        # An error reply, which may pass (Redis out of memory, busy): tried again
+        # as an outage is, with its response for a while (see Outbox._write_all).
         logger.exception(
-            "The store refused the outcome of task %s; it ends as lost",
+            "The store refused the outcome of task %s; trying again",
             task_id,
             extra={"task_id": task_id},
         )
-        outbox_for(store).put(task_id, TaskState.LOST, None, worker, logger)
-        return TaskState.LOST, None
+        outbox_for(store).put(task_id, state, response, worker, logger, refused=True)
+        return state, None
     # Long-polls in this process wake at once, and take the outcome as recorded
     # rather than read it back (unless it is large: they keep a few of these).
     ending = None if finished_at is None else Ending(state, finished_at, response, started_at)
@@ -226,6 +231,8 @@ class _Outcome:
     since: float
     #: Whether the store refused it once (logged then, not at every try).
     refused: bool = False
+    #: When (``time.monotonic()``) the store first refused it.
+    refused_since: float | None = None
 
     @property
     def withdrawal(self) -> bool:
@@ -257,9 +264,15 @@ class Outbox:
         response: StoredResponse | None,
         worker: str | None,
         logger: logging.Logger,
+        *,
+        refused: bool = False,
     ) -> None:
-        """Keep an outcome until the store takes it (or it is given up)."""
-        outcome = _Outcome(task_id, state, response, worker, logger, time.monotonic())
+        """Keep an outcome until the store takes it (or it is given up); ``refused``:
+        the store answered it with an error (logged already)."""
+        now = time.monotonic()
+        outcome = _Outcome(task_id, state, response, worker, logger, now)
+        if refused:
+            outcome.refused, outcome.refused_since = True, now
         with self._lock:
             self._remove(task_id)
             self._waiting[task_id] = outcome
@@ -337,7 +350,7 @@ class Outbox:
                 # outcome until give_up_after, even "lost" (given up at once, it
                 # gave up the lease of every task of this process).
                 if not outcome.refused:
-                    outcome.refused = True
+                    outcome.refused, outcome.refused_since = True, time.monotonic()
                     outcome.logger.exception(
                         "The store refused to take back task %s; trying again"
                         if outcome.withdrawal
@@ -345,10 +358,17 @@ class Outbox:
                         outcome.task_id,
                         extra={"task_id": outcome.task_id},
                     )
-                if outcome.response is not None:
+                if outcome.response is not None and _refused_long(outcome, self.store):
                     with self._lock:
                         if self._waiting.get(outcome.task_id) is outcome:
                             # The response may be what it refuses (too large): without.
+                            outcome.logger.error(
+                                "The store refused the outcome of task %s for %.0f s; it"
+                                " is tried again without its response, as lost",
+                                outcome.task_id,
+                                self.store.lease,
+                                extra={"task_id": outcome.task_id},
+                            )
                             self._degrade(outcome)
                 written = False
                 continue
@@ -435,6 +455,14 @@ def outbox_for(store: TaskStore) -> Outbox:
 def existing_outbox(store: TaskStore) -> Outbox | None:
     """This process's outbox of ``store`` if one was ever needed: a dictionary lookup."""
     return _outboxes.get(store)
+
+
+def _refused_long(outcome: _Outcome, store: TaskStore) -> bool:
+    """Whether the store has refused ``outcome`` for a lease or more: long enough
+    for a passing refusal (out of memory, busy) to have passed, so that the
+    response itself may be what it refuses."""
+    since = outcome.refused_since
+    return since is not None and time.monotonic() - since >= store.lease
 
 
 def _reset_after_fork() -> None:

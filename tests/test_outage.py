@@ -417,6 +417,44 @@ def test_an_outcome_refused_for_a_moment_is_written_and_gives_up_no_lease() -> N
     wait_for(lambda: (found := ended()) is not None and found.state.finished)
     assert store.refused == 2
     assert outbox.outbox_for(store).given_up() == set()
+    # With its response: a refusal that passed within a lease costs it nothing.
+    found = ended()
+    assert found is not None
+    assert (found.state, found.response) == (TaskState.SUCCEEDED, response)
+
+
+class FinishRefusedWithResponse(MemoryStore):
+    """Refuses every finish that has a response, as a store refuses a value
+    larger than it takes."""
+
+    refused = 0
+
+    def finish(self, task_id: str, state: TaskState, response: t.Any = None) -> t.Any:
+        if response is not None:
+            self.refused += 1
+            raise RuntimeError("ERR string exceeds maximum allowed size")
+        return super().finish(task_id, state, response)
+
+
+def test_an_outcome_refused_for_a_lease_is_written_without_its_response(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = FinishRefusedWithResponse()
+    store.configure(result_ttl=60, tombstone_ttl=60, lease=LEASE)
+    task = store.create(Task(id=new_task_id(), worker="w"))
+    assert store.start(task.id, "w") is not None
+    logger = logging.getLogger("test.finish")
+    started = time.monotonic()
+    response = StoredResponse(200, [], b"{}")
+    outbox.finish(store, task.id, TaskState.SUCCEEDED, response, "w", logger)
+    wait_for(lambda: (found := store.get(task.id)) is not None and found.state.finished)
+    assert time.monotonic() - started >= LEASE - 0.1  # kept its response a lease long
+    assert store.refused >= 2
+    found = store.get(task.id)
+    assert found is not None
+    assert (found.state, found.response) == (TaskState.LOST, None)
+    assert f"refused the outcome of task {task.id} for 1 s" in caplog.text
+    assert outbox.outbox_for(store).given_up() == set()
 
 
 def test_a_withdrawal_the_store_refuses_is_tried_again_not_given_up() -> None:

@@ -117,7 +117,8 @@ def test_a_task_that_cannot_start_ends_lost_and_says_which(make_app: AppFactory)
 def test_progress_and_outcomes_the_store_refuses_are_logged_with_the_task_id(
     make_app: AppFactory,
 ) -> None:
-    app, api = make_app(store=Forgetful())
+    # Refused for a lease, the outcome is tried without its response, as lost.
+    app, api = make_app(store=Forgetful(), config={"RESTFUL_ASYNC_LEASE": 1})
     api.add_resource(Stepping, "/stepping")
     client = app.test_client()
     with collected(app) as logs:
