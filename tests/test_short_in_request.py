@@ -9,6 +9,7 @@ of them has run past the short wait."""
 from __future__ import annotations
 
 import io
+import os
 import threading
 import time
 import typing as t
@@ -543,3 +544,43 @@ def test_a_body_a_decorator_read_in_part_reaches_the_handler_whole(make_app: App
     assert response.status_code == 200
     assert response.json == {"size": 1000}
     assert ran_in[0] != threading.get_ident()
+
+
+def test_the_thread_that_records_long_runs_ends_when_none_is_left(
+    make_app: AppFactory,
+) -> None:
+    app, api = make_app(config=QUICK)
+    api.add_resource(Echo, "/echo")
+    get_state(app).run_times.record("echo", "post", 0.01)
+    response = app.test_client().post("/echo", json={}, headers=WAIT)
+    assert response.status_code == 200
+
+    def recorders() -> list[threading.Thread]:
+        return [th for th in threading.enumerate() if th.name == "restful-async-recorder"]
+
+    wait_for(lambda: recorders() == [], timeout=5)
+
+
+def test_a_forked_child_forgets_the_runs_of_its_parent(make_app: AppFactory) -> None:
+    """The parent's runs are its own: a child never records them as running."""
+    app, _ = make_app(config=QUICK)
+    recorder = get_state(app).recorder
+    run = recorder.begin(Task(id="parent-run", state=TaskState.RUNNING, worker="w"))
+    try:
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            try:
+                child = recorder.begin(Task(id="child-run", state=TaskState.RUNNING, worker="c"))
+                os.write(write, ",".join(sorted(recorder._runs)).encode())
+                child.end()
+            finally:
+                os._exit(0)
+        os.close(write)
+        with os.fdopen(read, "rb") as pipe:
+            seen = pipe.read().decode()
+        os.waitpid(pid, 0)
+        assert seen == "child-run"
+    finally:
+        run.end()
+        recorder.done(run)
