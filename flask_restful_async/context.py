@@ -6,6 +6,7 @@ import contextvars
 import dataclasses
 import logging
 import math
+import threading
 import time
 import typing as t
 
@@ -72,22 +73,33 @@ class TaskHandle:
         # flask_restful_async.deferred) keeps its progress here until it is
         # recorded, and cannot be cancelled meanwhile: no one knows its id.
         self._reporter: ProgressReporter | None = None
+        # Until then, taken by each report and by the move to the store, so that
+        # a report made meanwhile is never overtaken by an older one.
+        self._moving: threading.Lock | None = None
         if in_store:
-            self._in_store(None)
+            self._reporter = self._new_reporter()
+        else:
+            self._moving = threading.Lock()
 
-    def _in_store(self, recorded: Progress | None) -> None:
-        """The task is in the store from now on, recorded with progress
-        ``recorded``: progress is written there, the cancel flag read there."""
-        self._reporter = ProgressReporter(
+    def _new_reporter(self) -> ProgressReporter:
+        return ProgressReporter(
             self.id,
             self._store,
             interval=self._progress_interval,
             logger=self._logger,
             on_cancel=self._note_cancel,
         )
-        latest = self.latest
-        if latest is not None and latest is not recorded:
-            self._reporter.report(latest)  # reported while it was being recorded
+
+    def _in_store(self, recorded: Progress | None) -> None:
+        """The task is in the store from now on, recorded with progress
+        ``recorded``: progress is written there, the cancel flag read there."""
+        assert self._moving is not None
+        with self._moving:
+            reporter = self._new_reporter()
+            latest = self.latest
+            if latest is not None and latest is not recorded:
+                reporter.report(latest)  # reported while it was being recorded
+            self._reporter = reporter
 
     def progress(
         self, current: float, total: float | None = None, message: str | None = None
@@ -107,12 +119,22 @@ class TaskHandle:
             raise ValueError("current and total must be finite numbers")
         if message is not None and not isinstance(message, str):
             raise TypeError("message must be a string or None")
-        progress = self.latest = Progress(current, total, message)
-        if self._reporter is not None:
-            self._reporter.report(progress)
+        progress = Progress(current, total, message)
+        if self._moving is None:
+            self.latest = progress
+            self._reporter_report(progress)
+        else:
+            with self._moving:
+                self.latest = progress
+                self._reporter_report(progress)
         if signals.task_progress.receivers and self._app is not None and self._record is not None:
             task = dataclasses.replace(self._record, progress=progress)
             signals.send(signals.task_progress, self._app, task=task)
+
+    def _reporter_report(self, progress: Progress) -> None:
+        reporter = self._reporter
+        if reporter is not None:
+            reporter.report(progress)
 
     def _close(self) -> None:
         # The handler returned: write the progress still kept, take no more.

@@ -24,9 +24,11 @@ import os
 import threading
 import time
 import typing as t
+import weakref
 
 from . import waiting
 from .exceptions import StoreUnavailable
+from .lease import worker_id
 
 if t.TYPE_CHECKING:
     import logging
@@ -48,6 +50,8 @@ class Run:
         self.due = due
         #: Whether the store holds it, as running.
         self.recorded = False
+        #: Whether the store holds it, written whole as it ended.
+        self.written = False
         self.ended = False
         self.handle: TaskHandle | None = None
         self.lock = threading.Lock()
@@ -60,6 +64,11 @@ class Run:
             self.handle = handle
             if self.recorded:
                 handle._in_store(self.task.progress)
+
+    @property
+    def stored(self) -> bool:
+        """Whether the store holds the task (as running, or as it ended)."""
+        return self.recorded or self.written
 
     def end(self) -> bool:
         """The handler is done: True if the task is still to be written, finished
@@ -87,17 +96,17 @@ class Recorder:
         #: Called before a run is recorded as running (the lease it runs under).
         self.before_record = before_record
         self._reset()
+        _recorders.add(self)
 
     def _reset(self) -> None:
-        self._pid = os.getpid()
+        # Also in a forked child, before any of its threads runs: the parent's
+        # runs are the parent's, and its thread is not in the child.
         self._lock = threading.Lock()
         self._runs: dict[str, Run] = {}
         self._thread: threading.Thread | None = None
 
     def begin(self, task: Task) -> Run:
         """A run of ``task`` (not in the store) starts in this thread."""
-        if self._pid != os.getpid():
-            self._reset()  # a forked child: the parent's runs are the parent's
         run = Run(task, time.monotonic() + self.after)
         with self._lock:
             self._runs[task.id] = run
@@ -141,7 +150,9 @@ class Recorder:
                 return
             handle = run.handle
             latest = handle.latest if handle is not None else None
-            task = run.task if latest is None else dataclasses.replace(run.task, progress=latest)
+            # Under this process's name now: the one it had at the submit may have
+            # been given up since (see outbox), and its lease with it.
+            task = dataclasses.replace(run.task, worker=worker_id(), progress=latest)
             try:
                 if self.before_record is not None:
                     self.before_record()
@@ -166,3 +177,14 @@ class Recorder:
             if self._runs.get(run.task.id) is run:
                 del self._runs[run.task.id]
         waiting.changed(self.store, task.id)  # list streams in this process
+
+
+_recorders: weakref.WeakSet[Recorder] = weakref.WeakSet()
+
+
+def _reset_after_fork() -> None:
+    for recorder in list(_recorders):
+        recorder._reset()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)

@@ -138,12 +138,14 @@ def _run_task(
         write_whole = unrecorded is not None and unrecorded.end()
         handle._close()  # the latest progress lands before the outcome
         ending: Ending | None
-        if write_whole:
+        if unrecorded is not None and write_whole:
             ended_as = outcome
-            ending = _create_finished(app, store, started, outcome, response, handle.latest)
+            ending = _create_finished(app, store, unrecorded, outcome, response, handle.latest)
         else:
+            # Recorded meanwhile (see deferred), under the name the process had then.
+            worker = started.worker if unrecorded is None else unrecorded.task.worker
             ended_as, ending = outbox.finish(
-                store, task_id, outcome, response, started.worker, app.logger, started.started_at
+                store, task_id, outcome, response, worker, app.logger, started.started_at
             )
         if signals.task_finished.receivers:
             ended = dataclasses.replace(
@@ -160,16 +162,21 @@ def _run_task(
 def _create_finished(
     app: Flask,
     store: TaskStore,
-    started: Task,
+    run: Run,
     outcome: TaskState,
     response: StoredResponse | None,
     progress: Progress | None,
 ) -> Ending:
     """Record a task that ran before it was recorded, now that it has ended, and
     return how it ended. Its answer goes to the client whatever the store does: a
-    store that does not take the record leaves it out of the task lists (logged;
-    or in them, if only the store's reply was lost), and nothing else, since no
-    one was given its id."""
+    store that does not take the record leaves it out of the task lists (logged),
+    and nothing else, since no one was given its id.
+
+    Unless it was there all the same: a recording as running whose reply was lost
+    (see deferred), or a store whose ``create_finished`` stopped halfway. So the
+    outcome then waits in the outbox as any outcome the store did not take, and
+    ends the task if it is there; one the store does not know is dropped."""
+    started = run.task
     finished_at = time.time()
     ended = dataclasses.replace(
         started,
@@ -189,10 +196,16 @@ def _create_finished(
             extra={"task_id": started.id},
             exc_info=not isinstance(e, StoreUnavailable),
         )
+        outbox.outbox_for(store).put(started.id, outcome, response, started.worker, app.logger)
         return Ending(outcome, finished_at, response, started.started_at)
+    run.written = True
     ending = Ending(outcome, recorded_at or finished_at, response, started.started_at)
-    # List streams in this process hear of it; no one waits for it by id.
-    waiting.notify(store, started.id, ending)
+    # List streams in this process hear of it; no one waits for it by id (and so,
+    # as outbox.finish does, a large response is not kept with the news).
+    if response is None or len(response.body) <= outbox.ANNOUNCED_BODY_MAX:
+        waiting.notify(store, started.id, ending)
+    else:
+        waiting.notify(store, started.id)
     return ending
 
 

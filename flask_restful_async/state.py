@@ -11,7 +11,7 @@ from flask import Flask, Response, request
 from flask_restful import Api, Resource
 
 from . import outbox, signals, waiting
-from .deferred import Recorder
+from .deferred import Recorder, Run
 from .estimates import RunTimes
 from .exceptions import Saturated, StoreUnavailable, Unavailable
 from .lease import LeaseKeeper, worker_id
@@ -243,7 +243,11 @@ class AsyncState:
             # Nobody can learn its id before it ends (no key to repeat the submit
             # by, no copy for another process to run it again): it is recorded
             # once, as it ends, in one write rather than two. See run_now.
-            return self.accepted(self.run_now(task, snapshot, resource, recorded=False), prefs)
+            run = self.recorder.begin(task)
+            ended = self.run_now(task, snapshot, resource, unrecorded=run)
+            # Not in the store (it did not take the task): the answer itself, never
+            # a redirect to a URL that would not find it.
+            return self.accepted(ended, prefs, redirect=run.stored)
         # With Prefer (perhaps wait=N), or a short wait ahead, the task as created
         # counts as a first read.
         ticket = waiting.ticket(self.store) if not now and (hold or prefs) else None
@@ -382,29 +386,42 @@ class AsyncState:
         return hold, self.executor.acquire_now()
 
     def run_now(
-        self, task: Task, snapshot: RequestSnapshot, resource: Resource, *, recorded: bool = True
+        self,
+        task: Task,
+        snapshot: RequestSnapshot,
+        resource: Resource,
+        *,
+        unrecorded: Run | None = None,
     ) -> Task:
         """Run ``task``, recorded as running, in this (request) thread, and return it
         as it ended (as it started if the store did not take its outcome: the
         client polls for it then). It holds the room :meth:`Executor.acquire_now`
         took meanwhile.
 
-        Not ``recorded``: the task is not in the store yet, and goes there as it
-        ends, or as running if it runs long (see :mod:`~flask_restful_async.deferred`);
-        it is returned as it ended, whether the store took it or not."""
+        With ``unrecorded`` (:meth:`Recorder.begin
+        <flask_restful_async.deferred.Recorder.begin>`), the task is not in the
+        store yet, and goes there as it ends, or as running if it runs long (see
+        :mod:`~flask_restful_async.deferred`); it is returned as it ended, whether
+        the store took it or not."""
         token = self.run_times.begin(snapshot.endpoint, snapshot.method)
-        run = None if recorded else self.recorder.begin(task)
+        handed = False
         try:
-            if recorded:
+            if unrecorded is None:
                 waiting.changed(self.store, task.id)  # list streams in this process
             if signals.task_submitted.receivers:
                 signals.send(signals.task_submitted, self.app, task=task)
-            ending = self.executor.run_now(self.app, task, snapshot, resource, unrecorded=run)
+            handed = True
+            ending = self.executor.run_now(
+                self.app, task, snapshot, resource, unrecorded=unrecorded
+            )
         finally:
+            if not handed:
+                self.executor.release_now()  # a receiver raised past Exception
             self.run_times.end(token)
-            if run is not None:
-                run.end()  # if the runner did not get to it: never recorded from now on
-                self.recorder.done(run)
+            if unrecorded is not None:
+                # If the runner did not get to it: never recorded from now on.
+                unrecorded.end()
+                self.recorder.done(unrecorded)
         ended = None if ending is None else ending.apply(task)
         return task if ended is None else ended
 
@@ -462,6 +479,8 @@ class AsyncState:
         prefs: t.Mapping[str, Preference],
         ticket: int | None = None,
         hold: float = 0.0,
+        *,
+        redirect: bool = True,
     ) -> Response:
         """The answer to a submit: 202, or with ``Prefer: wait=N`` the task's final
         response if it finishes within N seconds (RFC 7240).
@@ -492,7 +511,7 @@ class AsyncState:
             if finished is not None:
                 task = finished
         if seconds and task.state.finished:
-            response = self.task_response(task)
+            response = self.task_response(task, redirect=redirect)
             response.headers["Preference-Applied"] = f"wait={min(seconds, self.max_wait)}"
         if response is None:
             response = self.status(task, 202)
@@ -500,9 +519,11 @@ class AsyncState:
                 response.headers["Preference-Applied"] = "respond-async"
         return response
 
-    def task_response(self, task: Task) -> Response:
+    def task_response(self, task: Task, *, redirect: bool = True) -> Response:
         """What the status URL answers for ``task`` (CONTRACT section 4). Every
-        answer carries ``Vary: Prefer``: ``Prefer: wait`` can change it."""
+        answer carries ``Vary: Prefer``: ``Prefer: wait`` can change it. Not
+        ``redirect``: the response itself even where ``RESTFUL_ASYNC_RESULT_REDIRECT``
+        would send the client to the result's URL."""
         if task.expired:
             return expired_response(vary_on_prefer=True)
         if not task.state.finished:
@@ -510,7 +531,7 @@ class AsyncState:
         if task.response is None:
             code = 409 if task.state is TaskState.CANCELLED else 500
             return status_response(task, code, None, None, vary_on_prefer=True)
-        if self.result_redirect:
+        if self.result_redirect and redirect:
             return status_response(
                 task, 303, self.location(task.id) + RESULT_SUFFIX, None, vary_on_prefer=True
             )

@@ -737,7 +737,9 @@ def test_a_task_written_as_it_ends_answers_its_client_through_an_outage(
     for name in ("a", "b"):
         assert answers[name].status_code == 200, answers[name].get_data()
         assert answers[name].json == {"gate": name, "done": True}
-    assert outbox.existing_outbox(state.store) is None or not outbox.existing_outbox(state.store)
+    # Their outcomes waited in the outbox (the store might have had them after
+    # all), and end nothing once it answers: it never had them.
+    wait_for(lambda: not outbox.existing_outbox(state.store))
     assert state.store.list(owner=None, limit=10) == []
     assert caplog.text.count("did not take its record") == 2
     assert state.executor.acquire_now()
@@ -775,6 +777,9 @@ def test_a_submit_whose_create_reply_is_lost_leaves_no_task(
             client = app.test_client()
             done = wait_done(client, submit(client, "/quick"))
             assert done.status_code == 200
+            # Its run time is recorded just after its outcome: known, a Prefer:
+            # wait submit runs in its request thread.
+            wait_for(lambda: get_state(app).run_times.estimate("quick", "post") is not None)
             here = client.post("/quick", headers={"Prefer": "wait=5"})
             assert here.json == {"done": True, "thread": threading.get_ident()}  # in-request
             # In the request thread: with a key, recorded running before it runs

@@ -17,7 +17,15 @@ import typing as t
 import pytest
 from flask import Flask, request
 
-from flask_restful_async import AsyncResource, TaskState, current_task, signals
+from flask_restful_async import (
+    AsyncResource,
+    TaskState,
+    current_task,
+    lease,
+    outbox,
+    signals,
+    waiting,
+)
 from flask_restful_async.exceptions import StoreUnavailable
 from flask_restful_async.prefer import parse_prefer
 from flask_restful_async.state import get_state
@@ -408,6 +416,84 @@ def test_a_store_down_at_its_end_still_gives_the_answer(
     assert state.store.get(response.json["task"]) is None
     assert "did not take its record" in caplog.text
     assert slot_is_free(app)
+
+
+def test_with_result_redirect_a_task_the_store_did_not_take_answers_itself(
+    make_app: AppFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not a 303 to a result URL that would not find it."""
+    app, api = make_app(config={**GENEROUS, "RESTFUL_ASYNC_RESULT_REDIRECT": True})
+    api.add_resource(Echo, "/echo")
+    state = get_state(app)
+    state.run_times.record("echo", "post", 0.01)
+    stored = app.test_client().post("/echo", json={"a": 1}, headers=WAIT)
+    assert stored.status_code == 303  # in the store: its result's URL
+
+    def down(*args: t.Any, **kwargs: t.Any) -> t.Any:
+        raise StoreUnavailable("down for a moment", retry_after=2)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(state.store, "create_finished", down)
+        patch.setattr(state.store, "finish", down)  # the outbox's tries
+        response = app.test_client().post("/echo", json={"a": 2}, headers=WAIT)
+    assert response.status_code == 200
+    assert response.json["json"] == {"a": 2}
+
+
+def test_a_large_answer_is_not_kept_with_the_news_of_its_end(make_app: AppFactory) -> None:
+    """Each process keeps the last endings it announced, to spare long-polls a
+    read: not the large ones (as for any task), least of all for tasks no one
+    waits for."""
+    app, api = make_app(config=GENEROUS)
+    api.add_resource(Huge, "/huge")
+    state = get_state(app)
+    state.run_times.record("huge", "post", 0.01)
+    response = app.test_client().post("/huge", headers=WAIT)
+    assert response.status_code == 200
+    assert len(response.data) > outbox.ANNOUNCED_BODY_MAX
+    kept = waiting.waiters_for(state.store)._endings
+    assert response.json["task"] not in kept
+
+
+def test_a_run_is_recorded_under_the_name_the_process_has_now(
+    make_app_any_store: AppFactory,
+) -> None:
+    """The name it had at the submit may have been given up since (an outcome the
+    store never took), and its lease with it: recorded under that name, the task
+    would read lost while it runs."""
+    app, api = make_app_any_store(config=QUICK)
+    api.add_resource(Slow, "/slow")
+    state = get_state(app)
+    state.run_times.record("slow", "post", 0.01)
+    GATE.clear()
+    answers = []
+    thread = threading.Thread(
+        target=lambda: answers.append(app.test_client().post("/slow", headers=WAIT))
+    )
+    thread.start()
+    wait_for(lambda: bool(state.recorder._runs))  # under way, not recorded yet
+    before = lease.worker_id()
+    lease._rename()
+    assert lease.worker_id() != before
+    wait_for(lambda: state.store.list(owner=None, state=TaskState.RUNNING, limit=5) != [])
+    (running,) = state.store.list(owner=None, state=TaskState.RUNNING, limit=5)
+    assert running.worker == lease.worker_id()
+    time.sleep(0.3)
+    again = state.store.get(running.id)
+    assert again is not None
+    assert again.state is TaskState.RUNNING
+    GATE.set()
+    thread.join(10)
+    (answer,) = answers
+    assert answer.status_code == 200
+    ended = state.store.get(running.id)
+    assert ended is not None
+    assert ended.state is TaskState.SUCCEEDED
+
+
+class Huge(AsyncResource):
+    def post(self) -> t.Any:
+        return {"task": current_task.id, "blob": "x" * (outbox.ANNOUNCED_BODY_MAX + 1)}
 
 
 def spy(writes: list[str], name: str, method: t.Callable[..., t.Any]) -> t.Callable[..., t.Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import secrets
 import sqlite3
@@ -444,6 +445,31 @@ def test_a_task_created_finished_reads_as_one_finished_the_usual_way(
     assert tombstone is not None
     assert tombstone.expired
     assert tombstone.response is None
+
+
+def test_creating_finished_ends_a_task_recorded_running_meanwhile_and_only_once(
+    store: TaskStore,
+) -> None:
+    """A call that recorded the task as running may have had its reply lost: the
+    task is there, and is ended now. A retried call finds it ended and leaves it."""
+    running = new_task(owner="o", worker="w", state=TaskState.RUNNING)
+    running.started_at = running.created_at
+    store.create(running)
+    ended = dataclasses.replace(
+        running, state=TaskState.SUCCEEDED, finished_at=time.time(), response=RESPONSE
+    )
+    assert store.create_finished(ended) is not None
+    found = store.get(running.id)
+    assert found is not None
+    assert (found.state, found.response) == (TaskState.SUCCEEDED, RESPONSE)
+    assert store.stats().counts[TaskState.RUNNING] == 0
+    assert store.stats().counts[TaskState.SUCCEEDED] == 1
+    again = dataclasses.replace(ended, state=TaskState.FAILED, response=None)
+    store.create_finished(again)
+    found = store.get(running.id)
+    assert found is not None
+    assert (found.state, found.response) == (TaskState.SUCCEEDED, RESPONSE)
+    assert [task.id for task in store.list(owner="o", limit=5)] == [running.id]
 
 
 def test_finished_results_become_tombstones_then_disappear(store: TaskStore) -> None:

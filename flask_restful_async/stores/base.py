@@ -260,13 +260,18 @@ class TaskStore(abc.ABC):
         takes it, and no idempotency key or snapshot. Returns the finish time
         recorded, as :meth:`finish` does.
 
+        One recorded as running meanwhile (by a call whose reply was lost) ends
+        with this outcome; one that has ended already (a retried call) is left as
+        it is.
+
         This default creates it running and then finishes it (two writes); a store
         that can overrides it with one.
         """
-        running = dataclasses.replace(
-            task, state=TaskState.RUNNING, finished_at=None, response=None
-        )
-        self.create(running)
+        if self.get(task.id) is None:
+            running = dataclasses.replace(
+                task, state=TaskState.RUNNING, finished_at=None, response=None
+            )
+            self.create(running)
         return self.finish(task.id, task.state, task.response)
 
     @abc.abstractmethod

@@ -359,25 +359,30 @@ return 1
 """
 )
 
-# KEYS: task, owner index. ARGV[6..]: id, created_at, then '1', status, headers,
-# body and whether to announce them ('1') or '0' and four blanks, then the hash's
-# fields and values: a task that ran before it was recorded, ended.
+# KEYS: task, owner index. ARGV[6..]: id, created_at, the final state, then '1',
+# status, headers and body to announce with the news (small) or '0' and three
+# blanks, then the hash's fields and values: a task that ran before it was
+# recorded, ended.
 _CREATE_FINISHED = (
     _PRELUDE
     + """
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  -- A retried call whose first attempt did get through.
-  return 0
+local id, state = ARGV[6], ARGV[8]
+local news = nil
+if ARGV[9] == '1' then
+  news = table.concat({id, state, now, ARGV[10], ARGV[11], ARGV[12]}, '\0')
 end
-local id = ARGV[6]
+local h = load(KEYS[1])
+if h then
+  -- A retried call whose first attempt did get through: ended already. Or it was
+  -- recorded as running after all (that call's reply was lost): it ends now.
+  if not is_active(h['state']) then return 0 end
+  redis.call('HSET', KEYS[1], unpack(ARGV, 13))
+  conclude(KEYS[1], h, state, news)
+  return 1
+end
 redis.call('HSET', KEYS[1], unpack(ARGV, 13))
 redis.call('ZADD', KEYS[2], ARGV[7], id)
-local h = load(KEYS[1])
-local news = nil
-if ARGV[8] == '1' and ARGV[12] == '1' then
-  news = table.concat({id, h['state'], now, ARGV[9], ARGV[10], ARGV[11]}, '\0')
-end
-conclude(KEYS[1], h, h['state'], news)
+conclude(KEYS[1], load(KEYS[1]), state, news)
 return 1
 """
 )
@@ -1121,15 +1126,16 @@ class RedisStore(TaskStore):
         now = time.time()
         owner_index = self._owner_key(task.owner)
         response = task.response
-        announce: list[str | int | bytes] = ["0", "", "", "", "0"]
+        announce: list[str | int | bytes] = ["0", "", "", ""]
         if response is not None:
             headers = _encode_headers(response.headers)
-            small = len(headers) + len(response.body) <= ANNOUNCED_RESPONSE_MAX
-            announce = ["1", response.status, headers, response.body, "1" if small else "0"]
+            if len(headers) + len(response.body) <= ANNOUNCED_RESPONSE_MAX:
+                announce = ["1", response.status, headers, response.body]
         args = [
             *self._clock(now),
             task.id,
             repr(float(task.created_at)),
+            task.state.value,
             *announce,
             *_encode(task),
             b"ix",

@@ -191,13 +191,18 @@ _INSERT = (
     f"INSERT INTO tasks ({_COLUMNS}, rerun, snapshot, {_REQUEST})"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+_ACTIVE = "('queued', 'running')"
 # A task that ran to its end before it was recorded (see create_finished), with its
-# response in the row or, if large, in the results table.
+# response in the row or, if large, in the results table. One recorded as running
+# meanwhile (by a call whose outcome its caller did not learn) ends now.
 _INSERT_FINISHED = (
     f"INSERT INTO tasks ({_COLUMNS}, rerun, snapshot, {_REQUEST}, status, headers, body, result)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (id) DO UPDATE SET state = excluded.state,"
+    " finished_at = excluded.finished_at, progress = excluded.progress,"
+    " status = excluded.status, headers = excluded.headers, body = excluded.body,"
+    f" result = excluded.result, snapshot = NULL WHERE tasks.state IN {_ACTIVE}"
 )
-_ACTIVE = "('queued', 'running')"
 # A task by owner and idempotency key, in the terms of the index tasks_by_owner_key
 # (so that it serves the lookup): parameters owner, owner, key.
 _BY_KEY = (
@@ -770,7 +775,11 @@ class SQLiteStore(TaskStore):
                 "INSERT INTO results (status, headers, body) VALUES (?, ?, ?)",
                 (response.status, headers, response.body),
             ).lastrowid
-            conn.execute(_INSERT_FINISHED, (*_row(task, None), None, None, None, result))
+            written = conn.execute(
+                _INSERT_FINISHED, (*_row(task, None), None, None, None, result)
+            ).rowcount
+            if not written:  # it had ended already
+                conn.execute("DELETE FROM results WHERE id = ?", (result,))
         return task.finished_at
 
     def _insert(self, conn: sqlite3.Connection, task: Task, snapshot: bytes | None) -> None:
