@@ -140,7 +140,15 @@ class Recorder:
                     return
                 due = [run for run in self._runs.values() if run.due <= now]
             for run in due:
-                self._record(run)
+                try:
+                    self._record(run)
+                except Exception:
+                    # Never the end of this thread: the other runs still need it.
+                    self.logger.exception(
+                        "Recording task %s as running failed",
+                        run.task.id,
+                        extra={"task_id": run.task.id},
+                    )
 
     def _record(self, run: Run) -> None:
         """Record ``run`` as running, unless it has ended or is recorded already.

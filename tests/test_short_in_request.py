@@ -21,6 +21,7 @@ from flask_restful_async import (
     AsyncResource,
     TaskState,
     current_task,
+    deferred,
     lease,
     outbox,
     signals,
@@ -670,3 +671,35 @@ def test_a_forked_child_forgets_the_runs_of_its_parent(make_app: AppFactory) -> 
     finally:
         run.end()
         recorder.done(run)
+
+
+def test_a_recording_that_fails_past_the_store_ends_no_watch(
+    make_app: AppFactory, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The thread that records long runs logs what fails and goes on: the next
+    long run is recorded all the same."""
+    app, api = make_app(config=QUICK)
+    api.add_resource(Slow, "/slow")
+    state = get_state(app)
+    state.run_times.record("slow", "post", 0.01)
+    failures = [RuntimeError("a list stream broke")]
+
+    def changed(store: t.Any, task_id: str) -> None:
+        if failures:
+            raise failures.pop()
+
+    monkeypatch.setattr(deferred.waiting, "changed", changed)
+    answers: list[t.Any] = []
+    for _ in range(2):
+        GATE.clear()
+        answers.clear()
+        thread = threading.Thread(
+            target=lambda: answers.append(app.test_client().post("/slow", headers=WAIT))
+        )
+        thread.start()
+        wait_for(lambda: state.store.list(owner=None, state=TaskState.RUNNING, limit=5) != [])
+        GATE.set()
+        thread.join(10)
+        assert answers[0].status_code == 200
+    assert "Recording task" in caplog.text
+    assert len(state.store.list(owner=None, state=TaskState.SUCCEEDED, limit=5)) == 2
