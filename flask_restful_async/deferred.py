@@ -53,6 +53,9 @@ class Run:
         #: Whether the store holds it, written whole as it ended.
         self.written = False
         self.ended = False
+        #: The worker name of the last recording as running that failed: the store
+        #: may hold the task under it all the same (a reply lost), or None.
+        self.tried_as: str | None = None
         self.handle: TaskHandle | None = None
         self.lock = threading.Lock()
         self._warned = False
@@ -166,6 +169,7 @@ class Recorder:
                     self.before_record()
                 self.store.create(task)
             except Exception as e:
+                run.tried_as = task.worker
                 if not run._warned:
                     run._warned = True
                     self.logger.warning(

@@ -172,10 +172,13 @@ def _create_finished(
     store that does not take the record leaves it out of the task lists (logged),
     and nothing else, since no one was given its id.
 
-    Unless it was there all the same: a recording as running whose reply was lost
-    (see deferred), or a store whose ``create_finished`` stopped halfway. So the
-    outcome then waits in the outbox as any outcome the store did not take, and
-    ends the task if it is there; one the store does not know is dropped."""
+    Unless it was there all the same, after a recording as running that failed
+    (see deferred) but may have taken effect (its reply lost): then the outcome
+    waits in the outbox, under the name that recording used, as any outcome the
+    store did not take, and ends the task if the store has it. Otherwise the
+    store cannot have it (a write that did not answer wrote it whole or not at
+    all), and nothing waits: the outbox's room and its giving up of a worker name
+    are for tasks the store holds."""
     started = run.task
     finished_at = time.time()
     ended = dataclasses.replace(
@@ -196,13 +199,24 @@ def _create_finished(
             extra={"task_id": started.id},
             exc_info=not isinstance(e, StoreUnavailable),
         )
-        outbox.outbox_for(store).put(started.id, outcome, response, started.worker, app.logger)
+        if run.tried_as is not None:
+            outbox.outbox_for(store).put(
+                started.id,
+                outcome,
+                response,
+                run.tried_as,
+                app.logger,
+                refused=not isinstance(e, StoreUnavailable),
+            )
         return Ending(outcome, finished_at, response, started.started_at)
     run.written = True
     ending = Ending(outcome, recorded_at or finished_at, response, started.started_at)
     # List streams in this process hear of it; no one waits for it by id (and so,
-    # as outbox.finish does, a large response is not kept with the news).
-    if response is None or len(response.body) <= outbox.ANNOUNCED_BODY_MAX:
+    # as outbox.finish does, a large response is not kept with the news). None: it
+    # had ended otherwise already (its lease lapsed), and the store says how.
+    if recorded_at is None:
+        waiting.notify(store, started.id)
+    elif response is None or len(response.body) <= outbox.ANNOUNCED_BODY_MAX:
         waiting.notify(store, started.id, ending)
     else:
         waiting.notify(store, started.id)

@@ -703,3 +703,38 @@ def test_a_recording_that_fails_past_the_store_ends_no_watch(
         assert answers[0].status_code == 200
     assert "Recording task" in caplog.text
     assert len(state.store.list(owner=None, state=TaskState.SUCCEEDED, limit=5)) == 2
+
+
+def test_after_a_recording_that_failed_the_outcome_waits_for_the_store(
+    make_app: AppFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A recording as running that failed may have taken effect all the same (its
+    reply lost): the outcome the store did not take then waits in the outbox,
+    under the name that recording used, to end the task if the store has it."""
+    app, api = make_app(config=QUICK)
+    api.add_resource(Slow, "/slow")
+    state = get_state(app)
+    state.run_times.record("slow", "post", 0.01)
+
+    def down(*args: t.Any, **kwargs: t.Any) -> t.Any:
+        raise StoreUnavailable("down for a moment", retry_after=2)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(state.store, "create", down)
+        patch.setattr(state.store, "create_finished", down)
+        patch.setattr(state.store, "finish", down)
+        GATE.clear()
+        answers = []
+        thread = threading.Thread(
+            target=lambda: answers.append(app.test_client().post("/slow", headers=WAIT))
+        )
+        thread.start()
+        wait_for(lambda: any(run.tried_as for run in list(state.recorder._runs.values())))
+        GATE.set()
+        thread.join(10)
+        (answer,) = answers
+        assert answer.status_code == 200
+        waiting_here = outbox.existing_outbox(state.store)
+        assert waiting_here is not None
+        assert len(waiting_here) == 1
+    wait_for(lambda: not outbox.existing_outbox(state.store))  # the store never had it

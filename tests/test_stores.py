@@ -465,7 +465,7 @@ def test_creating_finished_ends_a_task_recorded_running_meanwhile_and_only_once(
     assert store.stats().counts[TaskState.RUNNING] == 0
     assert store.stats().counts[TaskState.SUCCEEDED] == 1
     again = dataclasses.replace(ended, state=TaskState.FAILED, response=None)
-    store.create_finished(again)
+    assert store.create_finished(again) is None
     found = store.get(running.id)
     assert found is not None
     assert (found.state, found.response) == (TaskState.SUCCEEDED, RESPONSE)

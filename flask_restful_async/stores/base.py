@@ -258,7 +258,7 @@ class TaskStore(abc.ABC):
         there was nothing to record before. ``task`` is finished, with
         ``started_at``, ``finished_at`` and its ``response`` as :meth:`finish`
         takes it, and no idempotency key or snapshot. Returns the finish time
-        recorded, as :meth:`finish` does.
+        recorded, as :meth:`finish` does (None if it had ended already).
 
         One recorded as running meanwhile (by a call whose reply was lost) ends
         with this outcome; one that has ended already (a retried call) is left as

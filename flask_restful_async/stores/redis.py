@@ -1142,10 +1142,12 @@ class RedisStore(TaskStore):
             owner_index.encode(),
         ]
         with self._reaching():
-            # 0 when this is redis-py's retry of a call whose reply was lost: it
-            # was recorded then, at about this time.
-            self._lane.call(self._create_finished, [self._task_key(task.id), owner_index], args)
-        return now
+            # 0 when it had ended already: a retried call whose first attempt did
+            # get through, whose finish time the caller reads if it needs it.
+            recorded = self._lane.call(
+                self._create_finished, [self._task_key(task.id), owner_index], args
+            )
+        return now if recorded == 1 else None
 
     def request_cancel(self, task_id: str) -> Task | None:
         now = time.time()

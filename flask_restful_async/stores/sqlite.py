@@ -759,17 +759,19 @@ class SQLiteStore(TaskStore):
         response = task.response
         if response is None:
             with self._writing() as conn:
-                conn.execute(_INSERT_FINISHED, (*_row(task, None), None, None, None, None))
-            return task.finished_at
+                written = conn.execute(
+                    _INSERT_FINISHED, (*_row(task, None), None, None, None, None)
+                ).rowcount
+            return task.finished_at if written else None
         headers = _encode_headers(response.headers)
         if len(response.body) + len(headers) <= INLINE_RESPONSE:
             # One statement, the response in the row: the whole task in one write.
             with self._writing() as conn:
-                conn.execute(
+                written = conn.execute(
                     _INSERT_FINISHED,
                     (*_row(task, None), response.status, headers, response.body, None),
-                )
-            return task.finished_at
+                ).rowcount
+            return task.finished_at if written else None
         with self._transaction() as conn:
             result = conn.execute(
                 "INSERT INTO results (status, headers, body) VALUES (?, ?, ?)",
@@ -780,7 +782,7 @@ class SQLiteStore(TaskStore):
             ).rowcount
             if not written:  # it had ended already
                 conn.execute("DELETE FROM results WHERE id = ?", (result,))
-        return task.finished_at
+        return task.finished_at if written else None
 
     def _insert(self, conn: sqlite3.Connection, task: Task, snapshot: bytes | None) -> None:
         """Insert ``task``, its snapshot appended to the spool first (under the
