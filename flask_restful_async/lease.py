@@ -129,7 +129,7 @@ class LeaseKeeper:
 
     def _renew(self, stop: threading.Event) -> None:
         renew_at = time.monotonic() + self.store.lease / 3
-        failing = False
+        failing = maintain_failing = False
         self._turn()  # the lease was just taken: the first use takes over at once
         while True:
             self._wake.wait(max(0.0, min(renew_at, self._turn_at) - time.monotonic()))
@@ -161,7 +161,6 @@ class LeaseKeeper:
                 if failing:
                     failing = False
                     self.app.logger.info("The task lease is renewed again")
-                self.store.maintain()
             except Exception:
                 # Whatever went wrong, keep trying: if this thread ended, every task
                 # of this (living) process would soon read as lost. Logged once per
@@ -170,7 +169,24 @@ class LeaseKeeper:
                     failing = True
                     self.app.logger.warning("Could not renew the task lease", exc_info=True)
             else:
+                # Housekeeping apart: one that fails every time (a purge the store
+                # refuses) must neither stop the look for tasks to take over nor
+                # pass for a failed renewal.
+                maintain_failing = self._maintain(maintain_failing)
                 self._turn()
+
+    def _maintain(self, failing: bool) -> bool:
+        """The store's housekeeping; whether it failed (logged once per run of
+        failures, as they come at every renewal)."""
+        try:
+            self.store.maintain()
+        except Exception:
+            if not failing:
+                self.app.logger.warning("The task store's housekeeping failed", exc_info=True)
+            return True
+        if failing:
+            self.app.logger.info("The task store's housekeeping works again")
+        return False
 
     def _turn(self) -> None:
         self._turn_at = math.inf

@@ -811,3 +811,34 @@ def test_a_submit_whose_create_reply_is_lost_leaves_no_task(
                 keys = list(raw.scan_iter(match=f"{prefix}*"))
                 if keys:
                     raw.delete(*keys)
+
+
+class MaintainRefused(SQLiteStore):
+    """A store whose housekeeping fails every time; counts the looks for tasks to
+    take over."""
+
+    claims = 0
+
+    def maintain(self) -> None:
+        raise RuntimeError("the purge is refused")
+
+    def claim(self, worker: str, limit: int) -> t.Any:
+        self.claims += 1
+        return super().claim(worker, limit)
+
+
+def test_housekeeping_that_fails_stops_neither_takeover_nor_renewal(
+    make_app: AppFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # It did both: the look for tasks to take over came only after housekeeping,
+    # and its failure passed for a failed renewal (renewed every half second,
+    # logged as failing and working again at each).
+    store = MaintainRefused(str(tmp_path / "tasks.db"))
+    app, api = make_app(store=store, config={"RESTFUL_ASYNC_LEASE": 1})
+    api.add_resource(Quick, "/quick")
+    client = app.test_client()
+    assert wait_done(client, submit(client, "/quick")).status_code == 200  # the lease runs
+    looks = store.claims
+    wait_for(lambda: store.claims >= looks + 3, timeout=5)  # one per third of a lease
+    assert caplog.text.count("housekeeping failed") == 1
+    assert "Could not renew the task lease" not in caplog.text
