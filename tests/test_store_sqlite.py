@@ -704,3 +704,29 @@ def test_closing_a_store_waits_for_a_statement_another_thread_runs(tmp_path: Pat
     assert store._connections == []
     assert store.get(task.id) is not None  # a later call opens a new one
     store.close()
+
+
+@pytest.mark.parametrize("rerun", [False, True])
+def test_a_lease_renewed_after_the_read_keeps_the_task_running(tmp_path: Path, rerun: bool) -> None:
+    """A read found the worker's lease lapsed; the worker renewed it before the
+    read's write: the task is neither lost (its outcome would be refused) nor,
+    with rerun, queued for another process to run alongside."""
+    store = SQLiteStore(str(tmp_path / "tasks.db"))
+    store.configure(result_ttl=60, tombstone_ttl=60, lease=0.2)
+    try:
+        store.renew_lease("w")
+        task = Task(id=new_task_id(), worker="w", rerun=rerun)
+        store.create(task, b"snapshot")
+        assert store.start(task.id, "w") is not None
+        time.sleep(0.3)  # lapsed
+        [row] = store._select(f"{sqlite_store._SELECT} WHERE t.id = ?", (task.id,))
+        store.renew_lease("w")  # the worker comes back between the read and its write
+        read = store._read(row, time.time())
+        assert read is not None
+        assert (read.state, read.worker) == (TaskState.RUNNING, "w")
+        stored = store.get(task.id)
+        assert stored is not None
+        assert stored.state is TaskState.RUNNING
+        assert store.finish(task.id, TaskState.SUCCEEDED, None) is not None
+    finally:
+        store.close()

@@ -216,6 +216,8 @@ _LAPSED = (
     "(t.worker IS NOT NULL AND coalesce("
     "(SELECT l.expires_at FROM leases AS l WHERE l.worker = t.worker), 0) < ?)"
 )
+# The same in an UPDATE of the tasks table.
+_STILL_LAPSED = _LAPSED.replace("t.worker", "tasks.worker")
 # True for a task that no worker started in time (bind: now - queued_ttl).
 _STALE = "(t.state = 'queued' AND t.created_at < ?)"
 # How an active task reads, for list() to filter on: (condition, the names of the
@@ -639,30 +641,37 @@ class SQLiteStore(TaskStore):
                 return task  # alive, or claimable by another process
             elif task.rerun:
                 moved = TaskState.CANCELLED if task.cancel_requested else TaskState.QUEUED
-                self._move(task, moved, now)
+                self._move(task, moved, now, lapsed=True)
                 return task
             else:
-                self._move(task, TaskState.LOST, now)
+                self._move(task, TaskState.LOST, now, lapsed=True)
         elif row[4] is not None and now - row[4] <= self.result_ttl:  # the common case
             return task
         return self.retention_view(task, now)
 
-    def _move(self, task: Task, state: TaskState, now: float) -> None:
+    def _move(self, task: Task, state: TaskState, now: float, *, lapsed: bool = False) -> None:
         """Record what ``task`` (active, as read) has become: ended (its snapshot
         dropped), or queued again without worker; unless someone else moved it on
-        meanwhile: then ``task`` becomes what they wrote."""
+        meanwhile, or (``lapsed``: moved for its worker's lease, read lapsed) its
+        worker renewed that lease since the read: then ``task`` becomes what the
+        store holds."""
+        # The lease, checked again in the write: a process that renewed it just
+        # after the read still runs the task, which must neither read lost nor
+        # be queued for another process to run at the same time.
+        still = f" AND {_STILL_LAPSED}" if lapsed else ""
+        bound = (now,) if lapsed else ()
         with self._writing() as conn:
             if state is TaskState.QUEUED:
                 changed = conn.execute(
                     "UPDATE tasks SET state = 'queued', worker = NULL, started_at = NULL,"
-                    " progress = NULL WHERE id = ? AND state = ? AND worker IS ?",
-                    (task.id, task.state.value, task.worker),
+                    f" progress = NULL WHERE id = ? AND state = ? AND worker IS ?{still}",
+                    (task.id, task.state.value, task.worker, *bound),
                 ).rowcount
             else:
                 changed = conn.execute(
                     "UPDATE tasks SET state = ?, finished_at = ?, snapshot = NULL"
-                    " WHERE id = ? AND state = ? AND worker IS ?",
-                    (state.value, now, task.id, task.state.value, task.worker),
+                    f" WHERE id = ? AND state = ? AND worker IS ?{still}",
+                    (state.value, now, task.id, task.state.value, task.worker, *bound),
                 ).rowcount
         if not changed:
             fresh = self.get(task.id)
