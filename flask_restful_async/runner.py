@@ -209,11 +209,13 @@ def _create_finished(
                 refused=not isinstance(e, StoreUnavailable),
             )
         return Ending(outcome, finished_at, response, started.started_at)
-    run.written = True
+    # None: it had ended otherwise already (a recording whose reply was lost, then
+    # its lease lapsed): the client gets this answer itself, not a redirect.
+    run.written = recorded_at is not None
     ending = Ending(outcome, recorded_at or finished_at, response, started.started_at)
     # List streams in this process hear of it; no one waits for it by id (and so,
-    # as outbox.finish does, a large response is not kept with the news). None: it
-    # had ended otherwise already (its lease lapsed), and the store says how.
+    # as outbox.finish does, a large response is not kept with the news); of one
+    # that had ended already, the store says how.
     if recorded_at is None:
         waiting.notify(store, started.id)
     elif response is None or len(response.body) <= outbox.ANNOUNCED_BODY_MAX:
