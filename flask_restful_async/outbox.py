@@ -338,9 +338,10 @@ class Outbox:
         for outcome in pending:
             try:
                 if outcome.withdrawal:
-                    self.store.withdraw(outcome.task_id, running_under=outcome.worker)
+                    taken = self.store.withdraw(outcome.task_id, running_under=outcome.worker)
                 else:
-                    self.store.finish(outcome.task_id, outcome.state, outcome.response)
+                    finished = self.store.finish(outcome.task_id, outcome.state, outcome.response)
+                    taken = finished is not None
             except StoreUnavailable:
                 return False
             except Exception:
@@ -375,7 +376,18 @@ class Outbox:
             with self._lock:
                 if self._waiting.get(outcome.task_id) is outcome:
                     self._remove(outcome.task_id)
-            done = "Task %s is taken back" if outcome.withdrawal else "Task %s's outcome is stored"
+            if outcome.withdrawal:
+                done = (
+                    "Task %s is taken back"
+                    if taken
+                    else "Task %s has nothing to take back (never written, or started since)"
+                )
+            else:
+                done = (
+                    "Task %s's outcome is stored"
+                    if taken
+                    else "Task %s's outcome is not stored: the store has it ended, or never had it"
+                )
             outcome.logger.info(
                 done,
                 outcome.task_id,

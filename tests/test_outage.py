@@ -234,10 +234,10 @@ class FinishRefused(SQLiteStore):
 
     refused: set[str]
 
-    def finish(self, task_id: str, state: TaskState, response: t.Any = None) -> None:
+    def finish(self, task_id: str, state: TaskState, response: t.Any = None) -> float | None:
         if task_id in self.refused:
             raise StoreUnavailable("The task store is not available: database or disk is full")
-        super().finish(task_id, state, response)
+        return super().finish(task_id, state, response)
 
 
 def test_an_outcome_given_up_reads_lost_and_the_process_goes_on(
@@ -275,10 +275,10 @@ class ResponseRefused(SQLiteStore):
     """Refuses every response, as Redis past its maxmemory refuses a large write
     (an error that is no outage: trying again would not help)."""
 
-    def finish(self, task_id: str, state: TaskState, response: t.Any = None) -> None:
+    def finish(self, task_id: str, state: TaskState, response: t.Any = None) -> float | None:
         if response is not None:
             raise sqlite3.DataError("string or blob too big")
-        super().finish(task_id, state, response)
+        return super().finish(task_id, state, response)
 
 
 def test_an_outcome_the_store_refuses_ends_the_task_lost(

@@ -9,6 +9,7 @@ of them has run past the short wait."""
 from __future__ import annotations
 
 import io
+import logging
 import os
 import threading
 import time
@@ -706,11 +707,12 @@ def test_a_recording_that_fails_past_the_store_ends_no_watch(
 
 
 def test_after_a_recording_that_failed_the_outcome_waits_for_the_store(
-    make_app: AppFactory, monkeypatch: pytest.MonkeyPatch
+    make_app: AppFactory, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A recording as running that failed may have taken effect all the same (its
     reply lost): the outcome the store did not take then waits in the outbox,
     under the name that recording used, to end the task if the store has it."""
+    caplog.set_level(logging.INFO)
     app, api = make_app(config=QUICK)
     api.add_resource(Slow, "/slow")
     state = get_state(app)
@@ -738,3 +740,4 @@ def test_after_a_recording_that_failed_the_outcome_waits_for_the_store(
         assert waiting_here is not None
         assert len(waiting_here) == 1
     wait_for(lambda: not outbox.existing_outbox(state.store))  # the store never had it
+    assert "outcome is not stored: the store has it ended, or never had it" in caplog.text

@@ -80,10 +80,10 @@ class Forgetful(MemoryStore):
 
     def finish(
         self, task_id: str, state: TaskState, response: StoredResponse | None = None
-    ) -> None:
+    ) -> float | None:
         if state is not TaskState.LOST:
             raise ValueError("no such outcome here")
-        super().finish(task_id, state, response)
+        return super().finish(task_id, state, response)
 
 
 def test_a_failing_handler_is_logged_with_its_task_id(make_app: AppFactory) -> None:
