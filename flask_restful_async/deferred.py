@@ -26,8 +26,7 @@ import time
 import typing as t
 import weakref
 
-from . import waiting
-from .exceptions import StoreUnavailable
+from . import outbox, waiting
 from .lease import worker_id
 
 if t.TYPE_CHECKING:
@@ -172,13 +171,12 @@ class Recorder:
                 run.tried_as = task.worker
                 if not run._warned:
                     run._warned = True
-                    self.logger.warning(
+                    outbox.warn_failed(
+                        self.logger,
                         "Task %s runs in its request longer than expected and could not"
                         " be recorded as running yet: %s",
                         task.id,
-                        e.message if isinstance(e, StoreUnavailable) else repr(e),
-                        extra={"task_id": task.id},
-                        exc_info=not isinstance(e, StoreUnavailable),
+                        e,
                     )
                 return
             run.recorded = True

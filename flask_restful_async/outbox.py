@@ -81,6 +81,16 @@ class Backoff:
         self.pause = RETRY_FIRST
 
 
+def warn_failed(logger: logging.Logger, message: str, task_id: str, error: Exception) -> None:
+    """Log ``message`` (``%s`` for the task id, then for what failed) as a warning:
+    an outage by its message, which says it all; any other error with its traceback."""
+    if isinstance(error, StoreUnavailable):
+        text, trace = error.message, False
+    else:
+        text, trace = repr(error), True
+    logger.warning(message, task_id, text, extra={"task_id": task_id}, exc_info=trace)
+
+
 def give_up_after(store: TaskStore) -> float:
     """Seconds a start or an outcome is retried for in ``store``."""
     return GIVE_UP_LEASES * store.lease
@@ -118,13 +128,7 @@ def start(
             # An outage, or an error reply that may pass as well (Redis out of
             # memory, or busy with a long script): tried again the same way.
             if not tried:
-                logger.warning(
-                    "Task %s cannot start yet, trying again: %s",
-                    task_id,
-                    e.message if isinstance(e, StoreUnavailable) else repr(e),
-                    extra={"task_id": task_id},
-                    exc_info=not isinstance(e, StoreUnavailable),
-                )
+                warn_failed(logger, "Task %s cannot start yet, trying again: %s", task_id, e)
             tried = True
             if time.monotonic() >= deadline:
                 logger.error(

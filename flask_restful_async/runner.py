@@ -191,13 +191,12 @@ def _create_finished(
     try:
         recorded_at = store.create_finished(ended)
     except Exception as e:
-        app.logger.warning(
+        outbox.warn_failed(
+            app.logger,
             "Task %s ran in its request thread, whose client gets its answer, but the"
             " store did not take its record: it may be missing from the task lists (%s)",
             started.id,
-            e.message if isinstance(e, StoreUnavailable) else repr(e),
-            extra={"task_id": started.id},
-            exc_info=not isinstance(e, StoreUnavailable),
+            e,
         )
         if run.tried_as is not None:
             outbox.outbox_for(store).put(
