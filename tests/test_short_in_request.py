@@ -94,6 +94,22 @@ def slot_is_free(app: Flask) -> bool:
     return taken == 2
 
 
+def in_background(app: Flask, path: str) -> tuple[threading.Thread, list[t.Any]]:
+    """A ``Prefer: wait`` POST of ``path`` made in a thread of its own, started:
+    its answer lands in the list once the thread is done."""
+    answers: list[t.Any] = []
+    thread = threading.Thread(
+        target=lambda: answers.append(app.test_client().post(path, headers=WAIT))
+    )
+    thread.start()
+    return thread, answers
+
+
+def running_tasks(app: Flask) -> list[Task]:
+    """The tasks the store holds as running (a few at most here)."""
+    return get_state(app).store.list(owner=None, state=TaskState.RUNNING, limit=5)
+
+
 def warm_up(app: Flask, path: str, endpoint: str) -> None:
     """One task of ``path`` run to its end in a task thread, and its run time known."""
     client = app.test_client()
@@ -263,15 +279,11 @@ def test_a_cancel_reaches_a_task_running_in_a_request_thread(
     api.add_resource(Patient, "/patient")
     state = get_state(app)
     state.run_times.record("patient", "post", 0.01)
-    answers = []
-    thread = threading.Thread(
-        target=lambda: answers.append(app.test_client().post("/patient", headers=WAIT))
-    )
-    thread.start()
+    thread, answers = in_background(app, "/patient")
     wait_for(lambda: len(ran_in) == 1)
     assert ran_in == [thread.ident]
-    wait_for(lambda: state.store.list(owner=None, state=TaskState.RUNNING, limit=5) != [])
-    running = state.store.list(owner=None, state=TaskState.RUNNING, limit=5)
+    wait_for(lambda: running_tasks(app) != [])
+    running = running_tasks(app)
     assert len(running) == 1
     assert running[0].started_at is not None
     assert time.time() - running[0].started_at >= QUICK["RESTFUL_ASYNC_SHORT_WAIT"]
@@ -377,13 +389,9 @@ def test_progress_reported_before_the_task_is_recorded_reaches_the_store(
     state = get_state(app)
     state.run_times.record("slow", "post", 0.01)
     GATE.clear()
-    answers = []
-    thread = threading.Thread(
-        target=lambda: answers.append(app.test_client().post("/slow", headers=WAIT))
-    )
-    thread.start()
-    wait_for(lambda: state.store.list(owner=None, state=TaskState.RUNNING, limit=5) != [])
-    (running,) = state.store.list(owner=None, state=TaskState.RUNNING, limit=5)
+    thread, answers = in_background(app, "/slow")
+    wait_for(lambda: running_tasks(app) != [])
+    (running,) = running_tasks(app)
     assert running.progress is not None
     assert running.progress.message == "halfway"
     GATE.set()
@@ -468,17 +476,13 @@ def test_a_run_is_recorded_under_the_name_the_process_has_now(
     state = get_state(app)
     state.run_times.record("slow", "post", 0.01)
     GATE.clear()
-    answers = []
-    thread = threading.Thread(
-        target=lambda: answers.append(app.test_client().post("/slow", headers=WAIT))
-    )
-    thread.start()
+    thread, answers = in_background(app, "/slow")
     wait_for(lambda: bool(state.recorder._runs))  # under way, not recorded yet
     before = lease.worker_id()
     lease._rename()
     assert lease.worker_id() != before
-    wait_for(lambda: state.store.list(owner=None, state=TaskState.RUNNING, limit=5) != [])
-    (running,) = state.store.list(owner=None, state=TaskState.RUNNING, limit=5)
+    wait_for(lambda: running_tasks(app) != [])
+    (running,) = running_tasks(app)
     assert running.worker == lease.worker_id()
     time.sleep(0.3)
     again = state.store.get(running.id)
@@ -690,15 +694,10 @@ def test_a_recording_that_fails_past_the_store_ends_no_watch(
             raise failures.pop()
 
     monkeypatch.setattr(deferred.waiting, "changed", changed)
-    answers: list[t.Any] = []
     for _ in range(2):
         GATE.clear()
-        answers.clear()
-        thread = threading.Thread(
-            target=lambda: answers.append(app.test_client().post("/slow", headers=WAIT))
-        )
-        thread.start()
-        wait_for(lambda: state.store.list(owner=None, state=TaskState.RUNNING, limit=5) != [])
+        thread, answers = in_background(app, "/slow")
+        wait_for(lambda: running_tasks(app) != [])
         GATE.set()
         thread.join(10)
         assert answers[0].status_code == 200
@@ -726,11 +725,7 @@ def test_after_a_recording_that_failed_the_outcome_waits_for_the_store(
         patch.setattr(state.store, "create_finished", down)
         patch.setattr(state.store, "finish", down)
         GATE.clear()
-        answers = []
-        thread = threading.Thread(
-            target=lambda: answers.append(app.test_client().post("/slow", headers=WAIT))
-        )
-        thread.start()
+        thread, answers = in_background(app, "/slow")
         wait_for(lambda: any(run.tried_as for run in list(state.recorder._runs.values())))
         GATE.set()
         thread.join(10)
