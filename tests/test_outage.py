@@ -651,6 +651,20 @@ def test_a_wrong_progress_interval_is_refused_at_setup(
         make_app(config={"RESTFUL_ASYNC_PROGRESS_INTERVAL": interval})
 
 
+def in_request_app(make_app: AppFactory, outage: Outage) -> tuple[t.Any, dict]:
+    """A gated app whose ``Prefer: wait`` submits run their task in the request
+    thread: its run time is known to be short."""
+    app, gates = gated_app(
+        make_app,
+        outage.store,
+        RESTFUL_ASYNC_LEASE=4,
+        RESTFUL_ASYNC_SHORT_WAIT=5,
+        RESTFUL_ASYNC_SHORT_IN_REQUEST=True,
+    )
+    get_state(app).run_times.record("gated", "post", 0.01)
+    return app, gates
+
+
 def test_a_task_run_in_its_request_thread_keeps_its_promise_through_an_outage(
     make_app: AppFactory, outage: Outage
 ) -> None:
@@ -660,15 +674,8 @@ def test_a_task_run_in_its_request_thread_keeps_its_promise_through_an_outage(
     outbox, and the submit, still within its wait, answers with it once the store
     is back and has taken it. A keyed submit made while the store is down gets
     503, and leaves the request-thread slot free."""
-    app, gates = gated_app(
-        make_app,
-        outage.store,
-        RESTFUL_ASYNC_LEASE=4,
-        RESTFUL_ASYNC_SHORT_WAIT=5,
-        RESTFUL_ASYNC_SHORT_IN_REQUEST=True,
-    )
+    app, gates = in_request_app(make_app, outage)
     state = get_state(app)
-    state.run_times.record("gated", "post", 0.01)
     answers = []
     keyed = {"Prefer": "wait=10", "Idempotency-Key": "a"}
     here = threading.Thread(
@@ -705,15 +712,8 @@ def test_a_task_written_as_it_ends_answers_its_client_through_an_outage(
     submit made while the store is down runs too. Each client gets the handler's
     answer; what the store did not take is missing from the task lists (logged),
     and nothing half-written is left behind."""
-    app, gates = gated_app(
-        make_app,
-        outage.store,
-        RESTFUL_ASYNC_LEASE=4,
-        RESTFUL_ASYNC_SHORT_WAIT=5,
-        RESTFUL_ASYNC_SHORT_IN_REQUEST=True,
-    )
+    app, gates = in_request_app(make_app, outage)
     state = get_state(app)
-    state.run_times.record("gated", "post", 0.01)
     answers: dict[str, t.Any] = {}
     wait = {"Prefer": "wait=10"}
 
