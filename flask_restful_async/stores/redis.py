@@ -371,18 +371,17 @@ local news = nil
 if ARGV[9] == '1' then
   news = table.concat({id, state, now, ARGV[10], ARGV[11], ARGV[12]}, '\0')
 end
+-- There already: a retried call whose first attempt did get through (ended), or
+-- recorded as running after all (that call's reply was lost): it ends now, and
+-- leaves the indexes of the worker it ran under (read before the fields change).
 local h = load(KEYS[1])
-if h then
-  -- A retried call whose first attempt did get through: ended already. Or it was
-  -- recorded as running after all (that call's reply was lost): it ends now.
-  if not is_active(h['state']) then return 0 end
-  redis.call('HSET', KEYS[1], unpack(ARGV, 13))
-  conclude(KEYS[1], h, state, news)
-  return 1
-end
+if h and not is_active(h['state']) then return 0 end
 redis.call('HSET', KEYS[1], unpack(ARGV, 13))
-redis.call('ZADD', KEYS[2], ARGV[7], id)
-conclude(KEYS[1], load(KEYS[1]), state, news)
+if not h then
+  redis.call('ZADD', KEYS[2], ARGV[7], id)
+  h = load(KEYS[1])
+end
+conclude(KEYS[1], h, state, news)
 return 1
 """
 )
