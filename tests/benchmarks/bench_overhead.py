@@ -15,7 +15,14 @@ seconds here) hits both alike:
 - ``submit+run``: a block of submits until its last task has finished: the whole
   cost of the work, not what the client waits for;
 - ``plain GET``: a plain ``Resource`` returning the finished task's result;
-- ``poll``: ``GET`` on the status URL of that finished task.
+- ``poll``: ``GET`` on the status URL of that finished task;
+- ``floor POST`` and ``floor GET``: the plain ``Resource`` again, which also writes
+  (POST) or reads (GET) one small row of a SQLite file set up as the default store
+  sets up its own (WAL, ``synchronous = NORMAL``): a three-column row in a table with
+  no other index, one statement, committed on its own. No store can keep a task
+  across processes and restarts for less, so ``floor POST / plain POST`` is the
+  least a submit that keeps its ``202`` durable can cost, and ``floor GET / plain
+  GET`` the least a poll of a task kept there can.
 
 ``--traces`` sets up OpenTelemetry traces: ``off`` (``RESTFUL_ASYNC_TRACES =
 False``), ``absent`` (as if opentelemetry were not installed), ``sdk`` (the SDK
@@ -42,8 +49,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import secrets
+import sqlite3
 import statistics
 import sys
+import tempfile
 import threading
 import time
 import typing as t
@@ -99,6 +110,55 @@ class PlainResult(Resource):
         return RESULT
 
 
+class Floor:
+    """The least a durable record costs: one row of a SQLite file, written or read
+    by one statement on a connection of this thread (see the module's doc)."""
+
+    def __init__(self) -> None:
+        self.directory = tempfile.TemporaryDirectory(prefix="bench-floor-")
+        self.path = os.path.join(self.directory.name, "floor.db")
+        self._local = threading.local()
+        self.key = secrets.token_urlsafe(16)
+        self.connection().execute("INSERT INTO rows VALUES (?, 'succeeded', 0)", (self.key,))
+
+    def connection(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS rows"
+                " (id TEXT PRIMARY KEY, state TEXT, created_at REAL) WITHOUT ROWID"
+            )
+            self._local.conn = conn
+        return conn
+
+    def write(self) -> None:
+        self.connection().execute(
+            "INSERT INTO rows VALUES (?, 'queued', ?)", (secrets.token_urlsafe(16), time.time())
+        )
+
+    def read(self) -> None:
+        row = self.connection().execute("SELECT state FROM rows WHERE id = ?", (self.key,))
+        assert row.fetchone() is not None
+
+
+FLOOR = Floor()
+
+
+class FloorOrders(Resource):
+    def post(self) -> t.Any:
+        FLOOR.write()
+        return summarize()
+
+
+class FloorResult(Resource):
+    def get(self) -> t.Any:
+        FLOOR.read()
+        return RESULT
+
+
 def padded(size: int) -> dict[str, t.Any]:
     """The order as a JSON body of ``size`` bytes (at least the order's own size)."""
     pad = max(0, size - len(json.dumps({**ORDER, "note": ""})))
@@ -132,6 +192,8 @@ def make_app(
     api.add_resource(PlainOrders, "/plain/orders")
     api.add_resource(AsyncOrders, "/orders")
     api.add_resource(PlainResult, "/plain/result")
+    api.add_resource(FloorOrders, "/floor/orders")
+    api.add_resource(FloorResult, "/floor/result")
     if with_signals:
         for signal in (
             signals.task_submitted,
@@ -249,6 +311,9 @@ def run_on(
     drain(app)
     assert client.get(location).json == RESULT
     assert client.get("/plain/result").json == RESULT
+    plain = client.post("/plain/orders", json=body).json
+    assert client.post("/floor/orders", json=body).json == plain
+    assert client.get("/floor/result").json == RESULT
 
     def plain_post() -> None:
         client.post("/plain/orders", json=body)
@@ -294,6 +359,19 @@ def run_on(
         add("plain GET", gets)
         add("poll", polls)
         ratios.setdefault("poll / plain GET", []).extend(poll_ratios)
+        posts, floors, floor_ratios = paired(
+            plain_post, lambda: client.post("/floor/orders", json=body), requests, block
+        )
+        add("floor POST", floors)
+        ratios.setdefault("floor POST / plain POST", []).extend(floor_ratios)
+        gets, floors, floor_ratios = paired(
+            lambda: client.get("/plain/result"),
+            lambda: client.get("/floor/result"),
+            requests,
+            block,
+        )
+        add("floor GET", floors)
+        ratios.setdefault("floor GET / plain GET", []).extend(floor_ratios)
     get_state(app).executor.shutdown(timeout=10)
     seconds = {name: statistics.median(values) for name, values in samples.items()}
     medians = {name: statistics.median(values) for name, values in ratios.items()}
