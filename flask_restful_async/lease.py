@@ -235,10 +235,21 @@ class LeaseKeeper:
             thread.join(STOP_TIMEOUT)
         found = outbox.existing_outbox(self.store)
         if found is not None and found.drain(EXIT_DRAIN_TIMEOUT):
-            self.app.logger.error(
-                "%d task outcomes could not be stored before exit; those tasks read as lost",
-                len(found),
-            )
+            withdrawals = found.withdrawals()
+            outcomes = len(found) - len(withdrawals)
+            if outcomes:
+                self.app.logger.error(
+                    "%d task outcomes could not be stored before exit; those tasks read as lost",
+                    outcomes,
+                )
+            for task_id in withdrawals:
+                # Nothing else knows that it must not run: say so where it can be acted on.
+                self.app.logger.error(
+                    "Task %s, whose submit was answered 503, could not be taken back before"
+                    " exit: another process may take it over and run it once the store answers",
+                    task_id,
+                    extra={"task_id": task_id},
+                )
         try:
             for worker in self._held:
                 self.store.release_lease(worker)

@@ -305,6 +305,11 @@ class Outbox:
             names, self._given_up = self._given_up, set()
         return names
 
+    def withdrawals(self) -> list[str]:
+        """The ids of the tasks waiting here to be taken back."""
+        with self._lock:
+            return [outcome.task_id for outcome in self._waiting.values() if outcome.withdrawal]
+
     def drain(self, timeout: float) -> int:
         """Try to write every waiting outcome for up to ``timeout`` seconds (at
         exit); return how many are left."""

@@ -24,10 +24,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from flask import current_app, request
+from flask import Flask, current_app, request
 from flask.testing import FlaskClient
 
-from flask_restful_async import AsyncResource, MemoryStore, current_task, outbox
+from flask_restful_async import AsyncResource, MemoryStore, current_task, lease, outbox
 from flask_restful_async.exceptions import StoreUnavailable
 from flask_restful_async.state import get_state
 from flask_restful_async.stores.base import TaskStore
@@ -842,3 +842,40 @@ def test_housekeeping_that_fails_stops_neither_takeover_nor_renewal(
     wait_for(lambda: store.claims >= looks + 3, timeout=5)  # one per third of a lease
     assert caplog.text.count("housekeeping failed") == 1
     assert "Could not renew the task lease" not in caplog.text
+
+
+class Unreachable(MemoryStore):
+    """Takes leases, but neither an outcome nor a withdrawal: down for those."""
+
+    def finish(self, task_id: str, state: TaskState, response: t.Any = None) -> t.Any:
+        raise self.unavailable("down", "no answer")
+
+    def withdraw(self, task_id: str, *, running_under: str | None = None) -> bool:
+        raise self.unavailable("down", "no answer")
+
+
+def test_what_a_process_leaves_unwritten_at_exit_is_logged_for_what_it_is(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A withdrawal left behind is no lost task: the task its 503 refused may run.
+    # The log said "those tasks read as lost" of both kinds alike.
+    monkeypatch.setattr(lease, "EXIT_DRAIN_TIMEOUT", 0.2)
+    store = Unreachable()
+    app = Flask(__name__)
+    keeper = lease.LeaseKeeper(app, store)
+    keeper.ensure()
+    refused = store.create(Task(id=new_task_id(), worker="w"), b"snapshot")
+    running = store.create(Task(id=new_task_id(), worker="w"))
+    assert store.start(running.id, "w") is not None
+    logger = logging.getLogger("test.exit")
+    outbox.withdraw(store, refused.id, logger, now=False)
+    outbox.finish(
+        store, running.id, TaskState.SUCCEEDED, StoredResponse(200, [], b"{}"), "w", logger
+    )
+    keeper.release()
+    assert "1 task outcomes could not be stored before exit" in caplog.text
+    assert (
+        f"Task {refused.id}, whose submit was answered 503, could not be taken back before exit"
+        in caplog.text
+    )
+    assert len(outbox.outbox_for(store)) == 0
