@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 __all__ = [
     "MAX_WAIT_SECONDS",
     "Preference",
+    "delta_seconds",
     "parse_prefer",
     "request_prefer",
     "respond_async",
@@ -138,13 +139,20 @@ def wait_seconds(prefs: t.Mapping[str, Preference]) -> int | None:
     pref = prefs.get("wait")
     if pref is None or pref.value is None:
         return None
-    digits = pref.value
-    if not all(c in _DIGITS for c in digits):
+    return delta_seconds(pref.value)
+
+
+def delta_seconds(text: str) -> int | None:
+    """``text`` as ``delta-seconds`` (RFC 9111 section 1.2.2): one or more ASCII
+    digits and nothing else, else None. Values above :data:`MAX_WAIT_SECONDS`,
+    however many digits they have, are capped to it: a number too large is still
+    a number, which every caller bounds further."""
+    if not text or not all(c in _DIGITS for c in text):
         return None
     # Bound the length before int(): a digit string of any length is valid
     # delta-seconds, but int() of thousands of digits is slow, and above
     # sys.int_info.str_digits_check_threshold raises ValueError.
-    significant = digits.lstrip("0")
+    significant = text.lstrip("0")
     if len(significant) > len(str(MAX_WAIT_SECONDS)):
         return MAX_WAIT_SECONDS
     return min(int(significant), MAX_WAIT_SECONDS) if significant else 0

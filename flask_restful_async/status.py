@@ -11,7 +11,7 @@ from werkzeug.exceptions import NotFound
 from . import signals, streams, waiting
 from .exceptions import Unavailable
 from .origin import is_cross_site
-from .prefer import request_prefer, wait_seconds
+from .prefer import delta_seconds, request_prefer, wait_seconds
 from .responses import (
     NO_STORE,
     error_response,
@@ -35,17 +35,6 @@ def not_found() -> Response:
 
 def unavailable(e: Unavailable) -> Response:
     return error_response(503, e.message, {"Retry-After": str(e.retry_after), **NO_STORE})
-
-
-def whole_number(text: str) -> int | None:
-    """``text`` as a whole number, or None: 1 to 10 ASCII digits and nothing else.
-
-    Stricter than ``int()``, which also takes a sign, spaces, underscores and
-    non-ASCII digits: one spelling per number in the query parameters.
-    """
-    if not (0 < len(text) <= 10 and text.isascii() and text.isdigit()):
-        return None
-    return int(text)
 
 
 class _TaskResource(Resource):
@@ -185,7 +174,7 @@ def requested_wait() -> tuple[int | None, bool]:
     environ = request.environ
     query = request.args.get("wait") if environ.get("QUERY_STRING") else None
     if query is not None:
-        return whole_number(query), False
+        return delta_seconds(query), False
     seconds = wait_seconds(request_prefer(environ))
     return (seconds, True) if seconds else (0, False)
 
@@ -249,7 +238,7 @@ class TaskListResource(_TaskResource):
         owner = state.identity()
         if not list_served(state, owner):
             return error_response(404, NotFound.description, NO_STORE)
-        limit = whole_number(request.args.get("limit", str(DEFAULT_LIST_LIMIT)))
+        limit = delta_seconds(request.args.get("limit", str(DEFAULT_LIST_LIMIT)))
         if limit is None:
             return error_response(400, "limit must be a whole number.", NO_STORE)
         if not 1 <= limit <= MAX_LIST_LIMIT:

@@ -234,6 +234,7 @@ def test_task_list_is_newest_first_paginated_and_filtered(make_app: AppFactory) 
     [
         "limit=0",
         "limit=501",
+        "limit=" + "9" * 30,
         "limit=ten",
         "limit=",
         # int() takes all of these; ?wait= never did: one spelling per number
@@ -254,6 +255,9 @@ def test_task_list_rejects_bad_parameters_with_400_json(make_app: AppFactory, qu
     assert response.status_code == 400
     assert response.json is not None
     assert "message" in response.json
+    if query.startswith("limit=") and query[6:].isdigit():
+        # A number, however long, out of bounds: said as such.
+        assert response.json["message"] == "limit must be between 1 and 500."
 
 
 def test_task_list_is_scoped_to_the_owner(make_app_any_store: AppFactory) -> None:

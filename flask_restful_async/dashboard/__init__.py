@@ -35,6 +35,7 @@ from werkzeug.exceptions import NotFound
 from .. import streams
 from ..exceptions import Unavailable
 from ..origin import is_cross_site
+from ..prefer import delta_seconds
 from ..responses import NO_STORE, error_response, json_response
 from ..state import AdminCallable, AsyncState, OwnerCallable, get_state
 from ..status import (
@@ -46,7 +47,6 @@ from ..status import (
     list_served,
     not_found,
     unavailable,
-    whole_number,
 )
 from ..task import Task, TaskState, is_valid_task_id
 
@@ -184,7 +184,7 @@ def tasks() -> Response:
     scope = _scope(state)
     if scope is None:
         return _no_such_page()
-    limit = whole_number(request.args.get("limit", str(PAGE_SIZE)))
+    limit = delta_seconds(request.args.get("limit", str(PAGE_SIZE)))
     if limit is None or not 1 <= limit <= MAX_LIST_LIMIT:
         return error_response(400, f"limit must be between 1 and {MAX_LIST_LIMIT}.", NO_STORE)
     wanted = request.args.get("state") or None
