@@ -207,7 +207,7 @@ class AsyncState:
             if not _valid_idempotency_key(key):
                 return error_response(
                     400,
-                    "Idempotency-Key must be 1 to 255 visible ASCII characters.",
+                    "Idempotency-Key must be 1 to 255 printable ASCII characters.",
                 )
             # Keys are scoped by owner (in the store), method and path (here). A key
             # may hold spaces, so the path holds none: one way to read the scope.
