@@ -127,8 +127,8 @@ class ThreadExecutor(Executor):
         if full:
             self._slots.release()
             raise Saturated(
-                f"The tasks waiting here hold {self.max_pending_bytes} bytes of requests"
-                " between them; try again later."
+                "The tasks waiting here hold as many bytes of requests as they may"
+                f" ({self.max_pending_bytes}); try again later."
             )
 
     def acquire_now(self) -> bool:
