@@ -7,7 +7,8 @@ same ``RESTFUL_ASYNC_STORE`` as the servers, nothing else.
 
 Exit codes: 0 on success; 1, with a one-line message on stderr, for an unknown
 task id, a ``cancel`` of a task that has finished, a ``forget`` of one that has
-not, or a store that cannot serve; 2 for bad usage.
+not, or a store that cannot serve (a SQLite file that does not exist included: the
+commands never create one); 2 for bad usage.
 
 The group is :data:`tasks_cli`; an app that has a ``tasks`` command of its own
 keeps it, and may add this one under another name with
@@ -21,6 +22,7 @@ import functools
 import json
 import logging
 import math
+import os
 import re
 import time
 import typing as t
@@ -33,6 +35,7 @@ from . import signals, waiting
 from .exceptions import Unavailable
 from .state import AsyncState, get_state
 from .stores.outages import logger as _store_log
+from .stores.sqlite import SQLiteStore
 from .task import Task, TaskState, count_text, is_valid_task_id, isoformat
 
 #: How much of a stored response body ``flask tasks show`` prints in its table
@@ -72,6 +75,14 @@ def _store_errors(command: F) -> F:
         # only; the one line on stderr says it. Being a handler, this also keeps
         # logging's last resort from printing the same again where logging is not
         # configured; configured handlers still get the record.
+        store = _state().store
+        if isinstance(store, SQLiteStore) and not os.path.exists(store.path):
+            # Opened, it would be made (with its folder): a mistyped path or another
+            # instance folder would read as an empty, healthy store.
+            _fail(
+                f"no task store at {store.path}: no process of this app has used it"
+                " (check RESTFUL_ASYNC_STORE, and the instance folder)"
+            )
         detail = _LastRecord()
         _store_log.addHandler(detail)
         try:

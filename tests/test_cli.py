@@ -213,6 +213,7 @@ def test_show_an_active_and_a_failed_task(cli_app: Flask) -> None:
 @pytest.mark.parametrize("command", ["show", "cancel", "forget"])
 @pytest.mark.parametrize("task_id", ["A" * 22, "not-an-id", "../x"])
 def test_an_unknown_id_exits_1_with_a_message(cli_app: Flask, command: str, task_id: str) -> None:
+    finish(cli_app, "/echo", {"n": 1})  # a store in use (a SQLite file that exists)
     result = run(cli_app, command, task_id)
     assert result.exit_code == 1
     assert result.stdout == ""
@@ -410,6 +411,22 @@ def test_a_sqlite_file_that_is_not_a_store_is_one_line_and_exit_1(
         result.stderr
         == f"Error: Task store sqlite:///{path}: DatabaseError: file is not a database\n"
     )
+
+
+@pytest.mark.parametrize("command", [["list"], ["stats"], ["purge"], ["show", "a" * 22]])
+def test_a_sqlite_file_that_does_not_exist_is_one_line_and_exit_1_and_not_made(
+    make_app: AppFactory, tmp_path: Path, command: list[str]
+) -> None:
+    # Opened, the file was made, with its folder: a mistyped path or another
+    # instance folder read as an empty, healthy store ("No tasks.", exit 0).
+    path = tmp_path / "typo" / "tasks.db"
+    app, _ = make_app(store=f"sqlite:///{path}")
+    result = app.test_cli_runner().invoke(args=["tasks", *command])
+    assert result.exit_code == 1, result.output
+    assert result.stdout == ""
+    assert result.stderr.startswith(f"Error: no task store at {path}: ")
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert not path.parent.exists()
 
 
 def test_the_group_is_added_for_a_blueprint_and_an_app_factory(tmp_path: Path) -> None:
