@@ -163,6 +163,19 @@ def test_a_synchronous_answer_is_the_response(client: TaskClient, recorder: Reco
     assert recorder.requests[-1][1].headers["Prefer"] == "wait=5"
 
 
+def test_a_submit_that_asks_to_wait_is_given_the_time_it_asked_for(
+    base: str, recorder: Recorder
+) -> None:
+    # Only polls had their read timeout lengthened by their wait: a submit with
+    # wait=N timed out at the client's read timeout (httpx's 5 s by default), went
+    # again and again with its key, and past a few tries raised ReadTimeout.
+    with TaskClient(base, timeout=0.5, backoff=0.05, event_hooks=recorder.hooks()) as client:
+        answered = client.post("/work", json={"steps": 3, "step": 0.4}, wait=5)
+    assert isinstance(answered, httpx.Response)
+    assert answered.status_code == 201
+    assert len(recorder.sent("POST")) == 1
+
+
 def test_the_handlers_own_202_is_its_final_answer(client: TaskClient) -> None:
     # A 202 whose Location is not the status URL is the handler's answer, not a
     # task still at work: the operation ends with it.
@@ -581,6 +594,17 @@ def test_cli_follows_a_task_to_its_result(base: str) -> None:
     assert lines[-2:] == ["201 CREATED  application/json", json.dumps({"echo": json.loads(body)})]
 
 
+def test_cli_wait_gets_the_final_answer_to_the_submit_itself(base: str) -> None:
+    body = json.dumps({"steps": 2, "step": 0.2})
+    result = run_cli("post", base + "/work", "--json", body, "--wait", "10")
+    assert result.returncode == 0, result
+    assert result.stdout.splitlines() == [
+        f"POST {base}/work",
+        "201 CREATED  application/json",
+        json.dumps({"echo": json.loads(body)}),
+    ]
+
+
 def test_cli_bar_and_exit_status_of_a_failure(base: str) -> None:
     body = json.dumps({"steps": 3, "step": 0.8, "fail": "abort"})
     result = run_cli("POST", base + "/work", "--json", body, "--progress", "bar")
@@ -602,6 +626,7 @@ def test_cli_bad_usage_and_errors(base: str) -> None:
         ["GET", base + "/plain", "-H", "X-Name: \u00e9"],  # not ASCII
         ["GET", base + "/plain", "--timeout", "nan"],
         ["GET", base + "/plain", "--timeout", "inf"],
+        ["GET", base + "/plain", "--wait", "0"],
     ):
         with pytest.raises(SystemExit) as usage:  # argparse's exit, with a message
             cli_main(bad)
@@ -613,7 +638,7 @@ def test_cli_bad_usage_and_errors(base: str) -> None:
     assert refused.stderr.startswith("error: ")
     slow = run_cli("POST", base + "/work", "--json", '{"steps": 3, "step": 1}', "--timeout", "1")
     assert slow.returncode == 1
-    assert "error: no final response after 1 s" in slow.stderr
+    assert "error: no final response within 1 s" in slow.stderr
 
 
 def start_cli(*args: str, **options: t.Any) -> subprocess.Popen[str]:

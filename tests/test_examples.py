@@ -160,7 +160,7 @@ def test_follow_times_out(client: types.ModuleType, tiny_server: str) -> None:
     assert client.follow(tiny_server + "/forever", timeout=0.5, out=out) == 1
     assert time.monotonic() - started < 2
     lines = out.getvalue().splitlines()
-    assert lines[-2] == "error: no final response after 0.5 s; the task goes on:"
+    assert lines[-2] == "error: no final response within 0.5 s; the task goes on:"
     assert lines[-1] == f"  {tiny_server}/forever"
 
 

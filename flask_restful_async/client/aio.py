@@ -92,7 +92,7 @@ class AsyncTaskClient:
         options["headers"] = protocol.submit_headers(
             given, wait=wait, idempotency_key=idempotency_key
         )
-        steps = protocol.submit(self._requests.submit(method, url, options), self.policy)
+        steps = protocol.submit(self._requests.submit(method, url, options, wait), self.policy)
         response = await run(self.http, steps)
         state = self._requests.accepted(response, given)
         return response if state is None else AsyncOperation(self, state, response)

@@ -51,6 +51,7 @@ def follow(
     progress: str = "auto",
     cancel_on_interrupt: bool = False,
     long_poll: int = 20,
+    wait: int | None = None,
     out: t.TextIO | None = None,
     err: t.TextIO | None = None,
     stdin: t.TextIO | None = None,
@@ -59,6 +60,8 @@ def follow(
     its final answer, printing as described above. Returns the exit status.
 
     ``timeout`` bounds the whole exchange, retries included (None: no bound).
+    ``wait`` asks the server for the final response in answer to the submit itself,
+    if it comes within that many seconds (``Prefer: wait=N``).
     """
     out = out or sys.stdout
     err = err or sys.stderr
@@ -81,7 +84,7 @@ def follow(
         headers=dict(headers or {}), long_poll=long_poll, timeout=http_timeout
     ) as client:
         try:
-            answer = client._submit(method, url, deadline=deadline, **options)
+            answer = client._submit(method, url, deadline=deadline, wait=wait, **options)
         except httpx.HTTPError as e:
             say(f"error: {url}: {str(e) or type(e).__name__}", err)
             return 1
@@ -108,7 +111,7 @@ def follow(
             return interrupted(operation, cancel_on_interrupt, say, err, stdin)
         except TimeoutError:
             show.close()
-            say(f"error: no final response after {timeout:g} s; the task goes on:", err)
+            say(f"error: no final response within {timeout:g} s; the task goes on:", err)
             say(f"  {operation.url}", err)
             return 1
         except httpx.HTTPError as e:
@@ -300,6 +303,13 @@ def main(argv: t.Sequence[str] | None = None) -> int:
         metavar="SECONDS",
         help="the Prefer: wait=N of each poll (0: never ask); default 20",
     )
+    parser.add_argument(
+        "--wait",
+        type=int,
+        metavar="SECONDS",
+        help="ask for the final response in answer to the submit itself if it comes"
+        " within N seconds (Prefer: wait=N): one request for a short task",
+    )
     args = parser.parse_args(argv)
     if args.json is not None:
         try:
@@ -317,6 +327,8 @@ def main(argv: t.Sequence[str] | None = None) -> int:
         parser.error(f"not an http:// or https:// URL: {args.url!r}")
     if args.long_poll < 0:
         parser.error("--long-poll must not be negative")
+    if args.wait is not None and args.wait < 1:
+        parser.error("--wait must be 1 or more")
     headers: dict[str, str] = {}
     for name, value in args.header:
         headers[name] = value
@@ -329,4 +341,5 @@ def main(argv: t.Sequence[str] | None = None) -> int:
         progress=args.progress,
         cancel_on_interrupt=args.cancel_on_interrupt,
         long_poll=args.long_poll,
+        wait=args.wait,
     )

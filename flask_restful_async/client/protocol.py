@@ -519,12 +519,25 @@ class Requests:
         self.policy = policy
 
     def submit(
-        self, method: str, url: httpx.URL | str, options: dict[str, t.Any]
+        self,
+        method: str,
+        url: httpx.URL | str,
+        options: dict[str, t.Any],
+        wait: int | None = None,
     ) -> t.Callable[[], httpx.Request]:
+        """The submit's request; with ``wait`` (its ``Prefer: wait``), a read timeout
+        that also covers the wait the server may hold it, unless the caller gave a
+        ``timeout`` of its own."""
+        if wait and "timeout" not in options:
+            options = {**options, "timeout": self._covering(wait)}
         return lambda: self.http.build_request(method, url, **options)
 
     def poll(self, url: httpx.URL, headers: httpx.Headers, wait: float) -> httpx.Request:
         """A ``GET`` whose read timeout also covers the ``wait`` the server may hold it."""
+        return self.http.build_request("GET", url, headers=headers, timeout=self._covering(wait))
+
+    def _covering(self, wait: float) -> httpx.Timeout:
+        """The client's timeouts, the read one lengthened by ``wait`` seconds."""
         timeout = self.http.timeout
         if wait and timeout.read is not None:
             timeout = httpx.Timeout(
@@ -533,7 +546,7 @@ class Requests:
                 write=timeout.write,
                 pool=timeout.pool,
             )
-        return self.http.build_request("GET", url, headers=headers, timeout=timeout)
+        return timeout
 
     def delete(self, state: OperationState) -> t.Callable[[], httpx.Request]:
         return lambda: self.http.build_request("DELETE", state.url, headers=state.headers)

@@ -126,7 +126,9 @@ class TaskClient:
         options["headers"] = protocol.submit_headers(
             given, wait=wait, idempotency_key=idempotency_key
         )
-        steps = protocol.submit(self._requests.submit(method, url, options), self.policy, deadline)
+        steps = protocol.submit(
+            self._requests.submit(method, url, options, wait), self.policy, deadline
+        )
         response = run(self.http, steps)
         state = self._requests.accepted(response, given)
         return response if state is None else Operation(self, state, response)
