@@ -234,10 +234,14 @@ def register_async(
 #: submits, polls or lists a task.
 UNOWNED_WARNING = (
     "register_async: no owner callable, so task ids are bearer tokens: whoever"
-    " learns a status URL can read that task's result and cancel it; the task"
-    " list answers 404 (RESTFUL_ASYNC_PUBLIC_LIST = True would show every id to"
-    " anyone). Pass register_async(api, owner=...) returning the caller's"
-    " identity."
+    " learns a status URL can read that task's result and cancel it; {list}."
+    " Pass register_async(api, owner=...) returning the caller's identity."
+)
+#: What :data:`UNOWNED_WARNING` says of the task list, without and with
+#: ``RESTFUL_ASYNC_PUBLIC_LIST``.
+_UNOWNED_LIST = (
+    "the task list answers 404 (RESTFUL_ASYNC_PUBLIC_LIST = True would show every id to anyone)",
+    "and RESTFUL_ASYNC_PUBLIC_LIST = True shows every id to anyone at the task list",
 )
 
 
@@ -439,7 +443,7 @@ def _make_state(
     if owner is None and not app.debug:
         # Told with the first request it concerns, not here: an app loaded by a
         # command (flask tasks, flask shell) serves no one and should not say it.
-        state.unowned_warning = UNOWNED_WARNING
+        state.unowned_warning = UNOWNED_WARNING.format(list=_UNOWNED_LIST[state.public_list])
     if dashboard:
         install_dashboard(app, dashboard)
     if state.lease is not None:

@@ -254,6 +254,16 @@ def test_without_owner_a_warning_says_ids_are_bearer_tokens(
         assert client.get("/tasks/" + "a" * 22).status_code == 404
         assert client.get("/tasks/" + "a" * 22).status_code == 404
     assert sum("bearer tokens" in r.getMessage() for r in caplog.records) == 1
+    assert "the task list answers 404" in caplog.text
+    caplog.clear()
+    # With the list public, the warning says so rather than that it answers 404.
+    public = Flask("public", instance_path=str(tmp_path / "p"))
+    public.config["RESTFUL_ASYNC_PUBLIC_LIST"] = True
+    with caplog.at_level(logging.WARNING):
+        register_async(Api(public))
+        assert public.test_client().get("/tasks").status_code == 200
+    assert "shows every id to anyone at the task list" in caplog.text
+    assert "answers 404" not in caplog.text
     caplog.clear()
     quiet = Flask("quiet", instance_path=str(tmp_path / "b"))
     with caplog.at_level(logging.WARNING):
