@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -405,6 +406,35 @@ def test_a_file_removed_or_replaced_under_the_store_is_a_503_and_an_error(
         assert path.exists() is (change == "replaced")
     finally:
         get_state(app).close()
+
+
+def test_a_process_that_never_opened_a_removed_file_makes_no_new_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Only the processes that had the file open noticed its removal; one that had
+    # not made a new, empty file and answered 202 on it, while the others answered
+    # 503: the processes of one app split between two files.
+    path = tmp_path / "tasks.db"
+    first = SQLiteStore(str(path))
+    first.create(Task(id=new_task_id(), worker="w"), b"a request")
+    first.close()
+    for name in ("tasks.db", "tasks.db-wal", "tasks.db-shm"):
+        (tmp_path / name).unlink(missing_ok=True)
+    late = SQLiteStore(str(path))  # a process that had not used the store yet
+    try:
+        with (
+            caplog.at_level(logging.ERROR, logger="flask_restful_async.stores"),
+            pytest.raises(StoreUnavailable),
+        ):
+            late.create(Task(id=new_task_id(), worker="w2"))
+        assert not path.exists()
+        assert "the database file is missing" in caplog.text
+        # Started afresh on purpose (the copies removed too), it makes its file.
+        shutil.rmtree(f"{path}-snapshots")
+        late.create(Task(id=new_task_id(), worker="w2"))
+        assert path.exists()
+    finally:
+        late.close()
 
 
 CHANGE_FILE = """

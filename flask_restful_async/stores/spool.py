@@ -79,6 +79,13 @@ class SnapshotSpool:
         self._place = os.path.abspath(folder)
         _spools.add(self)
 
+    def holds_segments(self) -> bool:
+        """Whether any segment file lies in the folder (written by any process)."""
+        try:
+            return any(name.endswith(SUFFIX) for name in os.listdir(self.folder))
+        except OSError:
+            return False
+
     def append(self, worker: str | None, data: bytes) -> str:
         """Write ``data`` at the end of this process's segment; return where it lies.
 

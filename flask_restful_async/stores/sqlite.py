@@ -484,6 +484,17 @@ class SQLiteStore(TaskStore):
         if known:
             # Before opening: SQLite would recover the old file's log into a new one.
             self._check_file()
+        elif not os.path.exists(self.path) and self._spool.holds_segments():
+            # This process never opened the file, but others did: their request
+            # copies are still there. Made anew here, it would split the processes
+            # between two files (those that had it open answer 503, see _check_file).
+            raise self.unavailable(
+                "removed",
+                "the database file is missing, but the request copies written with it"
+                f" ({self._spool.folder}) are not: it was removed while in use; restore"
+                " it, or remove that folder too to start afresh",
+                level=logging.ERROR,
+            )
         try:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
             conn = sqlite3.connect(
