@@ -52,6 +52,8 @@ class Run:
         #: Whether the store holds it, written whole as it ended.
         self.written = False
         self.ended = False
+        #: When (``time.monotonic()``) the handler was done, or None while it runs.
+        self.ended_at: float | None = None
         #: The worker name of the last recording as running that failed: the store
         #: may hold the task under it all the same (a reply lost), or None.
         self.tried_as: str | None = None
@@ -77,7 +79,8 @@ class Run:
         (it never was recorded); False if it was recorded running, and ends as any
         recorded task does. No recording starts after this."""
         with self.lock:
-            self.ended = True
+            if not self.ended:
+                self.ended, self.ended_at = True, time.monotonic()
             return not self.recorded
 
 

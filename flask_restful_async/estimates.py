@@ -20,7 +20,9 @@ A task that runs in its submit's request thread (``RESTFUL_ASYNC_SHORT_IN_REQUES
 is followed while it runs (:meth:`RunTimes.begin`): the estimate is at least the
 time the oldest of those has run so far, so one that hangs stops the next submits
 from running theirs in the request thread, and from waiting, as soon as it has run
-longer than the bound, not when it ends.
+longer than the bound, not when it ends. Its sample is its handler's time, not the
+final write's: a store that stalls must not turn away the one kind of submit that
+needs no store until its end.
 """
 
 from __future__ import annotations
@@ -51,11 +53,12 @@ class RunTimes:
         self._running[token] = ((endpoint, method), time.monotonic())
         return token
 
-    def end(self, token: int) -> None:
-        """The run :meth:`begin` returned ``token`` for is done: record it (as a
-        sample of its endpoint)."""
+    def end(self, token: int, at: float | None = None) -> None:
+        """The run :meth:`begin` returned ``token`` for is done (at ``at``, a
+        :func:`time.monotonic` time; now when None): record it (as a sample of its
+        endpoint)."""
         key, started = self._running.pop(token)
-        self.record(*key, time.monotonic() - started)
+        self.record(*key, (time.monotonic() if at is None else at) - started)
 
     def record(self, endpoint: str, method: str, seconds: float) -> None:
         """One task of ``endpoint`` and ``method`` (lower case) took ``seconds``."""

@@ -417,11 +417,16 @@ class AsyncState:
         finally:
             if not handed:
                 self.executor.release_now()  # a receiver raised past Exception
-            self.run_times.end(token)
-            if unrecorded is not None:
+            if unrecorded is None:
+                self.run_times.end(token)
+            else:
                 # If the runner did not get to it: never recorded from now on.
                 unrecorded.end()
                 self.recorder.done(unrecorded)
+                # The handler's time, not the final write's: a store that stalls
+                # (its timeout) must not make the next such submits, which need no
+                # store until their end, look slow and go through it (503).
+                self.run_times.end(token, at=unrecorded.ended_at)
         ended = None if ending is None else ending.apply(task)
         return task if ended is None else ended
 
