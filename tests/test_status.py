@@ -74,11 +74,15 @@ def test_answers_the_router_gives_at_task_urls_are_kept_by_no_cache(
         ("OPTIONS", "/tasks", 200),
         ("POST", "/tasks", 405),
         ("PATCH", f"{location}/result", 405),
+        # The status rule catches <id>/result too: a DELETE there forgot nothing
+        # and said "No such task." of a task that exists.
+        ("DELETE", f"{location}/result", 405),
     ]:
         response = client.open(path, method=method)
         assert (method, path, response.status_code) == (method, path, code)
         assert response.headers["Cache-Control"] == "no-store"
         assert "GET" in response.headers["Allow"]
+    assert client.get(location).status_code in (200, 202)  # the DELETE forgot nothing
     # Elsewhere in the app, answers are left as they were.
     assert "Cache-Control" not in client.put("/quick").headers
     assert "Cache-Control" not in client.options("/quick").headers
