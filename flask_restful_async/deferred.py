@@ -52,8 +52,8 @@ class Run:
         #: Whether the store holds it, written whole as it ended.
         self.written = False
         self.ended = False
-        #: When (``time.monotonic()``) the handler was done, or None while it runs.
-        self.ended_at: float | None = None
+        #: Called once, as the handler is done (before the final write).
+        self.on_end: t.Callable[[], object] | None = None
         #: The worker name of the last recording as running that failed: the store
         #: may hold the task under it all the same (a reply lost), or None.
         self.tried_as: str | None = None
@@ -79,9 +79,11 @@ class Run:
         (it never was recorded); False if it was recorded running, and ends as any
         recorded task does. No recording starts after this."""
         with self.lock:
-            if not self.ended:
-                self.ended, self.ended_at = True, time.monotonic()
-            return not self.recorded
+            first, self.ended = not self.ended, True
+            write_whole = not self.recorded
+        if first and self.on_end is not None:
+            self.on_end()
+        return write_whole
 
 
 class Recorder:

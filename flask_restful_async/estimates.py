@@ -53,12 +53,11 @@ class RunTimes:
         self._running[token] = ((endpoint, method), time.monotonic())
         return token
 
-    def end(self, token: int, at: float | None = None) -> None:
-        """The run :meth:`begin` returned ``token`` for is done (at ``at``, a
-        :func:`time.monotonic` time; now when None): record it (as a sample of its
-        endpoint)."""
+    def end(self, token: int) -> None:
+        """The run :meth:`begin` returned ``token`` for is done: record it (as a
+        sample of its endpoint)."""
         key, started = self._running.pop(token)
-        self.record(*key, (time.monotonic() if at is None else at) - started)
+        self.record(*key, time.monotonic() - started)
 
     def record(self, endpoint: str, method: str, seconds: float) -> None:
         """One task of ``endpoint`` and ``method`` (lower case) took ``seconds``."""

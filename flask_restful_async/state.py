@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import time
@@ -404,6 +405,11 @@ class AsyncState:
         :mod:`~flask_restful_async.deferred`); it is returned as it ended, whether
         the store took it or not."""
         token = self.run_times.begin(snapshot.endpoint, snapshot.method)
+        if unrecorded is not None:
+            # Its run ends with its handler, not after the final write: a store that
+            # stalls must not make the endpoint look slow, which would turn the next
+            # such submits (which need no store until their end) to it, and to 503.
+            unrecorded.on_end = functools.partial(self.run_times.end, token)
         handed = False
         try:
             if unrecorded is None:
@@ -420,13 +426,10 @@ class AsyncState:
             if unrecorded is None:
                 self.run_times.end(token)
             else:
-                # If the runner did not get to it: never recorded from now on.
+                # If the runner did not get to it: never recorded from now on (and
+                # the run's time taken now).
                 unrecorded.end()
                 self.recorder.done(unrecorded)
-                # The handler's time, not the final write's: a store that stalls
-                # (its timeout) must not make the next such submits, which need no
-                # store until their end, look slow and go through it (503).
-                self.run_times.end(token, at=unrecorded.ended_at)
         ended = None if ending is None else ending.apply(task)
         return task if ended is None else ended
 
