@@ -402,6 +402,26 @@ def test_list_is_newest_first_owner_scoped_filtered_and_paged(store: TaskStore) 
     assert store.list(owner=None) == []
 
 
+@pytest.mark.parametrize("size", [10, 70_000])
+def test_a_list_reads_no_response(store: TaskStore, size: int) -> None:
+    # A page of 500 status documents read every task's response (SQLite joined
+    # the results table, Redis sent each whole hash): one GET /tasks of results of
+    # a few MB cost hundreds of MB of memory, and a list stream read them again
+    # at every change.
+    response = StoredResponse(200, [("Content-Type", "text/plain")], b"r" * size)
+    task = store.create(new_task(owner="alice"))
+    assert store.start(task.id, "w") is not None
+    assert store.finish(task.id, TaskState.SUCCEEDED, response) is not None
+    for listed in (store.list(owner="alice"), store.list_all()):
+        assert [found.id for found in listed] == [task.id]
+        assert listed[0].state is TaskState.SUCCEEDED
+        assert listed[0].finished_at is not None
+        assert listed[0].response == StoredResponse(200, [], b"")  # the code alone
+    found = store.get(task.id)
+    assert found is not None
+    assert found.response == response
+
+
 @pytest.mark.parametrize("size", [0, 400, 600, 70_000])
 @pytest.mark.parametrize("state", [TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED])
 def test_a_task_created_finished_reads_as_one_finished_the_usual_way(

@@ -318,7 +318,10 @@ class TaskStore(abc.ABC):
         """Live (not expired) tasks of ``owner``, newest first, after the task ``before``.
 
         A ``before`` that is not one of ``owner``'s tasks (unknown, or another
-        owner's) gives an empty list.
+        owner's) gives an empty list. Of a listed task's response, only the status
+        code is read (``response.headers`` and ``response.body`` are empty): a list
+        shows status documents, and a page of 500 results of megabytes each would
+        be read for nothing (:meth:`get` has them).
         """
 
     @abc.abstractmethod

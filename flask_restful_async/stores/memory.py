@@ -45,6 +45,15 @@ class MemoryStore(TaskStore):
         # Request snapshots of tasks that another worker may take over, by task id.
         self._snapshots: dict[str, bytes] = {}
 
+    @classmethod
+    def _listed(cls, task: Task) -> Task:
+        """A copy as a list shows it: of its response, the status code alone (see
+        TaskStore.list)."""
+        copied = cls._copy(task)
+        if task.response is not None:
+            copied.response = StoredResponse(task.response.status, [], b"")
+        return copied
+
     @staticmethod
     def _copy(task: Task) -> Task:
         # A shallow copy is enough (Progress and StoredResponse are frozen) and,
@@ -236,7 +245,7 @@ class MemoryStore(TaskStore):
             view = self.retention_view(task, now)
             if view is None or view.expired:
                 continue
-            found.append(self._copy(view))
+            found.append(self._listed(view))
             if len(found) >= limit:
                 break
         return found
@@ -318,7 +327,7 @@ class MemoryStore(TaskStore):
                 self._lose_if_stale(task, now)
                 view = self.retention_view(task, now)
                 if view is not None and not view.expired:
-                    found.append(self._copy(view))
+                    found.append(self._listed(view))
             return found
 
     def list_all(

@@ -501,8 +501,37 @@ return redis.call('HGETALL', KEYS[1])
 # entries to look at at most, the state wanted ('' for any), queued_before (see
 # check_alive).
 # Returns {next cursor id or '', its score or '', task hashes...}.
+# A task as a list shows it: of its response the status code alone (see
+# TaskStore.list), with empty headers and body; never the response's own, which a
+# page of status documents does not need and which may weigh megabytes each.
+_LISTED = """
+local LISTED = {
+  'id', 'state', 'created_at', 'started_at', 'finished_at', 'progress', 'owner',
+  'idempotency_key', 'fingerprint', 'cancel', 'worker', 'expired', 'rerun', 'endpoint',
+  'method', 'path', 'status'
+}
+local function listed(key)
+  local values = redis.call('HMGET', key, unpack(LISTED))
+  local flat = {}
+  for i, name in ipairs(LISTED) do
+    if values[i] then
+      flat[#flat + 1] = name
+      flat[#flat + 1] = values[i]
+    end
+  end
+  if values[#LISTED] then
+    flat[#flat + 1] = 'headers'
+    flat[#flat + 1] = '[]'
+    flat[#flat + 1] = 'body'
+    flat[#flat + 1] = ''
+  end
+  return flat
+end
+"""
+
 _LIST = (
     _PRELUDE
+    + _LISTED
     + """
 local cursor, cursor_score = ARGV[6], ARGV[7]
 local want, scan, wanted_state = tonumber(ARGV[8]), tonumber(ARGV[9]), ARGV[10]
@@ -532,7 +561,7 @@ for i = 1, #entries, 2 do
   else
     check_alive(key, h, queued_before)
     if not is_expired(h) and (wanted_state == '' or h['state'] == wanted_state) then
-      out[#out + 1] = redis.call('HGETALL', key)
+      out[#out + 1] = listed(key)
     end
   end
   if #out - 2 >= want or (i + 1 == #entries and #entries == 2 * scan) then
@@ -722,6 +751,7 @@ return {changed, #due / 2}
 # task ids. Returns the hashes of those that are live and in that state, in order.
 _READ_LIVE = (
     _PRELUDE
+    + _LISTED
     + """
 local wanted, queued_before = ARGV[6], tonumber(ARGV[7])
 local out = {}
@@ -731,7 +761,7 @@ for i = 8, #ARGV do
   if h then
     check_alive(key, h, queued_before)
     if not is_expired(h) and (wanted == '' or h['state'] == wanted) then
-      out[#out + 1] = redis.call('HGETALL', key)
+      out[#out + 1] = listed(key)
     end
   end
 end

@@ -177,6 +177,12 @@ _SELECT = (
     " FROM tasks AS t LEFT JOIN results AS r ON r.id = t.result"
 )
 _GET = f"{_SELECT} WHERE t.id = ?"
+# The same as a list shows a task: of its response the status code alone (a list
+# stream's "done" event tells it), never the headers and body, which a page of
+# status documents does not need and which may weigh megabytes (see
+# TaskStore.list). A large result's status is the first column of its row: read
+# without its overflow pages.
+_LISTED = _SELECT.replace("coalesce(t.headers, r.headers), coalesce(t.body, r.body)", "'', x''")
 # The same for one owner (bind: owner, id, owner): the response is joined only
 # when the owner matches, and a row of another owner is never returned.
 _GET_OWNED = (
@@ -996,7 +1002,7 @@ class SQLiteStore(TaskStore):
         now = time.time()
         # Finished longer ago than this, a task is expired and not listed.
         fresh_after = now - self.result_ttl
-        query = [f"{_SELECT} WHERE t.owner IS ? AND t.expired = 0"]
+        query = [f"{_LISTED} WHERE t.owner IS ? AND t.expired = 0"]
         params: list[t.Any] = [owner]
         query.append("AND (t.finished_at IS NULL OR t.finished_at >= ?)")
         params.append(fresh_after)
@@ -1228,8 +1234,8 @@ class SQLiteStore(TaskStore):
         """Every owner's live tasks, newest first.
 
         The page's ids are picked first, from the task rows alone (a scan of the
-        table and a sort that keeps ``limit`` rows); only those rows are then
-        joined to their responses and read.
+        table and a sort that keeps ``limit`` rows); only those rows are then read
+        (with their response's status code only, as :meth:`list`).
         """
         now = time.time()
         query = [
@@ -1245,7 +1251,7 @@ class SQLiteStore(TaskStore):
             params.append(before)
         query.append("ORDER BY t.created_at DESC, t.id DESC LIMIT ?")
         params.append(limit)
-        page = f"{_SELECT} WHERE t.id IN ({' '.join(query)}) ORDER BY t.created_at DESC, t.id DESC"
+        page = f"{_LISTED} WHERE t.id IN ({' '.join(query)}) ORDER BY t.created_at DESC, t.id DESC"
         with self._reading() as conn:
             rows = conn.execute(page, params).fetchall()
         tasks = (self._read(row, now) for row in rows)
