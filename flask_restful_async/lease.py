@@ -17,7 +17,7 @@ from flask import Flask
 
 from . import outbox
 from .exceptions import RestfulAsyncError
-from .stores.base import TaskStore
+from .stores.base import RENEW_RETRY, TaskStore
 
 
 def _new_worker_id() -> str:
@@ -37,8 +37,6 @@ def worker_id() -> str:
 #: Seconds a process that exits gives the outcomes still waiting for the store
 #: before it releases its lease (which makes their tasks lost).
 EXIT_DRAIN_TIMEOUT = 2.0
-#: Seconds between two tries to renew a lease that could not be renewed.
-RENEW_RETRY = 0.5
 #: Seconds :meth:`LeaseKeeper.release` waits for a renewal or claim under way.
 STOP_TIMEOUT = 2.0
 #: Seconds between two tries of :meth:`LeaseKeeper.start` while the store is down.

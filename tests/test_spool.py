@@ -218,7 +218,7 @@ def test_maintain_removes_the_segments_of_a_gone_process_once_its_tasks_started(
     taker = SQLiteStore(path)
     taker.configure(result_ttl=3600, tombstone_ttl=3600, lease=30)
     taker.renew_lease("taker")
-    time.sleep(0.3)  # the gone process's lease lapses
+    time.sleep(0.5)  # the gone process's lease lapses (held 0.4 s for a 0.2 s lease)
     taker.maintain()
     assert len(segments(folder)) == 1  # its queued tasks still need it
     claimed = taker.claim("taker", 5)

@@ -748,7 +748,7 @@ def test_a_lease_renewed_after_the_read_keeps_the_task_running(tmp_path: Path, r
         task = Task(id=new_task_id(), worker="w", rerun=rerun)
         store.create(task, b"snapshot")
         assert store.start(task.id, "w") is not None
-        time.sleep(0.3)  # lapsed
+        time.sleep(0.5)  # lapsed (held 0.4 s for a 0.2 s lease)
         [row] = store._select(f"{sqlite_store._SELECT} WHERE t.id = ?", (task.id,))
         store.renew_lease("w")  # the worker comes back between the read and its write
         read = store._read(row, time.time())

@@ -555,9 +555,10 @@ def test_an_active_task_of_a_worker_without_lease_reads_lost(shared_store: TaskS
     running = store.create(new_task(worker="dying"))
     store.start(running.id, "dying")
     celery_like = store.create(new_task(worker=None))
-    time.sleep(0.1)
+    # A renewal holds a lease for store.lease_hold (0.4 s here), past the lease.
+    time.sleep(0.25)
     store.renew_lease("alive")
-    time.sleep(0.15)
+    time.sleep(0.25)
     for task_id in (queued.id, running.id):
         lost = store.get(task_id)
         assert lost is not None
@@ -918,6 +919,33 @@ def test_an_idempotent_repeat_records_no_snapshot(store: TaskStore) -> None:
     assert [each.snapshot for each in store.claim("w", 5)] == [SNAPSHOT]
 
 
+def test_a_lease_outlives_a_store_outage_shorter_than_the_lease(
+    shared_store: TaskStore,
+) -> None:
+    # Renewed every third of a lease, a lease ran out one lease after its last
+    # renewal: a store that did not answer for two thirds of a lease (no renewal
+    # got through) let a live process's lease lapse, and the first read once it
+    # answered again ended that process's running tasks lost (and queued its
+    # rerun_on_crash ones for another process, which ran them a second time).
+    store = shared_store
+    store.configure(result_ttl=3600, tombstone_ttl=3600, lease=0.6)
+    store.renew_lease("w")
+    running = store.create(new_task(worker="w"))
+    assert store.start(running.id, "w") is not None
+    rerun = store.create(new_task(worker="w", rerun=True), SNAPSHOT)
+    assert store.start(rerun.id, "w") is not None
+    # The next renewal was due a third of a lease on, when the store stopped
+    # answering for most of a lease: the first read after finds them running.
+    time.sleep(0.2 + 0.55)
+    for task in (running, rerun):
+        found = store.get(task.id)
+        assert found is not None
+        assert found.state is TaskState.RUNNING
+    assert store.claim("other", 10) == []
+    store.renew_lease("w")  # the renewal that follows the outage
+    assert store.lease_hold == pytest.approx(0.6 + 0.2 + 0.4)
+
+
 def test_a_lapsed_holders_tasks_are_claimable_lost_or_queued_again(
     shared_store: TaskStore,
 ) -> None:
@@ -936,9 +964,9 @@ def test_a_lapsed_holders_tasks_are_claimable_lost_or_queued_again(
         store.start(task.id, "dying")
         store.set_progress(task.id, Progress(1, 2))
     store.request_cancel(rerun_cancelled.id)
-    time.sleep(0.1)
+    time.sleep(0.25)  # held for store.lease_hold (0.4 s here)
     store.renew_lease("alive")
-    time.sleep(0.15)
+    time.sleep(0.25)
     # Listed by the state they read as, before any read of their own.
     listed = {
         state: {task.id for task in store.list(owner=None, state=state)}
@@ -994,7 +1022,7 @@ def test_a_lapsed_holders_tasks_are_settled_by_a_claim_without_any_read(
     for task in (running, rerun, rerun_cancelled):
         store.start(task.id, "dying")
     store.request_cancel(rerun_cancelled.id)
-    time.sleep(0.3)
+    time.sleep(0.5)  # past store.lease_hold (0.4 s here)
     store.renew_lease("alive")
     claimed = store.claim("alive", 10)
     assert [each.task.id for each in claimed] == [queued.id, rerun.id]

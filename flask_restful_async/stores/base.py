@@ -14,6 +14,9 @@ from ..task import Progress, StoredResponse, Task, TaskState
 from .outages import OutageLog
 
 ACTIVE_STATES = (TaskState.QUEUED, TaskState.RUNNING)
+#: Seconds between two tries to renew a lease that could not be renewed (at most a
+#: third of the lease; see :class:`~flask_restful_async.lease.LeaseKeeper`).
+RENEW_RETRY = 0.5
 
 
 def withdrawable(task: Task, running_under: str | None) -> bool:
@@ -133,6 +136,18 @@ class TaskStore(abc.ABC):
     lease: float = 30.0
     #: Seconds a task may stay queued before it reads lost (``RESTFUL_ASYNC_QUEUED_TTL``).
     queued_ttl: float = 24 * 3600
+
+    @property
+    def lease_hold(self) -> float:
+        """Seconds a renewal keeps a worker's lease: :attr:`lease`, plus the third of
+        it that may have passed since the last renewal when the store stops
+        answering, plus two pauses between tries (:data:`RENEW_RETRY`) for the first
+        renewal after. A store that does not
+        answer for less than a lease (no renewal gets through, nor any other write)
+        so lets no live process's lease lapse: whichever write comes first once it
+        answers again, the renewal or another process's read of the lease, finds
+        it held."""
+        return self.lease + self.lease / 3 + 2 * min(self.lease / 3, RENEW_RETRY)
 
     def configure(
         self,

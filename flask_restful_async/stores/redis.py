@@ -1032,7 +1032,7 @@ class RedisStore(TaskStore):
             task.id,
             repr(float(task.created_at)),
             task.worker or "",
-            _ms(self.lease),
+            _ms(self.lease_hold),
             self._queued_before(time.time()),
             *(("0", "") if snapshot is None else ("1", snapshot)),
             *fields,
@@ -1239,7 +1239,7 @@ class RedisStore(TaskStore):
 
     def renew_lease(self, worker: str) -> None:
         with self._reaching():
-            self._client.set(self._lease_key(worker), repr(time.time()), px=_ms(self.lease))
+            self._client.set(self._lease_key(worker), repr(time.time()), px=_ms(self.lease_hold))
 
     def release_lease(self, worker: str) -> None:
         args = [*self._clock(time.time()), worker, RELEASE_BATCH]

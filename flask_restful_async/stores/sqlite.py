@@ -1045,7 +1045,7 @@ class SQLiteStore(TaskStore):
             conn.execute(
                 "INSERT INTO leases (worker, expires_at) VALUES (?, ?)"
                 " ON CONFLICT (worker) DO UPDATE SET expires_at = excluded.expires_at",
-                (worker, time.time() + self.lease),
+                (worker, time.time() + self.lease_hold),
             )
 
     def release_lease(self, worker: str) -> None:
