@@ -142,14 +142,19 @@ def _progress(task: Task) -> str:
 
 
 #: Control characters (C0, DEL, C1): what a terminal may take for a command.
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+# C0 and C1 controls, and the invisible characters that reorder or hide text in a
+# terminal (bidirectional marks, embeddings, overrides and isolates; zero-width
+# characters; line and paragraph separators): a caller's "\u202e" in a path would
+# show a listing's row reversed.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
 
 
 def _safe(text: str, keep: str = "") -> str:
-    """``text`` with its control characters written as escapes (``\\x1b``), but
-    those in ``keep``: a task's path, message, headers and body come from API
-    callers, and an escape sequence reaching the operator's terminal could
-    clear it, retitle it, hide text or fake rows of a listing."""
+    """``text`` with its control and invisible characters written as escapes
+    (``\\x1b``, ``\\u202e``), but those in ``keep``: a task's path, message,
+    headers and body come from API callers, and an escape sequence reaching the
+    operator's terminal could clear it, retitle it, hide text or fake rows of a
+    listing."""
     return _CONTROL.sub(
         lambda found: found[0] if found[0] in keep else found[0].encode("unicode_escape").decode(),
         text,

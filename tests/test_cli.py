@@ -252,7 +252,7 @@ def test_cancel_a_queued_and_a_running_task(cli_app: Flask) -> None:
 
 class Sly(AsyncResource):
     def post(self, where: str) -> t.Any:
-        current_task.progress(1, message="\x1b]0;pwned\x07done\nfake-row")
+        current_task.progress(1, message="\x1b]0;pwned\x07done\nfake-row\u202eworb")
         return {"ok": True}, 200, {"X-Sly": "\x1b[8mhidden"}
 
 
@@ -269,6 +269,8 @@ def test_list_and_show_never_pass_control_characters_to_the_terminal(
         assert "\x1b" not in result.stdout
         assert "\x07" not in result.stdout
         assert "\\x1b" in result.stdout  # shown as an escape
+        assert "\u202e" not in result.stdout  # nor a right-to-left override
+        assert "\\u202e" in result.stdout
     listed = run(app, "list").stdout.splitlines()
     assert len(listed) == 2  # the header and one row: none of the message's making
 
