@@ -294,8 +294,12 @@ def _call_handler(snapshot: RequestSnapshot, resource: Resource | None) -> tuple
     # that already ran in the request thread.
     view = inspect.unwrap(current_app.view_functions[snapshot.endpoint])
     replay = Replay(snapshot.method, snapshot.args, snapshot.kwargs)
-    _cv_replay.set(replay)
-    rv = view(**(request.view_args or {}))
+    token = _cv_replay.set(replay)
+    try:
+        rv = view(**(request.view_args or {}))
+    finally:
+        # Taken by AsyncResource.dispatch_request; not left set by a view that is not one.
+        _cv_replay.reset(token)
     if replay.resource is None:
         raise RuntimeError(f"endpoint {snapshot.endpoint!r} is not an AsyncResource")
     return rv, replay.resource
