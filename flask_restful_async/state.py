@@ -216,7 +216,7 @@ class AsyncState:
             if " " in path or "%" in path:
                 path = path.replace("%", "%25").replace(" ", "%20")
             task.idempotency_key = f"{request.method} {path} {key}"
-            task.fingerprint = _fingerprint(body)
+            task.fingerprint = _fingerprint(body, environ.get("QUERY_STRING", ""))
         rule = request.url_rule
         endpoint = (rule.endpoint if rule is not None else None) or ""
         prefs = request_prefer(environ) if "HTTP_PREFER" in environ else _NO_PREFERENCES
@@ -285,7 +285,9 @@ class AsyncState:
                 self.release(size, now)
             if recorded.fingerprint != task.fingerprint:
                 return error_response(
-                    422, "This Idempotency-Key was already used with a different request body."
+                    422,
+                    "This Idempotency-Key was already used with a different request body"
+                    " or query string.",
                 )
             return self.accepted(recorded, prefs, ticket, hold)
         if now:
@@ -623,9 +625,16 @@ def _valid_idempotency_key(key: str) -> bool:
     return 0 < len(key) <= 255 and all("!" <= char <= "~" or char == " " for char in key)
 
 
-def _fingerprint(body: bytes) -> str:
-    """What tells a repeat from a different request under the same key."""
-    return hashlib.sha256(body).hexdigest()
+def _fingerprint(body: bytes, query: str = "") -> str:
+    """What tells a repeat from a different request under the same key: its body
+    and its query string. Without a query string, the body's digest alone, as
+    earlier versions wrote it (a repeat across an upgrade still matches); with
+    one, a digest of both, marked apart so that no body alone can give it."""
+    if not query:
+        return hashlib.sha256(body).hexdigest()
+    encoded = query.encode("latin-1", "replace")
+    digest = hashlib.sha256(b"%d:" % len(encoded) + encoded + body).hexdigest()
+    return f"q:{digest}"
 
 
 def get_state(app: Flask) -> AsyncState:

@@ -80,6 +80,22 @@ def test_the_same_key_with_another_body_is_422(make_app_any_store: AppFactory) -
     assert len(get_state(app).store.list(owner=None)) == 1
 
 
+def test_the_same_key_with_another_query_string_is_422(make_app_any_store: AppFactory) -> None:
+    # Only the body told a repeat: POST /echo?n=3 with the key of POST /echo?n=2
+    # (same body) got the first task's Location and result.
+    app, api = make_app_any_store()
+    api.add_resource(Echo, "/echo")
+    client = app.test_client()
+    headers = {"Idempotency-Key": "q"}
+    first = client.post("/echo?n=2", json={"n": 1}, headers=headers)
+    assert first.status_code == 202
+    again = client.post("/echo?n=2", json={"n": 1}, headers=headers)
+    assert again.headers["Location"] == first.headers["Location"]
+    assert client.post("/echo?n=3", json={"n": 1}, headers=headers).status_code == 422
+    assert client.post("/echo", json={"n": 1}, headers=headers).status_code == 422
+    assert len(get_state(app).store.list(owner=None)) == 1
+
+
 @pytest.mark.parametrize("key", ["", "x" * 256, "tab\there", "é"])
 def test_a_malformed_key_is_400_and_creates_nothing(
     make_app_any_store: AppFactory, key: str
