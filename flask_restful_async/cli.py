@@ -141,11 +141,10 @@ def _progress(task: Task) -> str:
     return shown
 
 
-#: Control characters (C0, DEL, C1): what a terminal may take for a command.
-# C0 and C1 controls, and the invisible characters that reorder or hide text in a
-# terminal (bidirectional marks, embeddings, overrides and isolates; zero-width
-# characters; line and paragraph separators): a caller's "\u202e" in a path would
-# show a listing's row reversed.
+#: Control characters (C0, DEL, C1), what a terminal may take for a command, and
+#: the invisible characters that reorder or hide text there (bidirectional marks,
+#: embeddings, overrides and isolates; zero-width characters; line and paragraph
+#: separators): a caller's "\u202e" in a path would show a listing's row reversed.
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
 
 

@@ -142,11 +142,10 @@ class TaskStore(abc.ABC):
         """Seconds a renewal keeps a worker's lease: :attr:`lease`, plus the third of
         it that may have passed since the last renewal when the store stops
         answering, plus two pauses between tries (:data:`RENEW_RETRY`) for the first
-        renewal after. A store that does not
-        answer for less than a lease (no renewal gets through, nor any other write)
-        so lets no live process's lease lapse: whichever write comes first once it
-        answers again, the renewal or another process's read of the lease, finds
-        it held."""
+        renewal after. A store that does not answer for less than a lease (no
+        renewal gets through, nor any other write) so lets no live process's lease
+        lapse: whichever write comes first once it answers again, the renewal or
+        another process's read of the lease, finds it held."""
         return self.lease + self.lease / 3 + 2 * min(self.lease / 3, RENEW_RETRY)
 
     def configure(

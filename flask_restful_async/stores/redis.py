@@ -496,11 +496,6 @@ return redis.call('HGETALL', KEYS[1])
 """
 )
 
-# KEYS: owner index. ARGV[6..]: cursor id ('' to start at the newest), the
-# cursor's score ('' if unknown), how many tasks are wanted, how many index
-# entries to look at at most, the state wanted ('' for any), queued_before (see
-# check_alive).
-# Returns {next cursor id or '', its score or '', task hashes...}.
 # A task as a list shows it: of its response the status code alone (see
 # TaskStore.list), with empty headers and body; never the response's own, which a
 # page of status documents does not need and which may weigh megabytes each.
@@ -529,6 +524,11 @@ local function listed(key)
 end
 """
 
+# KEYS: owner index. ARGV[6..]: cursor id ('' to start at the newest), the
+# cursor's score ('' if unknown), how many tasks are wanted, how many index
+# entries to look at at most, the state wanted ('' for any), queued_before (see
+# check_alive).
+# Returns {next cursor id or '', its score or '', task hashes...}.
 _LIST = (
     _PRELUDE
     + _LISTED
