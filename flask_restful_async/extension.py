@@ -270,9 +270,12 @@ def _routes(url: str) -> Routes:
     """The resources register_async adds, with their rules and endpoint names."""
     # The path converter also catches ids with slashes, and the rule that ends in a
     # slash the empty id, so that every malformed id gets the same JSON 404 instead
-    # of the router's HTML one.
+    # of the router's HTML one. The status URL itself comes first: the router finds
+    # an id of one segment by it, which costs a poll half what the path converter's
+    # rule does (a pattern tried against the rest of the path).
     base = url[: -len(_TASK_ID_PART)]
-    status = (base + "/<path:task_id>", base + "/") if base else ("/<path:task_id>",)
+    catch_all = base + "/<path:task_id>"
+    status = (url, catch_all, base + "/") if base else (url, catch_all)
     return [
         (TaskStatusResource, status, STATUS_ENDPOINT),
         (TaskResultResource, (url + RESULT_SUFFIX,), RESULT_ENDPOINT),

@@ -63,6 +63,24 @@ def test_a_custom_status_url_serves_the_list_one_level_up(tmp_path: Path) -> Non
         get_state(app).close()
 
 
+def test_an_id_of_one_segment_is_routed_by_the_status_url_itself(tmp_path: Path) -> None:
+    # The catch-all rule (ids with slashes, the empty id) costs the router a
+    # pattern match on every poll; the status URL's own rule is tried first.
+    app = Flask(__name__, instance_path=str(tmp_path))
+    api = Api(app)
+    register_async(api, url="/jobs/<task_id>")
+    try:
+        adapter = app.url_map.bind("localhost")
+        rule, args = adapter.match("/jobs/" + "A" * 22, return_rule=True)
+        assert (rule.rule, args) == ("/jobs/<task_id>", {"task_id": "A" * 22})
+        rule, args = adapter.match("/jobs/a/b", return_rule=True)
+        assert (rule.rule, args) == ("/jobs/<path:task_id>", {"task_id": "a/b"})
+        response = app.test_client().get("/jobs/a/b")
+        assert (response.status_code, response.json) == (404, {"message": "No such task."})
+    finally:
+        get_state(app).close()
+
+
 def test_twice_on_one_app_is_a_runtime_error_that_says_why(tmp_path: Path) -> None:
     app = Flask(__name__, instance_path=str(tmp_path))
     api = Api(app)
