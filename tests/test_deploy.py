@@ -1,4 +1,4 @@
-"""Deploys lose nothing (tests/benchmarks/deploy_run.py): 600 submits to
+"""Deploys lose nothing (tests/benchmarks/deploy_run.py): 300 submits to
 ``gunicorn -w 4`` while it reloads, restarts, loses a worker to SIGKILL or recycles
 its workers (``--max-requests 50``); every accepted task ends ``succeeded`` with the
 right result, run once, except the tasks the killed worker was running (``lost``)."""
@@ -10,6 +10,8 @@ import pytest
 from .benchmarks.deploy_run import SCENARIOS, run
 from .services import require_redis
 
+SUBMITS = 300
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("store", ["sqlite", "redis"])
@@ -17,11 +19,15 @@ from .services import require_redis
 def test_every_accepted_task_runs_once_through_a_deploy(scenario: str, store: str) -> None:
     if store == "redis":
         require_redis()
-    # Tasks of 50 ms (the benchmark's default is 100 ms): the submits still outpace
-    # the task threads, so each strike finds tasks queued and running, in less time.
-    report = run(scenario, store, seconds=0.05, log=lambda line: None)
+    # Tasks of 50 ms, 300 submits and a new server 2 s after the old one stopped (the
+    # benchmark's defaults are 100 ms, 600 and 5 s): the submits still outpace the
+    # task threads, so each strike (after 100) finds tasks queued and running, and
+    # --max-requests 50 recycles each worker at least once, in less time.
+    report = run(
+        scenario, store, submits=SUBMITS, seconds=0.05, restart_pause=2.0, log=lambda line: None
+    )
     print("\n".join(report.lines()))
-    assert report.accepted == 600, report.lines()
+    assert report.accepted == SUBMITS, report.lines()
     assert report.twice == [], report.lines()
     assert report.wrong == [], report.lines()
     assert report.active == [], report.lines()

@@ -138,6 +138,7 @@ def run(
     seconds: float = 0.1,
     log: t.Callable[[str], None] = print,
     server_log: t.IO[bytes] | None = None,
+    restart_pause: float = RESTART_PAUSE,
 ) -> DeployReport:
     """Run one scenario; see the module documentation."""
     if scenario not in SCENARIOS or store not in STORES:
@@ -174,7 +175,9 @@ def run(
 
         started = time.monotonic()
         base = [start()]
-        submitted = _load(base, start, report, scenario, submits, clients, seconds, log)
+        submitted = _load(
+            base, start, report, scenario, submits, clients, seconds, log, restart_pause
+        )
         _settle(base[0], submitted, report, lease=SETTLE / 2)
         for done in report.answered:
             report.outcomes[done.outcome or "still active"] += 1
@@ -199,6 +202,7 @@ def _load(
     clients: int,
     seconds: float,
     log: t.Callable[[str], None],
+    restart_pause: float,
 ) -> list[Submitted]:
     submitted: list[Submitted] = []
     lock = threading.Lock()
@@ -276,7 +280,7 @@ def _load(
         else:
             os.kill(pids["ppid"], signal.SIGTERM)
             note(f"SIGTERM of the master {pids['ppid']} after {report.accepted} accepted")
-            time.sleep(RESTART_PAUSE)
+            time.sleep(restart_pause)
             base[0] = start()
             note("a new server started on the same store")
     for thread in threads:
