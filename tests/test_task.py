@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import base64
+import random
+import time
+from datetime import UTC, datetime
+
+import pytest
 
 from flask_restful_async import Progress, Task, TaskState
 from flask_restful_async.task import is_valid_task_id, isoformat, new_task_id
@@ -37,6 +42,32 @@ def test_status_document_shape_and_times() -> None:
         "progress": {"current": 3, "total": 10, "message": "crunching"},
     }
     assert isoformat(None) is None
+
+
+def _by_datetime(timestamp: float) -> str:
+    moment = datetime.fromtimestamp(timestamp, UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def test_isoformat_gives_what_datetime_gives() -> None:
+    rng = random.Random(12)
+    now = time.time()
+    samples = [0.0, 0.0005, 0.9995, 0.9999995, 0.9999994, 59.9999996, 1e9 + 0.0004995]
+    samples += [now + rng.uniform(-3, 3) for _ in range(2000)]
+    samples += [rng.uniform(0, 4e9) for _ in range(2000)]
+    # Fractions at the rounding edges of microseconds and of milliseconds.
+    edges = (0.0000005, 0.0000015, 0.0009995, 0.0009999995, 0.999999, 0.9999995)
+    samples += [whole + edge for whole in (1, 1_700_000_000, 4_000_000_000) for edge in edges]
+    for timestamp in samples:
+        assert isoformat(timestamp) == _by_datetime(timestamp), timestamp
+    # In turn, so that each finds another second than the last one formatted.
+    for timestamp in (5.25, 1e9 + 0.5, 5.75, 5.75):
+        assert isoformat(timestamp) == _by_datetime(timestamp)
+    # Past the cache's range, as datetime does: a negative time, and its error
+    # past the year 9999.
+    assert isoformat(-1.5) == _by_datetime(-1.5)
+    with pytest.raises((ValueError, OverflowError, OSError)):
+        isoformat(1e13)
 
 
 def test_status_document_tells_the_request_when_known() -> None:
