@@ -51,7 +51,7 @@ from flask import Response, current_app, request
 
 from . import waiting
 from .exceptions import Unavailable
-from .responses import NO_STORE
+from .responses import NO_STORE, no_content
 from .task import Task, TaskState
 
 if t.TYPE_CHECKING:
@@ -80,12 +80,16 @@ _STREAM_HEADERS = {**NO_STORE, "X-Accel-Buffering": "no"}
 
 def wants_stream() -> bool:
     """Whether the request asks for an event stream rather than JSON: its
-    ``Accept`` names ``text/event-stream`` and prefers it (``*/*`` alone does not)."""
+    ``Accept`` names ``text/event-stream`` (in any case: media types are not
+    case-sensitive) and does not rank JSON above it. ``*/*`` alone, or
+    ``text/*``, does not name it; with the two named alike (``text/event-stream,
+    application/json``), the stream, which the client named, not the default."""
     accept = request.environ.get("HTTP_ACCEPT")
-    if not accept or EVENT_STREAM not in accept:
+    if not accept or EVENT_STREAM not in accept.lower():
         return False
-    best = request.accept_mimetypes.best_match(("application/json", EVENT_STREAM))
-    return best == EVENT_STREAM
+    accepted = request.accept_mimetypes
+    wanted = accepted.quality(EVENT_STREAM)
+    return wanted > 0 and wanted >= accepted.quality("application/json")
 
 
 class Timing(t.NamedTuple):
@@ -143,7 +147,7 @@ def stream_response(events: Iterator[bytes], on_close: t.Callable[[], None]) -> 
 
 def no_more_events() -> Response:
     """``204``: everything was seen; an ``EventSource`` stops reconnecting."""
-    return current_app.response_class(status=204, headers=NO_STORE)
+    return no_content()
 
 
 class _Clock:

@@ -236,6 +236,7 @@ def test_last_event_id_does_not_replay_what_was_seen(app: Flask) -> None:
     # Saw done: 204, which tells an EventSource to stop reconnecting.
     response = client.get(location, headers={**STREAM, "X-User": "alice", "Last-Event-ID": "done"})
     assert response.status_code == 204
+    assert "Content-Type" not in response.headers
 
 
 def test_a_silent_stream_sends_keep_alive_comments(app: Flask) -> None:
@@ -330,10 +331,38 @@ def test_a_stream_whose_first_read_fails_leaves_no_subscription(make_app: AppFac
 def test_without_the_accept_header_the_status_url_answers_json(app: Flask) -> None:
     client = app.test_client()
     location = submit(client, "/steps")
-    for accept in ("*/*", "application/json", "text/event-stream;q=0"):
+    for accept in (
+        "*/*",
+        "text/*",
+        "application/json",
+        "text/event-stream;q=0",
+        "text/event-stream;q=0.5, application/json",
+        "text/event-stream;q=0.1, */*",
+    ):
         response = client.get(location, headers={"Accept": accept, "X-User": "alice"})
-        assert response.status_code == 202
-        assert response.mimetype == "application/json"
+        assert response.status_code == 202, accept
+        assert response.mimetype == "application/json", accept
+
+
+@pytest.mark.parametrize(
+    "accept",
+    [
+        "TEXT/EVENT-STREAM",
+        "text/event-stream, application/json",
+        "application/json, text/event-stream",
+        "application/json;q=0.5, Text/Event-Stream",
+    ],
+)
+def test_an_accept_that_names_the_stream_and_ranks_json_no_higher_gets_it(
+    app: Flask, accept: str
+) -> None:
+    client = app.test_client()
+    location = submit(client, "/steps")
+    with client.get(
+        location, headers={"Accept": accept, "X-User": "alice"}, buffered=False
+    ) as response:
+        assert response.status_code == 200
+        assert response.mimetype == "text/event-stream"
 
 
 def test_the_list_stream_follows_the_callers_tasks_only(app: Flask) -> None:
