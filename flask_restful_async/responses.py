@@ -236,5 +236,14 @@ def expired_response(*, vary_on_prefer: bool = False) -> Response:
     )
 
 
+def no_content() -> Response:
+    """``204 No Content``, ``Cache-Control: no-store``: without the
+    ``Content-Type: text/html`` a Flask response gets by default, which an
+    empty answer has no use for."""
+    response = current_app.response_class(status=204, headers=NO_STORE)
+    del response.headers["Content-Type"]
+    return response
+
+
 def error_response(code: int, message: str, headers: t.Mapping[str, str] | None = None) -> Response:
     return json_response(code, {"message": message}, headers)

@@ -17,6 +17,7 @@ from .responses import (
     error_response,
     expired_response,
     json_response,
+    no_content,
     status_response,
 )
 from .state import RESULT_SUFFIX, AsyncState, get_state
@@ -149,7 +150,7 @@ class TaskStatusResource(_TaskResource):
             waiting.notify(state.store, task.id)
         except Unavailable as e:
             return unavailable(e)
-        return current_app.response_class(status=204, headers=NO_STORE)
+        return no_content()
 
 
 def cancel(state: AsyncState, task: Task) -> Response | None:

@@ -390,6 +390,22 @@ def test_an_api_on_a_blueprint_serves_it_with_its_own_list_url(tmp_path: Path) -
         get_state(app).close()
 
 
+def test_a_get_of_the_cancel_url_is_a_405_that_names_post(app: Flask) -> None:
+    client = app.test_client()
+    queued = add_task(app, "alice")
+    answer = client.get(f"{DASHBOARD}/api/tasks/{queued.id}/cancel", headers={"X-User": "alice"})
+    assert answer.status_code == 405
+    assert answer.headers["Allow"] == "OPTIONS, POST"
+    assert answer.headers["Cache-Control"] == "no-store"
+    assert answer.json == {"message": "Cancel a task with POST."}
+    # Not a task: the JSON 404 of any other path.
+    assert client.get(f"{DASHBOARD}/api/tasks/x/cancel", headers={"X-User": "alice"}).json == {
+        "message": "No such task."
+    }
+    # Nor to a caller with no page, who learns nothing of it.
+    assert client.get(f"{DASHBOARD}/api/tasks/{queued.id}/cancel").status_code == 404
+
+
 def test_cancel_never_forgets_a_task_that_finished(app: Flask) -> None:
     # The page's Cancel: a row still read running when its task finished; a
     # DELETE then deleted the result.

@@ -422,6 +422,7 @@ def test_delete_of_a_finished_task_forgets_it(make_app_any_store: AppFactory) ->
     response = client.delete(location)
     assert response.status_code == 204
     assert response.data == b""
+    assert "Content-Type" not in response.headers  # not Flask's default text/html
     assert client.get(location).status_code == 404
     assert client.delete(location).status_code == 404
 

@@ -225,6 +225,9 @@ def tasks() -> Response:
     return json_response(200, document, NO_STORE)
 
 
+_CANCEL_SUFFIX = "/cancel"
+
+
 @blueprint.route("/api/tasks/<path:task_id>/cancel", methods=["POST"])
 @_guarded
 def cancel_task(task_id: str) -> Response:
@@ -274,6 +277,11 @@ def task(task_id: str) -> Response:
     scope = _scope(state)
     if scope is None:
         return _no_such_page()
+    if task_id.endswith(_CANCEL_SUFFIX) and is_valid_task_id(task_id[: -len(_CANCEL_SUFFIX)]):
+        # <path>/api/tasks/<id>/cancel, which this rule catches too: POST only.
+        return error_response(
+            405, "Cancel a task with POST.", {"Allow": "OPTIONS, POST", **NO_STORE}
+        )
     try:
         found = _visible(state, scope, task_id)
     except Unavailable as e:
