@@ -119,7 +119,7 @@ class TaskHandle:
             raise ValueError("current and total must be finite numbers")
         if message is not None and not isinstance(message, str):
             raise TypeError("message must be a string or None")
-        progress = Progress(current, total, message)
+        progress = Progress(current, total, message, time.time())
         if self._moving is None:
             self.latest = progress
             self._reporter_report(progress)

@@ -121,13 +121,29 @@ class Progress:
     current: float
     total: float | None = None
     message: str | None = None
+    #: When the handler reported it (a POSIX time): the rate that ``Retry-After`` is
+    #: estimated from is the one seen up to then, not up to a later poll's. Kept by
+    #: the stores, never in the status document; None in a record of an earlier
+    #: version. Not compared: the same report twice is no change.
+    at: float | None = dataclasses.field(default=None, compare=False)
 
     def to_dict(self) -> dict[str, t.Any]:
+        """As the status document shows it."""
         return {"current": self.current, "total": self.total, "message": self.message}
+
+    def to_stored(self) -> dict[str, t.Any]:
+        """As the stores keep it: :meth:`to_dict` and the time of the report."""
+        stored = self.to_dict()
+        if self.at is not None:
+            stored["at"] = self.at
+        return stored
 
     @classmethod
     def from_dict(cls, data: t.Mapping[str, t.Any]) -> Progress:
-        return cls(data["current"], data.get("total"), data.get("message"))
+        at = data.get("at")
+        if not isinstance(at, int | float) or isinstance(at, bool) or not math.isfinite(at):
+            at = None
+        return cls(data["current"], data.get("total"), data.get("message"), at)
 
 
 def count_text(value: float) -> str:

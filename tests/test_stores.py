@@ -185,6 +185,22 @@ def test_progress_is_recorded_and_reports_the_cancel_flag(store: TaskStore) -> N
     assert store.cancel_requested(task.id) is True
 
 
+def test_progress_keeps_the_time_of_its_report(store: TaskStore) -> None:
+    # For Retry-After (the rate seen up to the report); not in the status document.
+    task = store.create(dataclasses.replace(new_task(), progress=Progress(0, 4, at=1000.25)))
+    found = store.get(task.id)
+    assert found is not None
+    assert found.progress is not None
+    assert found.progress.at == 1000.25
+    store.start(task.id, "w")
+    store.set_progress(task.id, Progress(1, 4, "a", at=1234.5))
+    found = store.get(task.id)
+    assert found is not None
+    assert found.progress is not None
+    assert (found.progress, found.progress.at) == (Progress(1, 4, "a"), 1234.5)
+    assert found.status_document()["progress"] == {"current": 1, "total": 4, "message": "a"}
+
+
 def test_finish_records_the_response_and_is_final(store: TaskStore) -> None:
     task = store.create(new_task())
     store.start(task.id, "w")

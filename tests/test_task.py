@@ -70,6 +70,20 @@ def test_isoformat_gives_what_datetime_gives() -> None:
         isoformat(1e13)
 
 
+def test_progress_keeps_the_time_of_its_report_out_of_the_document() -> None:
+    progress = Progress(3, 10, "crunching", at=1700000000.5)
+    assert progress.to_dict() == {"current": 3, "total": 10, "message": "crunching"}
+    assert progress.to_stored() == {**progress.to_dict(), "at": 1700000000.5}
+    assert Progress.from_dict(progress.to_stored()).at == 1700000000.5
+    assert Progress.from_dict(progress.to_dict()).at is None  # a record of an earlier version
+    for odd in ("1", True, None, float("nan"), [1]):
+        assert Progress.from_dict({**progress.to_dict(), "at": odd}).at is None
+    # The same report at another time is no change.
+    assert progress == Progress(3, 10, "crunching", at=5.0)
+    task = Task(id="x" * 22, progress=progress)
+    assert task.status_document()["progress"] == progress.to_dict()
+
+
 def test_status_document_tells_the_request_when_known() -> None:
     task = Task(id="x" * 22, endpoint="reports", method="POST", path="/reports")
     assert task.status_document()["request"] == {"method": "POST", "path": "/reports"}

@@ -13,8 +13,16 @@ import pytest
 from flask import Flask, request
 from flask_restful import Api
 
-from flask_restful_async import AsyncResource, current_task, register_async
+from flask_restful_async import (
+    AsyncResource,
+    Progress,
+    Task,
+    TaskState,
+    current_task,
+    register_async,
+)
 from flask_restful_async.state import get_state
+from flask_restful_async.task import new_task_id
 
 from .conftest import AppFactory, wait_done
 
@@ -167,6 +175,28 @@ def test_retry_after_is_estimated_from_progress(make_app_any_store: AppFactory) 
     assert 4 <= int(running.headers["Retry-After"]) <= 7
     release.set()
     wait_done(client, location)
+
+
+def test_retry_after_counts_the_rate_up_to_the_report_not_up_to_the_poll(
+    make_app: AppFactory,
+) -> None:
+    """1 step of 10 done 0.5 s after the start, a poll 1.5 s after that report:
+    4.5 s of work to go at that rate, 1.5 of them gone since. Counted up to the
+    poll instead, the rate would be four times slower (18 s)."""
+    app, _ = make_app(config={"RESTFUL_ASYNC_MAX_RETRY_AFTER": 60})
+    state = get_state(app)
+    now = time.time()
+    task = Task(id=new_task_id(), state=TaskState.RUNNING, started_at=now - 2.0)
+    task.progress = Progress(1, 10, at=now - 1.5)
+    assert state.retry_after_for(task) == 3
+    # A record of an earlier version, whose progress has no time: up to the poll.
+    task.progress = Progress(1, 10)
+    assert state.retry_after_for(task) in (18, 19)  # the poll comes a little later
+    # Past its estimate, as past a report from a clock ahead: the least, 1 s.
+    task.progress = Progress(1, 10, at=now - 1.9)
+    assert state.retry_after_for(task) == 1
+    task.progress = Progress(1, 10, at=now + 30)
+    assert state.retry_after_for(task) in (18, 19)
 
 
 def test_progress_takes_finite_numbers_only(make_app: AppFactory) -> None:

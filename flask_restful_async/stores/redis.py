@@ -1120,7 +1120,7 @@ class RedisStore(TaskStore):
             reply = self._lane.call(
                 self._set_progress,
                 [self._task_key(task_id)],
-                [json.dumps(progress.to_dict()), self._changed_channel],
+                [json.dumps(progress.to_stored()), self._changed_channel],
             )
         return bool(reply)
 
@@ -1562,7 +1562,7 @@ def _encode(task: Task) -> builtins.list[bytes]:
     if task.finished_at is not None:
         fields["finished_at"] = repr(float(task.finished_at))
     if task.progress is not None:
-        fields["progress"] = json.dumps(task.progress.to_dict())
+        fields["progress"] = json.dumps(task.progress.to_stored())
     for name in ("owner", "idempotency_key", "fingerprint", "worker", "endpoint", "method", "path"):
         value = getattr(task, name)
         if value is not None:

@@ -892,7 +892,7 @@ class SQLiteStore(TaskStore):
             row = conn.execute(
                 "UPDATE tasks SET progress = ? WHERE id = ? AND state = 'running'"
                 " RETURNING cancel_requested",
-                (json.dumps(progress.to_dict()), task_id),
+                (json.dumps(progress.to_stored()), task_id),
             ).fetchone()
         return bool(row[0]) if row is not None else self.cancel_requested(task_id)
 
@@ -1308,7 +1308,7 @@ def _row(task: Task, snapshot: str | None) -> tuple[t.Any, ...]:
         task.created_at,
         task.started_at,
         task.finished_at,
-        json.dumps(task.progress.to_dict()) if task.progress is not None else None,
+        json.dumps(task.progress.to_stored()) if task.progress is not None else None,
         task.owner,
         task.idempotency_key,
         task.fingerprint,
