@@ -1,10 +1,11 @@
 """The classic "catch-all" asynchronous Flask-RESTful API, ported to flask_restful_async.
 
-Any GET path starts a slow job: it answers ``202 Accepted`` at once, with a
-``Location`` to poll (``/status/<task_id>``) and a ``Retry-After``. Polling answers
-202 and the task's status document (with its progress) while the job runs, then
-``200 "The answer is: <path>"``. The job takes 10 s; set ``CATCHALL_SECONDS`` for
-a quicker demo.
+Any GET path but those under ``/status`` (the task URLs) starts a slow job: it
+answers ``202 Accepted`` at once, with a ``Location`` to poll (``/status/<task_id>``)
+and a ``Retry-After``. Polling answers 202 and the task's status document (with its
+progress) while the job runs, then ``200 "The answer is: <path>"``. A ``DELETE`` of
+the status URL stops the job at its next step (``409``). The job takes 10 s; set
+``CATCHALL_SECONDS`` for a quicker demo.
 
 Run it with Flask's development server (http://127.0.0.1:5000)::
 
@@ -58,6 +59,7 @@ class CatchAll(AsyncResource):
         app.logger.info("starting processing task, path: '%s'", path)
         for step in range(1, STEPS + 1):
             time.sleep(SECONDS / STEPS)
+            current_task.raise_if_cancelled()  # a DELETE of the status URL: stop here (409)
             current_task.progress(step, total=STEPS, message=f"step {step} of {STEPS}")
         app.logger.info("completed processing task, path: '%s'", path)
         return f"The answer is: {path}"

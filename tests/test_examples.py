@@ -128,6 +128,25 @@ def client() -> types.ModuleType:
     return load_example("client")
 
 
+def test_catchall_stops_at_a_delete_as_the_readme_shows(catchall_app: Flask) -> None:
+    # README's "Task control" runs its curl examples against this app: a DELETE of
+    # a running task ends it cancelled, 409.
+    client = catchall_app.test_client()
+    location = client.get("/cancel/me").headers["Location"]
+    deadline = time.monotonic() + 10
+    while client.get(location).get_json()["state"] != "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    asked = client.delete(location)
+    assert asked.status_code == 202
+    assert asked.get_json()["cancel_requested"] is True
+    final = client.get(f"{location}?wait=5")
+    assert final.status_code == 409
+    assert final.get_json()["state"] == "cancelled"
+    # The paths under /status are the task URLs', not jobs.
+    assert client.get("/status/a/b").get_json() == {"message": "No such task."}
+
+
 @pytest.mark.parametrize(
     ("path", "code", "last_lines"),
     [
