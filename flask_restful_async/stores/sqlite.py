@@ -163,32 +163,39 @@ _REQUEST = "endpoint, method, path"
 # What UPDATE ... RETURNING gives back: a task's row, laid out as _SELECT's, without
 # its response, lease and snapshot.
 _RETURNING = f"RETURNING {_COLUMNS}, NULL, NULL, NULL, expired, rerun, NULL, NULL, {_REQUEST}"
+
+
+def _select(response: str, join: str = "") -> str:
+    """A task's row as :meth:`SQLiteStore._read` takes it, with ``response`` as the
+    response's headers and body columns and ``join`` added to the join of the
+    results table: the reads below differ in these alone."""
+    return (
+        "SELECT t.id, t.state, t.created_at, t.started_at, t.finished_at, t.progress, t.owner,"
+        " t.idempotency_key, t.fingerprint, t.cancel_requested, t.worker,"
+        f" coalesce(t.status, r.status), {response},"
+        " t.expired, t.rerun,"
+        " CASE WHEN t.state IN ('queued', 'running')"
+        " THEN (SELECT l.expires_at FROM leases AS l WHERE l.worker = t.worker) END,"
+        " t.snapshot, t.endpoint, t.method, t.path"
+        f" FROM tasks AS t LEFT JOIN results AS r ON r.id = t.result{join}"
+    )
+
+
+_RESPONSE = "coalesce(t.headers, r.headers), coalesce(t.body, r.body)"
 # A task with its response and, while it is active, the expiry of its worker's
 # lease and its snapshot's id: one read per poll, and no lease lookup once the task
 # has finished.
-_SELECT = (
-    "SELECT t.id, t.state, t.created_at, t.started_at, t.finished_at, t.progress, t.owner,"
-    " t.idempotency_key, t.fingerprint, t.cancel_requested, t.worker,"
-    " coalesce(t.status, r.status), coalesce(t.headers, r.headers), coalesce(t.body, r.body),"
-    " t.expired, t.rerun,"
-    " CASE WHEN t.state IN ('queued', 'running')"
-    " THEN (SELECT l.expires_at FROM leases AS l WHERE l.worker = t.worker) END,"
-    " t.snapshot, t.endpoint, t.method, t.path"
-    " FROM tasks AS t LEFT JOIN results AS r ON r.id = t.result"
-)
+_SELECT = _select(_RESPONSE)
 _GET = f"{_SELECT} WHERE t.id = ?"
 # The same as a list shows a task: of its response the status code alone (a list
 # stream's "done" event tells it), never the headers and body, which a page of
 # status documents does not need and which may weigh megabytes (see
 # TaskStore.list). A large result's status is the first column of its row: read
 # without its overflow pages.
-_LISTED = _SELECT.replace("coalesce(t.headers, r.headers), coalesce(t.body, r.body)", "'', x''")
+_LISTED = _select("'', x''")
 # The same for one owner (bind: owner, id, owner): the response is joined only
 # when the owner matches, and a row of another owner is never returned.
-_GET_OWNED = (
-    _SELECT.replace("ON r.id = t.result", "ON r.id = t.result AND t.owner IS ?")
-    + " WHERE t.id = ? AND t.owner IS ?"
-)
+_GET_OWNED = _select(_RESPONSE, " AND t.owner IS ?") + " WHERE t.id = ? AND t.owner IS ?"
 # Several tasks at once (see get_many): one statement per size of list, the ids
 # padded to the next size by repeating one.
 _GET_MANY_SIZES = (8, 32, 128)
