@@ -21,7 +21,7 @@ from .responses import (
     status_response,
 )
 from .state import RESULT_SUFFIX, AsyncState, get_state
-from .task import Task, TaskState, is_valid_task_id
+from .task import Task, TaskState, is_task_id_then, is_valid_task_id
 
 NOT_FOUND_MESSAGE = "No such task."
 CROSS_SITE_MESSAGE = "A page of another site may not cancel or forget tasks."
@@ -126,7 +126,7 @@ class TaskStatusResource(_TaskResource):
         is on. An operator (the ``admin`` callable returns True) may cancel or
         forget any owner's task.
         """
-        if task_id.endswith(RESULT_SUFFIX) and is_valid_task_id(task_id[: -len(RESULT_SUFFIX)]):
+        if is_task_id_then(task_id, RESULT_SUFFIX):
             # <status URL>/result, which this rule catches too: read only.
             return error_response(
                 405,

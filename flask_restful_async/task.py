@@ -82,6 +82,13 @@ def is_valid_task_id(value: str) -> bool:
     return _TASK_ID_RE.fullmatch(value) is not None
 
 
+def is_task_id_then(value: str, suffix: str) -> bool:
+    """Whether ``value`` is a task id followed by ``suffix`` (``"/result"``): what a
+    rule's path converter takes for an id when another rule serves that URL with
+    other methods, and which deserves that URL's 405 rather than a 404."""
+    return value.endswith(suffix) and is_valid_task_id(value[: -len(suffix)])
+
+
 #: The first timestamp past the year 9999, which ``datetime`` refuses.
 _TIMESTAMP_LIMIT = 253_402_300_800
 #: The last whole second formatted, and its text: the times of a status document,

@@ -48,7 +48,7 @@ from ..status import (
     not_found,
     unavailable,
 )
-from ..task import Task, TaskState, is_valid_task_id
+from ..task import Task, TaskState, is_task_id_then, is_valid_task_id
 
 #: How many tasks a page of the dashboard shows, unless ``?limit=`` says otherwise.
 PAGE_SIZE = 25
@@ -277,7 +277,7 @@ def task(task_id: str) -> Response:
     scope = _scope(state)
     if scope is None:
         return _no_such_page()
-    if task_id.endswith(_CANCEL_SUFFIX) and is_valid_task_id(task_id[: -len(_CANCEL_SUFFIX)]):
+    if is_task_id_then(task_id, _CANCEL_SUFFIX):
         # <path>/api/tasks/<id>/cancel, which this rule catches too: POST only.
         return error_response(
             405, "Cancel a task with POST.", {"Allow": "OPTIONS, POST", **NO_STORE}
