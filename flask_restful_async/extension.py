@@ -12,6 +12,7 @@ from flask.sansio.blueprints import BlueprintSetupState
 from flask_restful import Api, Resource
 from werkzeug.exceptions import HTTPException
 
+from . import stopping
 from .cli import tasks_cli
 from .dashboard import check_dashboard, install_dashboard
 from .executors.base import Executor
@@ -458,6 +459,9 @@ def _make_state(
         app.before_request(state.lease.start)
     app.after_request(_no_store_at_task_urls)
     _connect_traces(state, config["RESTFUL_ASYNC_TRACES"])
+    # In a gunicorn worker (an app made there): its streams and long-polls end
+    # as its graceful stop begins, not at its graceful timeout (see stopping.py).
+    stopping.listen()
     return state
 
 

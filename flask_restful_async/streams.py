@@ -49,7 +49,7 @@ from collections.abc import Iterator
 
 from flask import Response, current_app, request
 
-from . import waiting
+from . import stopping, waiting
 from .exceptions import Unavailable
 from .responses import NO_STORE, no_content
 from .task import Task, TaskState
@@ -168,7 +168,8 @@ class _Clock:
         return max(0.0, min(self.deadline, self.ping_at, self.recheck_at) - time.monotonic())
 
     def over(self) -> bool:
-        return time.monotonic() >= self.deadline
+        # A stopping process ends its streams: their clients reconnect elsewhere.
+        return stopping.begun() or time.monotonic() >= self.deadline
 
     def ping_due(self) -> bool:
         return time.monotonic() >= self.ping_at

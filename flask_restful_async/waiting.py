@@ -51,6 +51,7 @@ import time
 import typing as t
 import weakref
 
+from . import stopping
 from .stores.base import Ending, TaskStore
 from .task import Task
 
@@ -293,7 +294,7 @@ class Waiters:
             task = store.get(task_id)
         else:
             notices, task = read
-        if _settled(task) or timeout <= 0:
+        if _settled(task) or timeout <= 0 or stopping.begun():
             return task
         entry, seen, missed = self._enter(task_id, store, notices, listen)
         try:
@@ -312,7 +313,8 @@ class Waiters:
                         task = store.get(task_id)
                 missed = True
                 remaining = deadline - time.monotonic()
-                if _settled(task) or remaining <= 0:
+                # The process is stopping: the task as it is, now (see stopping.py).
+                if _settled(task) or remaining <= 0 or stopping.begun():
                     return task
                 with self._lock:
                     if entry.version == seen:
@@ -478,6 +480,14 @@ class Waiters:
                 entry.reading = False
                 entry.read_done.notify_all()
                 entry.probe()
+
+    def wake_all(self) -> None:
+        """Wake every wait and stream, to look at the time and at whether the
+        process is stopping; nothing changed, so none of them reads again."""
+        with self._lock:
+            for entry in [*self._entries.values(), self._every]:
+                entry.cond.notify_all()
+                entry.watch_cond.notify_all()
 
     def close(self, timeout: float = 2.0) -> None:
         """Stop the listener thread (waiting up to ``timeout`` seconds for it).
@@ -791,6 +801,11 @@ def _close_all() -> None:
         waiters.close(timeout=1.0)
 
 
+def _wake_all() -> None:
+    for waiters in list(_all):
+        waiters.wake_all()
+
+
 def _reset_after_fork() -> None:
     global _registry_lock
     _registry_lock = threading.Lock()
@@ -799,4 +814,5 @@ def _reset_after_fork() -> None:
 
 
 atexit.register(_close_all)
+stopping.on_stop(_wake_all)
 os.register_at_fork(after_in_child=_reset_after_fork)

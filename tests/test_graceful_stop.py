@@ -1,0 +1,202 @@
+"""What waits does not hold a graceful stop (``flask_restful_async.stopping``).
+
+An event stream or a long-poll open on a gunicorn worker when SIGTERM reaches its
+master used to hold the worker for the whole ``--graceful-timeout``, while its
+task threads went on starting queued tasks, until the master killed it in the
+middle of one: that task ended ``lost``. Now the stream ends and the long-poll
+answers as the stop begins, the worker exits at once, hands its queued tasks back
+and lets the running one finish; the next server runs the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+import typing as t
+from http import client as http_client
+from pathlib import Path
+
+import pytest
+
+from flask_restful_async import stopping, waiting
+from flask_restful_async.state import get_state
+
+from .conftest import HELD_STARTED, AppFactory, Held, wait_for
+from .servers import GUNICORN_GRACEFUL_TIMEOUT, http, poll_until_done, serve
+
+#: Tasks of /jobs/count, and how long each sleeps: more work than the graceful
+#: timeout lasts, run one at a time (MAX_WORKERS 1), so that a worker held for
+#: that long is killed in the middle of one.
+TASKS = 8
+SECONDS = 1.0
+
+#: gunicorn's ``post_worker_init`` hook of the README, for an app made in the
+#: master (``--preload``).
+HOOK = """\
+from flask_restful_async import stopping
+
+def post_worker_init(worker):
+    stopping.listen()
+"""
+
+
+class Waiter(threading.Thread):
+    """A request that waits (a stream or a long-poll); notes when its answer ends."""
+
+    def __init__(self, url: str, path: str, headers: dict[str, str]) -> None:
+        super().__init__(daemon=True)
+        self.url, self.path, self.headers = url, path, headers
+        self.status: int | None = None
+        self.ended_at: float | None = None
+        self.opened = threading.Event()
+
+    def run(self) -> None:
+        host, port = self.url.removeprefix("http://").split(":")
+        conn = http_client.HTTPConnection(host, int(port), timeout=30)
+        try:
+            conn.request("GET", self.path, headers=self.headers)
+            self.opened.set()
+            response = conn.getresponse()
+            self.status = response.status
+            while response.read1(4096):
+                pass
+        except (OSError, http_client.HTTPException):
+            pass  # the connection went with the worker: its end is noted all the same
+        finally:
+            self.opened.set()
+            self.ended_at = time.monotonic()
+            conn.close()
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preload", [False, True], ids=["app-in-worker", "preload-with-hook"])
+def test_a_stream_and_a_long_poll_do_not_hold_a_graceful_stop(
+    tmp_path: Path, preload: bool
+) -> None:
+    runs = tmp_path / "runs"
+    runs.touch()
+    env = {
+        "TASKS_APP_INSTANCE": str(tmp_path / "instance"),
+        "TASKS_APP_RUNS": str(runs),
+        "FLASK_RESTFUL_ASYNC_MAX_WORKERS": "1",
+        "FLASK_RESTFUL_ASYNC_SHUTDOWN_TIMEOUT": "3",
+        "FLASK_RESTFUL_ASYNC_LEASE": "2",
+    }
+    options: tuple[str, ...] = ()
+    if preload:
+        hook = tmp_path / "gunicorn_hooks.py"
+        hook.write_text(HOOK)
+        options = ("--preload", "-c", str(hook))
+    locations = []
+    with serve(
+        "gunicorn-gthread", "tests.apps.tasks_app:app", env=env, options=options, may_exit=True
+    ) as base:
+        for number in range(TASKS):
+            status, headers, _ = http(
+                "POST",
+                f"{base}/jobs/count?seconds={SECONDS}",
+                body=json.dumps({"n": number}).encode(),
+                headers={"Content-Type": "application/json"},
+            )
+            assert status == 202
+            locations.append(headers["location"])
+        waiters = [
+            Waiter(base, locations[-1], {"Accept": "text/event-stream"}),
+            Waiter(base, locations[-1] + "?wait=20", {}),
+        ]
+        for waiter in waiters:
+            waiter.start()
+            waiter.opened.wait(5)
+        time.sleep(0.5)  # both are waiting in the worker now, a task is running
+        pids = json.loads(http("GET", base + "/pid")[2])
+        os.kill(pids["ppid"], signal.SIGTERM)
+        signalled = time.monotonic()
+        for waiter in waiters:
+            waiter.join(GUNICORN_GRACEFUL_TIMEOUT + 5)
+        deadline = time.monotonic() + GUNICORN_GRACEFUL_TIMEOUT + 5
+        while not _gone(pids["pid"]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        exited = time.monotonic() - signalled
+    stream, long_poll = waiters
+    assert stream.status == 200
+    assert long_poll.status == 202
+    for waiter in waiters:
+        assert waiter.ended_at is not None
+        # Well before the graceful timeout, at which the master kills the worker.
+        assert waiter.ended_at - signalled < GUNICORN_GRACEFUL_TIMEOUT / 2
+    assert exited < GUNICORN_GRACEFUL_TIMEOUT, f"the worker exited {exited:.1f} s after SIGTERM"
+
+    # The next server runs what was handed back; nothing was lost, nothing ran twice.
+    env["FLASK_RESTFUL_ASYNC_MAX_WORKERS"] = str(TASKS)
+    with serve("gunicorn-gthread", "tests.apps.tasks_app:app", env=env, threads=8) as base:
+        answers = [poll_until_done(base, location, timeout=30) for location in locations]
+    assert [status for status, _, _ in answers] == [200] * TASKS, [
+        body[:80] for _, _, body in answers
+    ]
+    ran = [line.split()[0] for line in runs.read_text().splitlines()]
+    assert sorted(ran) == sorted(location.rsplit("/", 1)[-1] for location in locations)
+
+
+def test_listen_wraps_only_a_gunicorn_workers_handler() -> None:
+    # The test process's SIGTERM handler is not a gunicorn worker's: left alone.
+    before = signal.getsignal(signal.SIGTERM)
+    assert stopping.listen() is False
+    assert signal.getsignal(signal.SIGTERM) is before
+    # Nor outside the main thread, where no handler can be set.
+    heard: list[bool] = []
+    thread = threading.Thread(target=lambda: heard.append(stopping.listen()))
+    thread.start()
+    thread.join(5)
+    assert heard == [False]
+
+
+@pytest.mark.usefixtures("held_tasks")
+def test_a_begun_stop_ends_streams_and_long_polls_at_once(
+    make_app_any_store: AppFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(stopping, "_begun", False)  # and back to False afterwards
+    app, api = make_app_any_store(config={"RESTFUL_ASYNC_MAX_WAIT": 20})
+    api.add_resource(Held, "/held")
+    client = app.test_client()
+    location = client.post("/held").headers["Location"]
+    assert HELD_STARTED.wait(10)
+    answers: dict[str, t.Any] = {}
+
+    def long_poll() -> None:
+        answers["long-poll"] = client.get(f"{location}?wait=20")
+
+    def stream() -> None:
+        response = client.get(location, headers={"Accept": "text/event-stream"}, buffered=False)
+        answers["stream"] = b"".join(response.response)
+        response.close()
+
+    threads = [threading.Thread(target=target) for target in (long_poll, stream)]
+    for thread in threads:
+        thread.start()
+    wait_for(lambda: waiting.waiters_for(get_state(app).store).waiting == 1, timeout=10)
+    wait_for(lambda: waiting.waiters_for(get_state(app).store).watching == 1, timeout=10)
+    started = time.monotonic()
+    stopping.begin()
+    for thread in threads:
+        thread.join(10)
+    assert time.monotonic() - started < 5  # not the 20 s the long-poll asked for
+    assert answers["long-poll"].status_code == 202
+    assert answers["long-poll"].json["state"] == "running"
+    # One status event, then the end: no done event, the task runs on.
+    assert answers["stream"].count(b"event: status") == 1
+    assert b"event: done" not in answers["stream"]
+    # A wait that comes once the stop has begun answers at once.
+    started = time.monotonic()
+    assert client.get(f"{location}?wait=20").status_code == 202
+    assert time.monotonic() - started < 5
