@@ -18,6 +18,7 @@ from .dashboard import check_dashboard, install_dashboard
 from .executors.base import Executor
 from .executors.eager import EagerExecutor
 from .executors.threads import ThreadExecutor
+from .settings import flag, number, whole
 from .state import EXTENSION_KEY, RESULT_SUFFIX, AdminCallable, AsyncState, OwnerCallable
 from .status import TaskListResource, TaskResultResource, TaskStatusResource
 from .stores import TaskStore, open_store
@@ -358,6 +359,10 @@ def _claim(shared: object, app: Flask) -> None:
     _CLAIMS[shared] = weakref.ref(app)
 
 
+_SECONDS = "a number of seconds"
+_BYTES = "a number of bytes"
+
+
 def _make_state(
     app: Flask,
     api: Api,
@@ -377,41 +382,29 @@ def _make_state(
     if dashboard:
         # Refused before anything is opened or started for the app.
         check_dashboard(app, dashboard, owner, admin, task_paths)
-    interval = config["RESTFUL_ASYNC_PROGRESS_INTERVAL"]
-    # Read by every task as it starts: refused here rather than in a worker.
-    if isinstance(interval, bool) or not isinstance(interval, int | float) or interval < 0:
-        raise ValueError(
-            "RESTFUL_ASYNC_PROGRESS_INTERVAL must be a number of seconds, 0 or more"
-            f" (0 writes every progress report), not {interval!r}"
-        )
-    for key in ("RESTFUL_ASYNC_MAX_STREAM", "RESTFUL_ASYNC_STREAM_KEEPALIVE"):
-        seconds = config[key]
-        # Read by every stream: refused here rather than in a request.
-        if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds <= 0:
-            raise ValueError(f"{key} must be a number of seconds above 0, not {seconds!r}")
-    short_wait = config["RESTFUL_ASYNC_SHORT_WAIT"]
-    if isinstance(short_wait, bool) or not isinstance(short_wait, int | float) or short_wait < 0:
-        raise ValueError(
-            "RESTFUL_ASYNC_SHORT_WAIT must be a number of seconds, 0 or more"
-            f" (0: a submit never waits for its task), not {short_wait!r}"
-        )
+    # Read by every task as it starts, and by every stream: refused here rather
+    # than in a worker or a request.
+    number(config, "RESTFUL_ASYNC_PROGRESS_INTERVAL")
+    number(config, "RESTFUL_ASYNC_MAX_STREAM", above=True)
+    number(config, "RESTFUL_ASYNC_STREAM_KEEPALIVE", above=True)
+    short_wait = number(config, "RESTFUL_ASYNC_SHORT_WAIT")
     if store is None or isinstance(store, str):
         store = open_store(store or config["RESTFUL_ASYNC_STORE"], app)
     store.configure(
-        result_ttl=float(config["RESTFUL_ASYNC_RESULT_TTL"]),
-        tombstone_ttl=float(config["RESTFUL_ASYNC_TOMBSTONE_TTL"]),
-        lease=float(config["RESTFUL_ASYNC_LEASE"]),
-        queued_ttl=float(config["RESTFUL_ASYNC_QUEUED_TTL"]),
+        result_ttl=number(config, "RESTFUL_ASYNC_RESULT_TTL", above=True),
+        tombstone_ttl=number(config, "RESTFUL_ASYNC_TOMBSTONE_TTL"),
+        lease=number(config, "RESTFUL_ASYNC_LEASE", above=True),
+        queued_ttl=number(config, "RESTFUL_ASYNC_QUEUED_TTL", above=True),
     )
-    if config["RESTFUL_ASYNC_EAGER"]:
+    if flag(config, "RESTFUL_ASYNC_EAGER"):
         # In place of any executor given: tests need no worker, thread or broker.
         executor = EagerExecutor()
     elif executor is None:
         executor = ThreadExecutor(
-            max_workers=int(config["RESTFUL_ASYNC_MAX_WORKERS"]),
-            max_pending=int(config["RESTFUL_ASYNC_MAX_PENDING"]),
-            max_pending_bytes=int(config["RESTFUL_ASYNC_MAX_PENDING_BYTES"]),
-            shutdown_timeout=float(config["RESTFUL_ASYNC_SHUTDOWN_TIMEOUT"]),
+            max_workers=whole(config, "RESTFUL_ASYNC_MAX_WORKERS", least=1),
+            max_pending=whole(config, "RESTFUL_ASYNC_MAX_PENDING"),
+            max_pending_bytes=whole(config, "RESTFUL_ASYNC_MAX_PENDING_BYTES", what=_BYTES),
+            shutdown_timeout=number(config, "RESTFUL_ASYNC_SHUTDOWN_TIMEOUT"),
         )
     if not executor.local and not store.shared:
         raise ValueError(
@@ -431,18 +424,18 @@ def _make_state(
         executor=executor,
         owner=owner,
         decorators=decorators,
-        public_list=bool(config["RESTFUL_ASYNC_PUBLIC_LIST"]),
+        public_list=flag(config, "RESTFUL_ASYNC_PUBLIC_LIST"),
         status_resource=TaskStatusResource,
-        retry_after=int(config["RESTFUL_ASYNC_RETRY_AFTER"]),
-        max_retry_after=int(config["RESTFUL_ASYNC_MAX_RETRY_AFTER"]),
-        result_redirect=bool(config["RESTFUL_ASYNC_RESULT_REDIRECT"]),
-        max_wait=int(config["RESTFUL_ASYNC_MAX_WAIT"]),
-        max_body=int(config["RESTFUL_ASYNC_MAX_BODY"]),
-        max_result=int(config["RESTFUL_ASYNC_MAX_RESULT"]),
-        short_wait=float(short_wait),
-        short_in_request=bool(config["RESTFUL_ASYNC_SHORT_IN_REQUEST"]),
+        retry_after=whole(config, "RESTFUL_ASYNC_RETRY_AFTER", what=_SECONDS),
+        max_retry_after=whole(config, "RESTFUL_ASYNC_MAX_RETRY_AFTER", least=1, what=_SECONDS),
+        result_redirect=flag(config, "RESTFUL_ASYNC_RESULT_REDIRECT"),
+        max_wait=whole(config, "RESTFUL_ASYNC_MAX_WAIT", what=_SECONDS),
+        max_body=whole(config, "RESTFUL_ASYNC_MAX_BODY", what=_BYTES),
+        max_result=whole(config, "RESTFUL_ASYNC_MAX_RESULT", what=_BYTES),
+        short_wait=short_wait,
+        short_in_request=flag(config, "RESTFUL_ASYNC_SHORT_IN_REQUEST"),
         admin=admin,
-        cross_site_delete=bool(config["RESTFUL_ASYNC_CROSS_SITE_DELETE"]),
+        cross_site_delete=flag(config, "RESTFUL_ASYNC_CROSS_SITE_DELETE"),
     )
     if owner is None and not app.debug:
         # Told with the first request it concerns, not here: an app loaded by a

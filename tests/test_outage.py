@@ -643,7 +643,7 @@ def _outbox_holds(store: TaskStore, task_id: str) -> bool:
     return found is not None and len(found) == 1
 
 
-@pytest.mark.parametrize("interval", [-1, "0.5", None, True])
+@pytest.mark.parametrize("interval", [-1, "half", None, True, float("inf")])
 def test_a_wrong_progress_interval_is_refused_at_setup(
     make_app: AppFactory, interval: object
 ) -> None:
