@@ -173,11 +173,17 @@ def register_async(
         raise TypeError("decorators must be a sequence of decorators (callables)")
     routes = _routes(url)
     decorators = tuple(decorators)
-    # The task list's path and the status rule's, where the Api serves them (a
-    # blueprint may add a prefix of its own): no dashboard in their place.
-    task_paths = {api.prefix + rules[0].split("<", 1)[0].rstrip("/") for _, rules, _ in routes}
+    # The task list's path and the status rule's, within the Api: no dashboard in
+    # their place (see setup for a blueprint's prefix).
+    api_paths = {api.prefix + rules[0].split("<", 1)[0].rstrip("/") for _, rules, _ in routes}
 
-    def setup(app: Flask) -> None:
+    def setup(app: Flask, url_prefix: str | None = None) -> None:
+        # Where the app serves them: under the url_prefix a blueprint was
+        # registered with, joined as Flask joins it to the blueprint's rules.
+        task_paths = {
+            path if url_prefix is None else f"{url_prefix.rstrip('/')}/{path.lstrip('/')}"
+            for path in api_paths
+        }
         if EXTENSION_KEY in app.extensions:
             raise RuntimeError(
                 f"register_async was already called for the app {app.name!r}: one Api"
@@ -207,7 +213,7 @@ def register_async(
         blueprint = api.blueprint
 
         def on_register(setup_state: BlueprintSetupState) -> None:
-            setup(t.cast(Flask, setup_state.app))
+            setup(t.cast(Flask, setup_state.app), setup_state.url_prefix)
 
         blueprint.record_once(on_register)
         for resource, rules, endpoint in routes:

@@ -390,6 +390,39 @@ def test_an_api_on_a_blueprint_serves_it_with_its_own_list_url(tmp_path: Path) -
         get_state(app).close()
 
 
+@pytest.mark.parametrize("registered_at", ["blueprint", "register"])
+def test_a_blueprints_prefix_counts_in_the_paths_the_dashboard_may_not_take(
+    tmp_path: Path, registered_at: str
+) -> None:
+    def made(dashboard: str) -> Flask:
+        blueprint = Blueprint(
+            "v1", __name__, url_prefix="/api/v1" if registered_at == "blueprint" else None
+        )
+        register_async(Api(blueprint), owner=caller)
+        app = Flask(__name__, instance_path=str(tmp_path))
+        app.config.update(RESTFUL_ASYNC_STORE="memory://", RESTFUL_ASYNC_DASHBOARD=dashboard)
+        if registered_at == "blueprint":
+            app.register_blueprint(blueprint)
+        else:
+            app.register_blueprint(blueprint, url_prefix="/api/v1/")
+        return app
+
+    # The task list's own path, with the prefix: refused, not served in its place.
+    with pytest.raises(ValueError, match="RESTFUL_ASYNC_DASHBOARD"):
+        made("/api/v1/tasks")
+    # /tasks is free in this app: the list is under the prefix.
+    app = made("/tasks")
+    try:
+        client = app.test_client()
+        assert client.get("/tasks", headers={"X-User": "alice"}).mimetype == "text/html"
+        assert client.get("/api/v1/tasks", headers={"X-User": "alice"}).json == {
+            "tasks": [],
+            "next": None,
+        }
+    finally:
+        get_state(app).close()
+
+
 def test_a_get_of_the_cancel_url_is_a_405_that_names_post(app: Flask) -> None:
     client = app.test_client()
     queued = add_task(app, "alice")
