@@ -317,7 +317,9 @@ class Waiters:
                 if _settled(task) or remaining <= 0 or stopping.begun():
                     return task
                 with self._lock:
-                    if entry.version == seen:
+                    # begun() again under the lock, which the stop's wake-up takes:
+                    # a stop that begins after this look wakes the wait below.
+                    if entry.version == seen and not stopping.begun():
                         entry.cond.wait(min(remaining, self.recheck))
                     seen = entry.version
         finally:
@@ -631,7 +633,12 @@ class Subscription:
             waiters._ensure_listener(self._store)
         entry = self._entry
         with waiters._lock:
-            if entry.changes == self._seen and not entry.probe_due and timeout > 0:
+            if (
+                entry.changes == self._seen
+                and not entry.probe_due
+                and timeout > 0
+                and not stopping.begun()  # see Waiters.wait_finished
+            ):
                 entry.watch_cond.wait(timeout)
             changed = entry.changes != self._seen or entry.probe_due
             self._seen = entry.changes

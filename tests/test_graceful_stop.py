@@ -80,10 +80,17 @@ def _gone(pid: int) -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preload", [False, True], ids=["app-in-worker", "preload-with-hook"])
+@pytest.mark.parametrize(
+    ("kind", "preload"),
+    [("gunicorn-gthread", False), ("gunicorn-gthread", True), ("gunicorn-gevent", True)],
+    ids=["app-in-worker", "preload-with-hook", "gevent-preload-with-hook"],
+)
 def test_a_stream_and_a_long_poll_do_not_hold_a_graceful_stop(
-    tmp_path: Path, preload: bool
+    tmp_path: Path, kind: str, preload: bool
 ) -> None:
+    """With gevent, ``--preload`` also shows that the app's executor, made in the
+    master before gevent patched the worker, still runs tasks there: its first
+    submit used to hang the worker."""
     runs = tmp_path / "runs"
     runs.touch()
     env = {
@@ -99,9 +106,7 @@ def test_a_stream_and_a_long_poll_do_not_hold_a_graceful_stop(
         hook.write_text(HOOK)
         options = ("--preload", "-c", str(hook))
     locations = []
-    with serve(
-        "gunicorn-gthread", "tests.apps.tasks_app:app", env=env, options=options, may_exit=True
-    ) as base:
+    with serve(kind, "tests.apps.tasks_app:app", env=env, options=options, may_exit=True) as base:
         for number in range(TASKS):
             status, headers, _ = http(
                 "POST",

@@ -222,6 +222,8 @@ class ThreadExecutor(Executor):
         with self._lock:
             if len(self._threads) >= self.max_workers or self._closed:
                 return
+            if not self._threads:
+                self._queue = _current_queue(self._queue)
             thread = threading.Thread(
                 target=self._work,
                 name=f"restful-async-{len(self._threads)}",
@@ -325,6 +327,26 @@ class ThreadExecutor(Executor):
                 self.on_hand_back(mine)
         for job in jobs:
             self.release(job.snapshot.held_bytes)
+
+
+def _current_queue(jobs: queue.SimpleQueue[_Job | None]) -> queue.SimpleQueue[_Job | None]:
+    """``jobs``, or a queue of the class the ``queue`` module holds now, with the
+    same jobs, if that has changed since ``jobs`` was made.
+
+    gevent replaces it when it patches a process: gunicorn's gevent worker does so
+    after the fork, and so after an app made in the master (``--preload``) made its
+    executor. A worker thread (a greenlet then) waiting on the C queue made before
+    would block the whole process at its first task. Called before the first
+    worker thread of the process starts: nothing waits on ``jobs`` yet.
+    """
+    if type(jobs) is queue.SimpleQueue:
+        return jobs
+    fresh: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+    while True:
+        try:
+            fresh.put(jobs.get_nowait())
+        except queue.Empty:
+            return fresh
 
 
 _executors: weakref.WeakSet[ThreadExecutor] = weakref.WeakSet()
