@@ -455,6 +455,7 @@ def _make_state(
         state.takeover = Takeover(app, store, executor, state.lease)
         state.lease.on_renew = state.takeover.claim
         executor.on_done = state.takeover.done
+        executor.hands_over = True
         app.before_request(state.lease.start)
     app.after_request(_no_store_at_task_urls)
     _connect_traces(state, config["RESTFUL_ASYNC_TRACES"])

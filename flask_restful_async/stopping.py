@@ -14,7 +14,10 @@ So, once the stop has begun (:func:`begun`), streams end (their clients
 reconnect, to another worker) and long-polls answer at once with the task as it
 is (``202`` and ``Retry-After``; their clients poll again): the worker exits as
 soon as its other requests are done, and the executor's orderly stop comes in
-time.
+time. And the thread executor hands its waiting tasks back to the store at once
+(those another process can run), starts no more of them, and takes over none:
+a request that still holds the stop (a slow upload, a long synchronous view)
+then puts only the tasks already running at risk.
 
 How the stop is heard: :func:`listen` wraps the ``SIGTERM`` handler of a gunicorn
 worker (every worker class sets one) so that it tells this module first. It has
@@ -28,12 +31,14 @@ another server, call :func:`begin` where its graceful stop begins.
 from __future__ import annotations
 
 import _thread
+import logging
 import os
 import signal
 import sys
 import threading
 import typing as t
 
+_logger = logging.getLogger(__name__)
 _begun = False
 _callbacks: list[t.Callable[[], None]] = []
 
@@ -61,7 +66,11 @@ def begin() -> None:
 
 def _wake() -> None:
     for callback in list(_callbacks):
-        callback()
+        try:
+            callback()
+        except Exception:
+            # What one of them failed to do, the process's exit does later.
+            _logger.exception("A callback of the graceful stop failed")
 
 
 class _Relay:

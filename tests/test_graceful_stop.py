@@ -23,8 +23,9 @@ import pytest
 
 from flask_restful_async import stopping, waiting
 from flask_restful_async.state import get_state
+from flask_restful_async.task import TaskState
 
-from .conftest import HELD_STARTED, AppFactory, Held, wait_for
+from .conftest import HELD_RELEASE, HELD_STARTED, AppFactory, Held, wait_for
 from .servers import GUNICORN_GRACEFUL_TIMEOUT, http, poll_until_done, serve
 
 #: Tasks of /jobs/count, and how long each sleeps: more work than the graceful
@@ -205,3 +206,40 @@ def test_a_begun_stop_ends_streams_and_long_polls_at_once(
     started = time.monotonic()
     assert client.get(f"{location}?wait=20").status_code == 202
     assert time.monotonic() - started < 5
+
+
+@pytest.mark.usefixtures("held_tasks")
+def test_a_begun_stop_hands_the_queued_tasks_over_at_once(
+    make_app: AppFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Queued tasks are not started in a process that stops (the server may kill
+    it before they end): they go back to the store for another process, and so do
+    tasks accepted meanwhile; the running one goes on."""
+    monkeypatch.setattr(stopping, "_begun", False)  # and back to False afterwards
+    app, api = make_app(config={"RESTFUL_ASYNC_MAX_WORKERS": 1})
+    api.add_resource(Held, "/held")
+    state = get_state(app)
+    client = app.test_client()
+    running = client.post("/held").headers["Location"].rsplit("/", 1)[-1]
+    assert HELD_STARTED.wait(10)
+    queued = [client.post("/held").headers["Location"].rsplit("/", 1)[-1] for _ in range(3)]
+    assert all(state.store.get(task_id).worker is not None for task_id in queued)
+    stopping.begin()
+    wait_for(lambda: all(state.store.get(task_id).worker is None for task_id in queued))
+    # Accepted while it stops: for another process too, at once.
+    late = client.post("/held", headers={"Prefer": "wait=5"})
+    assert late.status_code == 202
+    late_id = late.headers["Location"].rsplit("/", 1)[-1]
+    assert state.store.get(late_id).worker is None
+    assert state.executor.idle(10) == 0  # takes over nothing meanwhile
+    assert state.store.get(running).state is TaskState.RUNNING
+    # Another process takes them; here, this one, once it no longer stops.
+    monkeypatch.setattr(stopping, "_begun", False)
+    HELD_RELEASE.set()
+    wait_for(lambda: state.store.get(running).state is TaskState.SUCCEEDED)
+    assert state.takeover is not None
+    state.takeover.claim()
+    handed = [*queued, late_id]
+    wait_for(
+        lambda: all(state.store.get(i).state is TaskState.SUCCEEDED for i in handed), timeout=20
+    )

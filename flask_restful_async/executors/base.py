@@ -48,6 +48,13 @@ class Executor(abc.ABC):
         None
     )
 
+    #: For a local executor: True where another process can take over its waiting
+    #: tasks (a shared store, see :mod:`~flask_restful_async.takeover`). Then, once
+    #: this process's graceful stop has begun (:mod:`~flask_restful_async.stopping`),
+    #: those it can hand over go back to the store at once, and no more start here,
+    #: where the stop may be cut short before they end.
+    hands_over: bool = False
+
     #: For a local executor: called with the endpoint, the method (lower case) and
     #: the seconds from :meth:`submit` to the end of each of its tasks (see
     #: :mod:`flask_restful_async.estimates`). What it raises is logged and ignored.

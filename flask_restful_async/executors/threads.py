@@ -11,6 +11,7 @@ import time
 import typing as t
 import weakref
 
+from .. import stopping
 from ..exceptions import Saturated
 from .base import Executor
 
@@ -53,7 +54,9 @@ class ThreadExecutor(Executor):
     interpreter exit (a graceful stop), it takes no new task, hands the waiting
     ones back to the store for another process to run (see
     :mod:`flask_restful_async.takeover`), and gives running ones
-    ``shutdown_timeout`` seconds to finish.
+    ``shutdown_timeout`` seconds to finish. Where the stop is heard as it begins
+    (:mod:`flask_restful_async.stopping`), the waiting tasks that another process
+    can run go back then, and none starts here after it (see :attr:`hands_over`).
     """
 
     local = True
@@ -132,7 +135,8 @@ class ThreadExecutor(Executor):
             )
 
     def acquire_now(self) -> bool:
-        if self._closed:
+        if self._closed or stopping.begun():
+            # Stopping: the task is queued, and handed over (see submit).
             return False
         if self._in_request.acquire(blocking=False):
             return True
@@ -193,8 +197,8 @@ class ThreadExecutor(Executor):
         submits, and a backlog spreads over the processes. Nothing is reserved, so
         a submit is never refused because a claim is under way."""
         with self._lock:
-            if self._closed:
-                return 0
+            if self._closed or stopping.begun():
+                return 0  # a stopping process takes over nothing
             return max(0, min(limit, self.max_workers - self._taken))
 
     def submit(
@@ -205,6 +209,10 @@ class ThreadExecutor(Executor):
         resource: Resource | None = None,
     ) -> None:
         job = _Job(app, task.id, task.worker, snapshot, resource)
+        if stopping.begun() and self._goes_back(job):
+            # Accepted while the process stops: for another process, at once.
+            self._give_back([job])
+            return
         if not self._idle.acquire(blocking=False):
             # No idle worker: one more, if the pool may grow. Before the job is
             # queued, so that a task no thread can run is refused, not stranded.
@@ -255,6 +263,11 @@ class ThreadExecutor(Executor):
             job = self._queue.get()
             if job is None:
                 return
+            if stopping.begun() and self._goes_back(job):
+                # Not started in a process that stops: handed over (see _stop_begun).
+                self._give_back([job])
+                self._idle.release()
+                continue
             with self._lock:
                 self._held_bytes -= job.snapshot.held_bytes
             self._running.acquire()  # a task in a request thread may hold a place
@@ -306,9 +319,27 @@ class ThreadExecutor(Executor):
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
 
-    def _hand_back(self) -> None:
-        """Take every waiting task out of the queue and give it back to the store."""
+    def _stop_begun(self) -> None:
+        """This process's graceful stop has begun (:mod:`~flask_restful_async.stopping`):
+        the waiting tasks another process can run go back to the store now, rather
+        than wait for a worker here, where the server may kill the process before
+        they end (it waits for the requests under way first, up to its graceful
+        timeout, and the task threads would go on starting tasks meanwhile). The
+        others wait for their turn here, as before; tasks accepted from now on go
+        the same way (see :meth:`submit`)."""
+        if os.getpid() == self._pid and self.hands_over and not self._closed:
+            self._hand_back(only_going=True)
+
+    def _goes_back(self, job: _Job) -> bool:
+        """Whether another process can run ``job`` (see :func:`takeover.hand_back
+        <flask_restful_async.takeover.hand_back>`)."""
+        return self.hands_over and job.worker is not None and job.snapshot.portable
+
+    def _hand_back(self, *, only_going: bool = False) -> None:
+        """Take every waiting task out of the queue and give it back to the store
+        (``only_going``: those another process can run; the others wait on)."""
         jobs: list[_Job] = []
+        staying: list[_Job] = []
         stops = 0
         while True:
             try:
@@ -317,10 +348,18 @@ class ThreadExecutor(Executor):
                 break
             if job is None:
                 stops += 1
+            elif only_going and not self._goes_back(job):
+                staying.append(job)
             else:
                 jobs.append(job)
+        for job in staying:
+            self._queue.put(job)
         for _ in range(stops):  # a late submit's drain took them: put them back
             self._queue.put(None)
+        self._give_back(jobs)
+
+    def _give_back(self, jobs: list[_Job]) -> None:
+        """Give ``jobs``, which this executor will not run, back to the store."""
         for app in {id(job.app): job.app for job in jobs}.values():
             mine = [(job.task_id, job.worker, job.snapshot) for job in jobs if job.app is app]
             if self.on_hand_back is not None:
@@ -352,9 +391,15 @@ def _current_queue(jobs: queue.SimpleQueue[_Job | None]) -> queue.SimpleQueue[_J
 _executors: weakref.WeakSet[ThreadExecutor] = weakref.WeakSet()
 
 
+def _stop_begun() -> None:
+    for executor in list(_executors):
+        executor._stop_begun()
+
+
 def _reset_after_fork() -> None:
     for executor in list(_executors):
         executor._reset()
 
 
 os.register_at_fork(after_in_child=_reset_after_fork)
+stopping.on_stop(_stop_begun)
