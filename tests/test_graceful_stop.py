@@ -154,6 +154,82 @@ def test_a_stream_and_a_long_poll_do_not_hold_a_graceful_stop(
     assert sorted(ran) == sorted(location.rsplit("/", 1)[-1] for location in locations)
 
 
+class SlowUpload(threading.Thread):
+    """A request that holds the worker: its body comes a chunk at a time, for
+    longer than the graceful timeout."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(daemon=True)
+        self.url = url
+        self.sending = threading.Event()
+
+    def chunks(self) -> t.Iterator[bytes]:
+        self.sending.set()
+        for _ in range(GUNICORN_GRACEFUL_TIMEOUT * 4):
+            yield b" "
+            time.sleep(0.5)
+
+    def run(self) -> None:
+        host, port = self.url.removeprefix("http://").split(":")
+        conn = http_client.HTTPConnection(host, int(port), timeout=30)
+        try:
+            conn.request(
+                "POST",
+                "/jobs/echo",
+                body=self.chunks(),
+                headers={"Content-Type": "application/json"},
+                encode_chunked=True,
+            )
+            conn.getresponse().read()
+        except (OSError, http_client.HTTPException):
+            pass  # the worker was killed under it
+        finally:
+            conn.close()
+
+
+@pytest.mark.slow
+def test_a_request_that_holds_the_stop_costs_no_queued_task(tmp_path: Path) -> None:
+    """A slow upload holds the stopping worker until the master kills it: the
+    queued tasks went back to the store as the stop began, and none started there
+    meanwhile, so the kill finds nothing running and the next server runs them."""
+    runs = tmp_path / "runs"
+    runs.touch()
+    env = {
+        "TASKS_APP_INSTANCE": str(tmp_path / "instance"),
+        "TASKS_APP_RUNS": str(runs),
+        "FLASK_RESTFUL_ASYNC_MAX_WORKERS": "1",
+        "FLASK_RESTFUL_ASYNC_LEASE": "2",
+    }
+    locations = []
+    with serve("gunicorn-gthread", "tests.apps.tasks_app:app", env=env, may_exit=True) as base:
+        for number in range(TASKS):
+            status, headers, _ = http(
+                "POST",
+                f"{base}/jobs/count?seconds={SECONDS}",
+                body=json.dumps({"n": number}).encode(),
+                headers={"Content-Type": "application/json"},
+            )
+            assert status == 202
+            locations.append(headers["location"])
+        upload = SlowUpload(base)
+        upload.start()
+        assert upload.sending.wait(5)
+        time.sleep(0.3)
+        pids = json.loads(http("GET", base + "/pid")[2])
+        os.kill(pids["ppid"], signal.SIGTERM)
+        deadline = time.monotonic() + GUNICORN_GRACEFUL_TIMEOUT + 5
+        while not _gone(pids["pid"]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    env["FLASK_RESTFUL_ASYNC_MAX_WORKERS"] = str(TASKS)
+    with serve("gunicorn-gthread", "tests.apps.tasks_app:app", env=env, threads=8) as base:
+        answers = [poll_until_done(base, location, timeout=30) for location in locations]
+    assert [status for status, _, _ in answers] == [200] * TASKS, [
+        body[:80] for _, _, body in answers
+    ]
+    ran = [line.split()[0] for line in runs.read_text().splitlines()]
+    assert sorted(ran) == sorted(location.rsplit("/", 1)[-1] for location in locations)
+
+
 def test_listen_wraps_only_a_gunicorn_workers_handler() -> None:
     # The test process's SIGTERM handler is not a gunicorn worker's: left alone.
     before = signal.getsignal(signal.SIGTERM)
