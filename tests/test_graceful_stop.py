@@ -72,6 +72,60 @@ class Waiter(threading.Thread):
             conn.close()
 
 
+def _server_env(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """The runs file, and the environment of a tasks_app server on a store in
+    ``tmp_path``: one task thread, running tasks given 3 s at exit, a 2 s lease."""
+    runs = tmp_path / "runs"
+    runs.touch()
+    return runs, {
+        "TASKS_APP_INSTANCE": str(tmp_path / "instance"),
+        "TASKS_APP_RUNS": str(runs),
+        "FLASK_RESTFUL_ASYNC_MAX_WORKERS": "1",
+        "FLASK_RESTFUL_ASYNC_SHUTDOWN_TIMEOUT": "3",
+        "FLASK_RESTFUL_ASYNC_LEASE": "2",
+    }
+
+
+def _submit_tasks(base: str) -> list[str]:
+    """Submit the :data:`TASKS` tasks of /jobs/count; their status URLs."""
+    locations = []
+    for number in range(TASKS):
+        status, headers, _ = http(
+            "POST",
+            f"{base}/jobs/count?seconds={SECONDS}",
+            body=json.dumps({"n": number}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        assert status == 202
+        locations.append(headers["location"])
+    return locations
+
+
+def _stop_master(base: str) -> float:
+    """SIGTERM to the master of the server at ``base``, then wait (bounded) until
+    its worker is gone; returns when the signal went."""
+    pids = json.loads(http("GET", base + "/pid")[2])
+    os.kill(pids["ppid"], signal.SIGTERM)
+    signalled = time.monotonic()
+    deadline = signalled + GUNICORN_GRACEFUL_TIMEOUT + 5
+    while not _gone(pids["pid"]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return signalled
+
+
+def _every_task_ran_once(env: dict[str, str], locations: list[str], runs: Path) -> None:
+    """A new server on the same store runs what was handed back: every task ends
+    succeeded, none lost, none run twice."""
+    env = {**env, "FLASK_RESTFUL_ASYNC_MAX_WORKERS": str(TASKS)}
+    with serve("gunicorn-gthread", "tests.apps.tasks_app:app", env=env, threads=8) as base:
+        answers = [poll_until_done(base, location, timeout=30) for location in locations]
+    assert [status for status, _, _ in answers] == [200] * TASKS, [
+        body[:80] for _, _, body in answers
+    ]
+    ran = [line.split()[0] for line in runs.read_text().splitlines()]
+    assert sorted(ran) == sorted(location.rsplit("/", 1)[-1] for location in locations)
+
+
 def _gone(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -92,31 +146,14 @@ def test_a_stream_and_a_long_poll_do_not_hold_a_graceful_stop(
     """With gevent, ``--preload`` also shows that the app's executor, made in the
     master before gevent patched the worker, still runs tasks there: its first
     submit used to hang the worker."""
-    runs = tmp_path / "runs"
-    runs.touch()
-    env = {
-        "TASKS_APP_INSTANCE": str(tmp_path / "instance"),
-        "TASKS_APP_RUNS": str(runs),
-        "FLASK_RESTFUL_ASYNC_MAX_WORKERS": "1",
-        "FLASK_RESTFUL_ASYNC_SHUTDOWN_TIMEOUT": "3",
-        "FLASK_RESTFUL_ASYNC_LEASE": "2",
-    }
+    runs, env = _server_env(tmp_path)
     options: tuple[str, ...] = ()
     if preload:
         hook = tmp_path / "gunicorn_hooks.py"
         hook.write_text(HOOK)
         options = ("--preload", "-c", str(hook))
-    locations = []
     with serve(kind, "tests.apps.tasks_app:app", env=env, options=options, may_exit=True) as base:
-        for number in range(TASKS):
-            status, headers, _ = http(
-                "POST",
-                f"{base}/jobs/count?seconds={SECONDS}",
-                body=json.dumps({"n": number}).encode(),
-                headers={"Content-Type": "application/json"},
-            )
-            assert status == 202
-            locations.append(headers["location"])
+        locations = _submit_tasks(base)
         waiters = [
             Waiter(base, locations[-1], {"Accept": "text/event-stream"}),
             Waiter(base, locations[-1] + "?wait=20", {}),
@@ -125,14 +162,9 @@ def test_a_stream_and_a_long_poll_do_not_hold_a_graceful_stop(
             waiter.start()
             waiter.opened.wait(5)
         time.sleep(0.5)  # both are waiting in the worker now, a task is running
-        pids = json.loads(http("GET", base + "/pid")[2])
-        os.kill(pids["ppid"], signal.SIGTERM)
-        signalled = time.monotonic()
+        signalled = _stop_master(base)
         for waiter in waiters:
             waiter.join(GUNICORN_GRACEFUL_TIMEOUT + 5)
-        deadline = time.monotonic() + GUNICORN_GRACEFUL_TIMEOUT + 5
-        while not _gone(pids["pid"]) and time.monotonic() < deadline:
-            time.sleep(0.05)
         exited = time.monotonic() - signalled
     stream, long_poll = waiters
     assert stream.status == 200
@@ -143,15 +175,7 @@ def test_a_stream_and_a_long_poll_do_not_hold_a_graceful_stop(
         assert waiter.ended_at - signalled < GUNICORN_GRACEFUL_TIMEOUT / 2
     assert exited < GUNICORN_GRACEFUL_TIMEOUT, f"the worker exited {exited:.1f} s after SIGTERM"
 
-    # The next server runs what was handed back; nothing was lost, nothing ran twice.
-    env["FLASK_RESTFUL_ASYNC_MAX_WORKERS"] = str(TASKS)
-    with serve("gunicorn-gthread", "tests.apps.tasks_app:app", env=env, threads=8) as base:
-        answers = [poll_until_done(base, location, timeout=30) for location in locations]
-    assert [status for status, _, _ in answers] == [200] * TASKS, [
-        body[:80] for _, _, body in answers
-    ]
-    ran = [line.split()[0] for line in runs.read_text().splitlines()]
-    assert sorted(ran) == sorted(location.rsplit("/", 1)[-1] for location in locations)
+    _every_task_ran_once(env, locations, runs)
 
 
 class SlowUpload(threading.Thread):
@@ -192,42 +216,15 @@ def test_a_request_that_holds_the_stop_costs_no_queued_task(tmp_path: Path) -> N
     """A slow upload holds the stopping worker until the master kills it: the
     queued tasks went back to the store as the stop began, and none started there
     meanwhile, so the kill finds nothing running and the next server runs them."""
-    runs = tmp_path / "runs"
-    runs.touch()
-    env = {
-        "TASKS_APP_INSTANCE": str(tmp_path / "instance"),
-        "TASKS_APP_RUNS": str(runs),
-        "FLASK_RESTFUL_ASYNC_MAX_WORKERS": "1",
-        "FLASK_RESTFUL_ASYNC_LEASE": "2",
-    }
-    locations = []
+    runs, env = _server_env(tmp_path)
     with serve("gunicorn-gthread", "tests.apps.tasks_app:app", env=env, may_exit=True) as base:
-        for number in range(TASKS):
-            status, headers, _ = http(
-                "POST",
-                f"{base}/jobs/count?seconds={SECONDS}",
-                body=json.dumps({"n": number}).encode(),
-                headers={"Content-Type": "application/json"},
-            )
-            assert status == 202
-            locations.append(headers["location"])
+        locations = _submit_tasks(base)
         upload = SlowUpload(base)
         upload.start()
         assert upload.sending.wait(5)
         time.sleep(0.3)
-        pids = json.loads(http("GET", base + "/pid")[2])
-        os.kill(pids["ppid"], signal.SIGTERM)
-        deadline = time.monotonic() + GUNICORN_GRACEFUL_TIMEOUT + 5
-        while not _gone(pids["pid"]) and time.monotonic() < deadline:
-            time.sleep(0.05)
-    env["FLASK_RESTFUL_ASYNC_MAX_WORKERS"] = str(TASKS)
-    with serve("gunicorn-gthread", "tests.apps.tasks_app:app", env=env, threads=8) as base:
-        answers = [poll_until_done(base, location, timeout=30) for location in locations]
-    assert [status for status, _, _ in answers] == [200] * TASKS, [
-        body[:80] for _, _, body in answers
-    ]
-    ran = [line.split()[0] for line in runs.read_text().splitlines()]
-    assert sorted(ran) == sorted(location.rsplit("/", 1)[-1] for location in locations)
+        _stop_master(base)
+    _every_task_ran_once(env, locations, runs)
 
 
 def test_listen_wraps_only_a_gunicorn_workers_handler() -> None:
