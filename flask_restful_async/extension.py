@@ -18,7 +18,7 @@ from .dashboard import check_dashboard, install_dashboard
 from .executors.base import Executor
 from .executors.eager import EagerExecutor
 from .executors.threads import ThreadExecutor
-from .settings import flag, number, whole
+from .settings import NEITHER, flag, maybe_flag, number, whole
 from .state import EXTENSION_KEY, RESULT_SUFFIX, AdminCallable, AsyncState, OwnerCallable
 from .status import TaskListResource, TaskResultResource, TaskStatusResource
 from .stores import TaskStore, open_store
@@ -256,11 +256,11 @@ _UNOWNED_LIST = (
 def _connect_metrics(app: Flask) -> None:
     """Connect the Prometheus metrics to ``app``'s signals, as ``RESTFUL_ASYNC_METRICS``
     says: on when prometheus-client is importable, unless False."""
-    wanted = app.config["RESTFUL_ASYNC_METRICS"]
-    if wanted not in (None, True, False):
+    wanted = maybe_flag(app.config, "RESTFUL_ASYNC_METRICS")
+    if wanted is NEITHER:
         raise ValueError(
             "RESTFUL_ASYNC_METRICS must be None (on if prometheus-client is installed),"
-            f" True (required) or False (off), not {wanted!r}"
+            f" True (required) or False (off), not {app.config['RESTFUL_ASYNC_METRICS']!r}"
         )
     if wanted is False:
         return
@@ -458,19 +458,20 @@ def _make_state(
         executor.hands_over = True
         app.before_request(state.lease.start)
     app.after_request(_no_store_at_task_urls)
-    _connect_traces(state, config["RESTFUL_ASYNC_TRACES"])
+    _connect_traces(state)
     # In a gunicorn worker (an app made there): its streams and long-polls end
     # as its graceful stop begins, not at its graceful timeout (see stopping.py).
     stopping.listen()
     return state
 
 
-def _connect_traces(state: AsyncState, setting: object) -> None:
-    if setting is not None and not isinstance(setting, bool):
+def _connect_traces(state: AsyncState) -> None:
+    setting = maybe_flag(state.app.config, "RESTFUL_ASYNC_TRACES")
+    if setting is NEITHER:
         raise ValueError(
             "RESTFUL_ASYNC_TRACES must be True (traces, or an error without"
             " opentelemetry-api), False (no traces) or None (traces when"
-            f" opentelemetry-api is installed), not {setting!r}"
+            f" opentelemetry-api is installed), not {state.app.config['RESTFUL_ASYNC_TRACES']!r}"
         )
     if setting is False:
         return

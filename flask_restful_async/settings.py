@@ -12,7 +12,9 @@ with its key named, never taken for something else, nor left to fail a request.
 
 from __future__ import annotations
 
+import decimal
 import math
+import numbers
 import typing as t
 
 #: Spellings of a switch, compared without case or surrounding spaces.
@@ -21,13 +23,13 @@ _OFF = frozenset(("0", "false", "no", "off", ""))
 
 
 def flag(config: t.Mapping[str, t.Any], key: str) -> bool:
-    """A switch: True or False; 1 or 0; or a string such as ``"true"``, ``"False"``,
-    ``"1"``, ``"off"`` (any case). Raises ``ValueError`` naming ``key`` for
-    anything else."""
+    """A switch: True or False (None: off); 1 or 0; or a string such as ``"true"``,
+    ``"False"``, ``"1"``, ``"off"`` (any case). Raises ``ValueError`` naming ``key``
+    for anything else."""
     value = config[key]
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, int | float) and value in (0, 1):
         return bool(value)
     if isinstance(value, str):
         word = value.strip().lower()
@@ -41,40 +43,83 @@ def flag(config: t.Mapping[str, t.Any], key: str) -> bool:
     )
 
 
+#: What :func:`maybe_flag` gives for a value that is neither None nor a switch.
+NEITHER = object()
+
+
+def maybe_flag(config: t.Mapping[str, t.Any], key: str) -> bool | object | None:
+    """A three-way setting: None as it is, else the switch :func:`flag` reads;
+    :data:`NEITHER` for anything else (the caller says what the key takes)."""
+    if config[key] is None:
+        return None
+    try:
+        return flag(config, key)
+    except ValueError:
+        return NEITHER
+
+
+def _parsed(value: object) -> int | float | None:
+    """``value`` as an int (exactly, when it is a whole number given as one) or a
+    finite float; None when it is no number."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            return int(text)
+        except ValueError:
+            pass
+    elif not isinstance(value, numbers.Real | decimal.Decimal):
+        return None
+    try:
+        number = float(value)
+    except (ValueError, OverflowError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _checked(
+    config: t.Mapping[str, t.Any],
+    key: str,
+    *,
+    least: float,
+    above: bool,
+    whole: bool,
+    what: str,
+) -> int | float:
+    value = config[key]
+    parsed = _parsed(value)
+    if whole and isinstance(parsed, float):
+        parsed = int(parsed) if parsed.is_integer() else None
+    if parsed is None or (parsed <= least if above else parsed < least):
+        bound = f"above {least:g}" if above else f"{least:g} or more"
+        kind = f"a whole {what.removeprefix('a ')}" if whole else what
+        raise ValueError(f"{key} must be {kind}, {bound}, not {value!r}")
+    return parsed
+
+
 def number(
     config: t.Mapping[str, t.Any],
     key: str,
     *,
     least: float = 0,
     above: bool = False,
-    whole: bool = False,
     what: str = "a number of seconds",
 ) -> float:
     """A number (or a string of one) of at least ``least`` (above it, with
-    ``above``); a whole one with ``whole``. Raises ``ValueError`` naming ``key``."""
-    value = config[key]
-    parsed: float | None = None
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        parsed = float(value)
-    elif isinstance(value, str):
-        try:
-            parsed = float(value.strip())
-        except ValueError:
-            parsed = None
-    bound = f"above {least:g}" if above else f"{least:g} or more"
-    kind = f"a whole {what.removeprefix('a ')}" if whole else what
-    if (
-        parsed is None
-        or not math.isfinite(parsed)
-        or (parsed <= least if above else parsed < least)
-        or (whole and not parsed.is_integer())
-    ):
-        raise ValueError(f"{key} must be {kind}, {bound}, not {value!r}")
-    return parsed
+    ``above``). Raises ``ValueError`` naming ``key``."""
+    parsed = _checked(config, key, least=least, above=above, whole=False, what=what)
+    try:
+        return float(parsed)
+    except OverflowError:
+        raise ValueError(f"{key} is too large: {config[key]!r}") from None
 
 
 def whole(
     config: t.Mapping[str, t.Any], key: str, *, least: int = 0, what: str = "a number"
 ) -> int:
-    """:func:`number`, a whole one, as an int."""
-    return int(number(config, key, least=least, whole=True, what=what))
+    """A whole number (or a string of one; ``20.0`` will do) of at least
+    ``least``, as an int. Raises ``ValueError`` naming ``key``."""
+    return int(_checked(config, key, least=least, above=False, whole=True, what=what))

@@ -31,6 +31,7 @@ another server, call :func:`begin` where its graceful stop begins.
 from __future__ import annotations
 
 import _thread
+import contextlib
 import logging
 import os
 import signal
@@ -41,6 +42,7 @@ import typing as t
 _logger = logging.getLogger(__name__)
 _begun = False
 _callbacks: list[t.Callable[[], None]] = []
+_T = t.TypeVar("_T")
 
 
 def begun() -> bool:
@@ -56,12 +58,19 @@ def on_stop(callback: t.Callable[[], None]) -> None:
 
 def begin() -> None:
     """Say that this process's graceful stop has begun: event streams end and
-    long-polls answer now. For servers whose stop :func:`listen` does not hear."""
+    long-polls answer now. For servers whose stop :func:`listen` does not hear;
+    safe in a signal handler (the callbacks run in a thread of their own)."""
     global _begun
     if _begun:
         return
     _begun = True
-    _wake()
+    # The callbacks take locks that the calling code may hold, when a signal
+    # handler calls this: they run in a new thread (the low-level call takes no
+    # lock of the threading module, which this thread may hold while it starts a
+    # thread). If no thread can start, waits and streams see the flag at their
+    # next look (within RECHECK_INTERVAL), and the exit hands the queue back.
+    with contextlib.suppress(RuntimeError):
+        _thread.start_new_thread(_wake, ())
 
 
 def _wake() -> None:
@@ -73,6 +82,16 @@ def _wake() -> None:
             _logger.exception("A callback of the graceful stop failed")
 
 
+def members(items: t.Iterable[_T]) -> list[_T]:
+    """A copy of ``items``, a weak set that other threads may add to meanwhile
+    (which would make a plain ``list()`` of it raise)."""
+    while True:
+        try:
+            return list(items)
+        except RuntimeError:  # changed size during the copy: again
+            continue
+
+
 class _Relay:
     """A ``SIGTERM`` handler that tells of the stop, then calls the server's own."""
 
@@ -80,13 +99,8 @@ class _Relay:
         self.handler = handler
 
     def __call__(self, signum: int, frame: t.Any) -> t.Any:
-        global _begun
-        if not _begun:
-            _begun = True
-            # The callbacks take locks that the interrupted code may hold: they run
-            # in a new thread (the low-level call takes no lock of the threading
-            # module, which this thread may hold while it starts a thread).
-            _thread.start_new_thread(_wake, ())
+        with contextlib.suppress(Exception):  # the server hears its signal, whatever happens
+            begin()
         return self.handler(signum, frame)
 
 

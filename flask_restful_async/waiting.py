@@ -484,8 +484,9 @@ class Waiters:
                 entry.probe()
 
     def wake_all(self) -> None:
-        """Wake every wait and stream, to look at the time and at whether the
-        process is stopping; nothing changed, so none of them reads again."""
+        """Wake every wait and stream, to look at whether the process is stopping
+        (see :mod:`~flask_restful_async.stopping`); a long-poll reads its task once
+        more, as after any wake-up, and answers with it."""
         with self._lock:
             for entry in [*self._entries.values(), self._every]:
                 entry.cond.notify_all()
@@ -809,7 +810,7 @@ def _close_all() -> None:
 
 
 def _wake_all() -> None:
-    for waiters in list(_all):
+    for waiters in stopping.members(_all):
         waiters.wake_all()
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from flask_restful_async import stopping, waiting
+from flask_restful_async.executors.threads import ThreadExecutor
 from flask_restful_async.state import get_state
 from flask_restful_async.task import TaskState
 
@@ -316,3 +317,78 @@ def test_a_begun_stop_hands_the_queued_tasks_over_at_once(
     wait_for(
         lambda: all(state.store.get(i).state is TaskState.SUCCEEDED for i in handed), timeout=20
     )
+
+
+def test_listen_wraps_a_gunicorn_workers_handler_which_then_hears_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from gunicorn.workers.base import Worker
+
+    monkeypatch.setattr(stopping, "_begun", False)  # and back to False afterwards
+    heard: list[str] = []
+    monkeypatch.setattr(stopping, "_callbacks", [lambda: heard.append("callback")])
+    worker = object.__new__(Worker)  # its handler, without a server
+    worker.alive = True
+    before = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, worker.handle_exit)
+    try:
+        assert stopping.listen() is True
+        assert stopping.listen() is True  # once
+        relay = signal.getsignal(signal.SIGTERM)
+        assert isinstance(relay, stopping._Relay)
+        assert relay.handler == worker.handle_exit
+        os.kill(os.getpid(), signal.SIGTERM)
+        wait_for(lambda: heard == ["callback"], timeout=5)  # in a thread of its own
+        assert stopping.begun()
+        assert worker.alive is False  # gunicorn's own handler ran too
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def test_the_server_hears_its_signal_even_if_no_thread_can_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(stopping, "_begun", False)
+
+    def no_thread(*args: object) -> t.NoReturn:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(stopping._thread, "start_new_thread", no_thread)
+    heard: list[int] = []
+    stopping._Relay(lambda signum, frame: heard.append(signum))(signal.SIGTERM, None)
+    assert heard == [signal.SIGTERM]
+    assert stopping.begun()  # waits and streams see it at their next look
+
+
+@pytest.mark.usefixtures("held_tasks")
+def test_tasks_that_cannot_be_handed_over_run_here(
+    make_app: AppFactory, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The store refuses the early hand-back (an error it does not call an
+    outage): the queued tasks run in this process after all, and its counts are
+    as before; no task thread dies of it."""
+    monkeypatch.setattr(stopping, "_begun", False)
+    app, api = make_app(config={"RESTFUL_ASYNC_MAX_WORKERS": 1})
+    api.add_resource(Held, "/held")
+    state = get_state(app)
+    executor = state.executor
+    assert isinstance(executor, ThreadExecutor)
+
+    def refuse(jobs: object) -> None:
+        raise RuntimeError("OOM command not allowed")
+
+    monkeypatch.setattr(executor, "on_hand_back", refuse)
+    client = app.test_client()
+    running = client.post("/held").headers["Location"].rsplit("/", 1)[-1]
+    assert HELD_STARTED.wait(10)
+    queued = [client.post("/held").headers["Location"].rsplit("/", 1)[-1] for _ in range(2)]
+    stopping.begin()
+    late = client.post("/held").headers["Location"].rsplit("/", 1)[-1]
+    wait_for(lambda: "Handing 1 waiting tasks back to the store failed" in caplog.text)
+    HELD_RELEASE.set()
+    every = [running, *queued, late]
+    wait_for(
+        lambda: all(state.store.get(i).state is TaskState.SUCCEEDED for i in every), timeout=20
+    )
+    assert all(thread.is_alive() for thread in executor._threads)
+    assert (executor._taken, executor.held_bytes) == (0, 0)

@@ -7,6 +7,8 @@ never taken for something else or left to fail requests."""
 from __future__ import annotations
 
 import typing as t
+from decimal import Decimal
+from fractions import Fraction
 
 import pytest
 from flask import Flask
@@ -49,7 +51,7 @@ def test_a_switch_reads_its_usual_spellings(value: object, expected: bool) -> No
     assert flag({"KEY": value}, "KEY") is expected
 
 
-@pytest.mark.parametrize("value", ["maybe", "Falsey", 2, -1, 0.5, None, [], "nope"])
+@pytest.mark.parametrize("value", ["maybe", "Falsey", 2, -1, 0.5, [], "nope"])
 def test_anything_else_is_refused_with_its_key(value: object) -> None:
     with pytest.raises(ValueError, match=r"^KEY must be True or False"):
         flag({"KEY": value}, "KEY")
@@ -59,6 +61,7 @@ def test_numbers_and_their_strings_are_read() -> None:
     assert number({"K": 2}, "K") == 2.0
     assert number({"K": "2.5"}, "K") == 2.5
     assert number({"K": " 0 "}, "K") == 0.0
+    assert number({"K": "1e3"}, "K") == 1000.0
     assert whole({"K": "20"}, "K") == 20
     assert whole({"K": 20.0}, "K") == 20
 
@@ -74,15 +77,32 @@ def test_numbers_and_their_strings_are_read() -> None:
         (float("inf"), {}),
         ("inf", {}),
         (0, {"above": True}),
-        (2.5, {"whole": True}),
-        (0, {"least": 1, "whole": True}),
+        (10**400, {}),
+        (Decimal("NaN"), {}),
+        (1j, {}),
     ],
 )
 def test_a_number_out_of_range_or_none_at_all_is_refused(
     value: object, options: dict[str, t.Any]
 ) -> None:
-    with pytest.raises(ValueError, match=r"^K must be a "):
+    with pytest.raises(ValueError, match=r"^K must be a |^K is too large"):
         number({"K": value}, "K", **options)
+
+
+@pytest.mark.parametrize(("value", "least"), [(2.5, 0), ("2.5", 0), (0, 1), (-1, 0), ("x", 0)])
+def test_a_whole_number_is_whole(value: object, least: int) -> None:
+    with pytest.raises(ValueError, match=r"^K must be a whole number"):
+        whole({"K": value}, "K", least=least)
+
+
+def test_other_kinds_of_numbers_are_read() -> None:
+    assert whole({"K": 2**53 + 1}, "K") == 2**53 + 1  # exactly, not through a float
+    assert whole({"K": 10**30}, "K") == 10**30
+    assert number({"K": Decimal("2.5")}, "K") == 2.5
+    assert number({"K": Fraction(1, 4)}, "K") == 0.25
+    assert whole({"K": Decimal("20")}, "K") == 20
+    assert flag({"K": None}, "K") is False  # unset: off
+    assert flag({"K": 1.0}, "K") is True
 
 
 def _make(make_app: AppFactory, **config: t.Any) -> Flask:

@@ -298,10 +298,16 @@ def test_without_opentelemetry_traces_on_by_default_do_nothing(make_app: AppFact
     assert wait_done(client, location).status_code == 201
 
 
-@pytest.mark.parametrize("value", ["false", 0, 1])
+@pytest.mark.parametrize("value", ["maybe", 2, 0.5])
 def test_traces_setting_must_be_a_bool_or_none(make_app: AppFactory, value: object) -> None:
     with pytest.raises(ValueError, match="RESTFUL_ASYNC_TRACES must be"):
         make_app(store="memory://", config={"RESTFUL_ASYNC_TRACES": value})
+
+
+@pytest.mark.parametrize("value", ["false", "False", 0, "off"])
+def test_traces_off_as_the_environment_spells_it(make_app: AppFactory, value: object) -> None:
+    app, _ = make_app(store="memory://", config={"RESTFUL_ASYNC_TRACES": value})
+    assert not get_state(app).propagators
 
 
 def test_a_propagator_that_raises_is_logged_and_the_task_runs(

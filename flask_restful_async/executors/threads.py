@@ -136,7 +136,8 @@ class ThreadExecutor(Executor):
 
     def acquire_now(self) -> bool:
         if self._closed or stopping.begun():
-            # Stopping: the task is queued, and handed over (see submit).
+            # Stopping: the task goes to the queue (and to another process, where
+            # it can: see submit), not into a request thread the stop waits for.
             return False
         if self._in_request.acquire(blocking=False):
             return True
@@ -209,10 +210,8 @@ class ThreadExecutor(Executor):
         resource: Resource | None = None,
     ) -> None:
         job = _Job(app, task.id, task.worker, snapshot, resource)
-        if stopping.begun() and self._goes_back(job):
-            # Accepted while the process stops: for another process, at once.
-            self._give_back([job])
-            return
+        if stopping.begun() and self._goes_back(job) and self._give_back([job], keep=True):
+            return  # accepted while the process stops: for another process, at once
         if not self._idle.acquire(blocking=False):
             # No idle worker: one more, if the pool may grow. Before the job is
             # queued, so that a task no thread can run is refused, not stranded.
@@ -263,9 +262,8 @@ class ThreadExecutor(Executor):
             job = self._queue.get()
             if job is None:
                 return
-            if stopping.begun() and self._goes_back(job):
+            if stopping.begun() and self._goes_back(job) and self._give_back([job], keep=True):
                 # Not started in a process that stops: handed over (see _stop_begun).
-                self._give_back([job])
                 self._idle.release()
                 continue
             with self._lock:
@@ -327,19 +325,35 @@ class ThreadExecutor(Executor):
         timeout, and the task threads would go on starting tasks meanwhile). The
         others wait for their turn here, as before; tasks accepted from now on go
         the same way (see :meth:`submit`)."""
-        if os.getpid() == self._pid and self.hands_over and not self._closed:
-            self._hand_back(only_going=True)
+        if os.getpid() != self._pid or not self.hands_over:
+            return
+        going: list[_Job] = []
+        staying: list[_Job] = []
+        self._take_queued(going, staying, only_going=True)
+        if not self._give_back(going, keep=True):
+            staying.extend(going)  # not handed over: run here after all
+        for job in staying:
+            self._queue.put(job)
+        if self._closed:
+            # Shut down (before or meanwhile): its drain may have missed the jobs
+            # put back.
+            self._hand_back()
 
     def _goes_back(self, job: _Job) -> bool:
         """Whether another process can run ``job`` (see :func:`takeover.hand_back
         <flask_restful_async.takeover.hand_back>`)."""
         return self.hands_over and job.worker is not None and job.snapshot.portable
 
-    def _hand_back(self, *, only_going: bool = False) -> None:
-        """Take every waiting task out of the queue and give it back to the store
-        (``only_going``: those another process can run; the others wait on)."""
+    def _hand_back(self) -> None:
+        """Take every waiting task out of the queue and give it back to the store."""
         jobs: list[_Job] = []
-        staying: list[_Job] = []
+        self._take_queued(jobs, [], only_going=False)
+        self._give_back(jobs, keep=False)
+
+    def _take_queued(self, going: list[_Job], staying: list[_Job], *, only_going: bool) -> None:
+        """Empty the queue into ``going`` (with ``only_going``: those another
+        process can run; the others into ``staying``), but for the shutdown's
+        markers, which go back in."""
         stops = 0
         while True:
             try:
@@ -351,21 +365,36 @@ class ThreadExecutor(Executor):
             elif only_going and not self._goes_back(job):
                 staying.append(job)
             else:
-                jobs.append(job)
-        for job in staying:
-            self._queue.put(job)
+                going.append(job)
         for _ in range(stops):  # a late submit's drain took them: put them back
             self._queue.put(None)
-        self._give_back(jobs)
 
-    def _give_back(self, jobs: list[_Job]) -> None:
-        """Give ``jobs``, which this executor will not run, back to the store."""
-        for app in {id(job.app): job.app for job in jobs}.values():
-            mine = [(job.task_id, job.worker, job.snapshot) for job in jobs if job.app is app]
-            if self.on_hand_back is not None:
-                self.on_hand_back(mine)
+    def _give_back(self, jobs: list[_Job], *, keep: bool) -> bool:
+        """Give ``jobs``, which this executor will not run, back to the store, and
+        their places here. Returns whether that went well. If it failed (logged),
+        with ``keep`` the jobs are still this executor's to run, their places kept;
+        without, their places are given up all the same: the store still has them
+        held by this process, and another takes them over once its lease ends."""
+        try:
+            for app in {id(job.app): job.app for job in jobs}.values():
+                mine = [(job.task_id, job.worker, job.snapshot) for job in jobs if job.app is app]
+                if self.on_hand_back is not None:
+                    self.on_hand_back(mine)
+        except Exception:
+            for app in {id(job.app): job.app for job in jobs}.values():
+                app.logger.exception(
+                    "Handing %d waiting tasks back to the store failed%s",
+                    len(jobs),
+                    "; they run here" if keep else "",
+                )
+            if keep:
+                return False
+            went = False
+        else:
+            went = True
         for job in jobs:
             self.release(job.snapshot.held_bytes)
+        return went
 
 
 def _current_queue(jobs: queue.SimpleQueue[_Job | None]) -> queue.SimpleQueue[_Job | None]:
@@ -392,7 +421,7 @@ _executors: weakref.WeakSet[ThreadExecutor] = weakref.WeakSet()
 
 
 def _stop_begun() -> None:
-    for executor in list(_executors):
+    for executor in stopping.members(_executors):
         executor._stop_begun()
 
 
