@@ -461,6 +461,8 @@ def _make_state(
     _connect_traces(state)
     # In a gunicorn worker (an app made there): its streams and long-polls end
     # as its graceful stop begins, not at its graceful timeout (see stopping.py).
+    # In the master (--preload), the first wait, stream or task thread of each
+    # worker does it.
     stopping.listen()
     return state
 

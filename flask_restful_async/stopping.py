@@ -19,13 +19,16 @@ time. And the thread executor hands its waiting tasks back to the store at once
 a request that still holds the stop (a slow upload, a long synchronous view)
 then puts only the tasks already running at risk.
 
-How the stop is heard: :func:`listen` wraps the ``SIGTERM`` handler of a gunicorn
-worker (every worker class sets one) so that it tells this module first. It has
-to run in the worker's main thread, after gunicorn set its handler:
-``register_async`` calls it, which covers an app made in the worker (gunicorn
-without ``--preload``). With ``--preload`` the app is made in the master, so call
-:func:`listen` from gunicorn's ``post_worker_init`` hook (see the README). Under
-another server, call :func:`begin` where its graceful stop begins.
+How the stop is heard: a gunicorn worker (of every class) says it is stopping
+by setting its ``alive`` to False: on ``SIGTERM`` (the master's stop or reload),
+at ``--max-requests``, on a code change under ``--reload``. :func:`listen` finds
+the worker through the ``SIGTERM`` handler it set, and gives it an ``alive``
+that tells this module first. That works from any thread once the worker has set
+its signals up, so it is called where it matters, and costs a comparison once
+done: by ``register_async`` (an app made in the worker), as a wait or a stream
+begins, and as the executor starts its first thread (which also covers an app
+made in the master, ``--preload``). Under another server, call :func:`begin`
+where its graceful stop begins.
 """
 
 from __future__ import annotations
@@ -41,6 +44,10 @@ import typing as t
 
 _logger = logging.getLogger(__name__)
 _begun = False
+#: The process whose gunicorn worker :func:`listen` hears (0: none yet).
+_heard_in = 0
+_lock = threading.Lock()
+_heard_classes: dict[type, type] = {}
 _callbacks: list[t.Callable[[], None]] = []
 _T = t.TypeVar("_T")
 
@@ -92,46 +99,56 @@ def members(items: t.Iterable[_T]) -> list[_T]:
             continue
 
 
-class _Relay:
-    """A ``SIGTERM`` handler that tells of the stop, then calls the server's own."""
-
-    def __init__(self, handler: t.Callable[[int, t.Any], t.Any]) -> None:
-        self.handler = handler
-
-    def __call__(self, signum: int, frame: t.Any) -> t.Any:
-        with contextlib.suppress(Exception):  # the server hears its signal, whatever happens
-            begin()
-        return self.handler(signum, frame)
-
-
 def listen() -> bool:
-    """Hear this process's graceful stop: wrap the ``SIGTERM`` handler a gunicorn
-    worker set. Returns whether it is heard; False (and nothing changed) outside
-    the main thread, or where the handler is not a gunicorn worker's (another
-    server, or gunicorn's master). Calling it again changes nothing."""
-    if threading.current_thread() is not threading.main_thread():
-        return False
-    handler = signal.getsignal(signal.SIGTERM)
-    if isinstance(handler, _Relay):
+    """Hear this process's graceful stop, if it is a gunicorn worker: returns
+    whether it is heard (False, with nothing changed, elsewhere: another server,
+    gunicorn's master). From any thread; a comparison once it is heard."""
+    global _heard_in
+    if _heard_in == os.getpid():
         return True
     workers = sys.modules.get("gunicorn.workers.base")
-    if (
-        not callable(handler)
-        or workers is None
-        or not isinstance(getattr(handler, "__self__", None), workers.Worker)
-    ):
+    if workers is None:
         return False
-    signal.signal(signal.SIGTERM, _Relay(handler))
-    # signal.signal() resets the flag gunicorn set: its workers let SIGTERM
-    # interrupt no system call under way.
-    signal.siginterrupt(signal.SIGTERM, False)
+    # A bound method of the worker, set before it loads the app (in the master,
+    # before the fork, the master's own).
+    worker = getattr(signal.getsignal(signal.SIGTERM), "__self__", None)
+    if not isinstance(worker, workers.Worker):
+        return False
+    with _lock:
+        if not getattr(type(worker), "_restful_async_heard", False):
+            worker.__class__ = _heard(type(worker))
+        _heard_in = os.getpid()
+    if worker.alive is False:  # stopping already
+        begin()
     return True
+
+
+def _heard(cls: type) -> type:
+    """``cls`` (a gunicorn worker class) whose ``alive``, set to False, also says
+    that the stop has begun. The value stays where gunicorn keeps it. The caller
+    holds the lock."""
+    made = _heard_classes.get(cls)
+    if made is not None:
+        return made
+
+    def get(worker: t.Any) -> t.Any:
+        return worker.__dict__.get("alive", False)
+
+    def put(worker: t.Any, value: t.Any) -> None:
+        worker.__dict__["alive"] = value
+        if not value:
+            begin()  # safe in the signal handler that sets it
+
+    made = type(cls.__name__, (cls,), {"alive": property(get, put), "_restful_async_heard": True})
+    _heard_classes[cls] = made
+    return made
 
 
 def _reset_after_fork() -> None:
     # A child's stop is its own.
-    global _begun
+    global _begun, _lock
     _begun = False
+    _lock = threading.Lock()
 
 
 os.register_at_fork(after_in_child=_reset_after_fork)

@@ -410,6 +410,7 @@ class Waiters:
         store = self._store()
         if store is None:
             raise RuntimeError("the store of these waiters is gone")
+        stopping.listen()  # a stream must end as this process's stop begins
         with self._lock:
             if task_id is None:
                 entry = self._every
@@ -514,6 +515,7 @@ class Waiters:
     ) -> tuple[_Entry, int, bool]:
         """Register a wait: its entry, the entry's counter now, and whether anything
         was notified since ``notices`` was read (then the task must be read again)."""
+        stopping.listen()  # a wait must end as this process's stop begins
         with self._lock:
             entry = self._entries.get(task_id)
             if entry is None:

@@ -35,15 +35,6 @@ from .servers import GUNICORN_GRACEFUL_TIMEOUT, http, poll_until_done, serve
 TASKS = 8
 SECONDS = 1.0
 
-#: gunicorn's ``post_worker_init`` hook of the README, for an app made in the
-#: master (``--preload``).
-HOOK = """\
-from flask_restful_async import stopping
-
-def post_worker_init(worker):
-    stopping.listen()
-"""
-
 
 class Waiter(threading.Thread):
     """A request that waits (a stream or a long-poll); notes when its answer ends."""
@@ -87,13 +78,13 @@ def _server_env(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     }
 
 
-def _submit_tasks(base: str) -> list[str]:
+def _submit_tasks(base: str, seconds: float = SECONDS) -> list[str]:
     """Submit the :data:`TASKS` tasks of /jobs/count; their status URLs."""
     locations = []
     for number in range(TASKS):
         status, headers, _ = http(
             "POST",
-            f"{base}/jobs/count?seconds={SECONDS}",
+            f"{base}/jobs/count?seconds={seconds}",
             body=json.dumps({"n": number}).encode(),
             headers={"Content-Type": "application/json"},
         )
@@ -139,7 +130,7 @@ def _gone(pid: int) -> bool:
 @pytest.mark.parametrize(
     ("kind", "preload"),
     [("gunicorn-gthread", False), ("gunicorn-gthread", True), ("gunicorn-gevent", True)],
-    ids=["app-in-worker", "preload-with-hook", "gevent-preload-with-hook"],
+    ids=["app-in-worker", "preload", "gevent-preload"],
 )
 def test_a_stream_and_a_long_poll_do_not_hold_a_graceful_stop(
     tmp_path: Path, kind: str, preload: bool
@@ -148,11 +139,9 @@ def test_a_stream_and_a_long_poll_do_not_hold_a_graceful_stop(
     master before gevent patched the worker, still runs tasks there: its first
     submit used to hang the worker."""
     runs, env = _server_env(tmp_path)
-    options: tuple[str, ...] = ()
-    if preload:
-        hook = tmp_path / "gunicorn_hooks.py"
-        hook.write_text(HOOK)
-        options = ("--preload", "-c", str(hook))
+    # With --preload the app is made in the master: the worker's first wait,
+    # stream or task thread listens for its stop.
+    options = ("--preload",) if preload else ()
     with serve(kind, "tests.apps.tasks_app:app", env=env, options=options, may_exit=True) as base:
         locations = _submit_tasks(base)
         waiters = [
@@ -228,12 +217,46 @@ def test_a_request_that_holds_the_stop_costs_no_queued_task(tmp_path: Path) -> N
     _every_task_ran_once(env, locations, runs)
 
 
-def test_listen_wraps_only_a_gunicorn_workers_handler() -> None:
+@pytest.mark.slow
+def test_a_worker_recycled_by_max_requests_ends_its_streams(tmp_path: Path) -> None:
+    """--max-requests stops a worker without a signal: it is heard all the same
+    (the worker's own ``alive``), so an open stream does not keep the worker from
+    its exit, and no new worker from starting, for the graceful timeout and more."""
+    runs, env = _server_env(tmp_path)
+    env["FLASK_RESTFUL_ASYNC_MAX_WORKERS"] = "2"
+    env["FLASK_RESTFUL_ASYNC_PUBLIC_LIST"] = "true"  # a list to follow, without owners
+    options = ("--max-requests", str(TASKS + 4))
+    with serve("gunicorn-gthread", "tests.apps.tasks_app:app", env=env, options=options) as base:
+        locations = _submit_tasks(base, seconds=0.5)
+        # The list's stream, which no task's end ends.
+        stream = Waiter(base, "/tasks", {"Accept": "text/event-stream"})
+        stream.start()
+        stream.opened.wait(5)
+        time.sleep(0.3)
+        first = json.loads(http("GET", base + "/pid")[2])["pid"]
+        started = time.monotonic()
+        pid = first
+        while pid == first and time.monotonic() - started < 40:
+            # The requests that reach the limit, then the first one of the next worker.
+            pid = json.loads(http("GET", base + "/pid", timeout=40)[2])["pid"]
+        recycled = time.monotonic() - started
+        print(f"a new worker {recycled:.2f} s after the requests that reach the limit began")
+        stream.join(5)
+        assert pid != first
+        assert stream.ended_at is not None
+        assert recycled < GUNICORN_GRACEFUL_TIMEOUT, f"a new worker after {recycled:.1f} s"
+        answers = [poll_until_done(base, location, timeout=30) for location in locations]
+    assert [status for status, _, _ in answers] == [200] * TASKS
+    ran = [line.split()[0] for line in runs.read_text().splitlines()]
+    assert sorted(ran) == sorted(location.rsplit("/", 1)[-1] for location in locations)
+
+
+def test_listen_hears_nothing_but_a_gunicorn_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(stopping, "_heard_in", 0)
     # The test process's SIGTERM handler is not a gunicorn worker's: left alone.
     before = signal.getsignal(signal.SIGTERM)
     assert stopping.listen() is False
     assert signal.getsignal(signal.SIGTERM) is before
-    # Nor outside the main thread, where no handler can be set.
     heard: list[bool] = []
     thread = threading.Thread(target=lambda: heard.append(stopping.listen()))
     thread.start()
@@ -319,44 +342,46 @@ def test_a_begun_stop_hands_the_queued_tasks_over_at_once(
     )
 
 
-def test_listen_wraps_a_gunicorn_workers_handler_which_then_hears_first(
+def test_a_gunicorn_worker_is_heard_as_it_stops_from_any_thread(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from gunicorn.workers.base import Worker
 
-    monkeypatch.setattr(stopping, "_begun", False)  # and back to False afterwards
+    monkeypatch.setattr(stopping, "_begun", False)  # and back afterwards
+    monkeypatch.setattr(stopping, "_heard_in", 0)
     heard: list[str] = []
     monkeypatch.setattr(stopping, "_callbacks", [lambda: heard.append("callback")])
-    worker = object.__new__(Worker)  # its handler, without a server
+    worker = object.__new__(Worker)  # its signal handler, without a server
     worker.alive = True
     before = signal.getsignal(signal.SIGTERM)
     signal.signal(signal.SIGTERM, worker.handle_exit)
     try:
+        answers: list[bool] = []
+        thread = threading.Thread(target=lambda: answers.append(stopping.listen()))
+        thread.start()
+        thread.join(5)
+        assert answers == [True]  # from a request thread, say
         assert stopping.listen() is True
-        assert stopping.listen() is True  # once
-        relay = signal.getsignal(signal.SIGTERM)
-        assert isinstance(relay, stopping._Relay)
-        assert relay.handler == worker.handle_exit
-        os.kill(os.getpid(), signal.SIGTERM)
+        assert isinstance(worker, Worker)
+        assert worker.alive is True
+        assert signal.getsignal(signal.SIGTERM) == worker.handle_exit  # untouched
+        assert not stopping.begun()
+        os.kill(os.getpid(), signal.SIGTERM)  # gunicorn's handler: alive = False
         wait_for(lambda: heard == ["callback"], timeout=5)  # in a thread of its own
         assert stopping.begun()
-        assert worker.alive is False  # gunicorn's own handler ran too
+        assert worker.alive is False
     finally:
         signal.signal(signal.SIGTERM, before)
 
 
-def test_the_server_hears_its_signal_even_if_no_thread_can_start(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_a_stop_is_said_even_if_no_thread_can_start(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(stopping, "_begun", False)
 
     def no_thread(*args: object) -> t.NoReturn:
         raise RuntimeError("can't start new thread")
 
     monkeypatch.setattr(stopping._thread, "start_new_thread", no_thread)
-    heard: list[int] = []
-    stopping._Relay(lambda signum, frame: heard.append(signum))(signal.SIGTERM, None)
-    assert heard == [signal.SIGTERM]
+    stopping.begin()  # in a signal handler, say: it must not raise there
     assert stopping.begun()  # waits and streams see it at their next look
 
 

@@ -231,6 +231,8 @@ class ThreadExecutor(Executor):
                 return
             if not self._threads:
                 self._queue = _current_queue(self._queue)
+                # Its queued tasks go back as this process's stop begins.
+                stopping.listen()
             thread = threading.Thread(
                 target=self._work,
                 name=f"restful-async-{len(self._threads)}",
