@@ -58,8 +58,8 @@ def begun() -> bool:
 
 
 def on_stop(callback: t.Callable[[], None]) -> None:
-    """Call ``callback`` once the stop begins (in a thread of its own when a
-    signal told it): it wakes what waits, so that it sees :func:`begun`."""
+    """Call ``callback`` once the stop begins (in a thread of its own, started by
+    :func:`begin`): it wakes what waits, so that it sees :func:`begun`."""
     _callbacks.append(callback)
 
 
