@@ -18,7 +18,7 @@ from .dashboard import check_dashboard, install_dashboard
 from .executors.base import Executor
 from .executors.eager import EagerExecutor
 from .executors.threads import ThreadExecutor
-from .settings import NEITHER, flag, maybe_flag, number, whole
+from .settings import flag, maybe_flag, number, whole
 from .state import EXTENSION_KEY, RESULT_SUFFIX, AdminCallable, AsyncState, OwnerCallable
 from .status import TaskListResource, TaskResultResource, TaskStatusResource
 from .stores import TaskStore, open_store
@@ -256,12 +256,11 @@ _UNOWNED_LIST = (
 def _connect_metrics(app: Flask) -> None:
     """Connect the Prometheus metrics to ``app``'s signals, as ``RESTFUL_ASYNC_METRICS``
     says: on when prometheus-client is importable, unless False."""
-    wanted = maybe_flag(app.config, "RESTFUL_ASYNC_METRICS")
-    if wanted is NEITHER:
-        raise ValueError(
-            "RESTFUL_ASYNC_METRICS must be None (on if prometheus-client is installed),"
-            f" True (required) or False (off), not {app.config['RESTFUL_ASYNC_METRICS']!r}"
-        )
+    wanted = maybe_flag(
+        app.config,
+        "RESTFUL_ASYNC_METRICS",
+        "None (on if prometheus-client is installed), True (required) or False (off)",
+    )
     if wanted is False:
         return
     if wanted is None and importlib.util.find_spec("prometheus_client") is None:
@@ -468,13 +467,12 @@ def _make_state(
 
 
 def _connect_traces(state: AsyncState) -> None:
-    setting = maybe_flag(state.app.config, "RESTFUL_ASYNC_TRACES")
-    if setting is NEITHER:
-        raise ValueError(
-            "RESTFUL_ASYNC_TRACES must be True (traces, or an error without"
-            " opentelemetry-api), False (no traces) or None (traces when"
-            f" opentelemetry-api is installed), not {state.app.config['RESTFUL_ASYNC_TRACES']!r}"
-        )
+    setting = maybe_flag(
+        state.app.config,
+        "RESTFUL_ASYNC_TRACES",
+        "True (traces, or an error without opentelemetry-api), False (no traces) or None"
+        " (traces when opentelemetry-api is installed)",
+    )
     if setting is False:
         return
     try:

@@ -43,19 +43,16 @@ def flag(config: t.Mapping[str, t.Any], key: str) -> bool:
     )
 
 
-#: What :func:`maybe_flag` gives for a value that is neither None nor a switch.
-NEITHER = object()
-
-
-def maybe_flag(config: t.Mapping[str, t.Any], key: str) -> bool | object | None:
-    """A three-way setting: None as it is, else the switch :func:`flag` reads;
-    :data:`NEITHER` for anything else (the caller says what the key takes)."""
-    if config[key] is None:
+def maybe_flag(config: t.Mapping[str, t.Any], key: str, takes: str) -> bool | None:
+    """A three-way setting: None as it is, else the switch :func:`flag` reads.
+    Anything else raises ``ValueError`` saying that ``key`` must be ``takes``."""
+    value = config[key]
+    if value is None:
         return None
     try:
         return flag(config, key)
     except ValueError:
-        return NEITHER
+        raise ValueError(f"{key} must be {takes}, not {value!r}") from None
 
 
 def _parsed(value: object) -> int | float | None:

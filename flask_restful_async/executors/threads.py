@@ -210,7 +210,7 @@ class ThreadExecutor(Executor):
         resource: Resource | None = None,
     ) -> None:
         job = _Job(app, task.id, task.worker, snapshot, resource)
-        if stopping.begun() and self._goes_back(job) and self._give_back([job], keep=True):
+        if self._handed_over_now(job):
             return  # accepted while the process stops: for another process, at once
         if not self._idle.acquire(blocking=False):
             # No idle worker: one more, if the pool may grow. Before the job is
@@ -264,8 +264,8 @@ class ThreadExecutor(Executor):
             job = self._queue.get()
             if job is None:
                 return
-            if stopping.begun() and self._goes_back(job) and self._give_back([job], keep=True):
-                # Not started in a process that stops: handed over (see _stop_begun).
+            if self._handed_over_now(job):
+                # Not started in a process that stops (see _stop_begun).
                 self._idle.release()
                 continue
             with self._lock:
@@ -329,9 +329,7 @@ class ThreadExecutor(Executor):
         the same way (see :meth:`submit`)."""
         if os.getpid() != self._pid or not self.hands_over:
             return
-        going: list[_Job] = []
-        staying: list[_Job] = []
-        self._take_queued(going, staying, only_going=True)
+        going, staying = self._take_queued(only_going=True)
         if not self._give_back(going, keep=True):
             staying.extend(going)  # not handed over: run here after all
         for job in staying:
@@ -346,16 +344,23 @@ class ThreadExecutor(Executor):
         <flask_restful_async.takeover.hand_back>`)."""
         return self.hands_over and job.worker is not None and job.snapshot.portable
 
+    def _handed_over_now(self, job: _Job) -> bool:
+        """Whether ``job``, about to be queued or started, went back to the store
+        instead, for another process: it does once the process's stop has begun,
+        if another process can run it and the store takes it."""
+        return stopping.begun() and self._goes_back(job) and self._give_back([job], keep=True)
+
     def _hand_back(self) -> None:
         """Take every waiting task out of the queue and give it back to the store."""
-        jobs: list[_Job] = []
-        self._take_queued(jobs, [], only_going=False)
+        jobs, _ = self._take_queued(only_going=False)
         self._give_back(jobs, keep=False)
 
-    def _take_queued(self, going: list[_Job], staying: list[_Job], *, only_going: bool) -> None:
-        """Empty the queue into ``going`` (with ``only_going``: those another
-        process can run; the others into ``staying``), but for the shutdown's
-        markers, which go back in."""
+    def _take_queued(self, *, only_going: bool) -> tuple[list[_Job], list[_Job]]:
+        """Empty the queue, but for the shutdown's markers, which go back in:
+        ``(going, staying)``, where with ``only_going`` the jobs no other process
+        can run are staying, and otherwise none."""
+        going: list[_Job] = []
+        staying: list[_Job] = []
         stops = 0
         while True:
             try:
@@ -370,6 +375,7 @@ class ThreadExecutor(Executor):
                 going.append(job)
         for _ in range(stops):  # a late submit's drain took them: put them back
             self._queue.put(None)
+        return going, staying
 
     def _give_back(self, jobs: list[_Job], *, keep: bool) -> bool:
         """Give ``jobs``, which this executor will not run, back to the store, and
@@ -377,13 +383,14 @@ class ThreadExecutor(Executor):
         with ``keep`` the jobs are still this executor's to run, their places kept;
         without, their places are given up all the same: the store still has them
         held by this process, and another takes them over once its lease ends."""
+        apps = {id(job.app): job.app for job in jobs}.values()
         try:
-            for app in {id(job.app): job.app for job in jobs}.values():
+            for app in apps:
                 mine = [(job.task_id, job.worker, job.snapshot) for job in jobs if job.app is app]
                 if self.on_hand_back is not None:
                     self.on_hand_back(mine)
         except Exception:
-            for app in {id(job.app): job.app for job in jobs}.values():
+            for app in apps:
                 app.logger.exception(
                     "Handing %d waiting tasks back to the store failed%s",
                     len(jobs),
