@@ -579,6 +579,72 @@ def test_a_process_that_exits_leaves_no_write_ahead_log(tmp_path: Path) -> None:
     assert len(SQLiteStore(str(path)).list(owner=None)) == 2
 
 
+def test_threads_still_running_at_exit_open_no_connection_after_the_store_closed(
+    tmp_path: Path,
+) -> None:
+    """A daemon thread the exit did not stop (a listener that outlived its join on a
+    busy machine, a task past the shutdown timeout) runs until the interpreter
+    ends: neither keeps nor opens a connection once the store closed at exit."""
+    path = tmp_path / "tasks.db"
+    script = (
+        "import atexit, time\n"
+        # Registered first, so it runs last: time for the threads to go on after
+        # the store's close at exit.
+        "atexit.register(time.sleep, 0.5)\n"
+        "import threading\n"
+        "from flask_restful_async.stores import SQLiteStore\n"
+        "from flask_restful_async.task import Task, new_task_id\n"
+        f"store = SQLiteStore({str(path)!r})\n"
+        "task = store.create(Task(new_task_id()))\n"
+        "heard = threading.Event()\n"
+        "never = threading.Event()\n"
+        "threading.Thread(\n"
+        "    target=store.listen, args=(lambda _: heard.set(), never), daemon=True\n"
+        ").start()\n"
+        "def read():\n"
+        "    while True:\n"
+        "        try:\n"
+        "            store.get(task.id)\n"
+        "        except Exception:\n"
+        "            pass\n"
+        "        time.sleep(0.005)\n"
+        "threading.Thread(target=read, daemon=True).start()\n"
+        "heard.wait(10)\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=30)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tasks.db"]
+
+
+def test_closing_a_store_closes_its_listeners_connection_and_listening_goes_on(
+    tmp_path: Path,
+) -> None:
+    store = SQLiteStore(str(tmp_path / "tasks.db"))
+    other = SQLiteStore(str(tmp_path / "tasks.db"))
+    other.create(Task(id=new_task_id()))
+    heard = threading.Event()
+    stop = threading.Event()
+    listener = threading.Thread(target=store.listen, args=(lambda _: heard.set(), stop))
+    listener.start()
+    try:
+        assert heard.wait(5)
+        (first,) = store._listening
+        store.close()
+        assert store._listening == set()
+        with pytest.raises(sqlite3.ProgrammingError):
+            first.execute("SELECT 1")  # closed
+        heard.clear()
+        other.create(Task(id=new_task_id()))
+        assert heard.wait(5)  # a connection of its own again
+        assert store._listening
+        assert first not in store._listening
+    finally:
+        stop.set()
+        listener.join(5)
+        store.close()
+        other.close()
+    assert store._listening == set()
+
+
 def test_threads_that_end_leave_their_connection_to_the_next(tmp_path: Path) -> None:
     """Under gevent every request is a greenlet with "thread-local" data of its own:
     a connection per request must not stay open for ever."""

@@ -361,6 +361,10 @@ class SQLiteStore(TaskStore):
         # Writes since the last background checkpoint, and its thread.
         self._writes = 0
         self._checkpointer: threading.Thread | None = None
+        # The connections of listen() calls running here (see there).
+        self._listening: set[sqlite3.Connection] = set()
+        # Closed as the process exits: no connection opens again (see _close_at_exit).
+        self._ended = False
         _stores.add(self)
 
     # -- connections -------------------------------------------------------------
@@ -492,6 +496,10 @@ class SQLiteStore(TaskStore):
         )
 
     def _connect(self) -> sqlite3.Connection:
+        if self._closed_at_exit():
+            raise self.unavailable(
+                "ended", "the process is exiting and closed it", level=logging.DEBUG
+            )
         conn: sqlite3.Connection | None = None
         known = self._identity is not None
         if known:
@@ -591,10 +599,13 @@ class SQLiteStore(TaskStore):
         self._checkpointer = None  # a thread of the parent
 
     def _retire(self) -> list[sqlite3.Connection]:
-        """Take every connection from the threads, the spares and the writer, for good."""
+        """Take every connection from the threads, the listeners, the spares and the
+        writer, for good."""
         with self._lock:
             held, self._held = list(self._held), weakref.WeakSet()
-        connections = list(self._spares)
+            connections = list(self._listening)
+            self._listening.clear()
+        connections += self._spares
         self._spares.clear()
         if self._writer is not None:
             connections.append(self._writer)
@@ -612,7 +623,7 @@ class SQLiteStore(TaskStore):
         # A connection closed while another thread runs a statement on it (a task
         # thread's write, the outbox retrying one) crashes the process: the
         # connections are taken once no thread is inside SQLite. Threads that come
-        # later open new ones.
+        # later open new ones (unless the process is exiting: _close_at_exit).
         _GATE.close(_CLOSE_WARNING)
         try:
             connections = self._retire()
@@ -1171,8 +1182,9 @@ class SQLiteStore(TaskStore):
         """Call ``on_change(None)`` whenever another connection has committed.
 
         Every ``LISTEN_INTERVAL`` seconds, reads ``PRAGMA data_version`` on a
-        connection of its own (which never writes, is not one of the store's, and
-        is closed on return). SQLite changes that number when *another*
+        connection of its own (which never writes; closed on return, or by
+        :meth:`close`, after which a listener still running opens another unless
+        the process is exiting). SQLite changes that number when *another*
         connection, of this process or any other, has committed to the file: a
         task that ended, but also progress, submits, lease renewals (and a
         truncating checkpoint), so waiters are woken more often than needed and
@@ -1185,7 +1197,7 @@ class SQLiteStore(TaskStore):
         version = None
         failures = 0
         try:
-            while not stop.is_set():
+            while not stop.is_set() and not self._closed_at_exit():
                 if time.monotonic() >= self._check_at:
                     # A file removed or replaced is noticed (and logged) even
                     # while no request comes.
@@ -1194,7 +1206,11 @@ class SQLiteStore(TaskStore):
                 changed = False
                 _GATE.enter()
                 try:
+                    if conn is not None and conn not in self._listening:
+                        conn = None  # closed with the store (see close())
                     if conn is None:
+                        if self._closed_at_exit():
+                            break
                         conn = sqlite3.connect(
                             pathlib.Path(self.path).as_uri() + "?mode=rw",
                             uri=True,
@@ -1202,6 +1218,8 @@ class SQLiteStore(TaskStore):
                             isolation_level=None,
                             check_same_thread=False,
                         )
+                        with self._lock:
+                            self._listening.add(conn)
                         version = _data_version(conn)
                         changed = True  # what changed before this was not seen
                     else:
@@ -1209,7 +1227,7 @@ class SQLiteStore(TaskStore):
                         changed, version = current != version, current
                 except (sqlite3.Error, OSError):
                     if conn is not None:
-                        conn.close()
+                        self._forget_listening(conn)
                         conn = None
                     failures += 1
                     if failures == 1:
@@ -1227,7 +1245,18 @@ class SQLiteStore(TaskStore):
                 stop.wait(LISTEN_INTERVAL)
         finally:
             if conn is not None:
-                _close(conn)
+                self._forget_listening(conn)
+
+    def _closed_at_exit(self) -> bool:
+        return self._ended
+
+    def _forget_listening(self, conn: sqlite3.Connection) -> None:
+        """Close a connection of :meth:`listen`, unless :meth:`close` took it."""
+        with self._lock:
+            mine = conn in self._listening
+            self._listening.discard(conn)
+        if mine:
+            _close(conn)
 
     # -- operating (see TaskStore.list_all) ----------------------------------------
 
@@ -1600,7 +1629,11 @@ def _close_at_exit() -> None:
     # its index (-wal, -shm) beside the file; the last connection closed removes
     # them. Registered at import, so it runs after the executor has let its tasks
     # finish and the lease is released (atexit runs the latest registration first).
+    # Daemon threads still run until the interpreter stops them (a listener that
+    # outlived its join, a task past the shutdown timeout): none may open a
+    # connection again, which nothing would close.
     for store in list(_stores):
+        store._ended = True
         store.close()
 
 
