@@ -99,6 +99,77 @@ def test_a_locked_database_is_a_503_on_submit_and_leaves_no_task(tmp_path: Path)
         get_state(app).close()
 
 
+def test_writers_queued_behind_a_locked_file_each_get_their_503_within_the_timeout(
+    tmp_path: Path,
+) -> None:
+    """Another process holds the file's write lock: the first writer of this process
+    waits for it, the others wait for that writer; each answers within the store's
+    timeout of its own start, not a whole timeout after the writer before it."""
+    path = tmp_path / "locked.db"
+    store = SQLiteStore(str(path), timeout=1.0)
+    try:
+        store.create(Task(id=new_task_id()))
+        blocker = sqlite3.connect(path, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")  # holds the write lock
+        took: list[float] = []
+        refused: list[BaseException] = []
+
+        def submit() -> None:
+            start = time.monotonic()
+            try:
+                store.create(Task(id=new_task_id()))
+            except StoreUnavailable as e:
+                refused.append(e)
+            took.append(time.monotonic() - start)
+
+        try:
+            writers = [threading.Thread(target=submit) for _ in range(4)]
+            for writer in writers:
+                writer.start()
+            for writer in writers:
+                writer.join(30)
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        assert len(refused) == 4
+        assert max(took) < 2.5, took  # one after another: about 1, 2, 3 and 4 s
+        store.create(Task(id=new_task_id()))
+        assert len(store.list(owner=None)) == 2
+    finally:
+        store.close()
+
+
+def test_a_writer_that_queued_gets_the_rest_of_the_timeout_then_the_whole_again(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "locked.db"
+    store = SQLiteStore(str(path), timeout=2.0)
+    try:
+        store.create(Task(id=new_task_id()))
+        blocker = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        blocker.execute("BEGIN IMMEDIATE")
+        release = threading.Timer(0.5, blocker.execute, ("ROLLBACK",))
+        release.start()
+        made: list[Task] = []
+        writers = [
+            threading.Thread(target=lambda: made.append(store.create(Task(id=new_task_id()))))
+            for _ in range(2)
+        ]
+        try:
+            for writer in writers:
+                writer.start()
+            for writer in writers:
+                writer.join(30)
+        finally:
+            release.join(5)
+            blocker.close()
+        assert len(made) == 2  # the second waited for the first, then wrote in time
+        assert store._writer is not None
+        assert store._writer.execute("PRAGMA busy_timeout").fetchone() == (2000,)
+    finally:
+        store.close()
+
+
 def test_a_database_that_cannot_be_opened_is_a_503_for_submit_poll_and_list(
     tmp_path: Path,
 ) -> None:

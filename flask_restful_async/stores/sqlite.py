@@ -446,6 +446,18 @@ class SQLiteStore(TaskStore):
             with contextlib.suppress(Exception):
                 writer.close()
 
+    def _restore_busy_timeout(self) -> None:
+        """The writer's wait for SQLite's lock back to the whole timeout, after a
+        write that had less of it left (see _Access); the caller holds the write lock."""
+        writer = self._writer
+        if writer is not None:
+            try:
+                writer.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
+            except sqlite3.Error:
+                self._writer = None  # the next write opens another, set as usual
+                with contextlib.suppress(Exception):
+                    writer.close()
+
     @property
     def _connections(self) -> list[sqlite3.Connection]:
         """The connections open in this process (threads', spare, the writer)."""
@@ -1509,30 +1521,55 @@ class _Access:
     """A store's connection for one statement or transaction (a context manager):
     outages come out as ``StoreUnavailable``; writers hold the write lock.
 
+    A writer waits for the other writers of its process and then for SQLite's
+    lock (held by another process) within the store's ``timeout`` in all: where
+    the file stays locked, every writer queued behind the first gets its ``503``
+    in that time too, rather than a whole timeout after the one before it.
+
     Written as a class rather than with ``contextlib``: it wraps every statement,
     and this is several times cheaper.
     """
 
-    __slots__ = ("_lock", "_store")
+    __slots__ = ("_left", "_lock", "_store")
 
     def __init__(self, store: SQLiteStore, lock: threading.RLock | None) -> None:
         self._store, self._lock = store, lock
+        # Seconds of the timeout left for SQLite's lock after a wait for the
+        # write lock; None when it was free.
+        self._left: float | None = None
 
     def __enter__(self) -> sqlite3.Connection:
         _GATE.enter()
-        if self._lock is not None:
+        lock = self._lock
+        if lock is not None:
             try:
-                self._lock.acquire()
+                if not lock.acquire(False):
+                    self._queue(lock)
             except BaseException:
-                _GATE.leave()  # interrupted while waiting (a signal's exception)
+                _GATE.leave()  # interrupted while waiting (a signal's exception), or late
                 raise
         try:
-            if self._lock is None:
+            if lock is None:
                 return self._store._connection()
-            return self._store._writer_connection()
+            conn = self._store._writer_connection()
+            if self._left is not None:
+                conn.execute(f"PRAGMA busy_timeout = {max(0, int(self._left * 1000))}")
+            return conn
         except BaseException as e:
             self.__exit__(type(e), e, e.__traceback__)
             raise
+
+    def _queue(self, lock: threading.RLock) -> None:
+        """Wait for the other writers of this process, within the store's timeout."""
+        store = self._store
+        start = time.monotonic()
+        if not lock.acquire(timeout=store.timeout):
+            raise store.unavailable(
+                "queued",
+                f"a write waited {store.timeout:g} s for the other writes of this process"
+                " (the file is locked: by another process, or a slow disk)",
+            )
+        self._left = store.timeout - (time.monotonic() - start)
 
     def __exit__(
         self,
@@ -1545,6 +1582,8 @@ class _Access:
                 try:
                     if exc is not None:
                         self._store._writer_failed()
+                    if self._left is not None:
+                        self._store._restore_busy_timeout()
                 finally:
                     self._lock.release()
         finally:
