@@ -227,6 +227,7 @@ def _task_events(
     seen: str | None,
     clock: _Clock,
 ) -> Iterator[bytes]:
+    first = True
     try:
         while True:
             if document is not None:
@@ -235,10 +236,17 @@ def _task_events(
                     seen = digest
                     clock.sent()
                     yield event("status", data, digest)
+                elif first:
+                    # Nothing new since the client's last event (a reconnect): a
+                    # comment, so that the answer's head goes out now rather than
+                    # with the first keep-alive.
+                    clock.sent()
+                    yield _KEEP_ALIVE
             if task is None or task.expired or task.state.finished:
                 code = answer_code(state, task)
                 yield event("done", b'{"status":%d}' % code, DONE_ID)
                 return
+            first = False
             while True:
                 heard = yield from _next_look(clock, subscription)
                 if heard is None:

@@ -239,6 +239,27 @@ def test_last_event_id_does_not_replay_what_was_seen(app: Flask) -> None:
     assert "Content-Type" not in response.headers
 
 
+def test_a_reconnect_with_nothing_new_answers_at_once(app: Flask) -> None:
+    """Its head goes out with a comment, not with the first keep-alive (15 s by
+    default): an HTTP client's read timeout is often shorter (httpx: 5 s)."""
+    app.config["RESTFUL_ASYNC_STREAM_KEEPALIVE"] = 60
+    client = app.test_client()
+    location = submit(client, "/steps")
+    with stream(client, location) as events:
+        seen = running(events)
+    first: list[Event] = []
+
+    def reconnect() -> None:
+        # The test client returns once the first chunk is out.
+        with stream(client, location, **{"Last-Event-ID": seen.id or ""}) as events:
+            first.append(next(events))
+
+    thread = threading.Thread(target=reconnect, daemon=True)
+    thread.start()
+    thread.join(10)
+    assert first == [Event(":", "keep-alive", None)]
+
+
 def test_a_silent_stream_sends_keep_alive_comments(app: Flask) -> None:
     client = app.test_client()
     location = submit(client, "/steps")
