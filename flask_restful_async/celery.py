@@ -123,12 +123,24 @@ Design:
   answers 503 with ``Retry-After`` and a message that says nothing of the broker;
   the detail goes to ``app.logger``. The task the store had just recorded is
   deleted, so no half-submitted task remains.
+- A broker that stops answering without closing its connections (a process
+  stopped, a host gone behind NAT) would hold a submit until it answers again:
+  kombu's Redis transport waits for a reply without a time limit unless
+  ``socket_timeout`` is set. Submits publish through producers of their own
+  whose connections wait :data:`PUBLISH_TIMEOUT` seconds for a Redis broker
+  (unless ``broker_transport_options`` sets ``socket_timeout``), and do not try
+  again (unless ``task_publish_retry_policy`` was changed): a 503 within that
+  time. (An AMQP publish waits for no reply: a small message is written to the
+  socket and the submit goes on.) The workers' own connections are left as the Celery app configures
+  them: there a lost connection makes kombu restore the unacknowledged messages,
+  where a broker that stopped for a while and came back only paused them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import secrets
 import threading
 import time
@@ -185,6 +197,17 @@ APP_RETRIES = 60
 DEFAULT_MAX_MESSAGE_BODY = 256 * 1024
 #: Seconds a body put in the store waits for its worker (``CELERY_LARGE_BODY_TTL``).
 DEFAULT_LARGE_BODY_TTL = 24 * 3600.0
+
+#: Seconds a submit waits for a Redis broker to connect and to answer (kombu's
+#: ``socket_timeout`` and ``socket_connect_timeout`` on the connections submits
+#: publish through), unless ``broker_transport_options`` sets them.
+PUBLISH_TIMEOUT = 2.0
+#: How a submit tries its message again (unless the Celery app changed Celery's
+#: ``task_publish_retry_policy``, three more tries): not at all, so that a broker
+#: that does not answer costs it ``PUBLISH_TIMEOUT`` seconds before its 503, not
+#: four times that and more. A pooled connection that a broker restarted since has
+#: closed is opened again by the Redis client itself, without a retry.
+PUBLISH_RETRY_POLICY: dict[str, float] = {"max_retries": 0}
 
 _JSON = served_headers([("Content-Type", "application/json")])
 #: Where a task that failed before its handler ran ends.
@@ -248,6 +271,10 @@ class CeleryExecutor(Executor):
         self.queue = queue
         self._task = _register(celery_app)
         self._apps: weakref.WeakSet[Flask] = weakref.WeakSet()
+        # Made at the first submit of a process, once the Celery app's config is
+        # final (see _producers).
+        self._publishing: tuple[int, t.Any, dict[str, t.Any]] | None = None
+        self._publishing_lock = threading.Lock()
 
     def bind(self, app: Flask) -> None:
         """Let this process's workers find ``app`` for the messages that name it."""
@@ -262,6 +289,21 @@ class CeleryExecutor(Executor):
                 keeper = _keepers.pop(app, None)
             if keeper is not None:
                 keeper.release()
+        publishing, self._publishing = self._publishing, None
+        if publishing is not None and publishing[0] == os.getpid():
+            publishing[1].connections.force_close_all()
+
+    def _producers(self) -> tuple[t.Any, dict[str, t.Any]]:
+        """The pool of producers submits publish through in this process, and the
+        publish options they add (see "A broker that stops answering" above)."""
+        publishing = self._publishing
+        if publishing is None or publishing[0] != os.getpid():
+            with self._publishing_lock:
+                publishing = self._publishing
+                if publishing is None or publishing[0] != os.getpid():
+                    # A forked child leaves its parent's connections alone.
+                    publishing = self._publishing = (os.getpid(), *_publishing(self.celery_app))
+        return publishing[1], publishing[2]
 
     def submit(
         self,
@@ -289,7 +331,14 @@ class CeleryExecutor(Executor):
                 _drop_body(app, body_key, "unsent")
             raise
         try:
-            self._task.apply_async(args=(task.id, message, body_key), **options)
+            producers, publish_options = self._producers()
+            with producers.acquire(block=True) as producer:
+                self._task.apply_async(
+                    args=(task.id, message, body_key),
+                    producer=producer,
+                    **publish_options,
+                    **options,
+                )
         except Exception as e:
             # Whatever kept the message from the broker (down, full, a transport
             # that is not installed), the client can only try again later; where
@@ -322,6 +371,31 @@ class CeleryExecutor(Executor):
                 e,
                 extra={"task_id": task_id},
             )
+
+
+def _publishing(celery_app: Celery) -> tuple[t.Any, dict[str, t.Any]]:
+    """A pool of producers on connections of their own (see
+    :meth:`CeleryExecutor._producers`), and the publish options of a submit."""
+    from celery.app.defaults import DEFAULTS  # type: ignore[import-untyped,import-not-found,unused-ignore]
+    from kombu.pools import ProducerPool  # type: ignore[import-untyped,import-not-found,unused-ignore]
+
+    conf = celery_app.conf
+    transport_options = dict(conf.broker_transport_options or {})
+    connection = celery_app.connection_for_write()
+    options: dict[str, t.Any] = {}
+    # Redis only: an AMQP publish is a write to the socket that waits for no
+    # reply, and py-amqp does not reopen a connection the broker closed.
+    if connection.transport.driver_type == "redis":
+        transport_options.setdefault("socket_timeout", PUBLISH_TIMEOUT)
+        transport_options.setdefault("socket_connect_timeout", PUBLISH_TIMEOUT)
+        connection = celery_app.connection_for_write(transport_options=transport_options)
+        if conf.task_publish_retry_policy == DEFAULTS["task_publish_retry_policy"]:
+            options["retry_policy"] = dict(PUBLISH_RETRY_POLICY)
+    limit = conf.broker_pool_limit
+    producers = ProducerPool(  # type: ignore[no-untyped-call,unused-ignore]
+        connection.Pool(limit=limit), limit=limit, Producer=celery_app.amqp.Producer
+    )
+    return producers, options
 
 
 def _drop_body(app: Flask, task_id: str, what: str) -> None:

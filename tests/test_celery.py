@@ -24,6 +24,7 @@ import logging
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -355,8 +356,16 @@ def test_cancelling_a_running_task_ends_it_as_cancelled(
 @contextlib.contextmanager
 def failing_broker(how: str, workdir: Path) -> Iterator[str]:
     """The URL of a broker that takes no message: ``refused`` (nothing listens),
-    ``unknown`` (no such transport installed) or ``full`` (a Redis of the test's
-    own over its ``maxmemory``: it answers, and refuses every write)."""
+    ``unknown`` (no such transport installed), ``full`` (a Redis of the test's
+    own over its ``maxmemory``: it answers, and refuses every write) or
+    ``silent`` (connections are taken, and never answered: a broker process
+    stopped, a host gone behind NAT)."""
+    if how == "silent":
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(64)  # the system completes the handshakes; nothing reads
+            yield f"redis://127.0.0.1:{listener.getsockname()[1]}/0"
+        return
     if how != "full":
         yield f"{'redis' if how == 'refused' else 'nosuch'}://127.0.0.1:{free_port()}/0"
         return
@@ -370,7 +379,7 @@ def failing_broker(how: str, workdir: Path) -> Iterator[str]:
         yield f"redis://127.0.0.1:{port}/0"
 
 
-@pytest.mark.parametrize("how", ["refused", "unknown", "full"])
+@pytest.mark.parametrize("how", ["refused", "unknown", "full", "silent"])
 def test_a_broker_that_takes_no_message_answers_503_and_leaves_no_task(
     how: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -386,7 +395,7 @@ def test_a_broker_that_takes_no_message_answers_503_and_leaves_no_task(
             started = time.monotonic()
             with caplog.at_level(logging.WARNING, logger=app.logger.name):
                 response = app.test_client().post("/echo", data=b"x")
-            # Refused: after kombu's few quick retries.
+            # Refused: at once; silent: after the publish timeout (2 s).
             assert time.monotonic() - started < 10
             assert response.status_code == 503, response.get_data()
             assert response.headers["Retry-After"] == "1"
