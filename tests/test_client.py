@@ -617,6 +617,17 @@ def test_cli_bar_and_exit_status_of_a_failure(base: str) -> None:
     assert "step 2" in result.stderr
 
 
+def test_cli_bar_ends_full_when_the_task_succeeds(base: str) -> None:
+    """The last report (4 of 4) comes right before the end: the client, polling
+    each second, sees 3 of 4 at most; the bar ends full all the same."""
+    body = json.dumps({"steps": 4, "step": 0.6})
+    result = run_cli("POST", base + "/work", "--json", body, "--progress", "bar")
+    assert result.returncode == 0, result
+    last = re.split(r"[\r\n]", result.stderr.strip())[-1]
+    assert last.startswith("succeeded: 100%"), result.stderr
+    assert "4/4" in last
+
+
 def test_cli_bad_usage_and_errors(base: str) -> None:
     assert run_cli("POST", base + "/work", "--json", "{nope").returncode == 2
     assert run_cli("GET", base + "/plain", "-H", "no colon").returncode == 2

@@ -118,7 +118,7 @@ def follow(
             show.close()
             say(f"error: {operation.url}: {str(e) or type(e).__name__}", err)
             return 1
-        show.close()
+        show.close(ended=response.status_code < 400)
         return final(response, say)
 
 
@@ -191,8 +191,9 @@ class Display:
     def update(self, progress: Progress) -> None:
         pass
 
-    def close(self) -> None:
-        pass
+    def close(self, *, ended: bool = False) -> None:
+        """Stop showing; ``ended``: the task succeeded (its last report may not
+        have been seen: polls see what is there when they come)."""
 
 
 class Lines(Display):
@@ -243,8 +244,14 @@ class Bar(Display):
         bar.set_postfix_str(progress.message or "", refresh=False)
         bar.refresh()
 
-    def close(self) -> None:
-        self.bar.close()
+    def close(self, *, ended: bool = False) -> None:
+        bar = self.bar
+        if ended:
+            if bar.total is not None:
+                bar.n = bar.total  # a bar left at 60 % would read as work left undone
+            bar.set_description(self.operation.state or "", refresh=False)
+            bar.refresh()
+        bar.close()
 
 
 def _has_tqdm() -> bool:
