@@ -251,6 +251,12 @@ def test_the_detail_filter_and_pages_stay_on_the_origin(alice: Watched, base: st
     page.click('button[data-state=""]')
     page.wait_for_selector(row)
     assert page.is_disabled("#newer")
+    # A state the page does not know: every task, and no filter left in the URL.
+    page.goto(base + "/tasks/dashboard?state=bogus&x=1")
+    page.wait_for_selector("#live.on")
+    page.wait_for_selector(row)
+    assert urllib.parse.urlsplit(page.url).query == "x=1"
+    assert page.is_hidden("#problem")
 
 
 def test_an_operator_sees_and_cancels_another_owners_task(operator: Watched, base: str) -> None:

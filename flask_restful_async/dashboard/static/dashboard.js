@@ -514,7 +514,16 @@
     }
   }, 1000);
 
-  paintFilter();
-  load();
-  listen();
+  // A state the page does not know (a link edited by hand, or of another
+  // version) shows every task, rather than a list the server refuses (400).
+  const states = Array.from(root.querySelectorAll(".counts button"), function (button) {
+    return button.dataset.state;
+  });
+  if (states.indexOf(view.filter) === -1) {
+    go("");
+  } else {
+    paintFilter();
+    load();
+    listen();
+  }
 })();
