@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import typing as t
 import weakref
 
@@ -11,6 +12,7 @@ from flask import Flask, Response, current_app, request
 from flask.sansio.blueprints import BlueprintSetupState
 from flask_restful import Api, Resource
 from werkzeug.exceptions import HTTPException
+from werkzeug.routing import PathConverter
 
 from . import stopping
 from .cli import tasks_cli
@@ -28,6 +30,19 @@ STATUS_ENDPOINT = "restful_async_task"
 LIST_ENDPOINT = "restful_async_tasks"
 RESULT_ENDPOINT = "restful_async_result"
 _TASK_ID_PART = "/<task_id>"
+
+
+class _OtherThanResult(PathConverter):
+    """The status URL's catch-all (see :func:`_routes`): any path of one or more
+    segments but a result URL (``<id>/result``), which the result's rule serves.
+    Matched there too, the catch-all would add its methods (``DELETE``) to what
+    the router and ``OPTIONS`` say the result URL allows."""
+
+    regex = f"(?![^/]+{re.escape(RESULT_SUFFIX)}$)[^/].*?"
+
+
+#: The name the catch-all's converter has in each app's URL map.
+_CATCH_ALL_CONVERTER = "restful_async_task_path"
 
 #: Every config key the extension reads, with its default. The README's table
 #: mirrors this.
@@ -184,6 +199,7 @@ def register_async(
             path if url_prefix is None else f"{url_prefix.rstrip('/')}/{path.lstrip('/')}"
             for path in api_paths
         }
+        app.url_map.converters.setdefault(_CATCH_ALL_CONVERTER, _OtherThanResult)
         if EXTENSION_KEY in app.extensions:
             raise RuntimeError(
                 f"register_async was already called for the app {app.name!r}: one Api"
@@ -275,13 +291,13 @@ Routes = list[tuple[type[Resource], tuple[str, ...], str]]
 
 def _routes(url: str) -> Routes:
     """The resources register_async adds, with their rules and endpoint names."""
-    # The path converter also catches ids with slashes, and the rule that ends in a
+    # The catch-all also takes ids with slashes, and the rule that ends in a
     # slash the empty id, so that every malformed id gets the same JSON 404 instead
     # of the router's HTML one. The status URL itself comes first: the router finds
-    # an id of one segment by it, which costs a poll half what the path converter's
-    # rule does (a pattern tried against the rest of the path).
+    # an id of one segment by it, which costs a poll half what the catch-all's rule
+    # does (a pattern tried against the rest of the path).
     base = url[: -len(_TASK_ID_PART)]
-    catch_all = base + "/<path:task_id>"
+    catch_all = base + f"/<{_CATCH_ALL_CONVERTER}:task_id>"
     status = (url, catch_all, base + "/") if base else (url, catch_all)
     return [
         (TaskStatusResource, status, STATUS_ENDPOINT),

@@ -20,8 +20,8 @@ from .responses import (
     no_content,
     status_response,
 )
-from .state import RESULT_SUFFIX, AsyncState, get_state
-from .task import Task, TaskState, is_task_id_then, is_valid_task_id
+from .state import AsyncState, get_state
+from .task import Task, TaskState, is_valid_task_id
 
 NOT_FOUND_MESSAGE = "No such task."
 CROSS_SITE_MESSAGE = "A page of another site may not cancel or forget tasks."
@@ -126,13 +126,6 @@ class TaskStatusResource(_TaskResource):
         is on. An operator (the ``admin`` callable returns True) may cancel or
         forget any owner's task.
         """
-        if is_task_id_then(task_id, RESULT_SUFFIX):
-            # <status URL>/result, which this rule catches too: read only.
-            return error_response(
-                405,
-                "The result URL is read only: DELETE the status URL to forget the task.",
-                {"Allow": "GET, HEAD, OPTIONS", **NO_STORE},
-            )
         state = get_state(current_app)
         if not state.cross_site_delete and is_cross_site(request.environ, request.host_url):
             return error_response(403, CROSS_SITE_MESSAGE, NO_STORE)

@@ -74,7 +74,7 @@ def test_an_id_of_one_segment_is_routed_by_the_status_url_itself(tmp_path: Path)
         rule, args = adapter.match("/jobs/" + "A" * 22, return_rule=True)
         assert (rule.rule, args) == ("/jobs/<task_id>", {"task_id": "A" * 22})
         rule, args = adapter.match("/jobs/a/b", return_rule=True)
-        assert (rule.rule, args) == ("/jobs/<path:task_id>", {"task_id": "a/b"})
+        assert (rule.rule, args) == ("/jobs/<restful_async_task_path:task_id>", {"task_id": "a/b"})
         response = app.test_client().get("/jobs/a/b")
         assert (response.status_code, response.json) == (404, {"message": "No such task."})
     finally:

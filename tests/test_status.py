@@ -74,8 +74,8 @@ def test_answers_the_router_gives_at_task_urls_are_kept_by_no_cache(
         ("OPTIONS", "/tasks", 200),
         ("POST", "/tasks", 405),
         ("PATCH", f"{location}/result", 405),
-        # The status rule catches <id>/result too: a DELETE there forgot nothing
-        # and said "No such task." of a task that exists.
+        # The status rule's catch-all leaves <id>/result to the result's rule: a
+        # DELETE there forgets nothing, and says nothing of "No such task.".
         ("DELETE", f"{location}/result", 405),
     ]:
         response = client.open(path, method=method)
@@ -86,6 +86,27 @@ def test_answers_the_router_gives_at_task_urls_are_kept_by_no_cache(
     # Elsewhere in the app, answers are left as they were.
     assert "Cache-Control" not in client.put("/quick").headers
     assert "Cache-Control" not in client.options("/quick").headers
+
+
+def test_the_result_url_allows_only_what_it_serves(make_app: AppFactory) -> None:
+    """The router's 405 and Flask's OPTIONS list the methods of every rule that
+    matches the path: the status URL's catch-all (for ids with slashes) must not
+    match a result URL and offer its DELETE there."""
+    app, api = make_app(store=MemoryStore())
+    api.add_resource(Quick, "/quick")
+    client = app.test_client()
+    location = client.post("/quick").headers["Location"]
+    for method in ("PUT", "DELETE", "OPTIONS"):
+        response = client.open(f"{location}/result", method=method)
+        allowed = {name.strip() for name in response.headers["Allow"].split(",")}
+        assert allowed == {"GET", "HEAD", "OPTIONS"}, method
+    assert "DELETE" in client.options(location).headers["Allow"]
+    # Ids with slashes still get the status URL's JSON 404, for every method it has.
+    for path in ("/tasks/a/b", f"{location}/result/more", "/tasks/a/b/result"):
+        for method in ("GET", "DELETE"):
+            response = client.open(path, method=method)
+            assert response.status_code == 404, (method, path)
+            assert response.json == {"message": "No such task."}
 
 
 def test_a_cache_control_of_the_app_at_task_urls_is_left_alone(make_app: AppFactory) -> None:
