@@ -139,6 +139,47 @@ def test_writers_queued_behind_a_locked_file_each_get_their_503_within_the_timeo
         store.close()
 
 
+def test_writers_queued_behind_writes_that_go_through_wait_past_the_timeout(
+    tmp_path: Path,
+) -> None:
+    """Many threads of one process writing at once is no outage: a writer waits for
+    the others as long as their writes go through, however long its turn takes."""
+    store = SQLiteStore(str(tmp_path / "tasks.db"), timeout=0.1)
+    try:
+        store.create(Task(id=new_task_id()))
+        busy = threading.Event()
+
+        def slow_writes() -> None:
+            # Writes of 20 ms each for 0.6 s, the write lock taken again at once.
+            deadline = time.monotonic() + 0.6
+            while time.monotonic() < deadline:
+                with store._writing() as conn:
+                    conn.execute("SELECT 1")
+                    busy.set()
+                    time.sleep(0.02)
+
+        refused: list[BaseException] = []
+
+        def submit() -> None:
+            try:
+                store.create(Task(id=new_task_id()))
+            except StoreUnavailable as e:
+                refused.append(e)
+
+        writer = threading.Thread(target=slow_writes)
+        writer.start()
+        assert busy.wait(5)
+        others = [threading.Thread(target=submit) for _ in range(4)]
+        for thread in others:
+            thread.start()
+        for thread in [writer, *others]:
+            thread.join(30)
+        assert refused == []
+        assert len(store.list(owner=None)) == 5
+    finally:
+        store.close()
+
+
 def test_a_writer_that_queued_gets_the_rest_of_the_timeout_then_the_whole_again(
     tmp_path: Path,
 ) -> None:

@@ -361,6 +361,9 @@ class SQLiteStore(TaskStore):
         # Writes since the last background checkpoint, and its thread.
         self._writes = 0
         self._checkpointer: threading.Thread | None = None
+        # When the last write of this process ended (monotonic): writers queued
+        # behind others wait as long as writes go through (see _Access).
+        self._write_ended = 0.0
         # The connections of listen() calls running here (see there).
         self._listening: set[sqlite3.Connection] = set()
         # Closed as the process exits: no connection opens again (see _close_at_exit).
@@ -1517,14 +1520,20 @@ def _schema_changes(conn: sqlite3.Connection) -> tuple[set[str], set[str]]:
     return set(_EXTRAS) - found, set(_REPLACED) & found
 
 
+#: How often (seconds, at least) a writer queued behind the other writers of its
+#: process looks whether they make progress, when the store's timeout is shorter.
+QUEUE_CHECK = 0.1
+
+
 class _Access:
     """A store's connection for one statement or transaction (a context manager):
     outages come out as ``StoreUnavailable``; writers hold the write lock.
 
-    A writer waits for the other writers of its process and then for SQLite's
-    lock (held by another process) within the store's ``timeout`` in all: where
-    the file stays locked, every writer queued behind the first gets its ``503``
-    in that time too, rather than a whole timeout after the one before it.
+    A writer waits for the other writers of its process as long as their writes
+    go through, and for SQLite's lock (held by another process) within the
+    store's ``timeout`` in all: where the file stays locked, every writer queued
+    behind the first gets its ``503`` in that time too, rather than a whole
+    timeout after the one before it.
 
     Written as a class rather than with ``contextlib``: it wraps every statement,
     and this is several times cheaper.
@@ -1560,16 +1569,25 @@ class _Access:
             raise
 
     def _queue(self, lock: threading.RLock) -> None:
-        """Wait for the other writers of this process, within the store's timeout."""
+        """Wait for the other writers of this process: as long as they make progress
+        (a write of this process ends at least every ``timeout`` seconds: many
+        threads writing at once), else up to the store's timeout (the file is locked
+        by another process, or the disk stalls)."""
         store = self._store
         start = time.monotonic()
-        if not lock.acquire(timeout=store.timeout):
-            raise store.unavailable(
-                "queued",
-                f"a write waited {store.timeout:g} s for the other writes of this process"
-                " (the file is locked: by another process, or a slow disk)",
-            )
-        self._left = store.timeout - (time.monotonic() - start)
+        while True:
+            ended = store._write_ended
+            if lock.acquire(timeout=max(store.timeout, QUEUE_CHECK)):
+                break
+            if store._write_ended == ended:
+                raise store.unavailable(
+                    "queued",
+                    f"no write of this process ended in {store.timeout:g} s (the file is"
+                    " locked by another process, or the disk stalls)",
+                )
+        # What the waits on SQLite's lock have left of the timeout since the last
+        # write of this process went through.
+        self._left = store.timeout - (time.monotonic() - max(start, store._write_ended))
 
     def __exit__(
         self,
@@ -1582,6 +1600,8 @@ class _Access:
                 try:
                     if exc is not None:
                         self._store._writer_failed()
+                    else:
+                        self._store._write_ended = time.monotonic()
                     if self._left is not None:
                         self._store._restore_busy_timeout()
                 finally:
