@@ -126,14 +126,20 @@ Design:
 - A broker that stops answering without closing its connections (a process
   stopped, a host gone behind NAT) would hold a submit until it answers again:
   kombu's Redis transport waits for a reply without a time limit unless
-  ``socket_timeout`` is set. Submits publish through producers of their own
-  whose connections wait :data:`PUBLISH_TIMEOUT` seconds for a Redis broker
-  (unless ``broker_transport_options`` sets ``socket_timeout``), and do not try
-  again (unless ``task_publish_retry_policy`` was changed): a 503 within that
-  time. (An AMQP publish waits for no reply: a small message is written to the
-  socket and the submit goes on.) The workers' own connections are left as the Celery app configures
-  them: there a lost connection makes kombu restore the unacknowledged messages,
-  where a broker that stopped for a while and came back only paused them.
+  ``socket_timeout`` is set. Submits publish through producers of their own: a
+  submit waits up to ``publish_timeout`` seconds (:data:`PUBLISH_TIMEOUT` by
+  default) for a free one, and their Redis connections wait as long for the
+  broker (unless ``broker_transport_options`` sets ``socket_timeout``), without
+  trying again (unless ``task_publish_retry_policy`` was changed): a 503 within
+  that time, or twice that where more submits than the pool's connections
+  (``broker_pool_limit``) wait at once. (AMQP: a connection opens within Celery's
+  ``broker_connection_timeout``, 4 s by default.) The workers' own connections
+  are left as the Celery app configures them: there a lost connection makes kombu
+  restore the unacknowledged messages, where a broker that stopped for a while
+  and came back only paused them. A message the silent broker had received
+  before the submit gave up reaches a worker once the broker answers again: its
+  task was taken back, so the worker finds no task and drops it (logged as a
+  store it does not share).
 """
 
 from __future__ import annotations
@@ -198,9 +204,10 @@ DEFAULT_MAX_MESSAGE_BODY = 256 * 1024
 #: Seconds a body put in the store waits for its worker (``CELERY_LARGE_BODY_TTL``).
 DEFAULT_LARGE_BODY_TTL = 24 * 3600.0
 
-#: Seconds a submit waits for a Redis broker to connect and to answer (kombu's
-#: ``socket_timeout`` and ``socket_connect_timeout`` on the connections submits
-#: publish through), unless ``broker_transport_options`` sets them.
+#: Seconds a submit waits for a free producer, and for a Redis broker to connect
+#: and to answer (kombu's ``socket_timeout`` and ``socket_connect_timeout`` on the
+#: connections submits publish through, unless ``broker_transport_options`` sets
+#: them): the default of ``CeleryExecutor(publish_timeout=...)``.
 PUBLISH_TIMEOUT = 2.0
 #: How a submit tries its message again (unless the Celery app changed Celery's
 #: ``task_publish_retry_policy``, three more tries): not at all, so that a broker
@@ -266,15 +273,25 @@ class CeleryExecutor(Executor):
 
     local = False
 
-    def __init__(self, celery_app: Celery, *, queue: str | None = None) -> None:
+    def __init__(
+        self,
+        celery_app: Celery,
+        *,
+        queue: str | None = None,
+        publish_timeout: float = PUBLISH_TIMEOUT,
+    ) -> None:
+        if not publish_timeout > 0:
+            raise ValueError(f"publish_timeout must be above 0, not {publish_timeout!r}")
         self.celery_app = celery_app
         self.queue = queue
+        self.publish_timeout = publish_timeout
         self._task = _register(celery_app)
         self._apps: weakref.WeakSet[Flask] = weakref.WeakSet()
         # Made at the first submit of a process, once the Celery app's config is
         # final (see _producers).
         self._publishing: tuple[int, t.Any, dict[str, t.Any]] | None = None
         self._publishing_lock = threading.Lock()
+        _executors.add(self)
 
     def bind(self, app: Flask) -> None:
         """Let this process's workers find ``app`` for the messages that name it."""
@@ -302,7 +319,8 @@ class CeleryExecutor(Executor):
                 publishing = self._publishing
                 if publishing is None or publishing[0] != os.getpid():
                     # A forked child leaves its parent's connections alone.
-                    publishing = self._publishing = (os.getpid(), *_publishing(self.celery_app))
+                    made = _publishing(self.celery_app, self.publish_timeout)
+                    publishing = self._publishing = (os.getpid(), *made)
         return publishing[1], publishing[2]
 
     def submit(
@@ -332,7 +350,7 @@ class CeleryExecutor(Executor):
             raise
         try:
             producers, publish_options = self._producers()
-            with producers.acquire(block=True) as producer:
+            with producers.acquire(block=True, timeout=self.publish_timeout) as producer:
                 self._task.apply_async(
                     args=(task.id, message, body_key),
                     producer=producer,
@@ -373,7 +391,7 @@ class CeleryExecutor(Executor):
             )
 
 
-def _publishing(celery_app: Celery) -> tuple[t.Any, dict[str, t.Any]]:
+def _publishing(celery_app: Celery, timeout: float) -> tuple[t.Any, dict[str, t.Any]]:
     """A pool of producers on connections of their own (see
     :meth:`CeleryExecutor._producers`), and the publish options of a submit."""
     from celery.app.defaults import DEFAULTS  # type: ignore[import-untyped,import-not-found,unused-ignore]
@@ -386,8 +404,8 @@ def _publishing(celery_app: Celery) -> tuple[t.Any, dict[str, t.Any]]:
     # Redis only: an AMQP publish is a write to the socket that waits for no
     # reply, and py-amqp does not reopen a connection the broker closed.
     if connection.transport.driver_type == "redis":
-        transport_options.setdefault("socket_timeout", PUBLISH_TIMEOUT)
-        transport_options.setdefault("socket_connect_timeout", PUBLISH_TIMEOUT)
+        transport_options.setdefault("socket_timeout", timeout)
+        transport_options.setdefault("socket_connect_timeout", timeout)
         connection = celery_app.connection_for_write(transport_options=transport_options)
         if conf.task_publish_retry_policy == DEFAULTS["task_publish_retry_policy"]:
             options["retry_policy"] = dict(PUBLISH_RETRY_POLICY)
@@ -396,6 +414,19 @@ def _publishing(celery_app: Celery) -> tuple[t.Any, dict[str, t.Any]]:
         connection.Pool(limit=limit), limit=limit, Producer=celery_app.amqp.Producer
     )
     return producers, options
+
+
+#: Every executor of this process: a forked child makes the lock of their
+#: producer pools anew (a thread of the parent may have held it at the fork).
+_executors: weakref.WeakSet[CeleryExecutor] = weakref.WeakSet()
+
+
+def _reset_after_fork() -> None:
+    for executor in list(_executors):
+        executor._publishing_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def _drop_body(app: Flask, task_id: str, what: str) -> None:

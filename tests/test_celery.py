@@ -27,6 +27,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import tomllib
 import typing as t
@@ -408,6 +409,74 @@ def test_a_broker_that_takes_no_message_answers_503_and_leaves_no_task(
         finally:
             get_state(app).close()
             delete_keys(prefix)
+
+
+def test_submits_queued_for_a_silent_brokers_connections_answer_within_twice_the_timeout(
+    tmp_path: Path,
+) -> None:
+    """More submits than the pool has connections: those waiting for one give up
+    after publish_timeout too, rather than one timeout after another."""
+    from celery import Celery
+
+    from flask_restful_async.celery import CeleryExecutor
+
+    class Work(AsyncResource):
+        def post(self) -> dict[str, bool]:
+            return {"ran": True}
+
+    with failing_broker("silent", tmp_path) as broker_url:
+        celery_app = Celery("silent", broker=broker_url)
+        celery_app.conf.broker_pool_limit = 2
+        app = Flask(__name__, instance_path=str(tmp_path))
+        api = Api(app)
+        executor = CeleryExecutor(celery_app, publish_timeout=1.0)
+        register_async(api, store=f"sqlite:///{tmp_path}/tasks.db", executor=executor)
+        api.add_resource(Work, "/work")
+        answers: list[tuple[int, float]] = []
+
+        def submit() -> None:
+            started = time.monotonic()
+            response = app.test_client().post("/work")
+            answers.append((response.status_code, time.monotonic() - started))
+
+        try:
+            threads = [threading.Thread(target=submit) for _ in range(12)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(60)
+            assert [code for code, _ in answers] == [503] * 12
+            # One timeout after another: 6 s for the last (12 submits, 2 at a time).
+            assert max(took for _, took in answers) < 3.5, answers
+            assert get_state(app).store.list(owner=None) == []
+        finally:
+            get_state(app).close()
+
+
+def test_a_forked_child_does_not_inherit_a_held_publishing_lock() -> None:
+    """A thread of the parent making the producer pool at the fork (a first submit)
+    leaves the lock held in the child, where no thread would release it."""
+    from celery import Celery
+
+    from flask_restful_async.celery import CeleryExecutor
+
+    executor = CeleryExecutor(Celery("fork"))
+    with executor._publishing_lock:
+        pid = os.fork()
+        if pid == 0:  # the child: free to take it
+            os._exit(0 if executor._publishing_lock.acquire(timeout=5) else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_publish_timeout_must_be_above_0() -> None:
+    from celery import Celery
+
+    from flask_restful_async.celery import CeleryExecutor
+
+    for bad in (0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="publish_timeout"):
+            CeleryExecutor(Celery("bad"), publish_timeout=bad)
 
 
 def test_a_keyed_submit_the_broker_does_not_take_ends_lost_and_frees_its_key(
