@@ -120,3 +120,13 @@ def wait_for(predicate: t.Callable[[], bool], timeout: float = 10.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         time.sleep(0.005)
+
+
+def run_at_once(target: t.Callable[[], object], count: int, timeout: float = 30.0) -> None:
+    """Run ``target`` in ``count`` threads at once; wait for them all, each at most
+    ``timeout`` seconds."""
+    threads = [threading.Thread(target=target) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)

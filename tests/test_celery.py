@@ -27,7 +27,6 @@ import signal
 import socket
 import subprocess
 import tempfile
-import threading
 import time
 import tomllib
 import typing as t
@@ -46,6 +45,7 @@ from flask_restful_async.stores.memory import MemoryStore
 from flask_restful_async.stores.sqlite import SQLiteStore
 
 from .apps.celery_app import WIRINGS
+from .conftest import run_at_once
 from .servers import http, poll_until_done, serve
 from .services import (
     REDIS_HOST,
@@ -440,11 +440,7 @@ def test_submits_queued_for_a_silent_brokers_connections_answer_within_twice_the
             answers.append((response.status_code, time.monotonic() - started))
 
         try:
-            threads = [threading.Thread(target=submit) for _ in range(12)]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join(60)
+            run_at_once(submit, 12, timeout=60)
             assert [code for code, _ in answers] == [503] * 12
             # One timeout after another: 6 s for the last (12 submits, 2 at a time).
             assert max(took for _, took in answers) < 3.5, answers

@@ -25,7 +25,7 @@ from flask_restful_async.stores import sqlite as sqlite_store
 from flask_restful_async.stores.outages import MESSAGE
 from flask_restful_async.task import StoredResponse, new_task_id
 
-from .conftest import AppFactory, wait_done, wait_for
+from .conftest import AppFactory, run_at_once, wait_done, wait_for
 
 
 class Echo(AsyncResource):
@@ -123,11 +123,7 @@ def test_writers_queued_behind_a_locked_file_each_get_their_503_within_the_timeo
             took.append(time.monotonic() - start)
 
         try:
-            writers = [threading.Thread(target=submit) for _ in range(4)]
-            for writer in writers:
-                writer.start()
-            for writer in writers:
-                writer.join(30)
+            run_at_once(submit, 4)
         finally:
             blocker.execute("ROLLBACK")
             blocker.close()
@@ -169,11 +165,8 @@ def test_writers_queued_behind_writes_that_go_through_wait_past_the_timeout(
         writer = threading.Thread(target=slow_writes)
         writer.start()
         assert busy.wait(5)
-        others = [threading.Thread(target=submit) for _ in range(4)]
-        for thread in others:
-            thread.start()
-        for thread in [writer, *others]:
-            thread.join(30)
+        run_at_once(submit, 4)
+        writer.join(30)
         assert refused == []
         assert len(store.list(owner=None)) == 5
     finally:
@@ -686,9 +679,15 @@ def test_a_process_that_exits_leaves_no_write_ahead_log(tmp_path: Path) -> None:
         "threading.Thread(target=work, daemon=True).start()\n"
         "created.wait(10)\n"
     )
-    subprocess.run([sys.executable, "-c", script], check=True, timeout=30)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["tasks.db"]
+    run_and_find_only_the_file(script, tmp_path)
     assert len(SQLiteStore(str(path)).list(owner=None)) == 2
+
+
+def run_and_find_only_the_file(script: str, folder: Path) -> None:
+    """Run ``script`` in a process of its own; then ``folder`` holds its store's
+    file alone: no write-ahead log (-wal, -shm) was left open at exit."""
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=30)
+    assert sorted(p.name for p in folder.iterdir()) == ["tasks.db"]
 
 
 def test_threads_still_running_at_exit_open_no_connection_after_the_store_closed(
@@ -723,8 +722,7 @@ def test_threads_still_running_at_exit_open_no_connection_after_the_store_closed
         "threading.Thread(target=read, daemon=True).start()\n"
         "heard.wait(10)\n"
     )
-    subprocess.run([sys.executable, "-c", script], check=True, timeout=30)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["tasks.db"]
+    run_and_find_only_the_file(script, tmp_path)
 
 
 def test_closing_a_store_closes_its_listeners_connection_and_listening_goes_on(
