@@ -77,22 +77,39 @@ class LeaseKeeper:
         self._turn_at = math.inf
         self._thread: threading.Thread | None = None
         self._next_start = 0.0
+        # Until when (time.monotonic()) the last renewal that went through keeps
+        # the lease live (see ensure).
+        self._live_until = -math.inf
         # The names this process renews in this store, the current one last;
         # older ones until the process gives them up.
         self._held: list[str] = []
 
     def ensure(self) -> None:
-        """Hold a fresh lease for this process; raises ``StoreUnavailable`` if it cannot."""
-        if self._pid == os.getpid() and self._held[-1] == _worker_id:
+        """Hold a live lease for this process; raises ``StoreUnavailable`` if it cannot.
+
+        Called before this process writes its name into a task (a submit, a start, a
+        short task's record). Once started it costs two comparisons, unless no
+        renewal went through for a lease (a store outage that outlasted it): then
+        the lease is renewed here first, since the store may hold it lapsed, and a
+        task written under a lapsed name reads as lost to the next reader, before
+        the renewal thread's next try.
+        """
+        if (
+            self._pid == os.getpid()
+            and self._held[-1] == _worker_id
+            and time.monotonic() < self._live_until
+        ):
             return
         with self._lock:
             current = _worker_id
             if self._pid == os.getpid():
                 if self._held[-1] != current:  # the process took a new name
-                    self.store.renew_lease(current)
+                    self._renew_now(current)
                     self._held.append(current)
+                elif time.monotonic() >= self._live_until:
+                    self._renew_now(current)
                 return
-            self.store.renew_lease(current)
+            self._renew_now(current)
             self._held = [current]
             self._stop = threading.Event()
             self._thread = threading.Thread(
@@ -104,6 +121,17 @@ class LeaseKeeper:
             atexit.register(self.release)
             self._pid = os.getpid()
             self._thread.start()
+
+    def _renew_now(self, worker: str) -> None:
+        at = time.monotonic()
+        self.store.renew_lease(worker)
+        self._renewed(at)
+
+    def _renewed(self, at: float) -> None:
+        """A renewal that began at ``at`` went through: the store holds the lease
+        for ``lease_hold`` from about then; it counts as live for ``lease``, less
+        than that, which leaves the renewal thread its turns."""
+        self._live_until = max(self._live_until, at + self.store.lease)
 
     def start(self) -> None:
         """:meth:`ensure`, for a request of any kind: never raises, and costs a
@@ -153,8 +181,10 @@ class LeaseKeeper:
                     if self._held[-1] != _worker_id:
                         self._held.append(_worker_id)
                     held = list(self._held)
+                began = time.monotonic()
                 for worker in held:
                     self.store.renew_lease(worker)
+                self._renewed(began)
                 renew_at = time.monotonic() + self.store.lease / 3
                 if failing:
                     failing = False

@@ -102,8 +102,13 @@ def start(
     worker: str,
     logger: logging.Logger,
     on_give_up: t.Callable[[], None] | None = None,
+    before: t.Callable[[], None] | None = None,
 ) -> Task | None:
     """Move a queued task to running under ``worker``; None if it is not to run.
+
+    ``before`` runs before each try (the lease's ``ensure``: ``worker`` must be
+    live in the store before a task runs under it); what it raises counts as a
+    failed try.
 
     Tries again, with backoff, while the store does not answer (or answers an
     error, which may pass too: out of memory, busy). A start whose
@@ -117,6 +122,8 @@ def start(
     tried = False
     while True:
         try:
+            if before is not None:
+                before()
             started = store.start(task_id, worker)
             if started is not None or not tried:
                 return started

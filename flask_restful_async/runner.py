@@ -95,7 +95,8 @@ def _run_task(
 ) -> tuple[Ending | None] | None:
     # Start and outcome go through the outbox module: a store outage neither
     # leaves the task queued or running for ever nor ends the handler.
-    store = get_state(app).store
+    state = get_state(app)
+    store = state.store
     here = started is not None  # recorded running by its submit, which waits here
     if started is None:
         started = outbox.start(
@@ -104,6 +105,7 @@ def _run_task(
             worker_id(),
             app.logger,
             on_give_up=lambda: signals.send_given_up(app, task_id, snapshot),
+            before=None if state.lease is None else state.lease.ensure,
         )
         if started is None:
             return None  # cancelled (or forgotten) before it could start

@@ -919,3 +919,28 @@ def test_what_a_process_leaves_unwritten_at_exit_is_logged_for_what_it_is(
         in caplog.text
     )
     assert len(outbox.outbox_for(store)) == 0
+
+
+def test_a_task_started_as_the_store_comes_back_does_not_read_lost(
+    make_app: AppFactory, tmp_path: Path
+) -> None:
+    """An outage longer than the lease's hold leaves this process's lease lapsed in
+    the store. A task that starts once the store answers, before the renewal
+    thread's next try, runs under the renewed lease: a poll in between must not
+    find it under a lapsed one and record it lost while its handler runs."""
+    outage = SQLiteLocked(tmp_path / "tasks.db")
+    app, gates = gated_app(make_app, outage.store)
+    client = app.test_client()
+    submit(client, "/gated?gate=a")
+    assert gates["a"]["started"].wait(10)
+    second = submit(client, "/gated?gate=b")  # waits for the one task thread
+    outage.down()
+    time.sleep(outage.store.lease_hold + 0.5)
+    outage.up()
+    gates["a"]["go"].set()  # the thread is free: it starts the second task
+    assert gates["b"]["started"].wait(10)
+    response = client.get(second)
+    assert response.status_code == 202, response.get_data()
+    assert response.json["state"] == "running"
+    gates["b"]["go"].set()
+    assert wait_done(client, second).status_code == 200
