@@ -29,12 +29,23 @@ class StoreUnavailable(Unavailable):
     ``doubtful`` is True when the write may have taken effect all the same (the
     request reached the store, its reply did not come back): the caller must not
     take it for undone (see :meth:`TaskStore.withdraw
-    <flask_restful_async.stores.base.TaskStore.withdraw>`).
+    <flask_restful_async.stores.base.TaskStore.withdraw>`). ``refused`` is True
+    when the store answered and refused the write, which may pass (Redis out of
+    memory, or busy with a script): nothing was written, and what is refused may
+    be the write itself (a large response) rather than the store's state.
     """
 
-    def __init__(self, message: str, *, retry_after: int = 1, doubtful: bool = False) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: int = 1,
+        doubtful: bool = False,
+        refused: bool = False,
+    ) -> None:
         super().__init__(message, retry_after=retry_after)
         self.doubtful = doubtful
+        self.refused = refused
 
 
 class TaskCancelled(RestfulAsyncError):

@@ -141,8 +141,12 @@ class LeaseKeeper:
             return
         try:
             self.ensure()
-        except RestfulAsyncError:
+        except Exception as e:
+            # Every request of the app passes here: whatever the store answers, a
+            # request that has nothing to do with tasks must not fail of it.
             self._next_start = time.monotonic() + START_RETRY
+            if not isinstance(e, RestfulAsyncError):
+                self.app.logger.warning("Could not take the task lease", exc_info=True)
 
     def wake(self, at: float | None = None) -> None:
         """Call ``on_renew`` at ``at`` (a :func:`time.monotonic` time; now when

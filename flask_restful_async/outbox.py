@@ -172,6 +172,8 @@ def finish(
     try:
         finished_at = store.finish(task_id, state, response)
     except StoreUnavailable as e:
+        if e.refused:
+            return _refused(store, task_id, state, response, worker, logger, e)
         logger.warning(
             "The outcome of task %s waits for the store, which did not take it: %s",
             task_id,
@@ -180,16 +182,8 @@ def finish(
         )
         outbox_for(store).put(task_id, state, response, worker, logger)
         return state, None
-    except Exception:
-        # An error reply, which may pass (Redis out of memory, busy): tried again
-        # as an outage is, with its response for a while (see Outbox._write_all).
-        logger.exception(
-            "The store refused the outcome of task %s; trying again",
-            task_id,
-            extra={"task_id": task_id},
-        )
-        outbox_for(store).put(task_id, state, response, worker, logger, refused=True)
-        return state, None
+    except Exception as e:
+        return _refused(store, task_id, state, response, worker, logger, e)
     # Long-polls in this process wake at once, and take the outcome as recorded
     # rather than read it back (unless it is large: they keep a few of these).
     ending = None if finished_at is None else Ending(state, finished_at, response, started_at)
@@ -198,6 +192,29 @@ def finish(
     else:
         waiting.notify(store, task_id)
     return state, ending
+
+
+def _refused(
+    store: TaskStore,
+    task_id: str,
+    state: TaskState,
+    response: StoredResponse | None,
+    worker: str | None,
+    logger: logging.Logger,
+    error: Exception,
+) -> tuple[TaskState, Ending | None]:
+    """An outcome the store refused (an error reply, which may pass: Redis out of
+    memory, busy): tried again as an outage is, with its response for a while
+    (see Outbox._write_all). Logged with its traceback unless the store said why
+    (its detail went to the store's own log, at most once in a while)."""
+    logger.error(
+        "The store refused the outcome of task %s; trying again",
+        task_id,
+        exc_info=not isinstance(error, StoreUnavailable),
+        extra={"task_id": task_id},
+    )
+    outbox_for(store).put(task_id, state, response, worker, logger, refused=True)
+    return state, None
 
 
 def withdraw(
@@ -358,9 +375,9 @@ class Outbox:
                 else:
                     finished = self.store.finish(outcome.task_id, outcome.state, outcome.response)
                     taken = finished is not None
-            except StoreUnavailable:
-                return False
-            except Exception:
+            except Exception as e:
+                if isinstance(e, StoreUnavailable) and not e.refused:
+                    return False  # an outage: the next round, after a pause
                 # An error reply (Redis busy, out of memory) is tried again, as an
                 # outage is: a withdrawal never given up (the task left behind could
                 # be claimed and run, though its submit was answered 503), an

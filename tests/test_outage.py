@@ -31,6 +31,7 @@ from flask_restful_async import AsyncResource, MemoryStore, current_task, lease,
 from flask_restful_async.exceptions import StoreUnavailable
 from flask_restful_async.state import get_state
 from flask_restful_async.stores.base import TaskStore
+from flask_restful_async.stores.outages import MESSAGE
 from flask_restful_async.stores.sqlite import SQLiteStore
 from flask_restful_async.task import Progress, StoredResponse, Task, TaskState, new_task_id
 
@@ -39,6 +40,7 @@ from .services import (
     ReplyCutter,
     RestartableRedis,
     free_port,
+    redis_server,
     require_redis,
     services_required,
 )
@@ -944,3 +946,48 @@ def test_a_task_started_as_the_store_comes_back_does_not_read_lost(
     assert response.json["state"] == "running"
     gates["b"]["go"].set()
     assert wait_done(client, second).status_code == 200
+
+
+def test_a_redis_store_past_its_maxmemory_answers_503_and_keeps_every_outcome(
+    make_app: AppFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Past maxmemory (noeviction), Redis refuses every write with an error reply:
+    a submit answers 503 with Retry-After (it answered 500), a request that needs
+    no task is served (the lease taken at a process's first request made every
+    route 500), and an outcome refused meanwhile lands once Redis takes writes."""
+    require_redis()
+    import redis
+
+    from flask_restful_async.stores.redis import RedisStore
+
+    port = free_port()
+    with redis_server(port, tmp_path):
+        server = redis.Redis(host="127.0.0.1", port=port, socket_timeout=5)
+        app, gates = gated_app(make_app, RedisStore(f"redis://127.0.0.1:{port}/0"))
+        app.add_url_rule("/ping", "ping", lambda: "pong")
+        client = app.test_client()
+        server.config_set("maxmemory-policy", "noeviction")
+        server.config_set("maxmemory", 1)
+        try:
+            assert client.get("/ping").status_code == 200  # this process's first request
+            for headers in ({}, {"Idempotency-Key": "k"}, {"Prefer": "wait=2"}):
+                refused = client.post("/gated?gate=a", headers=headers)
+                assert refused.status_code == 503, refused.get_data()
+                assert refused.headers["Retry-After"] == "1"
+                assert refused.json == {"message": MESSAGE}
+            server.config_set("maxmemory", 0)
+            location = submit(client, "/gated?gate=a")
+            assert gates["a"]["started"].wait(10)
+            server.config_set("maxmemory", 1)
+            with caplog.at_level(logging.ERROR):
+                gates["a"]["go"].set()  # its outcome comes while Redis refuses writes
+                wait_for(lambda: "The store refused the outcome of task" in caplog.text)
+            server.config_set("maxmemory", 0)
+            response = wait_done(client, location)
+            assert response.status_code == 200, response.get_data()
+            assert response.json == {"gate": "a", "done": True}
+            store = get_state(app).store
+            assert [task.state for task in store.list(owner=None)] == [TaskState.SUCCEEDED]
+        finally:
+            server.config_set("maxmemory", 0)
+            server.close()

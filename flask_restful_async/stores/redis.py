@@ -101,7 +101,12 @@ from collections.abc import Iterable, Iterator, Sequence
 try:
     import redis
     from redis.backoff import ExponentialWithJitterBackoff
-    from redis.exceptions import BusyLoadingError, InvalidResponse, ResponseError
+    from redis.exceptions import (
+        BusyLoadingError,
+        InvalidResponse,
+        OutOfMemoryError,
+        ResponseError,
+    )
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import TimeoutError as RedisTimeoutError
     from redis.retry import Retry
@@ -997,6 +1002,12 @@ class RedisStore(TaskStore):
             # What answers at that address does not speak Redis's protocol.
             raise self.unavailable("InvalidResponse", f"not a Redis server: {e}") from e
         except ResponseError as e:
+            if isinstance(e, OutOfMemoryError) or str(e).startswith("BUSY "):
+                # Past maxmemory (noeviction), or a script that runs long: the
+                # write is refused before it runs, and it may pass.
+                error = self.unavailable("refused", f"Redis refused the write: {e}")
+                error.refused = True
+                raise error from e
             if not refused_setup(e):
                 raise
             # AUTH, SELECT or HELLO refused (a database number out of range): a
