@@ -492,13 +492,15 @@ _keepers: weakref.WeakKeyDictionary[Flask, LeaseKeeper] = weakref.WeakKeyDiction
 _keepers_lock = threading.Lock()
 
 
-def _lease(flask_app: Flask) -> None:
-    """Make sure this process holds a lease in ``flask_app``'s store (one keeper per app)."""
+def _lease(flask_app: Flask) -> LeaseKeeper:
+    """Make sure this process holds a lease in ``flask_app``'s store (one keeper per
+    app); the keeper."""
     with _keepers_lock:
         keeper = _keepers.get(flask_app)
         if keeper is None:
             keeper = _keepers[flask_app] = LeaseKeeper(flask_app, get_state(flask_app).store)
     keeper.ensure()
+    return keeper
 
 
 class _StoreGaveUp(Exception):
@@ -666,7 +668,13 @@ def _register(celery_app: Celery) -> t.Any:
         except Exception as e:
             _fail(app, task_id, repr(e))
             return
-        if snapshot is not None and not run_task(app, task_id, snapshot, resource=None):
+        if snapshot is None:
+            return
+        # Before each try of the start: the lease is live in the store (see
+        # LeaseKeeper.ensure), as the preparation left it or renewed again.
+        keeper = _keepers.get(app)
+        before = None if keeper is None else keeper.ensure
+        if not run_task(app, task_id, snapshot, resource=None, before_start=before):
             _check_known(app, task_id)
 
     return run

@@ -100,16 +100,21 @@ class LeaseKeeper:
             and time.monotonic() < self._live_until
         ):
             return
+        # The store is called outside the lock: while it fails, each caller fails
+        # in the store's own time, not one timeout after another (a renewal is an
+        # upsert of the same name, which callers at once may each make).
+        current = _worker_id
+        if self._pid == os.getpid():
+            if self._held[-1] != current or time.monotonic() >= self._live_until:
+                self._renew_now(current)
+                with self._lock:
+                    if self._held[-1] != current:  # the process took a new name
+                        self._held.append(current)
+            return
+        self._renew_now(current)
         with self._lock:
-            current = _worker_id
             if self._pid == os.getpid():
-                if self._held[-1] != current:  # the process took a new name
-                    self._renew_now(current)
-                    self._held.append(current)
-                elif time.monotonic() >= self._live_until:
-                    self._renew_now(current)
-                return
-            self._renew_now(current)
+                return  # another thread started it meanwhile
             self._held = [current]
             self._stop = threading.Event()
             self._thread = threading.Thread(
@@ -242,6 +247,7 @@ class LeaseKeeper:
             kept = [worker for worker in self._held if worker not in given_up]
             if _worker_id in given_up:
                 _rename()
+                self._live_until = -math.inf  # the new name has had no renewal yet
             if not kept:
                 kept.append(_worker_id)
             self._held = kept

@@ -39,7 +39,12 @@ _INTERNAL_ERROR = StoredResponse(
 
 
 def run_task(
-    app: Flask, task_id: str, snapshot: RequestSnapshot, resource: Resource | None = None
+    app: Flask,
+    task_id: str,
+    snapshot: RequestSnapshot,
+    resource: Resource | None = None,
+    *,
+    before_start: t.Callable[[], None] | None = None,
 ) -> bool:
     """Run a recorded task to its end and store the outcome; False if it did not
     start (cancelled, or not in the store).
@@ -49,7 +54,9 @@ def run_task(
     instance that accepted the request; without it (another process) a new one is
     made through the resource's view function.
     """
-    ran = contextvars.Context().run(_run_task, app, task_id, snapshot, resource, None)
+    ran = contextvars.Context().run(
+        _run_task, app, task_id, snapshot, resource, None, before_start=before_start
+    )
     return ran is not None
 
 
@@ -92,6 +99,7 @@ def _run_task(
     resource: Resource | None,
     started: Task | None,
     unrecorded: Run | None = None,
+    before_start: t.Callable[[], None] | None = None,
 ) -> tuple[Ending | None] | None:
     # Start and outcome go through the outbox module: a store outage neither
     # leaves the task queued or running for ever nor ends the handler.
@@ -105,7 +113,7 @@ def _run_task(
             worker_id(),
             app.logger,
             on_give_up=lambda: signals.send_given_up(app, task_id, snapshot),
-            before=None if state.lease is None else state.lease.ensure,
+            before=before_start or (None if state.lease is None else state.lease.ensure),
         )
         if started is None:
             return None  # cancelled (or forgotten) before it could start

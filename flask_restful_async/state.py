@@ -258,7 +258,11 @@ class AsyncState:
                 self.executor.acquire(size)
             try:
                 if self.lease is not None:
-                    self.lease.ensure()
+                    try:
+                        self.lease.ensure()
+                    except StoreUnavailable as e:
+                        e.doubtful = False  # a renewal's lost reply: no task was written
+                        raise
                 recorded = self.store.create(task, stored)
             except BaseException:
                 self.release(size, now)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import shutil
 import sqlite3
@@ -35,7 +36,7 @@ from flask_restful_async.stores.outages import MESSAGE
 from flask_restful_async.stores.sqlite import SQLiteStore
 from flask_restful_async.task import Progress, StoredResponse, Task, TaskState, new_task_id
 
-from .conftest import AppFactory, wait_done, wait_for
+from .conftest import AppFactory, run_at_once, wait_done, wait_for
 from .services import (
     ReplyCutter,
     RestartableRedis,
@@ -991,3 +992,65 @@ def test_a_redis_store_past_its_maxmemory_answers_503_and_keeps_every_outcome(
         finally:
             server.config_set("maxmemory", 0)
             server.close()
+
+
+def test_submits_that_renew_the_lease_in_an_outage_each_fail_in_the_stores_time(
+    make_app: AppFactory, tmp_path: Path
+) -> None:
+    """A lease a lease old is renewed by the submit itself: while the store stays
+    down, the submits at once each get their 503 in the store's timeout, not one
+    timeout after another (they queued on the keeper's lock)."""
+    path = tmp_path / "tasks.db"
+    app, _ = gated_app(make_app, SQLiteStore(str(path), timeout=0.3))
+    client = app.test_client()
+    client.get("/tasks")  # a first request: the lease is taken
+    keeper = get_state(app).lease
+    assert keeper is not None
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    keeper._live_until = -math.inf  # as after a lease with no renewal through
+    answers: list[tuple[int, float]] = []
+
+    def post() -> None:
+        started = time.monotonic()
+        status = app.test_client().post("/gated?gate=a").status_code
+        answers.append((status, time.monotonic() - started))
+
+    try:
+        run_at_once(post, 8)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert [status for status, _ in answers] == [503] * 8
+    assert max(took for _, took in answers) < 1.2, answers  # one after another: 2.4 s
+
+
+class RenewalReplyLost(SQLiteStore):
+    """A renewal that went through, its reply lost (a doubtful outage)."""
+
+    lost = False
+
+    def renew_lease(self, worker: str) -> None:
+        super().renew_lease(worker)
+        if self.lost:
+            raise StoreUnavailable("The task store is not available", doubtful=True)
+
+
+def test_a_submit_whose_lease_renewal_lost_its_reply_takes_back_no_task(
+    make_app: AppFactory, tmp_path: Path
+) -> None:
+    """The renewal comes before the task's write: a 503 of its lost reply wrote no
+    task, and nothing is to be taken back (a withdrawal waits until the store
+    answers, and at exit is logged as a task that may run)."""
+    store = RenewalReplyLost(str(tmp_path / "tasks.db"))
+    app, _ = gated_app(make_app, store)
+    client = app.test_client()
+    client.get("/tasks")
+    keeper = get_state(app).lease
+    assert keeper is not None
+    store.lost = True
+    keeper._live_until = -math.inf
+    assert client.post("/gated?gate=a").status_code == 503
+    found = outbox.existing_outbox(store)
+    assert found is None or found.withdrawals() == []
+    assert store.list(owner=None) == []

@@ -1531,7 +1531,8 @@ class _Access:
 
     A writer waits for the other writers of its process as long as their writes
     go through, and for SQLite's lock (held by another process) within the
-    store's ``timeout`` in all: where the file stays locked, every writer queued
+    store's ``timeout`` of the later of its own start and the last write of its
+    process that went through: where the file stays locked, every writer queued
     behind the first gets its ``503`` in that time too, rather than a whole
     timeout after the one before it.
 
@@ -1575,11 +1576,12 @@ class _Access:
         by another process, or the disk stalls)."""
         store = self._store
         start = time.monotonic()
+        limit = max(store.timeout, QUEUE_CHECK)
         while True:
-            ended = store._write_ended
-            if lock.acquire(timeout=max(store.timeout, QUEUE_CHECK)):
+            left = limit - (time.monotonic() - max(start, store._write_ended))
+            if left > 0 and lock.acquire(timeout=left):
                 break
-            if store._write_ended == ended:
+            if left <= 0:
                 raise store.unavailable(
                     "queued",
                     f"no write of this process ended in {store.timeout:g} s (the file is"
