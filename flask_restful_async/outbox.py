@@ -470,8 +470,9 @@ class Outbox:
             )
             return
         outcome.logger.error(
-            "Gave up writing the outcome of task %s; the lease it ran under is given up,"
-            " so that it reads as lost",
+            "Gave up writing the outcome of task %s; the lease it was held under is"
+            " given up, so that it reads as lost (or, if it never started and another"
+            " process can run it, waits for one)",
             outcome.task_id,
             extra={"task_id": outcome.task_id},
         )
