@@ -492,15 +492,13 @@ _keepers: weakref.WeakKeyDictionary[Flask, LeaseKeeper] = weakref.WeakKeyDiction
 _keepers_lock = threading.Lock()
 
 
-def _lease(flask_app: Flask) -> LeaseKeeper:
-    """Make sure this process holds a lease in ``flask_app``'s store (one keeper per
-    app); the keeper."""
+def _lease(flask_app: Flask) -> None:
+    """Make sure this process holds a lease in ``flask_app``'s store (one keeper per app)."""
     with _keepers_lock:
         keeper = _keepers.get(flask_app)
         if keeper is None:
             keeper = _keepers[flask_app] = LeaseKeeper(flask_app, get_state(flask_app).store)
     keeper.ensure()
-    return keeper
 
 
 class _StoreGaveUp(Exception):

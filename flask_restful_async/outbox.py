@@ -91,6 +91,12 @@ def warn_failed(logger: logging.Logger, message: str, task_id: str, error: Excep
     logger.warning(message, task_id, text, extra={"task_id": task_id}, exc_info=trace)
 
 
+def is_refusal(error: Exception) -> bool:
+    """Whether ``error``, raised by a store's write, is a refusal of that write (an
+    error reply, which may pass: Redis out of memory, busy) rather than an outage."""
+    return not isinstance(error, StoreUnavailable) or error.refused
+
+
 def give_up_after(store: TaskStore) -> float:
     """Seconds a start or an outcome is retried for in ``store``."""
     return GIVE_UP_LEASES * store.lease
@@ -171,19 +177,27 @@ def finish(
     """
     try:
         finished_at = store.finish(task_id, state, response)
-    except StoreUnavailable as e:
-        if e.refused:
-            return _refused(store, task_id, state, response, worker, logger, e)
-        logger.warning(
-            "The outcome of task %s waits for the store, which did not take it: %s",
-            task_id,
-            e.message,
-            extra={"task_id": task_id},
-        )
-        outbox_for(store).put(task_id, state, response, worker, logger)
-        return state, None
     except Exception as e:
-        return _refused(store, task_id, state, response, worker, logger, e)
+        refused = is_refusal(e)
+        if refused:
+            # Tried again as an outage is, with its response for a while (see
+            # Outbox._write_all); with its traceback unless the store said why
+            # (its detail went to the store's own log, at most once in a while).
+            logger.error(
+                "The store refused the outcome of task %s; trying again",
+                task_id,
+                exc_info=not isinstance(e, StoreUnavailable),
+                extra={"task_id": task_id},
+            )
+        else:
+            logger.warning(
+                "The outcome of task %s waits for the store, which did not take it: %s",
+                task_id,
+                e,
+                extra={"task_id": task_id},
+            )
+        outbox_for(store).put(task_id, state, response, worker, logger, refused=refused)
+        return state, None
     # Long-polls in this process wake at once, and take the outcome as recorded
     # rather than read it back (unless it is large: they keep a few of these).
     ending = None if finished_at is None else Ending(state, finished_at, response, started_at)
@@ -192,29 +206,6 @@ def finish(
     else:
         waiting.notify(store, task_id)
     return state, ending
-
-
-def _refused(
-    store: TaskStore,
-    task_id: str,
-    state: TaskState,
-    response: StoredResponse | None,
-    worker: str | None,
-    logger: logging.Logger,
-    error: Exception,
-) -> tuple[TaskState, Ending | None]:
-    """An outcome the store refused (an error reply, which may pass: Redis out of
-    memory, busy): tried again as an outage is, with its response for a while
-    (see Outbox._write_all). Logged with its traceback unless the store said why
-    (its detail went to the store's own log, at most once in a while)."""
-    logger.error(
-        "The store refused the outcome of task %s; trying again",
-        task_id,
-        exc_info=not isinstance(error, StoreUnavailable),
-        extra={"task_id": task_id},
-    )
-    outbox_for(store).put(task_id, state, response, worker, logger, refused=True)
-    return state, None
 
 
 def withdraw(
@@ -376,7 +367,7 @@ class Outbox:
                     finished = self.store.finish(outcome.task_id, outcome.state, outcome.response)
                     taken = finished is not None
             except Exception as e:
-                if isinstance(e, StoreUnavailable) and not e.refused:
+                if not is_refusal(e):
                     return False  # an outage: the next round, after a pause
                 # An error reply (Redis busy, out of memory) is tried again, as an
                 # outage is: a withdrawal never given up (the task left behind could

@@ -445,9 +445,7 @@ class SQLiteStore(TaskStore):
         try:
             writer.execute("ROLLBACK")
         except Exception:
-            self._writer = None
-            with contextlib.suppress(Exception):
-                writer.close()
+            self._drop_writer(writer)
 
     def _restore_busy_timeout(self) -> None:
         """The writer's wait for SQLite's lock back to the whole timeout, after a
@@ -457,9 +455,14 @@ class SQLiteStore(TaskStore):
             try:
                 writer.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
             except sqlite3.Error:
-                self._writer = None  # the next write opens another, set as usual
-                with contextlib.suppress(Exception):
-                    writer.close()
+                self._drop_writer(writer)
+
+    def _drop_writer(self, writer: sqlite3.Connection) -> None:
+        """Give up the writer connection, which a statement left in a state of
+        doubt: the next write opens another, set up as usual."""
+        self._writer = None
+        with contextlib.suppress(Exception):
+            writer.close()
 
     @property
     def _connections(self) -> list[sqlite3.Connection]:
@@ -1579,14 +1582,14 @@ class _Access:
         limit = max(store.timeout, QUEUE_CHECK)
         while True:
             left = limit - (time.monotonic() - max(start, store._write_ended))
-            if left > 0 and lock.acquire(timeout=left):
-                break
             if left <= 0:
                 raise store.unavailable(
                     "queued",
                     f"no write of this process ended in {store.timeout:g} s (the file is"
                     " locked by another process, or the disk stalls)",
                 )
+            if lock.acquire(timeout=left):
+                break
         # What the waits on SQLite's lock have left of the timeout since the last
         # write of this process went through.
         self._left = store.timeout - (time.monotonic() - max(start, store._write_ended))
